@@ -1,0 +1,123 @@
+"""File handling shared by every stage: atomic outputs and NIfTI volumes as (slices, H, W)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from dpsynth.errors import DpsynthError
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory in a temporary sibling and rename it to `out` only on success.
+
+    An existing `out` is replaced only after the new one is complete, so a failure leaves
+    whatever was there before (or nothing) and never a half-written result.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DpsynthError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise DpsynthError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    """Read a NIfTI file as float32 (slices, H, W[, T]) with spacing (dz, dy, dx) in mm.
+
+    NIfTI stores (x, y, z[, t]); dpsynth works in (z, y, x) = (slices, rows, columns).
+    Returns the array, the spacing and the affine. Errors name the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DpsynthError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise DpsynthError(f"{path}: unreadable NIfTI ({type(e).__name__}: {e})".replace("\n", " ")) from None
+    if data.ndim not in (3, 4):
+        raise DpsynthError(f"{path}: expected a 3D or 4D image, got {data.ndim}D")
+    zooms = img.header.get_zooms()
+    spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise DpsynthError(f"{path}: invalid voxel spacing {spacing}")
+    axes = (2, 1, 0, 3) if data.ndim == 4 else (2, 1, 0)
+    return np.ascontiguousarray(data.transpose(axes)), spacing, img.affine
+
+
+def write_nifti(
+    path: str | os.PathLike,
+    volume: np.ndarray,
+    spacing: tuple[float, float, float],
+    dtype: type = np.float32,
+) -> None:
+    """Write a (slices, H, W) volume with spacing (dz, dy, dx) mm in the affine, atomically."""
+    dz, dy, dx = (float(s) for s in spacing)
+    data = np.asarray(volume).transpose(2, 1, 0).astype(dtype)
+    img = nib.Nifti1Image(data, np.diag([dx, dy, dz, 1.0]))
+    img.header.set_zooms((dx, dy, dz))
+    img.header.set_xyzt_units("mm")
+    if np.issubdtype(dtype, np.integer):
+        img.header.set_intent("label")
+    atomic_write_bytes(path, img.to_bytes() if not str(path).endswith(".gz") else _gzip(img.to_bytes()))
+
+
+def _gzip(raw: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(raw, compresslevel=1, mtime=0)
