@@ -41,16 +41,21 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, out)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file in the same folder, fsync, then rename over `path`."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
+    """Write `data` to a temporary file in the same folder, fsync, then rename over `path`.
+
+    `fsync=False` skips the flush for bulk outputs (thousands of volumes) where the
+    enclosing `atomic_dir` rename already gives all-or-nothing.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -76,7 +81,9 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DpsynthError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+def read_nifti(
+    path: str | os.PathLike,
+) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
     """Read a NIfTI file as float32 (slices, H, W[, T]) with spacing (dz, dy, dx) in mm.
 
     NIfTI stores (x, y, z[, t]); dpsynth works in (z, y, x) = (slices, rows, columns).
@@ -89,7 +96,9 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float,
         img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as e:  # nibabel raises many types for corrupt files
-        raise DpsynthError(f"{path}: unreadable NIfTI ({type(e).__name__}: {e})".replace("\n", " ")) from None
+        raise DpsynthError(
+            f"{path}: unreadable NIfTI ({type(e).__name__}: {e})".replace("\n", " ")
+        ) from None
     if data.ndim not in (3, 4):
         raise DpsynthError(f"{path}: expected a 3D or 4D image, got {data.ndim}D")
     zooms = img.header.get_zooms()
@@ -105,16 +114,21 @@ def write_nifti(
     volume: np.ndarray,
     spacing: tuple[float, float, float],
     dtype: type = np.float32,
+    label: bool = False,
 ) -> None:
-    """Write a (slices, H, W) volume with spacing (dz, dy, dx) mm in the affine, atomically."""
+    """Write a (slices, H, W) volume with spacing (dz, dy, dx) mm in the affine, atomically.
+
+    `label=True` marks a segmentation (NIfTI intent "label").
+    """
     dz, dy, dx = (float(s) for s in spacing)
     data = np.asarray(volume).transpose(2, 1, 0).astype(dtype)
     img = nib.Nifti1Image(data, np.diag([dx, dy, dz, 1.0]))
     img.header.set_zooms((dx, dy, dz))
     img.header.set_xyzt_units("mm")
-    if np.issubdtype(dtype, np.integer):
+    if label:
         img.header.set_intent("label")
-    atomic_write_bytes(path, img.to_bytes() if not str(path).endswith(".gz") else _gzip(img.to_bytes()))
+    raw = img.to_bytes()
+    atomic_write_bytes(path, _gzip(raw) if str(path).endswith(".gz") else raw, fsync=False)
 
 
 def _gzip(raw: bytes) -> bytes:

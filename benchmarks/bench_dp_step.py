@@ -1,0 +1,188 @@
+"""DP training step vs non-private step of the latent denoiser, at the same physical batch.
+
+Target (BRIEF §6): DP step <= 1.5x the time and <= 1.5x the peak memory of a plain step.
+Times are medians of interleaved repeats in one process. Peak memory is measured in a
+fresh subprocess per mode, so one mode's cached allocations cannot hide the other's: the
+peak during the steps above the resting model + optimizer + data (CPU: Linux VmHWM,
+reset through /proc/self/clear_refs; CUDA: max_memory_allocated).
+
+    python benchmarks/bench_dp_step.py --preset demo --batch 8 [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from opacus.accountants import RDPAccountant
+
+from dpsynth.io import atomic_write_json
+from dpsynth.models.denoiser import LatentDenoiser
+from dpsynth.privacy.dpsgd import PatientDPSGD
+
+PRESETS = {  # denoiser kwargs, latent shape (C, S, h, w)
+    "demo": (
+        dict(channels=32, channel_multipliers=(1, 2), attention_levels=(False, True), num_res_blocks=1),
+        (4, 13, 16, 16),
+    ),
+    "paper": (
+        dict(channels=128, channel_multipliers=(1, 2, 3), attention_levels=(False, True, True), num_res_blocks=2),
+        (1, 13, 24, 24),
+    ),
+}
+NUM_TIMESTEPS = 150
+
+
+def volume_losses(model_fn, batch):
+    """Per-volume ε-prediction MSE for volumes stacked on dim 0."""
+    eps = model_fn(batch["x"], batch["t"], batch["a"])
+    return ((eps - batch["noise"]) ** 2).flatten(1).mean(1)
+
+
+def patient_loss(model_fn, record):
+    return volume_losses(model_fn, record).sum()  # a patient's loss sums its volumes
+
+
+class Setup:
+    def __init__(self, preset: str, volumes: int, device: str, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        kwargs, (c, s, h, w) = PRESETS[preset]
+        self.model = LatentDenoiser(in_channels=c, num_slices=s, **kwargs).to(device)
+        self.patients = volumes // 2
+        self.batch = {
+            "x": torch.randn(self.patients, 2, c, s, h, w, device=device),
+            "noise": torch.randn(self.patients, 2, c, s, h, w, device=device),
+            "t": torch.randint(0, NUM_TIMESTEPS, (self.patients, 2), device=device),
+            "a": torch.rand(self.patients, 2, 14, device=device),
+        }
+        self.flat = {k: v.flatten(0, 1) for k, v in self.batch.items()}
+        self.plain_opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        dp_opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        self.engine = PatientDPSGD(
+            self.model,
+            dp_opt,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            sample_rate=self.patients / 1000,  # expected batch = this batch
+            num_records=1000,
+            accountant=RDPAccountant(),
+            physical_batch_size=self.patients,
+        )
+
+    def plain_step(self) -> None:
+        volume_losses(self.model, self.flat).mean().backward()
+        self.plain_opt.step()
+        self.plain_opt.zero_grad(set_to_none=True)
+
+    def dp_step(self) -> None:
+        self.engine.step(self.batch, patient_loss)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def peak_step_memory(preset: str, volumes: int, device: str, mode: str, steps: int) -> int:
+    """Bytes the steps need above the resting model + optimizer + data (run in a subprocess)."""
+    setup = Setup(preset, volumes, device)
+    step = setup.dp_step if mode == "dp" else setup.plain_step
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    base = _proc_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+    for _ in range(steps):
+        step()
+    return (_proc_status_kib("VmHWM") - base) * 1024
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:"))
+
+
+def measure_memory_in_subprocess(args: argparse.Namespace, mode: str) -> int:
+    cmd = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch),
+           "--device", args.device, "--memory-only", mode]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} torch threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--batch", type=int, default=8, help="volumes per step (2 per patient)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="also write the results as JSON here")
+    parser.add_argument("--memory-only", choices=["plain", "dp"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.batch < 2 or args.batch % 2:
+        parser.error("--batch: must be an even number of volumes >= 2")
+
+    if args.memory_only:
+        print(peak_step_memory(args.preset, args.batch, args.device, args.memory_only, steps=2))
+        return
+
+    setup = Setup(args.preset, args.batch, args.device)
+    for _ in range(args.warmup):
+        setup.plain_step()
+        setup.dp_step()
+    plain, dp = [], []
+    for _ in range(args.repeats):  # interleaved, so load changes hit both alike
+        plain.append(timed(setup.plain_step, args.device))
+        dp.append(timed(setup.dp_step, args.device))
+    mem_plain = measure_memory_in_subprocess(args, "plain")
+    mem_dp = measure_memory_in_subprocess(args, "dp")
+
+    results = {
+        "machine": machine(args.device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        "preset": args.preset,
+        "volumes_per_step": args.batch,
+        "parameters": sum(p.numel() for p in setup.model.parameters()),
+        "plain_step_s_median": statistics.median(plain),
+        "dp_step_s_median": statistics.median(dp),
+        "time_ratio": statistics.median(dp) / statistics.median(plain),
+        "plain_step_peak_mib": mem_plain / 2**20,
+        "dp_step_peak_mib": mem_dp / 2**20,
+        "memory_ratio": mem_dp / max(mem_plain, 1),
+    }
+    print(json.dumps(results, indent=2))
+    if args.out:
+        atomic_write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""One validated configuration schema for every stage, loaded from YAML presets and files.
+
+Validation happens up front: an unknown key, a wrong type or an impossible value is a
+one-line :class:`DpsynthError` naming the key (``config: ldm_training.lr: ...``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dpsynth.errors import DpsynthError
+
+
+@dataclass
+class DataConfig:
+    shape: tuple[int, int, int] = (13, 96, 96)
+    spacing: tuple[float, float, float] = (10.0, 1.8269, 1.8269)
+
+
+@dataclass
+class AutoencoderConfig:
+    kind: Literal["kl", "vq"] = "kl"
+    channels: int = 64
+    channel_multipliers: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    latent_channels: int = 1
+    norm_groups: int = 16
+    codebook_size: int = 4000
+    code_dim: int = 4
+    reconstruction_loss: Literal["l1", "l2"] = "l2"
+    kl_weight: float = 1e-6
+    commitment_weight: float = 0.25
+    adversarial_weight: float = 0.01
+    adversarial_start: int = 1000
+    discriminator_channels: int = 32
+    perceptual_weights: str | None = None
+    perceptual_weight: float = 0.1
+
+
+@dataclass
+class DenoiserConfig:
+    channels: int = 128
+    channel_multipliers: tuple[int, ...] = (1, 2, 3)
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    num_res_blocks: int = 2
+    num_heads: int = 4
+    time_embed_dim: int = 128
+    attribute_embed_dim: int = 16
+    dropout: float = 0.1
+    norm_groups: int = 16
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 150
+    beta_start: float = 1e-4
+    beta_end: float = 7e-2
+    schedule: Literal["linear_beta", "scaled_linear_beta"] = "linear_beta"
+    condition_dropout: float = 0.1
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_accumulation: int = 1
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    sample_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    finetune: Literal["all", "attention"] = "all"
+    bf16: bool = True
+
+
+@dataclass
+class PrivacyConfig:
+    epsilon: float | None = None
+    noise_multiplier: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    epochs: float = 150.0
+    batch_size: int = 256
+    physical_batch_size: int = 8
+    accountant: Literal["prv", "rdp"] = "prv"
+    max_total_epsilon: float | None = None
+    lr: float = 1e-5
+
+
+@dataclass
+class SamplingConfig:
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = 25
+    guidance: float = 1.0
+    batch_size: int = 16
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    autoencoder_training: TrainingConfig = field(default_factory=TrainingConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    ldm_training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+PRESETS = ("demo", "paper")
+
+
+def load_config(
+    preset: str | None = None,
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Build a validated config: defaults < preset < YAML file < `overrides` (dotted keys)."""
+    merged: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise DpsynthError(
+                f"--preset: unknown preset '{preset}' (choose from {', '.join(PRESETS)})"
+            )
+        text = resources.files("dpsynth.presets").joinpath(f"{preset}.yaml").read_text()
+        _deep_update(merged, yaml.safe_load(text) or {})
+    if path is not None:
+        _deep_update(merged, _read_yaml(Path(path)))
+    for dotted, value in (overrides or {}).items():
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    config = _build(Config, merged, "")
+    _check_consistency(config)
+    return config
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Validate a plain dict (e.g. a run's saved config.yaml)."""
+    config = _build(Config, data, "")
+    _check_consistency(config)
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise DpsynthError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise DpsynthError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DpsynthError(f"{path}: the config must be a mapping of sections")
+    return data
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise DpsynthError(f"config: {where}: expected a mapping, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise DpsynthError(f"config: unknown key '{prefix}{key}'")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{prefix}{f.name}"
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            values[f.name] = _build(hint, data[f.name], key + ".")
+        else:
+            values[f.name] = _coerce(data[f.name], hint, key)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(str(a) for a in args)
+            raise DpsynthError(f"config: {key}: {_show(value)} is not one of {choices}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise DpsynthError(f"config: {key}: expected a list, got {_show(value)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise DpsynthError(f"config: {key}: expected {len(args)} values, got {len(value)}")
+        return tuple(
+            _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise DpsynthError(f"config: {key}: expected true or false, got {_show(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DpsynthError(f"config: {key}: expected an integer, got {_show(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise DpsynthError(
+                    f"config: {key}: expected a number, got {_show(value)}"
+                ) from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DpsynthError(f"config: {key}: expected a number, got {_show(value)}")
+        if math.isnan(value):
+            raise DpsynthError(f"config: {key}: NaN is not allowed")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise DpsynthError(f"config: {key}: expected a string, got {_show(value)}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")  # a schema bug, not user input
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_consistency(c: Config) -> None:
+    """Reject values that are well-typed but impossible."""
+
+    def need(ok: bool, key: str, problem: str) -> None:
+        if not ok:
+            raise DpsynthError(f"config: {key}: {problem}")
+
+    s, h, w = c.data.shape
+    need(min(s, h, w) >= 1, "data.shape", "every dimension must be >= 1")
+    need(all(x > 0 for x in c.data.spacing), "data.spacing", "spacings must be > 0")
+    ae = c.autoencoder
+    need(len(ae.channel_multipliers) >= 1, "autoencoder.channel_multipliers", "needs >= 1 level")
+    factor = 2 ** (len(ae.channel_multipliers) - 1)
+    need(
+        h % factor == 0 and w % factor == 0,
+        "data.shape",
+        f"in-plane size {h}x{w} is not divisible by the autoencoder down-sampling {factor}",
+    )
+    for key, v in (("channels", ae.channels), ("latent_channels", ae.latent_channels)):
+        need(v >= 1, f"autoencoder.{key}", "must be >= 1")
+    need(ae.channels % ae.norm_groups == 0, "autoencoder.norm_groups", "must divide channels")
+    dn = c.denoiser
+    need(
+        len(dn.attention_levels) == len(dn.channel_multipliers),
+        "denoiser.attention_levels",
+        "needs one entry per channel multiplier",
+    )
+    dfactor = 2 ** (len(dn.channel_multipliers) - 1)
+    lh, lw = h // factor, w // factor
+    need(
+        lh % dfactor == 0 and lw % dfactor == 0,
+        "denoiser.channel_multipliers",
+        f"latent size {lh}x{lw} is not divisible by the denoiser down-sampling {dfactor}",
+    )
+    need(dn.channels % dn.norm_groups == 0, "denoiser.norm_groups", "must divide channels")
+    need(dn.channels % dn.num_heads == 0, "denoiser.num_heads", "must divide channels")
+    need(0.0 <= dn.dropout < 1.0, "denoiser.dropout", "must be in [0, 1)")
+    df = c.diffusion
+    need(df.timesteps >= 2, "diffusion.timesteps", "must be >= 2")
+    need(
+        0 < df.beta_start < df.beta_end < 1,
+        "diffusion.beta_end",
+        "need 0 < beta_start < beta_end < 1",
+    )
+    need(0.0 <= df.condition_dropout < 1.0, "diffusion.condition_dropout", "must be in [0, 1)")
+    for name in ("autoencoder_training", "ldm_training"):
+        t: TrainingConfig = getattr(c, name)
+        need(t.steps >= 1, f"{name}.steps", "must be >= 1")
+        need(t.batch_size >= 1, f"{name}.batch_size", "must be >= 1")
+        need(t.lr > 0, f"{name}.lr", "must be > 0")
+        need(t.grad_accumulation >= 1, f"{name}.grad_accumulation", "must be >= 1")
+        need(0.0 <= t.ema_decay < 1.0, f"{name}.ema_decay", "must be in [0, 1)")
+        for k in ("checkpoint_every", "sample_every", "log_every"):
+            need(getattr(t, k) >= 1, f"{name}.{k}", "must be >= 1")
+    p = c.privacy
+    if p.epsilon is not None:
+        need(p.epsilon > 0, "privacy.epsilon", "must be > 0")
+    if p.noise_multiplier is not None:
+        need(p.noise_multiplier > 0, "privacy.noise_multiplier", "must be > 0")
+    need(0 < p.delta < 1, "privacy.delta", "must be in (0, 1)")
+    need(p.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
+    need(p.epochs > 0, "privacy.epochs", "must be > 0")
+    need(p.batch_size >= 1, "privacy.batch_size", "must be >= 1")
+    need(p.physical_batch_size >= 1, "privacy.physical_batch_size", "must be >= 1")
+    need(p.lr > 0, "privacy.lr", "must be > 0")
+    if p.max_total_epsilon is not None:
+        need(p.max_total_epsilon > 0, "privacy.max_total_epsilon", "must be > 0")
+    sm = c.sampling
+    need(sm.steps >= 1, "sampling.steps", "must be >= 1")
+    need(
+        sm.steps <= df.timesteps,
+        "sampling.steps",
+        f"must be <= diffusion.timesteps ({df.timesteps})",
+    )
+    need(sm.guidance >= 0, "sampling.guidance", "must be >= 0")
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,1 @@
+"""Data: measurement of label masks, the phantom simulator, dataset layouts and the cache."""

@@ -1,0 +1,379 @@
+"""Preparation: read a dataset layout, derive attributes, preprocess, write the cache.
+
+Each volume is oriented base -> apex, resampled in-plane to the target spacing (slices are
+kept, not resampled), intensity-normalised to [0, 1] and cropped or padded to (S, H, W)
+around the heart. Volumes stream into memory-mapped ``.npy`` files one patient at a time,
+so cohorts larger than RAM can be prepared. The cache is built in a temporary directory
+and renamed on success: a failure leaves nothing at ``out``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from dpsynth.attributes import ESED_CODE, INDEX, N_ATTRIBUTES, PHASES, ejection_fraction
+from dpsynth.data.cache import (
+    ATTRIBUTES_FILE,
+    FORMAT_VERSION,
+    IMAGES_FILE,
+    MASKS_FILE,
+    META_FILE,
+    SPLITS,
+    TABLE_COLUMNS,
+)
+from dpsynth.data.layouts import Volume, load_patient, read_layout
+from dpsynth.data.measure import measure_volume
+from dpsynth.errors import DpsynthError
+from dpsynth.io import atomic_dir, atomic_write_json, atomic_write_text
+
+NORMALISATION = {"method": "percentile", "low": 0.5, "high": 99.5, "clip": [0.0, 1.0]}
+
+
+@dataclass
+class PrepareReport:
+    """What :func:`prepare` wrote and what it skipped."""
+
+    out: Path
+    counts: dict[str, int]
+    fingerprint: str
+    has_masks: bool
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"patient", "reason"}
+
+    def summary(self) -> str:
+        c = self.counts
+        lines = [
+            f"{self.out}: {c['patients']} patients, {c['volumes']} volumes "
+            f"(train {c['train']}, val {c['val']}, test {c['test']} patients), "
+            f"masks {'yes' if self.has_masks else 'no'}, {self.fingerprint}"
+        ]
+        lines += [f"skipped {s['patient']}: {s['reason']}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def prepare(
+    layout: str,
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    attributes_csv: str | os.PathLike | None = None,
+    split: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    shape: Sequence[int] = (13, 96, 96),
+    spacing: Sequence[float] = (10.0, 1.8269, 1.8269),
+    prefer_csv_attributes: bool = False,
+    skip_bad: bool = False,
+) -> PrepareReport:
+    """Prepare dataset `src` (in `layout`) into the cache directory `out`.
+
+    Attributes are measured from the masks where present; table values (CSV, Info.cfg)
+    fill what masks cannot give, or win when `prefer_csv_attributes`. `spacing` is
+    (dz, dy, dx) in mm: dy, dx are resampling targets; slices are kept, so dz is nominal
+    (recorded in meta.json next to the source slice spacings actually found).
+    With `skip_bad`, a patient with bad input is left out and listed in the report instead
+    of failing the whole run.
+    """
+    ratios = _check_split(split)
+    shape = _check_triple(shape, "shape", int)
+    spacing = _check_triple(spacing, "spacing", float)
+    records = read_layout(layout, src, attributes_csv)
+    skipped: list[dict[str, str]] = []
+    slice_spacings: set[float] = set()
+    with atomic_dir(out) as tmp:
+        writer = CacheWriter(tmp, capacity=2 * len(records), shape=shape)
+        for record in tqdm(records, desc="prepare", unit="patient", disable=None):
+            try:
+                volumes = load_patient(record)
+                attributes = patient_attributes(volumes, record.attributes, prefer_csv_attributes)
+                prepared = [preprocess_volume(volumes[p], shape, spacing) for p in PHASES]
+            except DpsynthError as e:
+                if not skip_bad:
+                    raise
+                skipped.append({"patient": record.patient, "reason": str(e)})
+                continue
+            images, masks = zip(*prepared, strict=True)
+            slice_spacings.update(round(volumes[p].spacing[0], 3) for p in PHASES)
+            writer.add_patient(record.patient, np.stack(images), _stack_masks(masks), attributes)
+        if writer.n_patients == 0:
+            raise DpsynthError(f"{src}: no usable patients ({len(skipped)} skipped)")
+        meta = writer.finish(
+            assign_splits(writer.patients, ratios, seed),
+            spacing=spacing,
+            layout=layout,
+            source=str(Path(src).resolve()),
+            # Slices are kept, so the true slice spacing is the source's, recorded here.
+            source_slice_spacing=sorted(slice_spacings),
+            normalisation=NORMALISATION,
+            split_ratios=list(ratios),
+            seed=seed,
+            attribute_source="csv first" if prefer_csv_attributes else "masks first, csv fills",
+            skipped=skipped,
+        )
+    return PrepareReport(Path(out), meta["counts"], meta["fingerprint"], meta["has_masks"], skipped)
+
+
+# --- attributes ---------------------------------------------------------------------------
+
+
+def patient_attributes(
+    volumes: Mapping[str, Volume],
+    given: Mapping[str, Mapping[str, float]],
+    prefer_given: bool = False,
+) -> np.ndarray:
+    """(2, 14) raw attributes, rows ED then ES: measured from masks, merged with `given`.
+
+    Measured values win unless `prefer_given`; either way a value missing on one side is
+    taken from the other, and anything missing on both stays NaN.
+    """
+    m = {
+        p: measure_volume(v.mask, v.spacing) if v.mask is not None else {}
+        for p, v in volumes.items()
+    }
+    nan = float("nan")
+    ed, es = m["ED"], m["ES"]
+    measured = {
+        "LVEDV": ed.get("LV_ML", nan),
+        "LVESV": es.get("LV_ML", nan),
+        "RVEDV": ed.get("RV_ML", nan),
+        "RVESV": es.get("RV_ML", nan),
+        "MYOEDTHICK": ed.get("MYO_THICK", nan),
+        "MYOESTHICK": es.get("MYO_THICK", nan),
+    }
+    rows = np.full((len(PHASES), N_ATTRIBUTES), np.nan)
+    for i, phase in enumerate(PHASES):
+        # ANGLE and DEPTH describe each volume; an empty-of-myocardium mask has DEPTH 0.
+        own = {**measured, "ANGLE": m[phase].get("ANGLE", nan), "DEPTH": m[phase].get("DEPTH", nan)}
+        for name, value in own.items():
+            rows[i, INDEX[name]] = value
+        table = given.get(phase, {})
+        for name, value in table.items():
+            if prefer_given or not np.isfinite(rows[i, INDEX[name]]):
+                rows[i, INDEX[name]] = value
+        # EF follows the volumes chosen above, unless the table's EF is preferred.
+        for ef, edv, esv in (("LVEF", "LVEDV", "LVESV"), ("RVEF", "RVEDV", "RVESV")):
+            computed = ejection_fraction(rows[i, INDEX[edv]], rows[i, INDEX[esv]])
+            if np.isfinite(computed) and not (prefer_given and ef in table):
+                rows[i, INDEX[ef]] = computed
+        rows[i, INDEX["ESED"]] = ESED_CODE[phase]
+    return rows.astype(np.float32)
+
+
+# --- preprocessing ------------------------------------------------------------------------
+
+
+def preprocess_volume(
+    volume: Volume, shape: Sequence[int], spacing: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Orient, resample in-plane, normalise and crop/pad one volume to `shape`.
+
+    Returns a float32 image in [0, 1] and the uint8 mask (or None) on the same grid.
+    """
+    image, mask = volume.image, volume.mask
+    if mask is not None and _apex_first(mask):
+        image, mask = image[::-1], mask[::-1]
+    zoom = (1.0, volume.spacing[1] / spacing[1], volume.spacing[2] / spacing[2])
+    if not np.allclose(zoom, 1.0, rtol=1e-4):
+        # grid_mode: pixels are areas, so the field of view is preserved exactly.
+        image = ndimage.zoom(image, zoom, order=1, mode="nearest", grid_mode=True)
+        if mask is not None:
+            mask = ndimage.zoom(mask, zoom, order=0, mode="nearest", grid_mode=True)
+    image = _normalise(image)
+    if mask is not None and (mask > 0).any():
+        # Centre on the LV: its slice extent, and its in-plane centroid.
+        lv = np.isin(mask, (1, 2))
+        heart = lv if lv.any() else mask > 0
+        rows = np.flatnonzero(heart.any(axis=(1, 2)))
+        _, row, col = ndimage.center_of_mass(heart)
+        centre = [(rows[0] + rows[-1]) / 2, row, col]
+    else:
+        centre = [(n - 1) / 2 for n in image.shape]
+    windows = [_window(n, m, c) for n, m, c in zip(image.shape, shape, centre, strict=True)]
+    src = tuple(w[0] for w in windows)
+    dst = tuple(w[1] for w in windows)
+    out_image = np.zeros(shape, dtype=np.float32)
+    out_image[dst] = image[src]
+    if mask is None:
+        return out_image, None
+    out_mask = np.zeros(shape, dtype=np.uint8)
+    out_mask[dst] = mask[src]
+    return out_image, out_mask
+
+
+def _apex_first(mask: np.ndarray) -> bool:
+    """True when the LV cavity shrinks towards slice 0, i.e. the stack runs apex -> base."""
+    area = (mask == 1).sum(axis=(1, 2)).astype(np.float64)
+    index = np.flatnonzero(area)
+    if index.size < 2:
+        return False
+    # Sign of the least-squares slope of cavity area against slice index.
+    return float(np.cov(index, area[index])[0, 1]) > 0
+
+
+def _normalise(image: np.ndarray) -> np.ndarray:
+    """Robust per-volume scaling to [0, 1]: percentiles 0.5 and 99.5, then clipping."""
+    lo, hi = np.percentile(image, (NORMALISATION["low"], NORMALISATION["high"]))
+    if hi <= lo:
+        return np.zeros_like(image, dtype=np.float32)
+    return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _window(size: int, target: int, centre: float) -> tuple[slice, slice]:
+    """Source and destination slices taking `target` samples of an axis around `centre`.
+
+    The window stays inside the data where the axis is long enough (crop) and keeps all of
+    it where it is too short (pad), placing `centre` as near the middle as that allows.
+    """
+    start = int(round(centre - (target - 1) / 2))
+    start = min(max(start, min(0, size - target)), max(0, size - target))
+    src = slice(max(start, 0), min(start + target, size))
+    dst = slice(src.start - start, src.stop - start)
+    return src, dst
+
+
+def _stack_masks(masks: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    return None if any(m is None for m in masks) else np.stack(masks)
+
+
+# --- splits and the cache writer ----------------------------------------------------------
+
+
+def assign_splits(patients: Sequence[str], ratios: Sequence[float], seed: int) -> dict[str, str]:
+    """Patient -> "train"/"val"/"test", a seeded permutation of the sorted ids cut by `ratios`."""
+    order = sorted(patients)
+    permuted = [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
+    cuts = np.round(np.cumsum(ratios)[:-1] * len(order)).astype(int)
+    return {
+        patient: name
+        for name, part in zip(SPLITS, np.split(np.array(permuted, dtype=object), cuts), strict=True)
+        for patient in part
+    }
+
+
+class CacheWriter:
+    """Streams patients into ``images.npy``/``masks.npy`` memmaps; :meth:`finish` writes the
+    attribute table and ``meta.json``. Writes into `directory`, which must exist."""
+
+    def __init__(self, directory: str | os.PathLike, capacity: int, shape: Sequence[int]):
+        self.directory = Path(directory)
+        self.shape = tuple(int(s) for s in shape)
+        full = (capacity, *self.shape)
+        self._images = np.lib.format.open_memmap(
+            self.directory / IMAGES_FILE, mode="w+", dtype=np.float16, shape=full
+        )
+        self._masks = np.lib.format.open_memmap(
+            self.directory / MASKS_FILE, mode="w+", dtype=np.uint8, shape=full
+        )
+        self._has_masks = True
+        self.patients: list[str] = []
+        self._attributes: list[np.ndarray] = []
+
+    @property
+    def n_patients(self) -> int:
+        return len(self.patients)
+
+    def add_patient(
+        self, patient: str, images: np.ndarray, masks: np.ndarray | None, attributes: np.ndarray
+    ) -> None:
+        """Append one patient: images (2, S, H, W) in [0, 1], masks or None, attributes (2, 14)."""
+        row = 2 * self.n_patients
+        if row + 2 > len(self._images):
+            raise ValueError("CacheWriter capacity exceeded")
+        expected = (len(PHASES), *self.shape)
+        if np.shape(images) != expected or (masks is not None and np.shape(masks) != expected):
+            raise ValueError(f"images and masks must have shape {expected}")
+        self._images[row : row + 2] = images
+        if masks is None:
+            self._has_masks = False
+        elif self._has_masks:
+            self._masks[row : row + 2] = masks
+        values = np.array(attributes, dtype=np.float32).reshape(len(PHASES), N_ATTRIBUTES)
+        values[:, INDEX["ESED"]] = [ESED_CODE[p] for p in PHASES]  # always agrees with the phase
+        self.patients.append(patient)
+        self._attributes.append(values)
+
+    def finish(self, splits: Mapping[str, str], spacing: Sequence[float], **meta) -> dict:
+        """Trim the arrays to the patients written, write the table and meta; returns meta."""
+        n = 2 * self.n_patients
+        images = self._trim(IMAGES_FILE, self._images, n)
+        if self._has_masks:
+            self._trim(MASKS_FILE, self._masks, n)
+        else:
+            (self.directory / MASKS_FILE).unlink()
+        self._images = self._masks = None
+        table = self._table(splits)
+        atomic_write_text(self.directory / ATTRIBUTES_FILE, table)
+        digest = hashlib.sha256()
+        for start in range(0, n, 256):  # chunked: the images may not fit in RAM
+            digest.update(np.ascontiguousarray(images[start : start + 256]).tobytes())
+        digest.update(table.encode())
+        split_counts = {s: sum(1 for p in self.patients if splits[p] == s) for s in SPLITS}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "shape": list(self.shape),
+            "spacing": [float(s) for s in spacing],
+            **meta,
+            "counts": {"patients": self.n_patients, "volumes": n, **split_counts},
+            "fingerprint": f"sha256:{digest.hexdigest()}",
+            "has_masks": self._has_masks,
+        }
+        atomic_write_json(self.directory / META_FILE, meta)
+        return meta
+
+    def _trim(self, name: str, array: np.memmap, n: int) -> np.ndarray:
+        """The first n rows of `array` as the file `name` (copied in chunks when shorter)."""
+        array.flush()
+        if len(array) == n:
+            return array
+        path = self.directory / name
+        trimmed = np.lib.format.open_memmap(
+            path.with_suffix(".tmp"), mode="w+", dtype=array.dtype, shape=(n, *array.shape[1:])
+        )
+        for start in range(0, n, 256):
+            stop = min(start + 256, n)
+            trimmed[start:stop] = array[start:stop]
+        trimmed.flush()
+        os.replace(path.with_suffix(".tmp"), path)
+        return np.load(path, mmap_mode="r")
+
+    def _table(self, splits: Mapping[str, str]) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(TABLE_COLUMNS)
+        for patient, values in zip(self.patients, self._attributes, strict=True):
+            for phase, row in zip(PHASES, values, strict=True):
+                cells = ["" if np.isnan(v) else str(v) for v in row]  # float32: shortest round-trip
+                writer.writerow([patient, phase, splits[patient], *cells])
+        return buffer.getvalue()
+
+
+# --- argument checks ----------------------------------------------------------------------
+
+
+def _check_split(split: Sequence[float]) -> tuple[float, float, float]:
+    try:
+        ratios = tuple(float(r) for r in split)
+    except (TypeError, ValueError):
+        raise DpsynthError(f"split: expected three fractions, got {split!r}") from None
+    if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1.0) > 1e-6:
+        raise DpsynthError(
+            f"split: expected three non-negative fractions summing to 1, got {split!r}"
+        )
+    return ratios
+
+
+def _check_triple(values: Sequence, name: str, kind: type) -> tuple:
+    try:
+        triple = tuple(kind(v) for v in values)
+    except (TypeError, ValueError):
+        raise DpsynthError(f"{name}: expected three numbers, got {values!r}") from None
+    if len(triple) != 3 or min(triple) <= 0:
+        raise DpsynthError(f"{name}: expected three positive numbers, got {values!r}")
+    return triple

@@ -1,0 +1,187 @@
+"""`make demo`: the whole pipeline on embedded phantoms, sized for 2 CPU cores.
+
+public phantoms (acdc-like) ─► pre-trained autoencoder + LDM (shipped, see `pretrain`)
+private phantoms (ukbb-like) ─► DP fine-tune at ε ─► DP attribute model ─► sample
+                                  ─► referee ─► evaluate ─► report
+
+The public stages are the expensive ones on a CPU, so the repository ships their weights
+(`src/dpsynth/assets/demo`), produced from simulated public data by `dpsynth pretrain-demo`
+(a documented, seeded command). With `--retrain-public` the demo trains them itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from dpsynth.config import Config, load_config
+from dpsynth.io import atomic_write_json
+
+PUBLIC = {"patients": 240, "cohort": "acdc", "seed": 101}
+PRIVATE = {"patients": 300, "cohort": "ukbb", "seed": 202}
+PRIVATE_SPLIT = (0.7, 0.1, 0.2)
+ATTRIBUTE_EPSILON = 0.5  # of the demo's total; the LDM gets the rest
+N_SYNTHETIC = 120
+
+
+@dataclass
+class Stage:
+    """Prints a stage's name and wall time; skips it when its output exists and `keep`."""
+
+    name: str
+    output: Path
+    keep: bool
+    timings: dict
+
+    def __enter__(self) -> bool:
+        self.start = time.perf_counter()
+        done = self.keep and self.output.exists()
+        print(f"\n== {self.name}" + (" (kept)" if done else ""), flush=True)
+        return done
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.timings[self.name] = round(time.perf_counter() - self.start, 1)
+
+
+def demo_assets() -> Path:
+    return Path(str(resources.files("dpsynth") / "assets" / "demo"))
+
+
+def simulate_and_prepare(out: Path, spec: dict, config: Config, split=(0.8, 0.1, 0.1)) -> Path:
+    from dpsynth.data.prepare import prepare
+    from dpsynth.data.simulate import simulate_cohort
+
+    raw = out / f"{spec['cohort']}_raw"
+    cache = out / f"{spec['cohort']}_cache"
+    if not raw.exists():
+        simulate_cohort(raw, spec["patients"], cohort=spec["cohort"], seed=spec["seed"],
+                        shape=config.data.shape, spacing=config.data.spacing)  # fmt: skip
+    if not cache.exists():
+        report = prepare("ukbb", raw, cache, attributes_csv=raw / "attributes.csv", split=split,
+                         seed=spec["seed"], shape=config.data.shape,
+                         spacing=config.data.spacing)  # fmt: skip
+        print(report.summary())
+    return cache
+
+
+def pretrain_public(out: Path, config: Config | None = None) -> Path:
+    """Train the public autoencoder and LDM from simulated public phantoms into `out`.
+
+    This is the command that produced the shipped demo weights (`dpsynth pretrain-demo`).
+    """
+    from dpsynth.training.autoencoder import train_autoencoder
+    from dpsynth.training.ldm import train_ldm
+
+    config = config or load_config("demo")
+    out = Path(out)
+    data = out / "data"
+    cache = simulate_and_prepare(data, PUBLIC, config)
+    if not (out / "autoencoder" / "model.json").exists():
+        train_autoencoder(cache, out / "autoencoder", config)
+    if not (out / "ldm" / "model.json").exists():
+        train_ldm(cache, out / "autoencoder", out / "ldm", config)
+    return out
+
+
+def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dict:
+    from dpsynth.evaluation.evaluate import evaluate
+    from dpsynth.evaluation.referee import train_referee
+    from dpsynth.privacy.ledger import Ledger
+    from dpsynth.privacy.release import fit_attributes
+    from dpsynth.report.html import write_report
+    from dpsynth.sampling.api import sample_to_folder
+    from dpsynth.training.ldm import train_ldm
+
+    out = Path(out)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = load_config("demo")
+    total_epsilon = config.privacy.epsilon
+    timings: dict[str, float] = {}
+    keep = not fresh
+    t0 = time.perf_counter()
+
+    with Stage("public pre-trained models", out / "public", keep, timings):
+        public = demo_assets()
+        if retrain_public or not (public / "ldm" / "model.json").exists():
+            print("training the public models (no shipped weights found; ~40 min on 2 cores)")
+            public = pretrain_public(out / "public", config)
+        else:
+            print(f"using shipped public weights: {public}")
+    with Stage("simulate + prepare private cohort", out / "data" / "ukbb_cache", keep, timings):
+        private = simulate_and_prepare(out / "data", PRIVATE, config, split=PRIVATE_SPLIT)
+    ldm_run = out / "ldm_dp"
+    with Stage(f"DP fine-tuning (ε budget {total_epsilon:g} in total)", ldm_run / "model.json",
+               keep, timings) as done:  # fmt: skip
+        if not done:
+            dp_config = _with(config, **{"privacy.epsilon": total_epsilon - ATTRIBUTE_EPSILON,
+                                         "privacy.max_total_epsilon": total_epsilon,
+                                         "ldm_training.finetune": "attention"})  # fmt: skip
+            train_ldm(private, public / "autoencoder", ldm_run, dp_config, init=public / "ldm",
+                      dp=True)  # fmt: skip
+    with Stage("DP attribute model", ldm_run / "attribute_model.json", keep, timings) as done:
+        if not done:
+            fit_attributes(private, ldm_run, epsilon=ATTRIBUTE_EPSILON, delta=config.privacy.delta,
+                           max_total_epsilon=total_epsilon)  # fmt: skip
+    synthetic = out / "synthetic"
+    with Stage("sample from DP attributes", synthetic, keep, timings) as done:
+        if not done:
+            sample_to_folder(ldm_run, synthetic, n=N_SYNTHETIC, attributes="dp", seed=0)
+    referee = out / "referee"
+    with Stage("train referee (evaluation only)", referee, keep, timings) as done:
+        if not done:
+            train_referee(private, referee, epochs=8, seed=0)
+    eval_dir = ldm_run / "eval"
+    with Stage("evaluate", eval_dir / "metrics.json", keep, timings) as done:
+        if not done:
+            evaluate(private, synthetic, eval_dir, referee=referee, model_run=ldm_run, seed=0)
+    with Stage("report", out / "report" / "index.html", keep, timings):
+        report = write_report(ldm_run, out / "report")
+
+    ledger = Ledger.load(ldm_run / "ledger.json")
+    summary = {
+        "report": str(report),
+        "total_epsilon": ledger.total_epsilon(),
+        "delta": config.privacy.delta,
+        "timings_s": timings,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "headline": _headline(eval_dir / "metrics.json"),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    print(f"\nreport: {report}")
+    print(f"total privacy spent: ε = {summary['total_epsilon']:.3f} at δ = {summary['delta']:g}")
+    for name, value in summary["headline"].items():
+        print(f"  {name}: {value}")
+    print(f"demo wall time: {summary['wall_s']:.0f} s")
+    return summary
+
+
+def _with(config: Config, **overrides) -> Config:
+    from dpsynth.config import config_from_dict
+
+    plain = config.to_dict()
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        plain[section][key] = value
+    return config_from_dict(plain)
+
+
+def _headline(metrics_path: Path) -> dict:
+    from dpsynth.io import read_json
+
+    if not metrics_path.exists():
+        return {}
+    result = read_json(metrics_path)
+    head = {}
+    for name, m in result.get("metrics", {}).items():
+        head[name] = f"{m.get('value')} (baseline {m.get('baseline')})"
+    for attr in ("LVEDV", "LVESV"):
+        c = result.get("controllability", {}).get(attr)
+        if c:
+            head[f"controllability r {attr}"] = f"{c.get('r')} (real ceiling {c.get('ceiling_r')})"
+    return head

@@ -1,0 +1,341 @@
+"""evaluate(): every quality metric of a synthetic set against real data → OUT/metrics.json.
+
+All figures here are computed on real (possibly private) data for evaluation only (BRIEF
+section 3 (c)): they are reported, never released with the model or the synthetic data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpsynth.attributes import INDEX
+from dpsynth.errors import DpsynthError
+from dpsynth.evaluation.controllability import evaluate_controllability, write_controllability_csv
+from dpsynth.evaluation.diversity import mean_pairwise_ms_ssim
+from dpsynth.evaluation.fid import compute_fid
+from dpsynth.evaluation.frd import FRDConfig, compute_frd
+from dpsynth.evaluation.frechet import feature_statistics, frechet_distance, real_vs_real_baseline
+from dpsynth.evaluation.referee import Referee
+from dpsynth.evaluation.utility import evaluate_utility
+from dpsynth.evaluation.volumes import VolumeSet, check_compatible, load_volume_set
+from dpsynth.io import atomic_write_json
+
+ALL_METRICS = ("frd", "fd_referee", "fid", "ms_ssim", "controllability", "utility", "audit")
+REAL_VS_REAL = "real vs real (two random halves)"
+CEILING = "referee on real test volumes (ceiling)"
+EVALUATION_ONLY = (
+    "Computed on real data for evaluation only; not released with the model or synthetic data."
+)
+
+
+@dataclass
+class _Inputs:
+    real: VolumeSet
+    synthetic: VolumeSet
+    out: Path
+    real_train: VolumeSet | None
+    referee: Referee | None
+    inception_weights: Path | None
+    model_run: Path | None
+    seed: int
+    frd_config: FRDConfig | None
+    cache_dir: Path
+    ms_ssim_pairs: int
+    utility_epochs: int
+
+
+def evaluate(
+    real: str | Path | VolumeSet,
+    synthetic: str | Path | VolumeSet,
+    out: str | Path,
+    metrics: tuple[str, ...] = ALL_METRICS,
+    referee: str | Path | Referee | None = None,
+    inception_weights: str | Path | None = None,
+    real_train: str | Path | VolumeSet | None = None,
+    model_run: str | Path | None = None,
+    seed: int = 0,
+    frd_config: FRDConfig | None = None,
+    cache_dir: str | Path | None = None,
+    ms_ssim_pairs: int = 100,
+    utility_epochs: int = 10,
+) -> dict[str, Any]:
+    """Compute `metrics`, write `out/metrics.json` (+ `controllability.csv`), return the dict.
+
+    `real` is a prepared cache (its test split is used) or a NIfTI folder; `real_train`
+    defaults to the train split of a `real` cache. Metrics whose inputs are missing are
+    recorded with value None and a note saying what to supply. `cache_dir` holds the real
+    set's radiomics features (default: $XDG_CACHE_HOME/dpsynth/features).
+    """
+    unknown = sorted(set(metrics) - set(ALL_METRICS))
+    if unknown:
+        raise DpsynthError(f"--metrics: unknown {unknown}; choose from {list(ALL_METRICS)}")
+    real_set = _as_set(real, "test")
+    synthetic_set = _as_set(synthetic, None)
+    check_compatible(real_set, synthetic_set)
+    if len(real_set) < 4 or len(synthetic_set) < 2:
+        raise DpsynthError(
+            f"{real_set.source}, {synthetic_set.source}: need >= 4 real and >= 2 synthetic "
+            f"volumes, got {len(real_set)} and {len(synthetic_set)}"
+        )
+    if real_train is None and _is_cache(real) and {"utility", "audit"} & set(metrics):
+        real_train = real
+    inputs = _Inputs(
+        real=real_set,
+        synthetic=synthetic_set,
+        out=Path(out),
+        real_train=None if real_train is None else _as_set(real_train, "train"),
+        referee=Referee.load(referee) if isinstance(referee, (str, Path)) else referee,
+        inception_weights=None if inception_weights is None else Path(inception_weights),
+        model_run=None if model_run is None else Path(model_run),
+        seed=seed,
+        frd_config=frd_config,
+        cache_dir=Path(cache_dir) if cache_dir is not None else _default_cache_dir(),
+        ms_ssim_pairs=ms_ssim_pairs,
+        utility_epochs=utility_epochs,
+    )
+    inputs.out.mkdir(parents=True, exist_ok=True)
+
+    report: dict[str, Any] = {
+        "n_real": len(real_set),
+        "n_synthetic": len(synthetic_set),
+        "real": real_set.source,
+        "synthetic": synthetic_set.source,
+        "note": EVALUATION_ONLY,
+        "metrics": {},
+    }
+    for name in ALL_METRICS:
+        if name in metrics:
+            part = _RUNNERS[name](inputs)
+            report["metrics"].update(part.pop("metrics", {}))
+            report.update(part)
+    report = _json_safe(report)
+    atomic_write_json(inputs.out / "metrics.json", report)
+    return report
+
+
+def _frd(x: _Inputs) -> dict[str, Any]:
+    r = compute_frd(x.real, x.synthetic, x.frd_config, cache_dir=x.cache_dir, seed=x.seed)
+    entry = _entry(
+        r.value,
+        r.baseline,
+        baseline_label=REAL_VS_REAL,
+        lower_is_better=True,
+        config=r.config,
+        n_real=r.n_real,
+        n_synthetic=r.n_synthetic,
+    )
+    return {"metrics": {"frd": entry}}
+
+
+def _fd_referee(x: _Inputs) -> dict[str, Any]:
+    if x.referee is None:
+        return {"metrics": {"fd_referee": _skipped("needs a referee (--referee)")}}
+    real_f, synthetic_f = (
+        x.referee.features(x.real.volumes),
+        x.referee.features(x.synthetic.volumes),
+    )
+    value = frechet_distance(*feature_statistics(real_f), *feature_statistics(synthetic_f))
+    baseline = real_vs_real_baseline(real_f, np.random.default_rng(x.seed))
+    config = f"Fréchet distance of pooled referee bottleneck features ({real_f.shape[1]}-d)"
+    entry = _entry(
+        value,
+        baseline,
+        baseline_label=REAL_VS_REAL,
+        lower_is_better=True,
+        config=config,
+        n_real=len(real_f),
+        n_synthetic=len(synthetic_f),
+    )
+    return {"metrics": {"fd_referee": entry}}
+
+
+def _fid(x: _Inputs) -> dict[str, Any]:
+    if x.inception_weights is None:
+        reason = "needs --inception-weights (a TorchScript Inception-v3 feature extractor)"
+        return {"metrics": {"fid": _skipped(reason)}}
+    r = compute_fid(x.real, x.synthetic, x.inception_weights, seed=x.seed)
+    entry = _entry(
+        r.value,
+        r.baseline,
+        baseline_label=REAL_VS_REAL,
+        lower_is_better=True,
+        config=r.config,
+        n_real=r.n_real,
+        n_synthetic=r.n_synthetic,
+    )
+    return {"metrics": {"fid": entry}}
+
+
+def _ms_ssim(x: _Inputs) -> dict[str, Any]:
+    synthetic = mean_pairwise_ms_ssim(x.synthetic.volumes, x.ms_ssim_pairs, x.seed)
+    real = mean_pairwise_ms_ssim(x.real.volumes, x.ms_ssim_pairs, x.seed)
+    note = "diversity: closer to the real baseline is better; higher means less diverse"
+    entry = _entry(
+        synthetic.value,
+        real.value,
+        baseline_label="real pairs",
+        lower_is_better=None,
+        config=synthetic.config,
+        n_real=len(x.real),
+        n_synthetic=len(x.synthetic),
+        note=note,
+    )
+    return {"metrics": {"ms_ssim": entry}}
+
+
+def _controllability(x: _Inputs) -> dict[str, Any]:
+    if x.referee is None:
+        return {"metrics": {"controllability_lv_r": _skipped("needs a referee (--referee)")}}
+    c = evaluate_controllability(x.referee, x.synthetic, x.real)
+    write_controllability_csv(c.rows, x.out / "controllability.csv")
+    lv = c.attributes.get("LV_VOLUME", {})
+    lv_config = "Pearson r, requested vs referee-measured LV cavity volume (ED and ES pooled)"
+    return {
+        "controllability": c.attributes,
+        "metrics": {
+            "controllability_lv_r": _entry(
+                lv.get("r"),
+                lv.get("ceiling_r"),
+                baseline_label=CEILING,
+                lower_is_better=False,
+                config=lv_config,
+                n_real=lv.get("ceiling_n", 0),
+                n_synthetic=lv.get("n", 0),
+            ),
+            "esed_accuracy": _entry(
+                c.esed_accuracy,
+                c.esed_ceiling,
+                baseline_label=CEILING,
+                lower_is_better=False,
+                config="referee ED/ES head vs requested ESED",
+                n_real=len(x.real),
+                n_synthetic=len(x.synthetic),
+            ),
+        },
+    }
+
+
+def _utility(x: _Inputs) -> dict[str, Any]:
+    labels = x.synthetic.attributes[:, [INDEX["LVEF"], INDEX["ESED"]]]
+    if np.isnan(labels).all():
+        reason = "synthetic set has no LVEF/ESED attributes (attributes.csv) to train on"
+        return {"metrics": {"utility_lvef_mae": _skipped(reason)}}
+    u = evaluate_utility(x.synthetic, x.real, x.real_train, epochs=x.utility_epochs, seed=x.seed)
+    trtr = u.trtr or {}
+    note = None if u.trtr else "no real train split given: TRTR baseline missing"
+    entries = {
+        f"utility_{key}": _entry(
+            u.tstr[key],
+            trtr.get(key),
+            baseline_label="train on real (TRTR)",
+            lower_is_better=lower,
+            config=u.config,
+            n_real=len(x.real),
+            n_synthetic=len(x.synthetic),
+            note=note,
+        )
+        for key, lower in (("lvef_mae", True), ("lvef_r", False), ("esed_accuracy", False))
+    }
+    return {"utility": {"tstr": u.tstr, "trtr": u.trtr}, "metrics": entries}
+
+
+def _audit(x: _Inputs) -> dict[str, Any]:
+    if importlib.util.find_spec("dpsynth.evaluation.audit") is None:
+        return {"privacy_audit": {"skipped": "the privacy audit module is not installed"}}
+    missing = [
+        n
+        for n, v in (("a model run", x.model_run), ("a real train split", x.real_train))
+        if v is None
+    ]
+    if missing:
+        return {"privacy_audit": {"skipped": f"needs {' and '.join(missing)}"}}
+    from dpsynth.evaluation.audit import privacy_audit
+
+    def audit_set(s: VolumeSet) -> tuple:
+        return (s.volumes, s.attributes, s.patients)
+
+    result = privacy_audit(
+        x.model_run,
+        audit_set(x.real_train),
+        audit_set(x.real),
+        x.synthetic.volumes,
+        referee=x.referee,
+        seed=x.seed,
+    )
+    return {"privacy_audit": result}
+
+
+_RUNNERS: dict[str, Callable[[_Inputs], dict[str, Any]]] = {
+    "frd": _frd,
+    "fd_referee": _fd_referee,
+    "fid": _fid,
+    "ms_ssim": _ms_ssim,
+    "controllability": _controllability,
+    "utility": _utility,
+    "audit": _audit,
+}
+
+
+def _entry(
+    value: float | None,
+    baseline: float | None,
+    *,
+    baseline_label: str,
+    lower_is_better: bool | None,
+    config: str,
+    n_real: int,
+    n_synthetic: int,
+    note: str | None = None,
+) -> dict[str, Any]:
+    entry = {
+        "value": value,
+        "baseline": baseline,
+        "baseline_label": baseline_label,
+        "lower_is_better": lower_is_better,
+        "config": config,
+        "n_real": n_real,
+        "n_synthetic": n_synthetic,
+    }
+    if note:
+        entry["note"] = note
+    return entry
+
+
+def _skipped(reason: str) -> dict[str, Any]:
+    return {"value": None, "baseline": None, "note": f"skipped: {reason}"}
+
+
+def _as_set(source: str | Path | VolumeSet, split: str | None) -> VolumeSet:
+    return source if isinstance(source, VolumeSet) else load_volume_set(source, split=split)
+
+
+def _is_cache(source: str | Path | VolumeSet) -> bool:
+    if isinstance(source, VolumeSet):
+        return False
+    return (Path(source) / "meta.json").exists() and (Path(source) / "images.npy").exists()
+
+
+def _default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "dpsynth" / "features"
+
+
+def _json_safe(obj: Any) -> Any:
+    """Strict JSON: numpy scalars to Python, NaN/inf to null."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

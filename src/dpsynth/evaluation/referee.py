@@ -1,0 +1,224 @@
+"""The referee: a 3D segmenter + ED/ES classifier trained on real volumes with masks.
+
+It measures synthetic volumes for controllability and gives encoder features for the
+FD-referee distance and memorisation checks. It is an evaluation tool trained on real
+data without DP: its weights must never be released with a model or a synthetic set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from monai.networks.layers.simplelayers import SkipConnection
+from monai.networks.nets import UNet
+from safetensors.torch import load_file, save_file
+
+from dpsynth.attributes import INDEX
+from dpsynth.errors import DpsynthError
+from dpsynth.evaluation.volumes import VolumeSet, load_volume_set
+from dpsynth.io import atomic_dir, atomic_write_json, read_json
+
+N_CLASSES = 4  # background, LV blood pool, LV myocardium, RV blood pool
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "referee.safetensors"
+META_FILE = "referee.json"
+
+
+class RefereeNet(torch.nn.Module):
+    """MONAI UNet with in-plane-only down-sampling (slices are 10 mm apart) and a phase head
+    on the pooled bottleneck, which also serves as the feature vector."""
+
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 64), num_res_units: int = 1):
+        super().__init__()
+        self.unet = UNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=N_CLASSES,
+            channels=channels,
+            strides=[(1, 2, 2)] * (len(channels) - 1),
+            num_res_units=num_res_units,
+            norm="instance",
+        )
+        self.phase_head = torch.nn.Linear(channels[-1], 1)
+        self._bottleneck: torch.Tensor | None = None
+        _bottom_layer(self.unet).register_forward_hook(self._keep_bottleneck)
+
+    def _keep_bottleneck(self, module, inputs, output) -> None:
+        self._bottleneck = output
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, 1, S, H, W) → segmentation logits, ED logit (B,), pooled features (B, C)."""
+        logits = self.unet(x)
+        features = self._bottleneck.mean(dim=(2, 3, 4))
+        return logits, self.phase_head(features).squeeze(1), features
+
+
+def _bottom_layer(unet: UNet) -> torch.nn.Module:
+    """MONAI's UNet nests (down, SkipConnection(inner), up); the innermost is the bottleneck."""
+    node = unet.model
+    while skips := [c for c in node.children() if isinstance(c, SkipConnection)]:
+        node = skips[0].submodule
+    return node
+
+
+class RefereeOutput(NamedTuple):
+    masks: np.ndarray  # (N, S, H, W) uint8 labels
+    prob_ed: np.ndarray  # (N,) probability of end-diastole
+    features: np.ndarray  # (N, D) pooled bottleneck features
+
+
+class Referee:
+    """A RefereeNet with batched numpy helpers."""
+
+    def __init__(self, net: RefereeNet, meta: dict[str, Any]):
+        self.net = net.eval()
+        self.meta = meta
+        self._outputs: dict[str, RefereeOutput] = {}
+
+    @classmethod
+    def create(cls, channels: tuple[int, ...] = (16, 32, 64), seed: int = 0) -> Referee:
+        """An untrained referee (for timing and tests)."""
+        torch.manual_seed(seed)
+        return cls(RefereeNet(channels), _base_meta(channels) | {"trained": False})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Referee:
+        path = Path(path)
+        meta = read_json(path / META_FILE)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise DpsynthError(f"{path / META_FILE}: unsupported format_version")
+        net = RefereeNet(tuple(meta["channels"]), meta["num_res_units"])
+        net.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        return cls(net, meta)
+
+    def save(self, path: str | Path) -> Path:
+        with atomic_dir(path) as tmp:
+            save_file(
+                {k: v.contiguous() for k, v in self.net.state_dict().items()},
+                str(tmp / WEIGHTS_FILE),
+            )
+            atomic_write_json(tmp / META_FILE, self.meta)
+        return Path(path)
+
+    @torch.no_grad()
+    def analyse(self, volumes: np.ndarray, batch_size: int = 8) -> RefereeOutput:
+        """Masks, ED probability and features of volumes (N, S, H, W) in one forward pass.
+
+        The last few results are kept by content hash: evaluation asks for masks, phases and
+        features of the same sets, and the forward pass dominates its cost.
+        """
+        _check_shape(volumes.shape)
+        key = hashlib.sha256(np.ascontiguousarray(volumes).tobytes()).hexdigest()
+        if key not in self._outputs:
+            masks, prob_ed, features = [], [], []
+            for start in range(0, len(volumes), batch_size):
+                batch = np.ascontiguousarray(volumes[start : start + batch_size], dtype=np.float32)
+                logits, phase_logit, pooled = self.net(torch.from_numpy(batch).unsqueeze(1))
+                masks.append(logits.argmax(1).to(torch.uint8).numpy())
+                prob_ed.append(torch.sigmoid(phase_logit).numpy())
+                features.append(pooled.double().numpy())
+            self._outputs[key] = RefereeOutput(
+                np.concatenate(masks), np.concatenate(prob_ed), np.concatenate(features)
+            )
+            while len(self._outputs) > 2:
+                self._outputs.pop(next(iter(self._outputs)))
+        return self._outputs[key]
+
+    def segment(self, volumes: np.ndarray) -> np.ndarray:
+        """Label masks (N, S, H, W) uint8."""
+        return self.analyse(volumes).masks
+
+    def predict_phase(self, volumes: np.ndarray) -> np.ndarray:
+        """Probability (N,) that each volume is end-diastolic."""
+        return self.analyse(volumes).prob_ed
+
+    def features(self, volumes: np.ndarray) -> np.ndarray:
+        """Pooled bottleneck features (N, D) for Fréchet distances and nearest neighbours."""
+        return self.analyse(volumes).features
+
+
+def _base_meta(channels: tuple[int, ...]) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "channels": list(channels), "num_res_units": 1}
+
+
+def _check_shape(shape: tuple[int, ...]) -> None:
+    if len(shape) != 4 or shape[2] % 4 or shape[3] % 4:
+        raise DpsynthError(
+            f"referee: volumes must be (N, S, H, W) with H, W divisible by 4, got {shape}"
+        )
+
+
+def fit_referee(
+    train: VolumeSet,
+    epochs: int = 30,
+    batch_size: int = 4,
+    lr: float = 1e-3,
+    channels: tuple[int, ...] = (16, 32, 64),
+    phase_weight: float = 0.5,
+    seed: int = 0,
+) -> Referee:
+    """Train segmentation (Dice + CE) and the ED/ES head (BCE) jointly on a set with masks."""
+    if train.masks is None:
+        raise DpsynthError(f"{train.source}: the referee needs segmentation masks")
+    _check_shape(train.volumes.shape)
+    phase = train.attributes[:, INDEX["ESED"]]
+    has_phase = torch.from_numpy(np.isfinite(phase))
+    phase = torch.from_numpy(np.nan_to_num(phase).astype(np.float32))
+    torch.manual_seed(seed)
+    net = RefereeNet(channels).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
+    seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    rng = np.random.default_rng(seed)
+    losses = []
+    for _ in range(epochs):
+        epoch_loss = []
+        for batch in np.array_split(rng.permutation(len(train)), max(1, len(train) // batch_size)):
+            x = torch.from_numpy(np.ascontiguousarray(train.volumes[batch], dtype=np.float32))
+            y = torch.from_numpy(np.ascontiguousarray(train.masks[batch], dtype=np.int64))
+            logits, phase_logit, _ = net(x.unsqueeze(1))
+            loss = seg_loss(logits, y.unsqueeze(1))
+            known = has_phase[batch]
+            if known.any():
+                loss = loss + phase_weight * F.binary_cross_entropy_with_logits(
+                    phase_logit[known], phase[batch][known]
+                )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            epoch_loss.append(loss.item())
+        losses.append(float(np.mean(epoch_loss)))
+    meta = _base_meta(channels) | {
+        "shape": list(train.shape),
+        "spacing": list(train.spacing),
+        "epochs": epochs,
+        "seed": seed,
+        "n_train": len(train),
+        "trained_on": train.source,
+        "loss_per_epoch": losses,
+        "trained": True,
+        "release": "evaluation only: trained on real data without DP; never release",
+    }
+    return Referee(net, meta)
+
+
+def train_referee(
+    cache_path: str | Path,
+    out: str | Path,
+    epochs: int = 30,
+    batch_size: int = 4,
+    lr: float = 1e-3,
+    channels: tuple[int, ...] = (16, 32, 64),
+    seed: int = 0,
+) -> Path:
+    """Train the referee on a prepared cache's train split and save it to `out`."""
+    train = load_volume_set(cache_path, split="train")
+    referee = fit_referee(
+        train, epochs=epochs, batch_size=batch_size, lr=lr, channels=channels, seed=seed
+    )
+    return referee.save(out)

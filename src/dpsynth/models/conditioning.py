@@ -1,0 +1,61 @@
+"""Attribute encoder: one token per clinical attribute, contextualised by self-attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dpsynth.attributes import N_ATTRIBUTES
+from dpsynth.models.blocks import Attention, FeedForward
+
+__all__ = ["AttributeEncoder"]
+
+
+class _TokenLayer(nn.Module):
+    """Pre-norm transformer layer: self-attention then MLP, both residual."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attention = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class AttributeEncoder(nn.Module):
+    """Map normalised attributes (B, A) with NaN = unknown to tokens (B, A, embed_dim).
+
+    Token a = identity_a + (value_a * weight_a if known else unknown_a): a linear embedding
+    per attribute, a learned "unknown" embedding per attribute for missing values (and for
+    attributes dropped for classifier-free guidance), and an identity embedding that also
+    serves as the linear embedding's bias.
+    """
+
+    def __init__(
+        self,
+        num_attributes: int = N_ATTRIBUTES,
+        embed_dim: int = 16,
+        num_heads: int = 2,
+        num_layers: int = 1,
+    ) -> None:
+        super().__init__()
+        self.num_attributes = num_attributes
+        self.embed_dim = embed_dim
+        self.value_weight = nn.Parameter(torch.randn(num_attributes, embed_dim))
+        self.identity = nn.Parameter(torch.randn(num_attributes, embed_dim) * 0.02)
+        self.unknown = nn.Parameter(torch.randn(num_attributes, embed_dim))
+        self.layers = nn.Sequential(*(_TokenLayer(embed_dim, num_heads) for _ in range(num_layers)))
+        self.norm_out = nn.LayerNorm(embed_dim)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.unsqueeze(-1)
+        missing = torch.isnan(values)
+        # NaN must not reach the multiplication: 0 * NaN poisons the weight's gradient even
+        # where torch.where discards the product.
+        known = torch.nan_to_num(values, nan=0.0) * self.value_weight
+        tokens = self.identity + torch.where(missing, self.unknown, known)
+        return self.norm_out(self.layers(tokens))

@@ -1,0 +1,363 @@
+"""The privacy ledger (``RUN/ledger.json``): every use of private data in a run's lineage.
+
+Each DP mechanism (DP-SGD stage, Gaussian-mechanism statistic, DP attribute model) is an
+entry ``(noise_multiplier, sample_rate, steps)`` plus provenance; the lineage's total ε is
+the composition of all of them by one accountant. Uses without a DP guarantee (e.g. a
+private validation loss) are entries flagged ``non_private``: never composed, always shown.
+
+A run starts from its parents' ledgers (:meth:`Ledger.inherit`), so the total covers the
+autoencoder, the initialisation and the attribute model that the run builds on.
+
+Step semantics (resume-safe): an entry's ``steps`` is the number of steps contained in the
+latest saved model state, i.e. the DP-SGD checkpoint's step count. The training loop
+checks the budget with the *planned* steps before the stage starts
+(:meth:`Ledger.check_budget`), then after each checkpoint write sets ``steps`` to the
+checkpoint's count (:meth:`Ledger.update_steps`) and saves the ledger. On resume it sets
+``steps`` to the checkpoint's count again: a value, not an increment, so nothing is
+counted twice, and since the checkpoint is written first the ledger never runs behind a
+state that could be released. Steps computed after the last checkpoint are discarded with
+their state. ``steps`` never decreases (resuming from an older checkpoint would hide
+spending that an earlier state may already have released) and never exceeds
+``planned_steps`` (the spending that passed the budget check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import operator
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dpsynth.errors import BudgetExceededError, DpsynthError
+from dpsynth.io import atomic_write_json, read_json
+from dpsynth.privacy.accounting import (
+    ACCOUNTANTS,
+    DEFAULT_ACCOUNTANT,
+    DEFAULT_DELTA,
+    Mechanism,
+    check_delta,
+    check_epsilon,
+    check_mechanism,
+    epsilon_for,
+)
+
+LEDGER_FILE = "ledger.json"
+FORMAT_VERSION = 1
+DP_MECHANISMS = ("dp-sgd", "gaussian")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One mechanism (or non-private use) applied to a private dataset.
+
+    `fingerprint` identifies the data (the cache's meta.json "fingerprint"), never holds it.
+    `records` is the dataset size in patients. For DP entries `sample_rate` is the Poisson
+    rate per step (1.0 for a one-shot statistic) and `noise_multiplier` the ratio of noise
+    std to L2 sensitivity.
+    """
+
+    stage: str
+    mechanism: str
+    fingerprint: str
+    records: int
+    delta: float = DEFAULT_DELTA
+    accountant: str = DEFAULT_ACCOUNTANT
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    planned_steps: int = 0
+    steps: int = 0
+    non_private: bool = False
+    note: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: str = field(default_factory=_now)
+
+    def __post_init__(self) -> None:
+        key = f"ledger entry {self.stage!r}"
+        if not self.stage or not isinstance(self.stage, str):
+            raise DpsynthError("ledger entry: stage must be a non-empty string")
+        for name in ("records", "steps", "planned_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise DpsynthError(f"{key}: {name} must be an integer >= 0, got {value!r}")
+            object.__setattr__(self, name, int(value))  # plain int for JSON (numpy in, int out)
+        if not isinstance(self.non_private, bool):  # a truthy string would hide spending
+            raise DpsynthError(f"{key}: non_private must be true or false")
+        if self.non_private:
+            return
+        if self.mechanism not in DP_MECHANISMS:
+            raise DpsynthError(
+                f"{key}: mechanism {self.mechanism!r} is not one of {', '.join(DP_MECHANISMS)} "
+                "(flag non-DP uses with non_private=True)"
+            )
+        if self.accountant not in ACCOUNTANTS:
+            raise DpsynthError(f"{key}: unknown accountant {self.accountant!r}")
+        object.__setattr__(self, "delta", check_delta(self.delta, key=f"{key}: delta"))
+        sigma, q, _ = check_mechanism((self.noise_multiplier, self.sample_rate, 1), key=key)
+        object.__setattr__(self, "noise_multiplier", sigma)
+        object.__setattr__(self, "sample_rate", q)
+        if self.steps > self.planned_steps:
+            raise DpsynthError(
+                f"{key}: {self.steps} steps exceed the {self.planned_steps} planned (budget-checked)"
+            )
+
+    @classmethod
+    def gaussian(
+        cls,
+        stage: str,
+        noise_multiplier: float,
+        records: int,
+        delta: float = DEFAULT_DELTA,
+        accountant: str = DEFAULT_ACCOUNTANT,
+        fingerprint: str = "",
+        note: str = "",
+    ) -> LedgerEntry:
+        """A one-shot Gaussian-mechanism release on the whole dataset (q = 1, one step)."""
+        return cls(
+            stage=stage,
+            mechanism="gaussian",
+            fingerprint=fingerprint,
+            records=records,
+            delta=delta,
+            accountant=accountant,
+            noise_multiplier=noise_multiplier,
+            sample_rate=1.0,
+            planned_steps=1,
+            steps=1,
+            note=note,
+        )
+
+    @classmethod
+    def non_private_use(
+        cls, stage: str, records: int, note: str, fingerprint: str = ""
+    ) -> LedgerEntry:
+        """A use of private data whose outputs are never released (e.g. validation loss)."""
+        return cls(
+            stage=stage,
+            mechanism="non-private",
+            fingerprint=fingerprint,
+            records=records,
+            non_private=True,
+            note=note,
+        )
+
+    def mechanism_spent(self, planned: bool = False) -> Mechanism | None:
+        """The entry as an accountant history item; None if it spends nothing."""
+        steps = self.planned_steps if planned else self.steps
+        if self.non_private or steps == 0:
+            return None
+        return Mechanism(self.noise_multiplier, self.sample_rate, steps)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict, source: str = "ledger") -> LedgerEntry:
+        if not isinstance(obj, dict):
+            raise DpsynthError(f"{source}: each entry must be a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(obj) - names)
+        missing = sorted(names - set(obj))  # no defaults on load: a lost field is corruption
+        if unknown or missing:
+            raise DpsynthError(
+                f"{source}: entry {obj.get('id', '?')}: unknown keys {unknown}, missing {missing}"
+            )
+        return cls(**obj)
+
+
+class Ledger:
+    """Ordered, id-unique collection of :class:`LedgerEntry`, saved as ``ledger.json``."""
+
+    def __init__(self, entries: Iterable[LedgerEntry] = ()) -> None:
+        self._entries: dict[str, LedgerEntry] = {}
+        for entry in entries:
+            self.add(entry)
+
+    @property
+    def entries(self) -> list[LedgerEntry]:
+        return list(self._entries.values())
+
+    def __iter__(self) -> Iterator[LedgerEntry]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, entry_id: str) -> bool:
+        return entry_id in self._entries
+
+    def __getitem__(self, entry_id: str) -> LedgerEntry:
+        try:
+            return self._entries[entry_id]
+        except KeyError:
+            raise DpsynthError(f"ledger: no entry with id {entry_id!r}") from None
+
+    @classmethod
+    def inherit(cls, *parents: Ledger) -> Ledger:
+        """A new ledger holding the union of the parents' entries (shared ancestors once).
+
+        Two copies of one entry may differ only in `steps` (one parent saw a later state
+        of the same stage); the larger count is kept so spending is never under-reported.
+        """
+        merged: dict[str, LedgerEntry] = {}
+        for parent in parents:
+            for entry in parent:
+                seen = merged.get(entry.id)
+                if seen is None:
+                    merged[entry.id] = entry
+                    continue
+                if dataclasses.replace(seen, steps=entry.steps) != entry:
+                    raise DpsynthError(
+                        f"ledger: entry {entry.id} ({entry.stage!r}) differs between parent "
+                        "runs beyond its step count; the lineage is inconsistent"
+                    )
+                if entry.steps > seen.steps:
+                    merged[entry.id] = entry
+        return cls(list(merged.values()))
+
+    def add(self, entry: LedgerEntry) -> LedgerEntry:
+        if entry.id in self._entries:
+            raise DpsynthError(f"ledger: entry {entry.id} ({entry.stage!r}) is already recorded")
+        self._entries[entry.id] = entry
+        return entry
+
+    def update_steps(self, entry_id: str, steps: int) -> LedgerEntry:
+        """SET the completed steps of a DP-SGD entry to the checkpoint's count (see module doc)."""
+        entry = self[entry_id]
+        try:
+            steps = operator.index(steps)  # accepts numpy integers from a checkpoint
+        except TypeError:
+            raise DpsynthError(f"ledger: steps must be an integer, got {steps!r}") from None
+        if entry.non_private:
+            raise DpsynthError(f"ledger: entry {entry_id} ({entry.stage!r}) is not a DP mechanism")
+        if steps < entry.steps:
+            raise DpsynthError(
+                f"ledger: stage {entry.stage!r} already records {entry.steps} steps; refusing to "
+                f"set {steps} (resume from the latest checkpoint, not an older one)"
+            )
+        updated = dataclasses.replace(entry, steps=steps)  # validates steps <= planned
+        self._entries[entry_id] = updated
+        return updated
+
+    def history(self, planned: LedgerEntry | None = None) -> list[Mechanism]:
+        """Accountant history of every DP entry at its completed steps.
+
+        A `planned` entry counts at its planned steps, replacing any entry with its id.
+        """
+        entries = dict(self._entries)
+        if planned is not None:
+            entries[planned.id] = planned
+        spent = [
+            e.mechanism_spent(planned=planned is not None and e.id == planned.id)
+            for e in entries.values()
+        ]
+        return [m for m in spent if m is not None]
+
+    def default_delta(self) -> float:
+        """The largest δ any DP entry was planned with (the default δ for totals)."""
+        deltas = [e.delta for e in self if not e.non_private]
+        return max(deltas, default=DEFAULT_DELTA)
+
+    def total_epsilon(
+        self, delta: float | None = None, accountant: str = DEFAULT_ACCOUNTANT
+    ) -> float:
+        """ε at `delta` of all DP entries of the lineage, composed by one accountant."""
+        delta = self.default_delta() if delta is None else delta
+        return epsilon_for(self.history(), delta, accountant)
+
+    def check_budget(
+        self,
+        planned: LedgerEntry,
+        max_total_epsilon: float,
+        delta: float | None = None,
+        accountant: str = DEFAULT_ACCOUNTANT,
+    ) -> float:
+        """Total ε if `planned` runs all its planned steps; raise if above the limit.
+
+        Call before the stage touches private data. Returns the projected total.
+        """
+        max_total_epsilon = check_epsilon(max_total_epsilon, key="max_total_epsilon")
+        if delta is None:
+            delta = max(self.default_delta(), planned.delta)
+        total = epsilon_for(self.history(planned), delta, accountant)
+        if total > max_total_epsilon:
+            raise BudgetExceededError(
+                f"stage {planned.stage} would bring total ε to {total:.4g} at δ={delta:g}, "
+                f"above --max-total-epsilon {max_total_epsilon:g}"
+            )
+        return total
+
+    def to_json(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "entries": [e.to_json() for e in self]}
+
+    @classmethod
+    def from_json(cls, obj: dict, source: str = "ledger") -> Ledger:
+        if not isinstance(obj, dict) or not isinstance(obj.get("entries"), list):
+            raise DpsynthError(f"{source}: expected an object with an 'entries' list")
+        if obj.get("format_version") != FORMAT_VERSION:
+            raise DpsynthError(
+                f"{source}: unsupported format_version {obj.get('format_version')!r}"
+            )
+        return cls([LedgerEntry.from_json(e, source) for e in obj["entries"]])
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically to `path` (a ``.json`` file, or a run directory)."""
+        path = _ledger_path(path)
+        atomic_write_json(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, missing_ok: bool = False) -> Ledger:
+        """Read `path` (a ``.json`` file or a run directory); an absent ledger is empty
+        when `missing_ok` (a run that never touched private data)."""
+        path = _ledger_path(path)
+        if missing_ok and not path.exists():
+            return cls()
+        return cls.from_json(read_json(path), source=str(path))
+
+
+def _ledger_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".json" else path / LEDGER_FILE
+
+
+def format_ledger(
+    ledger: Ledger, delta: float | None = None, accountant: str = DEFAULT_ACCOUNTANT
+) -> str:
+    """Human-readable ledger for ``dpsynth budget RUN`` and the report."""
+    delta = ledger.default_delta() if delta is None else delta
+    dp = [e for e in ledger if not e.non_private]
+    other = [e for e in ledger if e.non_private]
+    lines = [f"Privacy ledger: {len(dp)} DP mechanism(s), {len(other)} non-private use(s)"]
+    if dp:
+        lines.append(
+            f"  {'stage':<20} {'mechanism':<9} {'records':>8} {'q':>9} {'sigma':>9} "
+            f"{'steps/planned':>15} {'eps alone':>9}  data"
+        )
+    for e in dp:
+        spent = e.mechanism_spent()
+        alone = epsilon_for([spent], delta, accountant) if spent else 0.0
+        lines.append(
+            f"  {e.stage:<20} {e.mechanism:<9} {e.records:>8} {e.sample_rate:>9.4g} "
+            f"{e.noise_multiplier:>9.4g} {f'{e.steps}/{e.planned_steps}':>15} {alone:>9.4g}  "
+            f"{e.fingerprint[:19] or '-'}"
+        )
+    if other:
+        lines.append("Non-private uses of private data (outputs not released, not covered by ε):")
+        lines += [f"  {e.stage:<20} {e.records:>8} records  {e.note}" for e in other]
+    total = ledger.total_epsilon(delta, accountant)
+    lines.append(
+        f"Total: epsilon = {total:.4g} at delta = {delta:g} "
+        f"({accountant} accountant, all {len(dp)} mechanism(s) composed)"
+    )
+    if not math.isfinite(total):
+        lines.append("  (unbounded: a mechanism has too little noise for the accountant)")
+    return "\n".join(lines)

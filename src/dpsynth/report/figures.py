@@ -1,0 +1,285 @@
+"""Report figures, each returned as PNG bytes (matplotlib's Agg canvas, no pyplot state)."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from dpsynth.attributes import ATTRIBUTES, INDEX, UNITS
+from dpsynth.io import atomic_write_bytes
+
+# A named set of volumes (N, S, H, W) with raw attributes (N, 14) or None.
+VolumeSets = Mapping[str, tuple[np.ndarray, np.ndarray | None]]
+
+SYNTHETIC_COLOUR, REAL_COLOUR = "tab:blue", "tab:orange"
+DPI = 80
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _fmt(value: float, digits: int = 0) -> str:
+    return "?" if not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def attribute_caption(attributes: np.ndarray | None) -> str:
+    """Two short lines with the attributes a volume was conditioned on (NaN shows as ?)."""
+    if attributes is None:
+        return ""
+    a = {name: float(attributes[i]) for name, i in INDEX.items()}
+    phase = {1.0: "ED", 0.0: "ES"}.get(a["ESED"], "?")
+    sex = {1.0: "M", 0.0: "F"}.get(a["SEX"], "?")
+    return (
+        f"{phase} {sex} {_fmt(a['AGE'])}y BMI {_fmt(a['BMI'])}\n"
+        f"LV {_fmt(a['LVEDV'])}/{_fmt(a['LVESV'])} RV {_fmt(a['RVEDV'])}/{_fmt(a['RVESV'])} mL"
+    )
+
+
+def _image(ax, image: np.ndarray, title: str = "") -> None:
+    ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+def mid_slice_grid(sets: VolumeSets, n: int = 6) -> bytes:
+    """One row per set: the middle slice of its first `n` volumes, attributes in the titles."""
+    n = max(1, min(n, max(len(v) for v, _ in sets.values())))
+    fig = Figure(figsize=(1.7 * n, 2.1 * len(sets)))
+    axes = fig.subplots(len(sets), n, squeeze=False)
+    for row, (name, (volumes, attributes)) in enumerate(sets.items()):
+        for col in range(n):
+            ax = axes[row, col]
+            if col >= len(volumes):
+                ax.axis("off")
+                continue
+            caption = attribute_caption(None if attributes is None else attributes[col])
+            _image(ax, volumes[col][len(volumes[col]) // 2], caption)
+        axes[row, 0].set_ylabel(name, fontsize=9)
+    return _png(fig)
+
+
+def slice_strips(sets: VolumeSets, n: int = 2) -> bytes:
+    """All slices (base to apex) of the first `n` volumes of each set, one volume per row."""
+    rows = [
+        (name, v[i], None if a is None else a[i])
+        for name, (v, a) in sets.items()
+        for i in range(min(n, len(v)))
+    ]
+    n_slices = max(len(v) for _, v, _ in rows)
+    fig = Figure(figsize=(1.1 * n_slices, 1.4 * len(rows)))
+    axes = fig.subplots(len(rows), n_slices, squeeze=False)
+    for r, (name, volume, attributes) in enumerate(rows):
+        for s in range(n_slices):
+            if s < len(volume):
+                _image(axes[r, s], volume[s])
+            else:
+                axes[r, s].axis("off")
+        label = f"{name}\n{attribute_caption(attributes)}"
+        axes[r, 0].set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")
+    return _png(fig)
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
+        return float("nan")
+    return float(np.corrcoef(x[ok], y[ok])[0, 1])
+
+
+def controllability_scatter(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """Requested vs measured per attribute, synthetic in blue, the referee on real in orange.
+
+    `rows` are controllability.csv records (attribute, requested, measured, set); a set other
+    than "synthetic" is the referee's measurement of real volumes, i.e. the ceiling.
+    """
+    attributes = list(dict.fromkeys(r["attribute"] for r in rows))
+    cols = min(4, len(attributes))
+    fig = Figure(figsize=(3.2 * cols, 3.0 * math.ceil(len(attributes) / cols)))
+    axes = fig.subplots(math.ceil(len(attributes) / cols), cols, squeeze=False).ravel()
+    for ax, name in zip(axes, attributes, strict=False):
+        title = name
+        for kind, colour in (("synthetic", SYNTHETIC_COLOUR), ("real", REAL_COLOUR)):
+            sel = [
+                r
+                for r in rows
+                if r["attribute"] == name and (r["set"] == "synthetic") == (kind == "synthetic")
+            ]
+            x = np.array([float(r["requested"]) for r in sel])
+            y = np.array([float(r["measured"]) for r in sel])
+            if len(sel):
+                ax.scatter(x, y, s=8, alpha=0.6, color=colour, label=kind)
+                title += f"\n{kind} r = {_fmt(_pearson(x, y), 2)}"
+        lo, hi = ax.get_xlim()
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_title(title, fontsize=8)
+        unit = f" ({UNITS[name]})" if name in UNITS else ""
+        ax.set_xlabel(f"requested{unit}", fontsize=7)
+        ax.set_ylabel(f"measured{unit}", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[0].legend(fontsize=6)
+    for ax in axes[len(attributes) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def loss_curves(records: Sequence[Mapping[str, Any]]) -> bytes:
+    """Every `*loss*` series from metrics.jsonl against step, and ε spent if it was logged."""
+    keys = sorted({k for r in records for k in r if "loss" in k})
+    has_eps = any("epsilon" in r for r in records)
+    fig = Figure(figsize=(9 if has_eps else 5, 3.2))
+    axes = fig.subplots(1, 2 if has_eps else 1, squeeze=False)[0]
+    for key in keys:
+        pts = [(r.get("step", i), r[key]) for i, r in enumerate(records) if _number(r.get(key))]
+        if pts:
+            axes[0].plot(*zip(*pts, strict=True), label=key, lw=1)
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("loss")
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    if has_eps:
+        pts = [
+            (r.get("step", i), r["epsilon"])
+            for i, r in enumerate(records)
+            if _number(r.get("epsilon"))
+        ]
+        axes[1].plot(*zip(*pts, strict=True), color="tab:red", lw=1)
+        axes[1].set_xlabel("step")
+        axes[1].set_ylabel("ε spent")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def attribute_marginals(real: np.ndarray, synthetic: np.ndarray) -> bytes:
+    """Histogram of each attribute: real cohort vs the synthetic set's conditioning values."""
+    fig = Figure(figsize=(12, 6))
+    axes = fig.subplots(3, 5).ravel()
+    for ax, name in zip(axes, ATTRIBUTES, strict=False):
+        j = INDEX[name]
+        r, s = real[:, j], synthetic[:, j]
+        r, s = r[np.isfinite(r)], s[np.isfinite(s)]
+        both = np.r_[r, s]
+        if both.size:
+            bins = np.histogram_bin_edges(both, bins=15)
+            for x, colour, label in ((r, REAL_COLOUR, "real"), (s, SYNTHETIC_COLOUR, "synthetic")):
+                if x.size:
+                    ax.hist(x, bins=bins, density=True, alpha=0.5, color=colour, label=label)
+        ax.set_title(f"{name} ({UNITS[name]})", fontsize=8)
+        ax.tick_params(labelsize=6)
+    axes[0].legend(fontsize=6)
+    axes[-1].axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def roc_figure(curves: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """Membership-inference ROC curves (dicts with fpr, tpr, auc), linear and log-log."""
+    fig = Figure(figsize=(8, 3.6))
+    axes = fig.subplots(1, 2)
+    for name, c in curves.items():
+        label = f"{name} (AUC {c['auc']:.3f})"
+        for ax in axes:
+            ax.step(c["fpr"], c["tpr"], where="post", label=label, lw=1.2)
+    floor = min(min((f for f in c["fpr"] if f > 0), default=1.0) for c in curves.values()) / 2
+    axes[0].plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
+    axes[1].plot([floor, 1], [floor, 1], "k--", lw=0.8)
+    for ax in axes:
+        ax.set_xlabel("false-positive rate")
+        ax.set_ylabel("true-positive rate")
+    axes[1].set_xscale("log")
+    axes[1].set_yscale("log")
+    axes[1].minorticks_off()
+    for axis in (axes[1].xaxis, axes[1].yaxis):
+        ticks = [t for t in (1e-3, 1e-2, 1e-1, 1.0) if t >= floor]
+        axis.set_ticks(ticks, [f"{t:g}" for t in ticks])
+    axes[1].set_xlim(floor, 1)
+    axes[1].set_ylim(floor, 1.05)
+    axes[1].set_title("low-FPR region (log-log)", fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def closest_pairs_figure(
+    synthetic: np.ndarray, train: np.ndarray, pairs: Sequence[Mapping[str, Any]]
+) -> bytes:
+    """Synthetic volumes (top) above their most similar training volume (bottom), mid-slices."""
+    fig = Figure(figsize=(1.7 * len(pairs), 3.8))
+    axes = fig.subplots(2, len(pairs), squeeze=False)
+    for k, p in enumerate(pairs):
+        s, t = synthetic[p["synthetic_index"]], train[p["train_index"]]
+        _image(axes[0, k], s[len(s) // 2], f"synthetic #{p['synthetic_index']}")
+        _image(axes[1, k], t[len(t) // 2], f"train #{p['train_index']}\nr = {p['train_score']:.3f}")
+    return _png(fig)
+
+
+def privacy_utility(
+    runs: Sequence[tuple[str, float, Mapping[str, float]]], metrics: Sequence[str]
+) -> bytes:
+    """Each metric against ε across runs (label, ε, {metric: value}); log ε axis.
+
+    ε = ∞ (non-private) has no place on a log axis: it is drawn one decade right of the
+    largest finite ε, behind a dotted separator, with the tick labelled "∞".
+    """
+    finite = [e for _, e, _ in runs if math.isfinite(e) and e > 0]
+    inf_x = 10 * max(finite) if finite else 10.0
+    fig = Figure(figsize=(3.4 * len(metrics), 3.2))
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics, strict=True):
+        pts = sorted(
+            (e if math.isfinite(e) else inf_x, m[metric], label)
+            for label, e, m in runs
+            if _number(m.get(metric)) and e > 0
+        )
+        private = [p for p in pts if p[0] != inf_x]
+        non_private = [p for p in pts if p[0] == inf_x]
+        # Line through the DP runs only: nothing joins them across the break to ∞.
+        ax.plot([p[0] for p in private], [p[1] for p in private], "o-", lw=1)
+        ax.plot([p[0] for p in non_private], [p[1] for p in non_private], "s", color="tab:gray")
+        for x, y, label in pts:
+            ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ticks = sorted({*finite, inf_x})
+        ax.minorticks_off()
+        ax.set_xticks(ticks, [("∞" if t == inf_x else f"{t:.3g}") for t in ticks])
+        ax.axvline(inf_x / 10**0.5, color="gray", ls=":", lw=0.8)
+        ax.set_xlabel("ε (δ fixed)")
+        ax.set_title(metric, fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def montage(
+    volumes: np.ndarray, attributes: np.ndarray | None, path: str | os.PathLike, n: int = 8
+) -> Path:
+    """Write a PNG of the middle slices of up to `n` volumes with their attributes."""
+    cols = min(n, len(volumes), 4)
+    rows = math.ceil(min(n, len(volumes)) / cols)
+    fig = Figure(figsize=(2.2 * cols, 2.5 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for k, ax in enumerate(axes):
+        if k < min(n, len(volumes)):
+            v = volumes[k]
+            _image(
+                ax, v[len(v) // 2], attribute_caption(None if attributes is None else attributes[k])
+            )
+        else:
+            ax.axis("off")
+    atomic_write_bytes(path, _png(fig))
+    return Path(path)

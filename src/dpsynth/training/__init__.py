@@ -1,0 +1,1 @@
+"""Training loops for the autoencoder and the latent denoiser, private or not."""

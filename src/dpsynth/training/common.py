@@ -1,0 +1,63 @@
+"""Pieces every training loop shares: run folders, devices, schedules, batches."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpsynth.config import Config
+from dpsynth.errors import DpsynthError
+from dpsynth.io import atomic_write_text
+
+
+def prepare_run_dir(out: str | os.PathLike, config: Config, resume: bool) -> Path:
+    """Create the run folder; refuse to silently overwrite a previous run."""
+    out = Path(out)
+    has_checkpoint = (out / "checkpoint" / "state.json").exists()
+    if resume and not has_checkpoint:
+        raise DpsynthError(f"{out}: --resume given but there is no checkpoint in this run")
+    if not resume and (has_checkpoint or (out / "model.json").exists()):
+        raise DpsynthError(f"{out}: a run already exists here (use --resume or a new --out)")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", config.to_yaml())
+    return out
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU only: CPU bf16 is slow and changes numerics for no gain here."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def warmup_factor(warmup_steps: int):
+    """LambdaLR multiplier: linear warm-up, then constant."""
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / max(1, warmup_steps))
+
+    return factor
+
+
+def load_volumes(images: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+    """Rows of a (memory-mapped) (N,S,H,W) array as a float32 (B,1,S,H,W) tensor."""
+    order = np.argsort(rows)  # sorted reads are sequential on disk
+    batch = np.empty((len(rows), *images.shape[1:]), dtype=np.float32)
+    batch[order] = images[rows[order]]
+    return torch.from_numpy(batch).unsqueeze(1)
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)

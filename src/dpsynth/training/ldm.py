@@ -1,0 +1,520 @@
+"""Train the attribute-conditioned latent denoiser, non-privately or with patient-level DP-SGD.
+
+The frozen autoencoder encodes the training volumes once; the denoiser then learns
+ε-prediction on scaled latents. Under `dp=True` the data are private: the unit is the
+patient (ED + ES), sampled by Poisson and clipped as one record, noise is calibrated to
+the planned steps, every step is charged to the run's ledger, and nothing the model is
+shaped by (latent scale, attribute normalisation, sample-grid conditions) comes from the
+private data.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dpsynth.attributes import ATTRIBUTES, CLINICAL_RANGES, INDEX, normalize
+from dpsynth.config import Config
+from dpsynth.data.cache import Cache
+from dpsynth.errors import DpsynthError
+from dpsynth.io import atomic_write_json, read_json
+from dpsynth.models.build import build_autoencoder, build_denoiser
+from dpsynth.sampling.schedulers import add_noise, make_scheduler
+from dpsynth.training import checkpoint as ckpt
+from dpsynth.training.common import (
+    autocast,
+    load_volumes,
+    pick_device,
+    prepare_run_dir,
+    seed_everything,
+    warmup_factor,
+)
+from dpsynth.training.ema import EMA
+from dpsynth.training.monitor import Monitor
+
+# Public conditions for the sample grids written during training (never private rows).
+GRID_CONDITIONS: tuple[dict[str, float], ...] = (
+    {"ESED": 1.0, "LVEDV": 110.0, "RVEDV": 120.0},
+    {"ESED": 0.0, "LVESV": 45.0, "RVESV": 55.0},
+    {"ESED": 1.0, "LVEDV": 220.0, "RVEDV": 200.0},
+    {"ESED": 0.0, "LVESV": 140.0, "RVESV": 110.0},
+)
+
+
+def conditions_table(conditions: tuple[dict[str, float], ...]) -> np.ndarray:
+    """Rows of raw attributes (NaN = unknown) from {name: value} dicts."""
+    table = np.full((len(conditions), len(ATTRIBUTES)), np.nan, dtype=np.float32)
+    for row, cond in enumerate(conditions):
+        for name, value in cond.items():
+            table[row, INDEX[name]] = value
+    return table
+
+
+def load_autoencoder(run: str | os.PathLike, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The frozen autoencoder of a run, with its model.json (latent scale, shape, spacing)."""
+    from dpsynth.config import AutoencoderConfig
+
+    run = Path(run)
+    meta = read_json(run / "model.json")
+    model = build_autoencoder(AutoencoderConfig(**_tuples(meta["autoencoder"])))
+    model.load_state_dict(ckpt.load_weights(run / "autoencoder.safetensors"))
+    model.to(device).eval().requires_grad_(False)
+    return model, meta
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+@torch.no_grad()
+def encode_split(
+    autoencoder, cache: Cache, rows: np.ndarray, scale: float, batch: int = 16
+) -> Tensor:
+    device = next(autoencoder.parameters()).device
+    out = [
+        autoencoder.encode_latent(load_volumes(cache.images, rows[i : i + batch]).to(device)).cpu()
+        for i in range(0, len(rows), batch)
+    ]
+    return torch.cat(out) * scale
+
+
+class DenoisingObjective:
+    """ε-prediction MSE on noisy latents; the random draws happen outside the model call.
+
+    Drawing timesteps, noise and condition dropout outside keeps the per-patient function
+    deterministic, which `torch.func.vmap` under DP needs.
+    """
+
+    def __init__(self, scheduler, condition_dropout: float) -> None:
+        self.scheduler = scheduler
+        self.condition_dropout = condition_dropout
+
+    def draw(self, latents: Tensor, attributes: np.ndarray, generator: torch.Generator) -> dict:
+        """Noisy inputs and targets for a batch of latents (any leading batch shape)."""
+        lead = latents.shape[: latents.dim() - 4]
+        flat = latents.reshape(-1, *latents.shape[-4:])
+        n = flat.shape[0]
+        t = torch.randint(0, self.scheduler.num_train_timesteps, (n,), generator=generator)
+        noise = torch.randn(flat.shape, generator=generator)
+        noisy = add_noise(self.scheduler, flat, noise, t)
+        attrs = torch.from_numpy(normalize(attributes)).reshape(n, len(ATTRIBUTES))
+        drop_all = torch.rand(n, 1, generator=generator) < self.condition_dropout
+        drop_one = torch.rand(attrs.shape, generator=generator) < self.condition_dropout
+        attrs = torch.where(drop_all | drop_one, torch.full_like(attrs, float("nan")), attrs)
+        batch = {"noisy": noisy, "timesteps": t, "attributes": attrs, "noise": noise}
+        return {k: v.reshape(*lead, *v.shape[1:]) for k, v in batch.items()}
+
+    @staticmethod
+    def per_volume_loss(model_fn, batch: dict) -> Tensor:
+        pred = model_fn(batch["noisy"], batch["timesteps"], batch["attributes"])
+        return (pred.float() - batch["noise"]).pow(2).flatten(1).mean(1)
+
+    @classmethod
+    def patient_loss(cls, model_fn, record: dict) -> Tensor:
+        """One DP record's loss: the SUM over that patient's volumes (clipped as one)."""
+        return cls.per_volume_loss(model_fn, record).sum()
+
+
+def train_ldm(
+    data: str | os.PathLike,
+    autoencoder: str | os.PathLike,
+    out: str | os.PathLike,
+    config: Config,
+    init: str | os.PathLike | None = None,
+    resume: bool = False,
+    dp: bool = False,
+    validation_data: str | os.PathLike | None = None,
+) -> Path:
+    """Train a latent diffusion run in `out` and return it.
+
+    `init` fine-tunes from a pre-trained LDM run (its architecture wins over `config`).
+    With `dp`, `data` is private; `validation_data` must then be public.
+    """
+    cache = Cache(data)
+    device = pick_device()
+    ae, ae_meta = load_autoencoder(autoencoder, device)
+    if list(ae_meta["shape"]) != list(cache.shape):
+        raise DpsynthError(
+            f"{data}: volumes are {list(cache.shape)} but the autoencoder was trained on "
+            f"{ae_meta['shape']} ({autoencoder})"
+        )
+    init_meta = read_json(Path(init) / "model.json") if init else None
+    if init_meta is not None:
+        config = _adopt_architecture(config, init_meta)
+    run = prepare_run_dir(out, config, resume)
+    tcfg = config.ldm_training
+    rng = seed_everything(tcfg.seed)
+    latent_scale = float(ae_meta["latent_scale"])
+
+    denoiser = build_denoiser(
+        config.denoiser, cache.shape[0], ae_meta["autoencoder"]["latent_channels"]
+    )
+    if init is not None:
+        denoiser.load_state_dict(ckpt.load_weights(Path(init) / "denoiser.safetensors"))
+    _select_trainable(denoiser, tcfg.finetune)
+    denoiser.to(device).train()
+
+    scheduler = make_scheduler(
+        "ddpm",
+        num_train_timesteps=config.diffusion.timesteps,
+        beta_start=config.diffusion.beta_start,
+        beta_end=config.diffusion.beta_end,
+        schedule=config.diffusion.schedule,
+    )
+    objective = DenoisingObjective(scheduler, config.diffusion.condition_dropout)
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    trainer_cls = _DPTrainer if dp else _Trainer
+    trainer = trainer_cls(
+        run=run, cache=cache, autoencoder=ae, latent_scale=latent_scale, denoiser=denoiser,
+        objective=objective, config=config, device=device, rng=rng, generator=gen,
+        parents=[p for p in (Path(autoencoder), init and Path(init)) if p],
+    )  # fmt: skip
+    if resume:
+        trainer.restore()
+    trainer.fit(validation=Cache(validation_data) if validation_data else None)
+
+    denoiser.load_state_dict(trainer.ema.state_dict(denoiser))
+    _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache)
+    return run
+
+
+def _adopt_architecture(config: Config, init_meta: dict) -> Config:
+    from dpsynth.config import config_from_dict
+
+    merged = config.to_dict()
+    for section in ("denoiser", "diffusion"):
+        if merged[section] != init_meta[section]:
+            warnings.warn(f"--init: using the pre-trained run's {section} settings", stacklevel=2)
+        merged[section] = init_meta[section]
+    return config_from_dict(merged)
+
+
+def _select_trainable(denoiser, finetune: str) -> None:
+    """'attention' trains attention and conditioning only (the DP-LDM recipe)."""
+    if finetune == "all":
+        return
+    keep = set(denoiser.attention_and_conditioning_parameters())
+    for name, p in denoiser.named_parameters():
+        p.requires_grad_(name in keep)
+
+
+class _Trainer:
+    """Non-private loop: random batches of volumes, AdamW, warm-up, EMA, checkpoints."""
+
+    def __init__(self, *, run, cache, autoencoder, latent_scale, denoiser, objective, config,
+                 device, rng, generator, parents) -> None:  # fmt: skip
+        self.run, self.cache, self.denoiser, self.objective = run, cache, denoiser, objective
+        self.autoencoder, self.latent_scale = autoencoder, latent_scale
+        self.config, self.device, self.rng, self.generator = config, device, rng, generator
+        self.parents = parents
+        self.tcfg = config.ldm_training
+        self.step = 0
+        rows = cache.volume_indices("train")
+        self.rows = rows
+        self.latents = encode_split(autoencoder, cache, rows, latent_scale)
+        self.attributes = cache.attributes[rows]
+        params = [p for p in denoiser.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.tcfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_factor(self.tcfg.warmup_steps)
+        )
+        self.ema = EMA(denoiser, self.tcfg.ema_decay)
+
+    @property
+    def lr(self) -> float:
+        return self.tcfg.lr
+
+    @property
+    def total_steps(self) -> int:
+        return self.tcfg.steps
+
+    def model_fn(self, *args):
+        with autocast(self.device, self.tcfg.bf16):
+            return self.denoiser(*(a.to(self.device) for a in args))
+
+    def train_step(self) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(self.tcfg.grad_accumulation):
+            idx = self.rng.choice(len(self.rows), self.tcfg.batch_size)
+            batch = self.objective.draw(self.latents[idx], self.attributes[idx], self.generator)
+            loss = self.objective.per_volume_loss(self.model_fn, batch).mean()
+            (loss / self.tcfg.grad_accumulation).backward()
+            total += float(loss.detach()) / self.tcfg.grad_accumulation
+        self.optimizer.step()
+        return {"loss": total}
+
+    def volumes_per_step(self) -> int:
+        return self.tcfg.batch_size * self.tcfg.grad_accumulation
+
+    def fit(self, validation: Cache | None) -> None:
+        monitor = Monitor(self.run, self.total_steps, self.step, self.run.name)
+        val = self._validation_batch(validation) if validation is not None else None
+        while self.step < self.total_steps:
+            logs = self.train_step()
+            self.scheduler.step()
+            self.ema.update(self.denoiser, self.step)
+            self.step += 1
+            done = self.step
+            last = done == self.total_steps
+            if val is not None and (done % self.tcfg.sample_every == 0 or last):
+                logs["validation_loss"] = self._validation_loss(val)
+            monitor.step(
+                done, self.volumes_per_step(), logs, done % self.tcfg.log_every == 0 or last
+            )
+            if done % self.tcfg.sample_every == 0 or last:
+                self._sample_grid(done)
+            if done % self.tcfg.checkpoint_every == 0 or last:
+                self.checkpoint()
+        monitor.close()
+
+    # -- validation and grids use public data or fixed public conditions only
+    def _validation_batch(self, cache: Cache) -> dict:
+        rows = cache.volume_indices("val")[:32]
+        if len(rows) == 0:
+            rows = cache.volume_indices("train")[:32]
+        latents = encode_split(self.autoencoder, cache, rows, self.latent_scale)
+        gen = torch.Generator().manual_seed(1234)
+        return self.objective.draw(latents, cache.attributes[rows], gen)
+
+    @torch.no_grad()
+    def _validation_loss(self, batch: dict) -> float:
+        self.denoiser.eval()
+        loss = float(self.objective.per_volume_loss(self.model_fn, batch).mean())
+        self.denoiser.train()
+        return loss
+
+    @torch.no_grad()
+    def _sample_grid(self, step: int) -> None:
+        from dpsynth.report.figures import mid_slice_grid, slice_strips
+
+        table = conditions_table(GRID_CONDITIONS)
+        volumes = self.pipeline().sample(len(table), attributes=table, steps=10, progress=False)
+        sets = {"samples": (volumes, table)}
+        (self.run / "samples").mkdir(exist_ok=True)
+        (self.run / "samples" / f"mid_{step:07d}.png").write_bytes(
+            mid_slice_grid(sets, n=len(table))
+        )
+        (self.run / "samples" / f"stacks_{step:07d}.png").write_bytes(
+            slice_strips(sets, n=len(table))
+        )
+
+    def pipeline(self):
+        """A sampling pipeline over the EMA weights (a copy; training weights untouched)."""
+        import copy
+
+        from dpsynth.sampling.api import make_pipeline
+
+        ema_model = copy.deepcopy(self.denoiser)
+        ema_model.load_state_dict(self.ema.state_dict(self.denoiser))
+        ema_model.eval()
+        return make_pipeline(
+            self.autoencoder,
+            ema_model,
+            self.config.diffusion,
+            self.latent_scale,
+            self.cache.shape,
+            self.cache.spacing,
+        )
+
+    # -- checkpoints
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        tensors = {f"model.{k}": v for k, v in self.denoiser.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
+        t_opt, m_opt = self.optimizer_state()
+        t_rng, m_rng = ckpt.rng_state(self.rng)
+        tensors.update(t_opt | t_rng)
+        tensors["rng.generator"] = self.generator.get_state()
+        return tensors, {"step": self.step, "opt": m_opt, "rng": m_rng}
+
+    def optimizer_state(self) -> tuple[dict, dict]:
+        return ckpt.optimizer_state(self.optimizer, "opt")
+
+    def load_optimizer(self, tensors: dict, meta: dict) -> None:
+        ckpt.load_optimizer_state(self.optimizer, tensors, meta, "opt")
+
+    def checkpoint(self) -> None:
+        tensors, state = self.checkpoint_state()
+        ckpt.save_checkpoint(self.run / "checkpoint", tensors, state)
+
+    def restore(self) -> dict[str, Any]:
+        tensors, state = ckpt.load_checkpoint(self.run / "checkpoint")
+        self.denoiser.load_state_dict(_strip(tensors, "model."))
+        self.ema.load_shadow(_strip(tensors, "ema."))
+        self.load_optimizer(tensors, state["opt"])
+        ckpt.restore_rng(tensors, state["rng"], self.rng)
+        self.generator.set_state(tensors["rng.generator"])
+        self.step = int(state["step"])
+        self.scheduler.last_epoch = self.step
+        return {"tensors": tensors, "state": state}
+
+
+class _DPTrainer(_Trainer):
+    """Patient-level DP-SGD: Poisson over patients, per-patient clipping, ledger per step."""
+
+    def __init__(self, **kwargs) -> None:
+        from dpsynth.privacy.accounting import make_accountant, warn_delta
+        from dpsynth.privacy.dpsgd import PatientDPSGD
+        from dpsynth.privacy.planner import plan
+
+        super().__init__(**kwargs)
+        p = self.config.privacy
+        if p.batch_size > self.num_patients:
+            raise DpsynthError(
+                f"privacy.batch_size: {p.batch_size} patients per batch but the private "
+                f"training split has only {self.num_patients}"
+            )
+        warn_delta(p.delta, self.num_patients)
+        self.plan = plan(
+            records=self.num_patients, batch_size=p.batch_size, epochs=p.epochs,
+            epsilon=p.epsilon, noise_multiplier=p.noise_multiplier, delta=p.delta,
+            accountant=p.accountant,
+        )  # fmt: skip
+        self.ledger = self._open_ledger()
+        self.engine = PatientDPSGD(
+            self.denoiser, self.optimizer, noise_multiplier=self.plan.noise_multiplier,
+            max_grad_norm=p.max_grad_norm, sample_rate=self.plan.sample_rate,
+            num_records=self.num_patients, accountant=make_accountant(p.accountant),
+            physical_batch_size=p.physical_batch_size,
+        )  # fmt: skip
+
+    @property
+    def lr(self) -> float:
+        return self.config.privacy.lr
+
+    @property
+    def num_patients(self) -> int:
+        return len(self.cache.patient_rows("train"))
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.steps
+
+    def _open_ledger(self):
+        """Inherit the parents' ledgers, add this stage at its planned steps, check the budget."""
+        from dpsynth.privacy.ledger import Ledger, LedgerEntry
+
+        ledger = Ledger.inherit(*(Ledger.load(p, missing_ok=True) for p in self.parents))
+        p = self.config.privacy
+        entry = LedgerEntry(
+            stage="ldm-dp-sgd",
+            mechanism="dp-sgd",
+            fingerprint=self.cache.meta["fingerprint"],
+            records=self.num_patients,
+            delta=p.delta,
+            accountant=p.accountant,
+            noise_multiplier=self.plan.noise_multiplier,
+            sample_rate=self.plan.sample_rate,
+            planned_steps=self.plan.steps,
+            note=f"patient-level DP-SGD, clipping norm {p.max_grad_norm}",
+        )
+        if p.max_total_epsilon is not None:
+            ledger.check_budget(entry, p.max_total_epsilon, accountant=p.accountant)
+        ledger.add(entry)
+        self.entry_id = entry.id
+        ledger.save(self.run / "ledger.json")
+        return ledger
+
+    def _patient_latents(self):
+        """(P, 2, C, S, h, w) latents and (P, 2, 14) attributes, rows [ED, ES]."""
+        position = {int(row): i for i, row in enumerate(self.rows)}
+        order = np.vectorize(position.__getitem__)(self.cache.patient_rows("train"))
+        return self.latents[torch.from_numpy(order)], self.attributes[order]
+
+    def fit(self, validation: Cache | None) -> None:
+        self.patient_latents, self.patient_attributes = self._patient_latents()
+        super().fit(validation)
+
+    def train_step(self) -> dict[str, float]:
+        spe = self.engine.steps_per_epoch
+        epoch, within = divmod(self.step, spe)
+        batches = self.engine.logical_batches(epoch)
+        for _ in range(within + 1):
+            idx = next(batches, None)
+        if idx is None:
+            idx = np.zeros(0, dtype=np.int64)
+        record = self.objective.draw(
+            self.patient_latents[idx], self.patient_attributes[idx], self.generator
+        )
+        loss = self.engine.step({k: v.to(self.device) for k, v in record.items()},
+                                self.objective.patient_loss)  # fmt: skip
+        return {"loss": loss}
+
+    def volumes_per_step(self) -> int:
+        return int(round(2 * self.engine.expected_batch_size))
+
+    def optimizer_state(self) -> tuple[dict, dict]:
+        """The engine's state: optimizer, noise generator, sampler seed, accountant."""
+        tensors, meta = self.engine.state_dict()
+        return {f"engine.{k}": v for k, v in tensors.items()}, meta
+
+    def load_optimizer(self, tensors: dict, meta: dict) -> None:
+        self.engine.load_state_dict(_strip(tensors, "engine."), meta)
+
+    def checkpoint(self) -> None:
+        """Checkpoint and ledger move together: the ledger's step count is SET from it."""
+        self.ledger.update_steps(self.entry_id, self.engine.steps_taken)
+        tensors, state = self.checkpoint_state()
+        ckpt.save_checkpoint(
+            self.run / "checkpoint",
+            tensors,
+            state,
+            extra_json={"ledger.json": self.ledger.to_json()},
+        )
+        self.ledger.save(self.run / "ledger.json")
+
+    def restore(self) -> dict[str, Any]:
+        from dpsynth.privacy.ledger import Ledger
+
+        restored = super().restore()
+        self.ledger = Ledger.load(self.run / "checkpoint" / "ledger.json")
+        self.ledger.save(self.run / "ledger.json")
+        return restored
+
+
+def _strip(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _attribute_ranges(cache: Cache, private: bool, init_meta: dict | None) -> dict:
+    """Ranges shown as warnings at sampling: public training data, else clinical ranges."""
+    if init_meta is not None and private:
+        return init_meta["attribute_ranges"]
+    if private:
+        return {a: list(CLINICAL_RANGES[a]) for a in ATTRIBUTES}
+    table = cache.attributes[cache.volume_indices("train")]
+    ranges = {}
+    for i, name in enumerate(ATTRIBUTES):
+        col = table[:, i][np.isfinite(table[:, i])]
+        ranges[name] = (
+            [float(col.min()), float(col.max())] if len(col) else list(CLINICAL_RANGES[name])
+        )
+    return ranges
+
+
+def _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache) -> None:
+    ckpt.save_weights(run / "denoiser.safetensors", denoiser.state_dict())
+    ckpt.save_weights(run / "autoencoder.safetensors", ae.state_dict())
+    plain = config.to_dict()
+    atomic_write_json(
+        run / "model.json",
+        {
+            "kind": "ldm",
+            "autoencoder": ae_meta["autoencoder"],
+            "denoiser": plain["denoiser"],
+            "diffusion": plain["diffusion"],
+            "sampling": plain["sampling"],
+            "latent_scale": ae_meta["latent_scale"],
+            "latent_scale_source": ae_meta.get("latent_scale_source", "autoencoder run"),
+            "shape": list(cache.shape),
+            "spacing": list(cache.spacing),
+            "attribute_ranges": _attribute_ranges(cache, dp, init_meta),
+            "private": bool(dp),
+        },
+    )

@@ -1,0 +1,38 @@
+"""What a user watches during long work: a progress bar with rate and ETA, metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+class Monitor:
+    """Progress bar (loss, volumes/s, ETA) plus an append-only `metrics.jsonl`."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, desc: str) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True
+        )
+        self._t0 = time.perf_counter()
+        self._volumes = 0
+
+    def step(self, step: int, volumes: int, metrics: dict[str, float], log: bool) -> None:
+        self._volumes += volumes
+        rate = self._volumes / max(time.perf_counter() - self._t0, 1e-9)
+        self.bar.update(1)
+        if log:
+            shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "epsilon")}
+            self.bar.set_postfix(**shown, vol_s=f"{rate:.1f}")
+            self.write({"step": step, "volumes_per_s": round(rate, 3), **metrics})
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    def close(self) -> None:
+        self.bar.close()

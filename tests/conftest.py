@@ -1,0 +1,38 @@
+"""Shared test helpers: a tiny analytic short-axis phantom with known labels.
+
+Import it with ``from conftest import make_phantom`` (pytest puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def make_phantom(
+    slices: int = 6,
+    size: int = 40,
+    phase: str = "ED",
+    centre: tuple[float, float] = (20.0, 18.0),
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(image float32, mask uint8) of shape (slices, size, size), base -> apex.
+
+    Labels 1 LV blood (a disc), 2 LV myocardium (a ring around it), 3 RV blood (a crescent
+    to the right of the LV). The LV narrows towards the apex; the last slice holds only
+    myocardium (the apical cap). ES has a smaller cavity and a thicker wall.
+    """
+    rng = np.random.default_rng(seed)
+    r, c = np.mgrid[:size, :size].astype(np.float64)
+    d_lv = np.hypot(r - centre[0], c - centre[1])
+    d_rv = np.hypot(r - centre[0], c - centre[1] - 6.0)
+    outer0, wall = (9.0, 2.0) if phase == "ED" else (8.0, 3.0)
+    mask = np.zeros((slices, size, size), np.uint8)
+    for k in range(slices):
+        outer = outer0 * (1.0 - 0.6 * k / max(slices - 1, 1))
+        inner = outer - wall if k < slices - 1 else 0.0
+        mask[k][(d_rv < outer + 4.0) & (d_lv >= outer + 1.0)] = 3 if k < slices - 2 else 0
+        mask[k][d_lv < outer] = 2
+        mask[k][d_lv < inner] = 1
+    levels = np.array([40.0, 300.0, 80.0, 280.0])  # background, LV blood, myocardium, RV blood
+    image = levels[mask] + rng.normal(0.0, 10.0, mask.shape)
+    return (image * 7.3).astype(np.float32), mask  # arbitrary scanner scale

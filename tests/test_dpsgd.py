@@ -1,0 +1,269 @@
+"""Patient-level DP-SGD: each test would fail under a specific broken guarantee."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from dpsynth.errors import DpsynthError
+from dpsynth.privacy.dpsgd import PatientDPSGD, validate_model_for_dp
+
+
+class TinyDenoiser(nn.Module):
+    """Stand-in for the latent denoiser: 3D convs, GroupNorm, attribute conditioning."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv3d(1, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(4, 8)
+        self.attr = nn.Linear(14, 8)
+        self.drop = nn.Dropout(dropout)
+        self.conv_out = nn.Conv3d(8, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(self.norm(self.conv_in(x)))
+        h = h + self.attr(attributes)[:, :, None, None, None]
+        return self.conv_out(self.drop(h))
+
+
+def denoise_loss(model_fn, record):
+    """One patient's loss: the SUM over its two volumes of the per-volume MSE."""
+    out = model_fn(record["x"], record["a"])
+    return ((out - record["y"]) ** 2).mean(dim=(1, 2, 3, 4)).sum()
+
+
+def make_batch(patients: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(patients, 2, 1, 5, 8, 8, generator=g),
+        "a": torch.randn(patients, 2, 14, generator=g),
+        "y": torch.randn(patients, 2, 1, 5, 8, 8, generator=g),
+    }
+
+
+def make_engine(model, *, sigma=0.0, clip=1.0, q=0.25, n=20, physical=4, lr=1.0, **kw):
+    kw.setdefault("generator", torch.Generator().manual_seed(123))
+    kw.setdefault("sampling_seed", 7)
+    optimizer = kw.pop("optimizer", None) or torch.optim.SGD(model.parameters(), lr=lr)
+    return PatientDPSGD(
+        model,
+        optimizer,
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        sample_rate=q,
+        num_records=n,
+        accountant=kw.pop("accountant") if "accountant" in kw else RDPAccountant(),
+        physical_batch_size=physical,
+        **kw,
+    )
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def reference_update(model, batch, clip, expected_batch_size) -> torch.Tensor:
+    """Σ_patients clip(∇ patient loss) / B with plain autograd, one patient at a time."""
+    total = torch.zeros_like(flat_params(model))
+    for i in range(len(batch["x"])):
+        model.zero_grad()
+        denoise_loss(model, {k: v[i] for k, v in batch.items()}).backward()
+        g = torch.cat([p.grad.flatten() for p in model.parameters()])
+        total += g * min(1.0, clip / (g.norm().item() + 1e-6))
+    return -total / expected_batch_size
+
+
+@pytest.mark.parametrize("physical", [1, 2, 5])
+def test_update_is_sum_of_clipped_per_patient_grads_for_any_physical_split(physical):
+    torch.manual_seed(0)
+    model = TinyDenoiser()
+    reference_model = copy.deepcopy(model)
+    batch = make_batch(5)
+    clip = 0.3  # below most per-patient norms, so clipping is active
+    engine = make_engine(model, clip=clip, q=0.25, n=20, physical=physical)
+    before = flat_params(model)
+    loss = engine.step(batch, denoise_loss)
+
+    expected = reference_update(reference_model, batch, clip, expected_batch_size=5.0)
+    assert torch.allclose(flat_params(model) - before, expected, atol=1e-6, rtol=1e-4)
+    manual_loss = np.mean([denoise_loss(reference_model, {k: v[i] for k, v in batch.items()}).item()
+                           for i in range(5)])
+    assert loss == pytest.approx(manual_loss, rel=1e-5)
+
+
+class Dot(nn.Module):
+    """Volume output = <x, w>: a volume's gradient is exactly its x."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w
+
+
+def dot_loss(model_fn, record):
+    return model_fn(record["x"]).sum()
+
+
+def test_clipping_is_per_patient_not_per_volume():
+    clip = 1.0
+    model = Dot(3)
+    # Two volumes of one patient, each with gradient norm 0.8 C: per-volume clipping leaves
+    # them alone (sum norm 1.6 C); per-patient clipping scales the sum down to norm C.
+    x = torch.tensor([[0.8, 0.0, 0.0], [0.8, 0.0, 0.0]]) * clip
+    engine = make_engine(model, clip=clip, q=0.5, n=2)  # expected batch size 1
+    engine.step({"x": x[None]}, dot_loss)
+    assert model.w.detach().norm().item() == pytest.approx(clip, rel=1e-5)
+
+
+class ManyZeroGrads(nn.Module):
+    def __init__(self, dim: int = 20_000) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.0 * (x @ self.w[: x.shape[-1]])
+
+
+@pytest.mark.parametrize("patients", [0, 3])
+def test_noise_std_is_sigma_clip_over_expected_batch(patients):
+    sigma, clip, q, n = 2.0, 0.5, 0.25, 16  # B = 4, target std 0.25
+    model = ManyZeroGrads()
+    engine = make_engine(model, sigma=sigma, clip=clip, q=q, n=n)
+    engine.step({"x": torch.ones(patients, 2, 4)}, dot_loss)
+    update = model.w.detach()
+    # 20k draws: the std estimate is within ~0.5 %; a √2, ×2 or missing-noise bug is far off.
+    assert update.std().item() == pytest.approx(sigma * clip / (q * n), rel=0.03)
+    assert abs(update.mean().item()) < 0.01
+    assert engine.steps_taken == 1
+
+
+def test_accountant_sees_patient_rate_and_every_step_including_empty_ones():
+    sigma, q, n = 1.3, 0.1, 40
+    accountant = RDPAccountant()
+    engine = make_engine(Dot(3), sigma=sigma, q=q, n=n, accountant=accountant)
+    for patients in (2, 0, 5):
+        engine.step({"x": torch.ones(patients, 2, 3)}, dot_loss)
+    assert accountant.history == [(sigma, q, 3)]
+    assert engine.steps_taken == 3
+
+
+def test_poisson_batches_have_rate_q_and_are_reproducible():
+    q, n, epochs = 0.1, 100, 40
+    engine = make_engine(Dot(3), q=q, n=n, sampling_seed=11)
+    assert engine.steps_per_epoch == 10
+    batches = [b for e in range(epochs) for b in engine.logical_batches(e)]
+    assert len(batches) == epochs * 10
+    counts = np.zeros(n)
+    for b in batches:
+        assert len(np.unique(b)) == len(b) and (b >= 0).all() and (b < n).all()
+        counts[b] += 1
+    sizes = np.array([len(b) for b in batches])
+    assert abs(sizes.mean() - q * n) < 0.6  # 4 standard errors
+    assert np.abs(counts / len(batches) - q).max() < 0.065  # every patient, 4.3 s.e.
+    assert (sizes == 0).sum() == 0 or sizes.min() == 0
+    again = list(engine.logical_batches(3))
+    assert all(np.array_equal(a, b) for a, b in zip(again, batches[30:40], strict=True))
+    other_seed = make_engine(Dot(3), q=q, n=n, sampling_seed=12)
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(other_seed.logical_batches(3), again, strict=True)
+    )
+
+
+def test_resume_from_state_dict_gives_identical_next_step():
+    torch.manual_seed(0)
+    model = TinyDenoiser(dropout=0.2)
+    engine = make_engine(
+        model, sigma=1.0, clip=0.5, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2)
+    )
+    for step in range(2):
+        engine.step(make_batch(3, seed=step), denoise_loss)
+    tensors, meta = engine.state_dict()
+    tensors = st_load(st_save(tensors))  # must survive safetensors + JSON, no pickle
+    meta = json.loads(json.dumps(meta))
+
+    resumed_model = TinyDenoiser(dropout=0.2)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = make_engine(
+        resumed_model,
+        sigma=1.0,
+        clip=0.5,
+        optimizer=torch.optim.Adam(resumed_model.parameters(), lr=1e-2),
+        generator=torch.Generator().manual_seed(999),
+        sampling_seed=1,
+    )
+    resumed.load_state_dict(tensors, meta)
+    assert resumed.steps_taken == 2
+    assert resumed.accountant.history == engine.accountant.history == [(1.0, 0.25, 2)]
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(resumed.logical_batches(5), engine.logical_batches(5), strict=True)
+    )
+
+    batch = make_batch(3, seed=9)
+    for e in (engine, resumed):
+        torch.manual_seed(42)  # dropout RNG is the caller's to restore
+        e.step(batch, denoise_loss)
+    assert torch.equal(flat_params(model), flat_params(resumed_model))
+    assert not torch.equal(flat_params(model), flat_params(TinyDenoiser()))
+
+
+def test_load_state_dict_rejects_other_dp_parameters():
+    tensors, meta = make_engine(Dot(3), q=0.25).state_dict()
+    with pytest.raises(DpsynthError, match="sample_rate"):
+        make_engine(Dot(3), q=0.5).load_state_dict(tensors, meta)
+
+
+class WithBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv3d(1, 4, 1), nn.BatchNorm3d(4))
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class WithUnused(TinyDenoiser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare = nn.Linear(3, 3)
+
+
+def test_validate_model_names_offending_modules_and_parameters():
+    with pytest.raises(DpsynthError, match=r"model\.block\.1: BatchNorm"):
+        validate_model_for_dp(WithBatchNorm())
+    with pytest.raises(DpsynthError, match=r"model\.block\.1: BatchNorm"):
+        make_engine(WithBatchNorm())
+    with pytest.raises(DpsynthError, match=r"model\.0: InstanceNorm3d"):
+        validate_model_for_dp(nn.Sequential(nn.InstanceNorm3d(4, track_running_stats=True)))
+    validate_model_for_dp(nn.Sequential(nn.InstanceNorm3d(4)))
+
+    record = {k: v[0] for k, v in make_batch(1).items()}
+    model = WithUnused()
+    with pytest.raises(DpsynthError, match=r"model\.spare\.weight: .*no gradient.*\(2 such"):
+        validate_model_for_dp(model, probe_loss=lambda: denoise_loss(model, record))
+    good = TinyDenoiser()
+    validate_model_for_dp(good, probe_loss=lambda: denoise_loss(good, record))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("sample_rate", 0.0), ("noise_multiplier", -1.0), ("max_grad_norm", 0.0), ("physical_batch_size", 0)],
+)
+def test_bad_parameters_raise_one_line_errors(field, value):
+    kwargs = {"sigma": 1.0, "clip": 1.0, "q": 0.25, "physical": 4}
+    key = {"sample_rate": "q", "noise_multiplier": "sigma", "max_grad_norm": "clip"}.get(
+        field, "physical"
+    )
+    kwargs[key] = value
+    with pytest.raises(DpsynthError, match=field):
+        make_engine(Dot(3), **kwargs)

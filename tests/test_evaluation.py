@@ -1,0 +1,238 @@
+"""Evaluation: volume sets, FRD, FID path, MS-SSIM, controllability, utility, metrics.json."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+from test_referee import SPACING, phantoms, write_cache
+
+from dpsynth.attributes import INDEX
+from dpsynth.errors import DpsynthError
+from dpsynth.evaluation.controllability import evaluate_controllability, write_controllability_csv
+from dpsynth.evaluation.diversity import mean_pairwise_ms_ssim, pairwise_ms_ssim
+from dpsynth.evaluation.evaluate import evaluate
+from dpsynth.evaluation.fid import compute_fid
+from dpsynth.evaluation.frd import FRDConfig, compute_frd
+from dpsynth.evaluation.referee import Referee
+from dpsynth.evaluation.utility import evaluate_utility
+from dpsynth.evaluation.volumes import check_compatible, load_volume_set, normalise_intensity
+from dpsynth.io import write_nifti
+
+# --- volume sets ---------------------------------------------------------------------------
+
+
+def test_nifti_folder_with_attributes_csv(tmp_path):
+    vols = phantoms(3)
+    for name, v in zip(vols.names, vols.volumes, strict=True):
+        write_nifti(tmp_path / f"{name}.nii.gz", v * 1000.0, SPACING)  # scanner-like units
+    with open(tmp_path / "attributes.csv", "w") as f:
+        f.write("file,LVEDV,ESED\n")
+        f.write(f"{vols.names[0]}.nii.gz,123.5,1\n")
+    s = load_volume_set(tmp_path)
+    assert s.volumes.shape == (3, 5, 16, 16) and s.volumes.dtype == np.float32
+    assert 0.0 <= s.volumes.min() and s.volumes.max() <= 1.0 and s.volumes.max() > 0.99
+    assert s.spacing == pytest.approx(SPACING)
+    assert s.attributes[0, INDEX["LVEDV"]] == 123.5 and s.attributes[0, INDEX["ESED"]] == 1
+    assert np.isnan(s.attributes[0, INDEX["AGE"]]) and np.isnan(s.attributes[1]).all()
+
+
+def test_nifti_folder_errors(tmp_path):
+    with pytest.raises(DpsynthError, match="no .nii"):
+        load_volume_set(tmp_path)
+    write_nifti(tmp_path / "a.nii", np.zeros((5, 16, 16)), SPACING)
+    write_nifti(tmp_path / "b.nii", np.zeros((5, 16, 12)), SPACING)
+    with pytest.raises(DpsynthError, match="b.nii: shape"):
+        load_volume_set(tmp_path)
+    with pytest.raises(DpsynthError, match="differs"):
+        check_compatible(phantoms(2), phantoms(2, shape=(5, 16, 20)))
+
+
+def test_normalise_intensity_is_robust_to_outliers():
+    v = np.linspace(0, 100, 5 * 16 * 16, dtype=np.float32).reshape(5, 16, 16)
+    v[0, 0, 0] = 1e6  # one hot voxel must not squash everything else
+    n = normalise_intensity(v)
+    assert n.max() == 1.0 and n.min() == 0.0 and 0.45 < np.median(n) < 0.55
+
+
+def test_cache_split_loading(tmp_path):
+    vols = phantoms(4)
+    write_cache(tmp_path, vols, ["train", "test"])
+    test = load_volume_set(tmp_path, split="test")
+    assert test.names == ["p1_ED", "p1_ES"] and list(test.patients) == ["p1", "p1"]
+    np.testing.assert_allclose(test.volumes, vols.volumes[2:], atol=1e-3)
+    np.testing.assert_array_equal(test.masks, vols.masks[2:])
+    assert len(load_volume_set(tmp_path, split=None)) == 4
+
+
+# --- FRD, FID, MS-SSIM ---------------------------------------------------------------------
+
+
+def test_frd_identical_is_zero_and_blurred_exceeds_baseline(tmp_path):
+    real = phantoms(12, seed=1)
+    config = FRDConfig(num_workers=1)
+    same = compute_frd(real, real, config, cache_dir=tmp_path)
+    assert same.value == pytest.approx(0.0, abs=1e-9) and same.n_features > 20
+    assert "Original" in same.config and "native grid" in same.config
+    blurred = real.subset(np.arange(12))
+    blurred.volumes = gaussian_filter(real.volumes, (0, 0, 1.5, 1.5))
+    shifted = compute_frd(real, blurred, config, cache_dir=tmp_path)
+    assert shifted.value > 3 * shifted.baseline > 0
+    assert len(list(tmp_path.glob("frd-*.npy"))) == 1  # real features cached once, reused
+
+
+def test_fid_with_torchscript_extractor(tmp_path):
+    class Tiny(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)  # (B, 48)
+
+    torch.jit.script(Tiny()).save(str(tmp_path / "inc.pt"))
+    real, other = phantoms(8, shape=(9, 16, 16), seed=2), phantoms(8, shape=(9, 16, 16), seed=3)
+    same = compute_fid(real, real, tmp_path / "inc.pt")
+    assert same.value == pytest.approx(0.0, abs=1e-9) and same.n_real == 8 * 7
+    brighter = real.subset(np.arange(8))
+    brighter.volumes = np.clip(real.volumes + 0.3, 0, 1)
+    assert (
+        compute_fid(real, brighter, tmp_path / "inc.pt").value
+        > compute_fid(real, other, tmp_path / "inc.pt").value
+    )
+    (tmp_path / "bad.pt").write_bytes(b"not torchscript")
+    with pytest.raises(DpsynthError, match="TorchScript"):
+        compute_fid(real, real, tmp_path / "bad.pt")
+
+
+def test_ms_ssim_identical_one_and_noise_low():
+    rng = np.random.default_rng(0)
+    a = gaussian_filter(rng.random((2, 5, 32, 32)), (0, 0, 1, 1)).astype(np.float32)
+    np.testing.assert_allclose(pairwise_ms_ssim(a, a), 1.0, atol=1e-5)
+    noise = rng.random((2, 5, 32, 32)).astype(np.float32)
+    assert np.all(pairwise_ms_ssim(noise, rng.random((2, 5, 32, 32)).astype(np.float32)) < 0.1)
+    copies = np.repeat(a[:1], 4, axis=0)
+    assert mean_pairwise_ms_ssim(copies, n_pairs=6).value == pytest.approx(1.0, abs=1e-5)
+    assert mean_pairwise_ms_ssim(noise, n_pairs=6).value < 0.1
+
+
+# --- controllability, utility, evaluate ----------------------------------------------------
+
+
+class TrueMaskReferee:
+    """A referee that knows the answer: returns each volume's true mask and phase."""
+
+    def __init__(self, *sets):
+        self.truth = {s.volumes.tobytes(): s for s in sets}
+
+    def _lookup(self, volumes):
+        return self.truth[volumes.tobytes()]
+
+    def segment(self, volumes):
+        return self._lookup(volumes).masks
+
+    def predict_phase(self, volumes):
+        return self._lookup(volumes).attributes[:, INDEX["ESED"]]
+
+    def features(self, volumes):
+        return volumes.reshape(len(volumes), -1)[:, :16].astype(np.float64)
+
+
+def test_controllability_perfect_referee_gives_r_one(tmp_path):
+    synthetic, real = phantoms(10, seed=4), phantoms(6, seed=5)
+    result = evaluate_controllability(TrueMaskReferee(synthetic, real), synthetic, real)
+    lv = result.attributes["LV_VOLUME"]
+    assert lv["r"] == pytest.approx(1.0) and lv["mae"] < 1e-4 and lv["n"] == 10
+    assert lv["ceiling_r"] == pytest.approx(1.0) and lv["ceiling_n"] == 6
+    assert result.attributes["LVEDV"]["n"] == 5 and result.attributes["LVESV"]["n"] == 5
+    assert result.esed_accuracy == 1.0 and result.esed_ceiling == 1.0
+    write_controllability_csv(result.rows, tmp_path / "c.csv")
+    rows = list(csv.DictReader(open(tmp_path / "c.csv")))
+    assert {r["set"] for r in rows} == {"synthetic", "real"}
+    assert all(float(r["requested"]) == pytest.approx(float(r["measured"]), rel=1e-5) for r in rows)
+
+
+def test_controllability_wrong_masks_lower_r():
+    synthetic = phantoms(10, seed=4)
+    shuffled = synthetic.subset(np.roll(np.arange(10), 2))  # same phases, other patients
+    referee = TrueMaskReferee(synthetic)
+    referee.truth[synthetic.volumes.tobytes()] = shuffled
+    result = evaluate_controllability(referee, synthetic)
+    assert result.attributes["LV_VOLUME"]["r"] < 0.99 and result.attributes["LV_VOLUME"]["mae"] > 0
+    assert np.isnan(result.attributes["LV_VOLUME"]["ceiling_r"])
+
+
+def test_utility_reports_tstr_and_trtr():
+    synthetic, real_test, real_train = phantoms(8, seed=6), phantoms(6, seed=7), phantoms(8, seed=8)
+    u = evaluate_utility(synthetic, real_test, real_train, epochs=1)
+    for scores in (u.tstr, u.trtr):
+        assert scores["n_test"] == 6 and 0 <= scores["esed_accuracy"] <= 1
+        assert 0 <= scores["lvef_mae"] < 100
+
+
+def test_metrics_json_schema(tmp_path):
+    real, synthetic = phantoms(12, seed=9), phantoms(12, seed=10)
+    result = evaluate(
+        real,
+        synthetic,
+        tmp_path / "out",
+        metrics=("frd", "fd_referee", "fid", "ms_ssim", "controllability", "audit"),
+        referee=TrueMaskReferee(real, synthetic),
+        frd_config=FRDConfig(num_workers=1),
+        cache_dir=tmp_path / "cache",
+        ms_ssim_pairs=4,
+    )
+
+    def no_nan(token):
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=no_nan)
+    assert on_disk == result
+    assert on_disk["n_real"] == 12 and on_disk["n_synthetic"] == 12
+    keys = {
+        "value",
+        "baseline",
+        "baseline_label",
+        "lower_is_better",
+        "config",
+        "n_real",
+        "n_synthetic",
+    }
+    for name in ("frd", "fd_referee", "ms_ssim", "controllability_lv_r", "esed_accuracy"):
+        entry = on_disk["metrics"][name]
+        assert keys <= entry.keys() and isinstance(entry["value"], float), name
+    assert on_disk["metrics"]["frd"]["lower_is_better"] is True
+    assert (
+        on_disk["metrics"]["fid"]["value"] is None
+        and "skipped" in on_disk["metrics"]["fid"]["note"]
+    )
+    assert on_disk["controllability"]["LV_VOLUME"]["r"] == pytest.approx(1.0)
+    assert "skipped" in on_disk["privacy_audit"]
+    assert (tmp_path / "out" / "controllability.csv").exists()
+    with pytest.raises(DpsynthError, match="unknown"):
+        evaluate(real, synthetic, tmp_path / "o2", metrics=("nope",))
+
+
+def test_untrained_referee_plugs_into_evaluate(tmp_path):
+    real, synthetic = phantoms(8, seed=11), phantoms(8, seed=12)
+    out = evaluate(
+        real, synthetic, tmp_path, metrics=("fd_referee",), referee=Referee.create((8, 16))
+    )
+    assert out["metrics"]["fd_referee"]["value"] > 0
+
+
+def test_evaluate_from_cache_uses_its_train_split_for_trtr(tmp_path):
+    write_cache(tmp_path / "cache", phantoms(16, seed=13), ["train"] * 4 + ["test"] * 4)
+    synthetic = phantoms(8, seed=14)
+    out = evaluate(
+        tmp_path / "cache",
+        synthetic,
+        tmp_path / "out",
+        metrics=("utility", "audit"),
+        utility_epochs=1,
+    )
+    assert out["n_real"] == 8
+    assert out["utility"]["trtr"]["n_train"] == 8 and out["utility"]["tstr"]["n_train"] == 8
+    assert out["metrics"]["utility_lvef_mae"]["baseline"] is not None
+    assert "model run" in out["privacy_audit"]["skipped"]
+    synthetic.attributes[:] = np.nan  # an unconditioned synthetic set cannot train TSTR
+    out = evaluate(tmp_path / "cache", synthetic, tmp_path / "out2", metrics=("utility",))
+    assert "skipped" in out["metrics"]["utility_lvef_mae"]["note"]

@@ -1,0 +1,233 @@
+"""The privacy ledger (budget checks, resume, lineage) and the DP statistics it charges."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from dpsynth.errors import BudgetExceededError, DpsynthError
+from dpsynth.privacy.accounting import epsilon_for, noise_for_epsilon
+from dpsynth.privacy.ledger import LEDGER_FILE, Ledger, LedgerEntry, format_ledger
+from dpsynth.privacy.statistics import dp_latent_scale, dp_mean
+
+
+def _sgd(stage: str = "ldm-dp", sigma: float = 1.0, q: float = 0.1, planned: int = 100, steps=0):
+    return LedgerEntry(
+        stage=stage,
+        mechanism="dp-sgd",
+        fingerprint="sha256:abc",
+        records=1000,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        planned_steps=planned,
+        steps=steps,
+    )
+
+
+def test_total_composes_dp_entries_only(tmp_path):
+    ledger = Ledger()
+    a = ledger.add(_sgd("ae-dp", sigma=1.2, q=0.05, planned=200, steps=200))
+    b = ledger.add(LedgerEntry.gaussian("latent-scale", 5.0, records=1000))
+    ledger.add(_sgd("not-started", planned=500))  # 0 steps: spends nothing yet
+    ledger.add(LedgerEntry.non_private_use("validation", 100, "private validation loss"))
+    expected = epsilon_for([(1.2, 0.05, 200), (5.0, 1.0, 1)], 1e-5)
+    assert ledger.total_epsilon() == pytest.approx(expected, rel=1e-12)
+    assert ledger.history() == [a.mechanism_spent(), b.mechanism_spent()]
+    text = format_ledger(ledger)
+    assert "Non-private uses" in text and "private validation loss" in text
+    assert f"epsilon = {expected:.4g} at delta = 1e-05" in text
+    assert "200/200" in text and "0/500" in text
+
+
+def test_save_load_round_trip_and_validation(tmp_path):
+    ledger = Ledger([_sgd(steps=40), LedgerEntry.non_private_use("val", 10, "loss")])
+    path = ledger.save(tmp_path / "run")
+    assert path == tmp_path / "run" / LEDGER_FILE
+    loaded = Ledger.load(tmp_path / "run")
+    assert loaded.entries == ledger.entries
+    assert Ledger.load(tmp_path / "other", missing_ok=True).entries == []
+    with pytest.raises(DpsynthError, match="not found"):
+        Ledger.load(tmp_path / "other")
+
+    obj = json.loads(path.read_text())
+    obj["entries"][0]["steps"] = 101  # more than planned: a corrupted/forged ledger
+    (tmp_path / "bad.json").write_text(json.dumps(obj))
+    with pytest.raises(DpsynthError, match="exceed the 100 planned"):
+        Ledger.load(tmp_path / "bad.json")
+    obj["entries"][0]["steps"] = 40
+    obj["entries"][0]["noise"] = 1
+    (tmp_path / "bad.json").write_text(json.dumps(obj))
+    with pytest.raises(DpsynthError, match="unknown keys \\['noise'\\]"):
+        Ledger.load(tmp_path / "bad.json")
+    del obj["entries"][0]["noise"], obj["entries"][0]["steps"]  # a lost field never defaults
+    (tmp_path / "bad.json").write_text(json.dumps(obj))
+    with pytest.raises(DpsynthError, match="missing \\['steps'\\]"):
+        Ledger.load(tmp_path / "bad.json")
+
+    # numpy numbers (from a checkpoint or torch) are stored as plain JSON numbers
+    entry = LedgerEntry(
+        **{**_sgd().to_json(), "records": np.int64(7), "sample_rate": np.float32(0.5)}
+    )
+    assert type(entry.records) is int and type(entry.sample_rate) is float
+    Ledger([entry]).save(tmp_path / "np.json")
+    assert Ledger.load(tmp_path / "np.json").entries == [entry]
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"mechanism": "laplace"}, "mechanism"),
+        ({"noise_multiplier": 0.0}, "noise_multiplier"),
+        ({"sample_rate": 2.0}, "sample_rate"),
+        ({"delta": 0.0}, "delta"),
+        ({"steps": 101}, "planned"),
+        ({"records": -1}, "records"),
+    ],
+)
+def test_entry_validation(changes, match):
+    with pytest.raises(DpsynthError, match=match):
+        LedgerEntry(**{**_sgd().to_json(), **changes})
+
+
+def test_check_budget_refuses_before_stage_with_numbers():
+    ledger = Ledger([_sgd("autoencoder-dp", sigma=1.0, q=0.1, planned=100, steps=100)])
+    spent = ledger.total_epsilon()
+    planned = _sgd("ldm-dp", sigma=1.0, q=0.1, planned=100)  # not started: steps = 0
+    projected = epsilon_for([(1.0, 0.1, 100), (1.0, 0.1, 100)], 1e-5)
+    assert projected > spent * 1.2  # planned steps count, not the 0 completed ones
+
+    assert ledger.check_budget(planned, projected + 0.01) == pytest.approx(projected)
+    with pytest.raises(BudgetExceededError) as info:
+        ledger.check_budget(planned, 2.0)
+    assert info.value.exit_code == 2
+    message = str(info.value)
+    assert "\n" not in message
+    assert message == (
+        f"stage ldm-dp would bring total ε to {projected:.4g} at δ=1e-05, "
+        "above --max-total-epsilon 2"
+    )
+    assert planned.id not in ledger  # checking records nothing
+
+
+def test_resume_sets_steps_from_checkpoint_without_double_counting(tmp_path):
+    ledger = Ledger()
+    entry = ledger.add(_sgd(planned=100))
+    ledger.check_budget(entry, 100.0)
+    ledger.update_steps(entry.id, 40)  # checkpoint written at step 40, then the ledger
+    ledger.save(tmp_path)
+
+    # crash; the resumed run reloads the ledger and sets the checkpoint's count again
+    resumed = Ledger.load(tmp_path)
+    resumed.check_budget(resumed[entry.id], 100.0)  # same id: replaced, not added twice
+    resumed.update_steps(entry.id, np.int64(40))
+    assert resumed[entry.id].steps == 40
+    assert resumed.total_epsilon() == epsilon_for([(1.0, 0.1, 40)], 1e-5)  # not 80 steps
+
+    # crash after the checkpoint at 60 but before the ledger save: resume catches up
+    resumed.update_steps(entry.id, 60)
+    assert resumed.total_epsilon() == epsilon_for([(1.0, 0.1, 60)], 1e-5)
+    resumed.update_steps(entry.id, 100)
+    with pytest.raises(DpsynthError, match="100 planned"):
+        resumed.update_steps(entry.id, 101)  # never past the budget-checked plan
+    with pytest.raises(DpsynthError, match="already records 100 steps"):
+        resumed.update_steps(entry.id, 60)  # an older checkpoint must not hide spending
+    with pytest.raises(DpsynthError, match="integer"):
+        resumed.update_steps(entry.id, 99.5)
+
+
+def test_lineage_inherits_without_duplicates():
+    autoencoder = Ledger([_sgd("autoencoder-dp", sigma=1.1, q=0.05, planned=100, steps=100)])
+    attributes = Ledger.inherit(autoencoder)
+    attributes.add(LedgerEntry.gaussian("attribute-model", 3.0, records=1000))
+    # the LDM run builds on both: the autoencoder's entry arrives through two parents
+    ldm = Ledger.inherit(autoencoder, attributes)
+    assert len(ldm) == 2
+    assert ldm.total_epsilon() == epsilon_for([(1.1, 0.05, 100), (3.0, 1.0, 1)], 1e-5)
+
+    ae_entry = autoencoder.entries[0]
+    later = Ledger.inherit(autoencoder)
+    later.update_steps(ae_entry.id, 100)
+    partial = Ledger([LedgerEntry(**{**ae_entry.to_json(), "steps": 50})])
+    assert Ledger.inherit(partial, later)[ae_entry.id].steps == 100  # max, never fewer
+
+    forged = Ledger([LedgerEntry(**{**ae_entry.to_json(), "noise_multiplier": 5.0})])
+    with pytest.raises(DpsynthError, match="differs between parent runs"):
+        Ledger.inherit(autoencoder, forged)
+    with pytest.raises(DpsynthError, match="already recorded"):
+        ldm.add(ae_entry)
+
+
+def test_dp_mean_adds_calibrated_noise():
+    rng = np.random.default_rng(0)
+    values = rng.uniform(-1.0, 1.0, size=1000)  # centred: sum ≈ 0, so count noise is negligible
+    sigma = 2.0
+    means = [
+        dp_mean(values, -2.0, 2.0, noise_multiplier=sigma, rng=np.random.default_rng(s))[0]
+        for s in range(300)
+    ]
+    expected_std = 2.0 * sigma * math.sqrt(2.0) / 1000  # h · σ · √2 / n
+    assert np.std(means) == pytest.approx(expected_std, rel=0.15)
+    assert np.mean(means) == pytest.approx(values.mean(), abs=3 * expected_std / math.sqrt(300))
+    assert means[0] != means[1]
+
+
+def test_dp_mean_is_per_patient_clipped_and_charged():
+    # patient 0 has four rows at 0, patient 1 one row at 10 (clipped to 1): per patient 0.5
+    values = np.array([0.0, 0.0, 0.0, 0.0, 10.0, np.nan])
+    patients = np.array([0, 0, 0, 0, 1, 2])  # patient 2 has no value and is left out
+    with pytest.warns(UserWarning, match="delta"):  # 3 patients: δ = 0.5 is not below 1/N
+        mean, entry = dp_mean(
+            values, 0.0, 1.0, noise_multiplier=1e-9, delta=0.5, rng=np.random.default_rng(0),
+            patients=patients,
+        )  # fmt: skip
+    assert mean == pytest.approx(0.5, abs=1e-6)
+    assert (entry.records, entry.sample_rate, entry.steps, entry.noise_multiplier) == (
+        3,
+        1,
+        1,
+        1e-9,
+    )
+    assert "sensitivity sqrt(2)" in entry.note
+
+    rng = np.random.default_rng(1)
+    _, entry = dp_mean(rng.uniform(0, 1, 500), 0.0, 1.0, epsilon=0.5, rng=rng, stage="age")
+    ledger = Ledger([_sgd(steps=100)])
+    ledger.add(entry)
+    alone = epsilon_for([entry.mechanism_spent()], 1e-5)
+    assert 0.495 <= alone <= 0.5
+    assert ledger.total_epsilon() == epsilon_for(
+        [(1.0, 0.1, 100), (entry.noise_multiplier, 1, 1)], 1e-5
+    )
+    assert ledger.total_epsilon() > epsilon_for([(1.0, 0.1, 100)], 1e-5)
+
+
+def test_dp_latent_scale():
+    rng = np.random.default_rng(0)
+    latents = rng.normal(0.0, 2.0, size=(400, 1, 5, 4, 4))  # E[z²] = 4 -> scale 0.5
+    patients = np.repeat(np.arange(200), 2)
+    scale, entry = dp_latent_scale(latents, epsilon=1.0, rng=rng, patients=patients)
+    assert scale == pytest.approx(0.5, rel=0.05)
+    assert entry.stage == "latent-scale" and entry.records == 200
+    assert entry.noise_multiplier == noise_for_epsilon(1.0, 1e-5, 1.0, 1)
+    # the noise floor keeps the scale finite whatever the noise does
+    tiny, _ = dp_latent_scale(np.zeros(10), noise_multiplier=1e-9, rng=rng, max_second_moment=1.0)
+    assert tiny == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lower": 1.0, "upper": 0.0}, "bounds"),
+        ({"epsilon": 1.0, "noise_multiplier": 1.0}, "exactly one"),
+        ({"noise_multiplier": -1.0}, "noise_multiplier"),
+        ({"values": np.zeros((3, 2))}, "one scalar per row"),
+        ({"patients": np.arange(2)}, "patients"),
+    ],
+)
+def test_dp_mean_refuses_bad_input(kwargs, match):
+    args = {"values": np.zeros(3), "lower": 0.0, "upper": 1.0, "noise_multiplier": 1.0} | kwargs
+    with pytest.raises(DpsynthError, match=match):
+        dp_mean(rng=np.random.default_rng(0), **args)

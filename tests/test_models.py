@@ -1,0 +1,301 @@
+"""Autoencoders, discriminator, attribute encoder and denoiser: shapes, losses, DP-compatibility."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from dpsynth.errors import DpsynthError
+from dpsynth.models import AttributeEncoder, KLAutoencoder, LatentDenoiser, VQAutoencoder
+from dpsynth.models.discriminator import (
+    PatchDiscriminator3D,
+    discriminator_loss,
+    generator_loss,
+)
+
+TINY_AE = dict(channels=8, channel_multipliers=(1, 2, 2), num_res_blocks=1, norm_groups=4)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on a shared, loaded CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_denoiser(num_slices: int = 13, dropout: float = 0.0) -> LatentDenoiser:
+    return LatentDenoiser(
+        in_channels=1,
+        channels=8,
+        channel_multipliers=(1, 2),
+        attention_levels=(False, True),
+        num_res_blocks=1,
+        num_heads=2,
+        num_slices=num_slices,
+        time_embed_dim=16,
+        attribute_embed_dim=8,
+        dropout=dropout,
+        norm_groups=4,
+    )
+
+
+def conv_depths(model: nn.Module, *inputs) -> set[int]:
+    """Slice-axis sizes of every Conv3d output during one forward."""
+    depths: set[int] = set()
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: depths.add(out.shape[2]))
+        for m in model.modules()
+        if isinstance(m, nn.Conv3d)
+    ]
+    with torch.no_grad():
+        model(*inputs)
+    for h in hooks:
+        h.remove()
+    return depths
+
+
+def per_sample_grads_match(model: nn.Module, loss_fn, *batched) -> float:
+    """Max |vmap per-sample grad - grad of the single-sample forward| over all parameters."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, *sample):
+        return loss_fn(lambda *args: functional_call(model, p, args), *sample)
+
+    in_dims = (None,) + (0,) * len(batched)
+    vmapped = vmap(grad(loss), in_dims=in_dims, randomness="different")(params, *batched)
+    worst = 0.0
+    for i in range(batched[0].shape[0]):
+        single = grad(loss)(params, *(b[i] for b in batched))
+        for k in params:
+            assert torch.isfinite(vmapped[k]).all(), k
+            worst = max(worst, (vmapped[k][i] - single[k]).abs().max().item())
+    return worst
+
+
+# --- autoencoders ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("slices", [13, 5])
+@pytest.mark.parametrize("cls", [KLAutoencoder, VQAutoencoder])
+def test_autoencoder_downsamples_in_plane_only(cls, slices):
+    torch.manual_seed(0)
+    ae = cls(**TINY_AE, **({"codebook_size": 32} if cls is VQAutoencoder else {}))
+    x = torch.rand(2, 1, slices, 16, 16)
+    z = ae.encode_latent(x)
+    assert ae.downsample_factor == 4
+    assert z.shape == (2, ae.latent_channels, slices, 4, 4)
+    assert ae.decode_latent(z).shape == x.shape
+    out = ae(x)
+    assert out.reconstruction.shape == x.shape
+    assert out.regularization_loss.shape == (2,)
+    assert conv_depths(ae, x) == {slices}
+
+
+def test_kl_term_is_zero_for_standard_normal_posterior_and_positive_otherwise():
+    torch.manual_seed(0)
+    ae = KLAutoencoder(**TINY_AE, latent_channels=2)
+    x = torch.rand(2, 1, 5, 16, 16)
+    kl = ae(x).regularization_loss
+    assert torch.isfinite(kl).all() and (kl > 0).all()
+    with torch.no_grad():  # mean = 0, log-variance = 0 everywhere: KL(N(0,1) || N(0,1)) = 0
+        ae.encoder.conv_out.weight.zero_()
+        ae.encoder.conv_out.bias.zero_()
+    assert ae(x).regularization_loss.abs().max() < 1e-6
+    assert torch.equal(ae.encode_latent(x), torch.zeros(2, 2, 5, 4, 4))  # deterministic: mean
+
+
+def test_vq_snaps_to_nearest_code_and_uses_the_codebook():
+    torch.manual_seed(0)
+    ae = VQAutoencoder(**TINY_AE, codebook_size=64, code_dim=4)
+    with torch.no_grad():
+        ae.codebook.normal_()
+    z = ae.encode_latent(torch.rand(2, 1, 5, 16, 16)) * 10
+    q = ae.quantize(z)
+    flat = z.movedim(1, -1).reshape(-1, 4)
+    nearest = torch.cdist(flat, ae.codebook).argmin(-1)
+    assert torch.equal(q.indices.reshape(-1), nearest)
+    assert torch.allclose(
+        q.quantized.movedim(1, -1).reshape(-1, 4), ae.codebook[nearest], atol=1e-5
+    )
+    assert q.indices.unique().numel() >= 8  # not collapsed onto one code
+    assert torch.isfinite(q.loss).all() and (q.loss > 0).all()
+    # decode_latent quantises first: a latent nudged towards its code decodes identically
+    nudged = z + 0.01 * (q.quantized - z)
+    assert torch.allclose(ae.decode_latent(nudged), ae.decode_latent(z), atol=1e-6)
+
+
+def test_vq_gradients_reach_encoder_and_codebook():
+    torch.manual_seed(0)
+    ae = VQAutoencoder(**TINY_AE, codebook_size=16)
+    x = torch.rand(2, 1, 5, 16, 16)
+    out = ae(x)
+    ((out.reconstruction - x).square().mean() + out.regularization_loss.mean()).backward()
+    assert ae.encoder.conv_in.weight.grad.abs().sum() > 0  # straight-through estimator
+    assert ae.codebook.grad.abs().sum() > 0
+
+
+def test_vq_latent_channels_must_match_code_dim():
+    with pytest.raises(DpsynthError, match="latent_channels"):
+        VQAutoencoder(**TINY_AE, latent_channels=1, code_dim=4)
+
+
+def test_bad_norm_groups_is_a_user_error():
+    with pytest.raises(DpsynthError, match="norm_groups"):
+        KLAutoencoder(channels=12, norm_groups=8)
+
+
+class KLPosteriorMean(nn.Module):
+    """KL autoencoder on its deterministic path (the real forward draws a random sample)."""
+
+    def __init__(self, ae: KLAutoencoder) -> None:
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, x):
+        mean, logvar = self.ae._posterior(x)
+        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
+        return self.ae.decode_latent(mean), kl
+
+
+def test_autoencoder_per_sample_grads_match_single_sample():
+    torch.manual_seed(0)
+    # one record = one patient = two volumes (ED, ES)
+    x = torch.rand(3, 2, 1, 5, 8, 8)
+
+    def kl_loss(model, volumes):
+        recon, kl = model(volumes)
+        return (recon - volumes).square().mean() + kl
+
+    def vq_loss(model, volumes):
+        out = model(volumes)
+        return (out.reconstruction - volumes).square().mean() + out.regularization_loss.mean()
+
+    kl = KLPosteriorMean(KLAutoencoder(**TINY_AE, attention=True))
+    assert per_sample_grads_match(kl, kl_loss, x) < 1e-5
+    vq = VQAutoencoder(**TINY_AE, codebook_size=16)
+    assert per_sample_grads_match(vq, vq_loss, x) < 1e-5
+
+
+# --- discriminator ----------------------------------------------------------------------------
+
+
+def test_patch_discriminator_shape_and_losses():
+    torch.manual_seed(0)
+    d = PatchDiscriminator3D(channels=8, num_layers=3, norm_groups=4)
+    logits = d(torch.rand(2, 1, 13, 16, 16))
+    assert logits.shape == (2, 1, 13, 2, 2)
+    ones = torch.ones(4)
+    assert discriminator_loss(2 * ones, -2 * ones, "hinge") == 0  # both beyond the margin
+    assert discriminator_loss(0 * ones, 0 * ones, "hinge") == 1
+    assert generator_loss(3 * ones, "hinge") == -3
+    assert discriminator_loss(ones, 0 * ones, "lsgan") == 0
+    assert generator_loss(0 * ones, "lsgan") == 1
+    with pytest.raises(DpsynthError, match="adversarial_loss"):
+        generator_loss(ones, "wgan")
+
+
+# --- attribute encoder ------------------------------------------------------------------------
+
+
+def test_attribute_encoder_unknown_path_and_finite_gradients():
+    torch.manual_seed(0)
+    enc = AttributeEncoder(num_attributes=14, embed_dim=8, num_heads=2)
+    values = torch.rand(3, 14) * 2 - 1
+    values[:, 4] = float("nan")
+    tokens = enc(values)
+    assert tokens.shape == (3, 14, 8) and torch.isfinite(tokens).all()
+    tokens.square().sum().backward()
+    for name, p in enc.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+    assert enc.value_weight.grad[4].abs().sum() == 0  # NaN never reaches the value embedding
+    assert enc.unknown.grad[4].abs().sum() > 0
+    assert enc.unknown.grad[torch.arange(14) != 4].abs().sum() == 0
+
+    # the unknown embedding is exactly what a NaN contributes
+    with torch.no_grad():
+        enc.unknown[4] = 0.5 * enc.value_weight[4]
+        known = values.clone()
+        known[:, 4] = 0.5
+        assert torch.allclose(enc(values), enc(known), atol=1e-6)
+
+
+# --- denoiser ---------------------------------------------------------------------------------
+
+
+def test_denoiser_shape_depth_and_conditioning():
+    torch.manual_seed(0)
+    den = tiny_denoiser().eval()
+    x = torch.randn(2, 1, 13, 8, 8)
+    t = torch.tensor([3, 120])
+    a = torch.rand(2, 14) * 2 - 1
+    eps = den(x, t, a)
+    assert eps.shape == x.shape
+    assert conv_depths(den, x, t, a) == {13}
+    other = a.clone()
+    other[:, 0] = -other[:, 0]
+    assert (den(x, t, other) - eps).abs().max() > 1e-4  # attribute tokens change the output
+    unknown = torch.full_like(a, float("nan"))
+    assert (den(x, t, unknown) - eps).abs().max() > 1e-4
+    with pytest.raises(DpsynthError, match="latents"):
+        den(torch.randn(2, 1, 12, 8, 8), t, a)
+
+
+def test_denoiser_nan_attributes_give_finite_gradients():
+    torch.manual_seed(0)
+    den = tiny_denoiser(dropout=0.1)
+    a = torch.rand(2, 14)
+    a[0, :5] = float("nan")
+    a[1] = float("nan")
+    den(torch.randn(2, 1, 13, 4, 4), torch.tensor([0, 149]), a).square().mean().backward()
+    for name, p in den.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_denoiser_per_sample_grads_match_single_sample():
+    torch.manual_seed(0)
+    den = tiny_denoiser(dropout=0.0)
+    # three records of two volumes each (a patient's ED and ES), NaN attributes included
+    x = torch.randn(3, 2, 1, 13, 4, 4)
+    t = torch.randint(0, 150, (3, 2))
+    a = torch.rand(3, 2, 14)
+    a[1, 0, 3] = float("nan")
+
+    def loss(model, x, t, a):
+        return model(x, t, a).square().mean()
+
+    assert per_sample_grads_match(den, loss, x, t, a) < 1e-5
+
+
+def test_attention_and_conditioning_parameters_select_attention_only():
+    den = tiny_denoiser()
+    names = den.attention_and_conditioning_parameters()
+    all_names = dict(den.named_parameters())
+    assert set(names) <= set(all_names)
+    assert any(n.startswith("attribute_encoder.") for n in names)
+    assert any(n.endswith("slice_position") for n in names)
+    assert any("cross_attention" in n for n in names)
+    assert not any(n.startswith(("conv_in", "conv_out", "time_embed")) for n in names)
+    assert not any(".res." in n for n in names)
+    assert 0 < len(names) < len(all_names)
+
+
+def test_denoiser_needs_an_attention_level():
+    with pytest.raises(DpsynthError, match="attention_levels"):
+        LatentDenoiser(channels=8, channel_multipliers=(1, 2), attention_levels=(False, False))
+
+
+def test_no_batchnorm_anywhere():
+    models = [
+        KLAutoencoder(**TINY_AE),
+        VQAutoencoder(**TINY_AE, codebook_size=16),
+        PatchDiscriminator3D(channels=8, norm_groups=4),
+        tiny_denoiser(),
+    ]
+    for model in models:
+        assert ModuleValidator.validate(model, strict=False) == []
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

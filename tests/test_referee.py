@@ -1,0 +1,123 @@
+"""Referee: trains on tiny phantoms, gives masks/phase/features, saves and loads."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from dpsynth.attributes import ATTRIBUTES, INDEX, N_ATTRIBUTES
+from dpsynth.data.measure import measure_volume
+from dpsynth.errors import DpsynthError
+from dpsynth.evaluation.referee import Referee, fit_referee, train_referee
+from dpsynth.evaluation.volumes import VolumeSet
+
+SPACING = (10.0, 1.8269, 1.8269)
+
+
+def phantoms(n: int, shape=(5, 16, 16), seed: int = 0) -> VolumeSet:
+    """Tiny heart-like volumes: LV disk (1) in a myocardial ring (2) beside an RV disk (3).
+
+    Even rows are ED, odd rows ES (smaller LV); attributes are the masks' own measurements.
+    """
+    rng = np.random.default_rng(seed)
+    slices, h, w = shape
+    rows, cols = np.mgrid[:h, :w]
+    volumes, masks = np.zeros((n, *shape), np.float32), np.zeros((n, *shape), np.uint8)
+    attributes = np.full((n, N_ATTRIBUTES), np.nan, np.float32)
+    for i in range(n):
+        ed = i % 2 == 0
+        r_lv = rng.uniform(2.5, 3.5) if ed else rng.uniform(1.2, 2.2)
+        lv_d = np.hypot(rows - h / 2, cols - w / 2 + 2)
+        rv_d = np.hypot(rows - h / 2, cols - w / 2 - 4.5)
+        for z in range(rng.integers(2, slices + 1)):
+            m = masks[i, z]
+            m[lv_d < r_lv + 1.5] = 2
+            m[lv_d < r_lv] = 1
+            m[(rv_d < rng.uniform(1.5, 2.5)) & (m == 0)] = 3
+        volumes[i] = np.array([0.1, 0.8, 0.35, 0.7], np.float32)[masks[i]]
+        volumes[i] += rng.normal(0, 0.03, shape).astype(np.float32)
+        measured = measure_volume(masks[i], SPACING)
+        phase = "ED" if ed else "ES"
+        attributes[i, INDEX[f"LV{phase}V"]] = measured["LV_ML"]
+        attributes[i, INDEX[f"RV{phase}V"]] = measured["RV_ML"]
+        attributes[i, INDEX[f"MYO{phase}THICK"]] = measured["MYO_THICK"]
+        attributes[i, INDEX["DEPTH"]] = measured["DEPTH"]
+        attributes[i, INDEX["ESED"]] = 1.0 if ed else 0.0
+        attributes[i, INDEX["LVEF"]] = rng.uniform(40, 70)
+    return VolumeSet(
+        volumes=np.clip(volumes, 0, 1),
+        attributes=attributes,
+        spacing=SPACING,
+        names=[f"p{i // 2:03d}_{'ED' if i % 2 == 0 else 'ES'}" for i in range(n)],
+        masks=masks,
+        patients=np.array([f"p{i // 2:03d}" for i in range(n)]),
+        source="phantoms",
+    )
+
+
+def write_cache(path, vols, splits):
+    """A prepared cache in the ARCHITECTURE.md layout (rows: ED then ES per patient)."""
+    path.mkdir(parents=True, exist_ok=True)
+    np.save(path / "images.npy", vols.volumes.astype(np.float16))
+    np.save(path / "masks.npy", vols.masks)
+    with open(path / "attributes.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient", "phase", "split", *ATTRIBUTES])
+        for i, row in enumerate(vols.attributes):
+            values = ["" if np.isnan(x) else x for x in row]
+            w.writerow([f"p{i // 2}", "ED" if i % 2 == 0 else "ES", splits[i // 2], *values])
+    meta = {
+        "format_version": 1,
+        "shape": list(vols.shape),
+        "spacing": list(SPACING),
+        "has_masks": True,
+    }
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    train = phantoms(8)
+    return train, fit_referee(train, epochs=12, batch_size=4, lr=3e-3, channels=(8, 16, 32), seed=0)
+
+
+def test_training_reduces_loss_and_outputs_have_the_right_shapes(trained):
+    train, referee = trained
+    losses = referee.meta["loss_per_epoch"]
+    assert len(losses) == 12 and losses[-1] < 0.7 * losses[0]
+    masks = referee.segment(train.volumes)
+    assert masks.shape == (8, 5, 16, 16) and masks.dtype == np.uint8
+    assert set(np.unique(masks)) <= {0, 1, 2, 3}
+    # Learned something: more than half of the foreground voxels are labelled right.
+    fg = train.masks > 0
+    assert (masks[fg] == train.masks[fg]).mean() > 0.5
+    prob = referee.predict_phase(train.volumes)
+    assert prob.shape == (8,) and np.all((prob >= 0) & (prob <= 1))
+    assert referee.features(train.volumes).shape == (8, 32)
+
+
+def test_save_load_roundtrip(trained, tmp_path):
+    train, referee = trained
+    path = referee.save(tmp_path / "ref")
+    assert sorted(p.name for p in path.iterdir()) == ["referee.json", "referee.safetensors"]
+    loaded = Referee.load(path)
+    np.testing.assert_array_equal(loaded.features(train.volumes), referee.features(train.volumes))
+    np.testing.assert_array_equal(loaded.segment(train.volumes), referee.segment(train.volumes))
+
+
+def test_rejects_bad_inputs():
+    train = phantoms(2)
+    train.masks = None
+    with pytest.raises(DpsynthError, match="masks"):
+        fit_referee(train, epochs=1)
+    with pytest.raises(DpsynthError, match="divisible by 4"):
+        Referee.create(channels=(8, 16)).segment(np.zeros((1, 5, 18, 18), np.float32))
+
+
+def test_train_referee_from_cache_uses_the_train_split(tmp_path):
+    write_cache(tmp_path / "cache", phantoms(8), ["train", "train", "test", "test"])
+    path = train_referee(tmp_path / "cache", tmp_path / "ref", epochs=1, channels=(8, 16))
+    referee = Referee.load(path)
+    assert referee.meta["n_train"] == 4 and referee.meta["trained_on"].endswith("[train]")
+    assert referee.segment(phantoms(2).volumes).shape == (2, 5, 16, 16)

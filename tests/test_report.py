@@ -1,0 +1,323 @@
+"""The HTML report: complete, self-contained, escaped, graceful when pieces are missing."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from dpsynth.attributes import ATTRIBUTES, INDEX
+from dpsynth.evaluation.audit import attack_summary, memorisation
+from dpsynth.io import atomic_write_json, write_nifti
+from dpsynth.privacy.ledger import Ledger, LedgerEntry
+from dpsynth.report import figures, montage, write_report
+from dpsynth.report.html import SECTIONS, _attack_bound
+
+SHAPE = (5, 32, 32)
+TITLES = [title for _, title, _ in SECTIONS]
+
+
+class _Page(HTMLParser):
+    """Headings, image sources and every src/href of a page."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.headings, self.images, self.links, self.tags = [], [], [], set()
+        self._in_h2 = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        attrs = dict(attrs)
+        self._in_h2 = tag == "h2"
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        self.links += [attrs[k] for k in ("src", "href") if k in attrs]
+
+    def handle_data(self, data):
+        if self._in_h2:
+            self.headings.append(data)
+            self._in_h2 = False
+
+
+def _decode(src: str) -> np.ndarray:
+    assert src.startswith("data:image/png;base64,"), src[:40]
+    return imread(io.BytesIO(base64.b64decode(src.split(",", 1)[1])), format="png")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from dpsynth.data.prepare import prepare
+    from dpsynth.data.simulate import simulate_cohort
+
+    root = tmp_path_factory.mktemp("data")
+    raw = simulate_cohort(root / "raw", 10, shape=SHAPE, spacing=(10.0, 4.0, 4.0), workers=1)
+    out = root / "cache"
+    prepare(
+        "ukbb",
+        raw,
+        out,
+        attributes_csv=raw / "attributes.csv",
+        split=(0.6, 0.2, 0.2),
+        shape=SHAPE,
+        spacing=(10.0, 4.0, 4.0),
+    )
+    return out
+
+
+def _write_run(root: Path, cache: Path, epsilon_steps: int = 100, name: str = "run") -> Path:
+    """A complete run: config, ledger, training log, synthetic set and evaluation outputs."""
+    from dpsynth.data.cache import Cache
+
+    c = Cache(cache)
+    train, test = c.volume_indices("train"), c.volume_indices("test")
+    run = root / name
+    run.mkdir()
+    (run / "config.yaml").write_text("preset: demo\nnote: <script>alert('x')</script>\n")
+    atomic_write_json(run / "model.json", {"kind": "ldm", "latent_scale_source": "public run"})
+    Ledger(
+        [
+            LedgerEntry(
+                stage="ldm-dp",
+                mechanism="dp-sgd",
+                fingerprint="sha256:abc",
+                records=6,
+                noise_multiplier=1.2,
+                sample_rate=0.25,
+                planned_steps=100,
+                steps=epsilon_steps,
+            ),
+            LedgerEntry.non_private_use("validation", 6, "validation loss on private patients"),
+        ]
+    ).save(run)
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in range(0, 50, 5):
+            f.write(
+                json.dumps({"step": step, "loss": 1.0 / (step + 1), "epsilon": step / 10}) + "\n"
+            )
+        f.write('{"step": 50, "lo')  # a run killed mid-write
+
+    # Synthetic set: two near-copies of training volumes and two test volumes, as NIfTI.
+    synthetic_dir = run / "synthetic"
+    synthetic_dir.mkdir()
+    rows = [train[0], train[3], test[0], test[1]]
+    synthetic = np.stack([np.clip(c.images[r].astype(np.float32) + 0.02, 0, 1) for r in rows])
+    with open(synthetic_dir / "attributes.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", *ATTRIBUTES])
+        for k, r in enumerate(rows):
+            write_nifti(synthetic_dir / f"s{k}.nii.gz", synthetic[k], (10.0, 4.0, 4.0))
+            w.writerow([f"s{k}.nii.gz", *c.attributes[r]])
+
+    rng = np.random.default_rng(0)
+    mia = {
+        "attack": "loss threshold",
+        "timesteps": [5, 15],
+        "n_noise": 4,
+        "volume": attack_summary(rng.normal(0.3, 1, 12), rng.normal(0, 1, 4)),
+        "patient": attack_summary(rng.normal(0.3, 1, 6), rng.normal(0, 1, 2)),
+    }
+    mem = memorisation(synthetic, c.images[train], c.images[test], top_k=3)
+    eval_dir = run / "eval"
+    atomic_write_json(
+        eval_dir / "metrics.json",
+        {
+            "n_real": len(test),
+            "n_synthetic": 4,
+            "real": f"{cache}[test]",
+            "synthetic": str(synthetic_dir),
+            "metrics": {
+                "frd": {
+                    "value": 12.5,
+                    "baseline": 3.25,
+                    "baseline_label": "real vs real",
+                    "lower_is_better": True,
+                    "config": "frd-score v1, image types: Original",
+                },
+                "fid": {
+                    "value": None,
+                    "baseline": None,
+                    "note": "skipped: needs --inception-weights",
+                },
+                "controllability_lv_r": {
+                    "value": 0.81,
+                    "baseline": 0.97,
+                    "lower_is_better": False,
+                    "baseline_label": "referee on real",
+                    "config": "Pearson r",
+                },
+            },
+            "controllability": {
+                "LV_VOLUME": {"r": 0.81, "mae": 9.5, "ceiling_r": 0.97, "ceiling_mae": 4.0, "n": 4}
+            },
+            "privacy_audit": {
+                "label": mem["label"],
+                "membership_inference": mia,
+                "memorisation": mem,
+            },
+        },
+    )
+    with open(eval_dir / "controllability.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "attribute", "requested", "measured", "set"])
+        for k in range(6):
+            w.writerow([f"s{k}", "LV_VOLUME", 100 + 10 * k, 98 + 11 * k, "synthetic"])
+            w.writerow([f"r{k}", "LV_VOLUME", 90 + 12 * k, 91 + 12 * k, "real"])
+            w.writerow([f"s{k}", "RV_VOLUME", 110 + 5 * k, "nan", "synthetic"])
+    return run
+
+
+@pytest.fixture(scope="module")
+def report(cache, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    run = _write_run(root, cache)
+    other = _write_run(root, cache, epsilon_steps=10, name="eps-small")
+    nonprivate = _write_run(root, cache, name="non-private")
+    (nonprivate / "ledger.json").unlink()
+    path = write_report(run, root / "report", compare=[other, nonprivate])
+    return path, path.read_text()
+
+
+def test_report_is_complete_and_self_contained(report):
+    path, text = report
+    assert path.name == "index.html" and path.parent.is_dir()
+    page = _Page(text)
+    assert page.headings == TITLES
+    # 2 sample grids, marginals, controllability, ROC, closest pairs, loss, comparison
+    assert len(page.images) == 8
+    for src in page.images:
+        img = _decode(src)
+        assert img.shape[0] > 50 and img.shape[1] > 50
+        assert img[..., :3].std() > 0.01  # not blank
+    assert "script" not in page.tags
+    external = [u for u in page.links if re.match(r"\s*(https?:)?//", u)]
+    assert external == []
+    assert all(u.startswith(("data:image/png", "#")) for u in page.links)
+    assert "Not run" not in text.split('id="comparison"')[0].split('id="summary"')[1]
+
+
+def test_report_numbers_and_privacy_statements(report):
+    _, text = report
+    ledger = Ledger.load(Path(report[0]).parent.parent / "run")
+    eps = ledger.total_epsilon()
+    assert 0 < eps < 50
+    assert f"{eps:.3g}" in text  # the composed ε is what the accountant says
+    assert "patient" in text and "ED and ES" in text
+    assert "Non-private uses of private data" in text and "validation loss on private" in text
+    assert "Evaluation-only uses of private data" in text
+    assert "frd-score v1, image types: Original" in text  # FRD config next to its number
+    assert "skipped: needs --inception-weights" in text
+    assert "latent_scale_source" in text and "public run" in text
+    assert "Fewer than 100 non-members" in text
+    # a run without ledger is placed at ε = ∞ in the comparison
+    comparison = text.split('id="comparison"')[1]
+    assert "non-private" in comparison and "∞" in comparison and "eps-small" in comparison
+    # escaped, never executed
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text
+
+
+def test_attack_bound_in_plain_words():
+    assert _attack_bound(1.0, 1e-5) == pytest.approx(np.e * 0.01 + 1e-5)
+    assert _attack_bound(10.0, 1e-5) == pytest.approx(1 - np.exp(-10) * 0.98999)  # ~vacuous
+    assert _attack_bound(0.0, 0.0) == pytest.approx(0.01)  # no better than guessing
+
+
+def test_missing_pieces_render_notes(tmp_path):
+    run = tmp_path / "empty-run"
+    run.mkdir()
+    text = write_report(run, tmp_path / "out").read_text()
+    page = _Page(text)
+    assert page.headings == TITLES
+    assert page.images == []
+    assert text.count("Not run:") >= 8
+    assert "no differential-privacy guarantee" in text
+
+
+def test_malformed_inputs_cost_only_their_section(tmp_path, cache):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "ledger.json").write_text("{not json")
+    (run / "eval" / "metrics.json").write_text(
+        json.dumps(
+            {
+                "synthetic": str(tmp_path / "gone"),
+                "real": f"{cache}[test]",
+                "metrics": {"frd": {"value": "oops"}},
+                "privacy_audit": {"membership_inference": {"volume": "garbage"}},
+            }
+        )
+    )
+    text = write_report(run, tmp_path / "out").read_text()
+    assert _Page(text).headings == TITLES
+    assert "Could not read the privacy ledger" in text and "not valid JSON" in text
+    assert "Could not read synthetic" in text and "gone" in text
+    assert "Could not render this section" in text  # the audit entry is not an object
+    assert len(_Page(text).images) >= 1  # real volumes still shown
+
+
+def test_report_replaces_output_atomically(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    write_report(run, out)
+    assert sorted(p.name for p in out.iterdir()) == ["index.html"]
+
+
+def test_montage_and_privacy_utility_figures(tmp_path):
+    rng = np.random.default_rng(0)
+    volumes = rng.random((3, *SHAPE), dtype=np.float32)
+    attrs = np.full((3, len(ATTRIBUTES)), np.nan, dtype=np.float32)
+    attrs[:, INDEX["LVEDV"]] = [120, 150, 180]
+    attrs[:, INDEX["ESED"]] = [1, 0, 1]
+    png = montage(volumes, attrs, tmp_path / "m.png")
+    assert imread(png).shape[1] > 200
+    assert figures.attribute_caption(attrs[0]).startswith("ED ? ?y")
+    assert "LV 120/?" in figures.attribute_caption(attrs[0])
+    runs = [("a", 1.0, {"frd": 9.0}), ("b", 10.0, {"frd": 5.0}), ("c", float("inf"), {"frd": 3.0})]
+    assert imread(io.BytesIO(figures.privacy_utility(runs, ["frd"])), format="png").size > 0
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    path, _ = report
+    flags = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    url = path.resolve().as_uri()
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    page = _Page(dom.stdout)
+    assert page.headings == TITLES
+    assert len(page.images) == 8
+    for src in page.images:
+        assert _decode(src).size > 0
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [*flags, f"--screenshot={shot}", "--window-size=1200,2400", url],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    image = imread(shot)
+    assert image.shape[:2] == (2400, 1200) and image[..., :3].std() > 0.05
+    shutil.copy(shot, Path(path).parent / "screenshot.png")  # for a human to look at

@@ -1,0 +1,305 @@
+"""Schedulers, the latent diffusion pipeline, guidance and sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.schedulers import DDPMScheduler
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from dpsynth.attributes import N_ATTRIBUTES, denormalize, normalize
+from dpsynth.errors import DpsynthError
+from dpsynth.models import KLAutoencoder, LatentDenoiser
+from dpsynth.sampling import LatentDiffusion, add_noise, estimate_latent_scale, make_scheduler
+
+T = 150
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on a shared, loaded CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_pipeline(num_train_timesteps: int = T, slices: int = 5) -> LatentDiffusion:
+    torch.manual_seed(0)
+    ae = KLAutoencoder(channels=8, channel_multipliers=(1, 2), num_res_blocks=1, norm_groups=4)
+    den = LatentDenoiser(
+        channels=8,
+        channel_multipliers=(1, 2),
+        attention_levels=(False, True),
+        num_res_blocks=1,
+        num_heads=2,
+        num_slices=slices,
+        time_embed_dim=16,
+        attribute_embed_dim=8,
+        dropout=0.1,
+        norm_groups=4,
+    )
+    return LatentDiffusion(
+        ae,
+        den,
+        latent_scale=2.0,
+        volume_shape=(slices, 8, 8),
+        num_train_timesteps=num_train_timesteps,
+    )
+
+
+def raw_attributes(n: int, seed: int = 0) -> np.ndarray:
+    """Mid-range raw attribute values (normalised to [-0.5, 0.5])."""
+    rng = np.random.default_rng(seed)
+    return denormalize(rng.uniform(-0.5, 0.5, (n, N_ATTRIBUTES)))
+
+
+# --- schedulers -------------------------------------------------------------------------------
+
+
+def test_linear_schedule_is_the_studys():
+    s = make_scheduler("ddpm")
+    assert torch.allclose(s.betas, torch.linspace(1e-4, 7e-2, T))
+    assert s.betas[0].item() == pytest.approx(1e-4) and s.betas[-1].item() == pytest.approx(7e-2)
+    assert torch.allclose(s.alphas_cumprod, torch.cumprod(1 - s.betas, 0))
+    assert torch.equal(s.timesteps, torch.arange(T - 1, -1, -1))
+
+
+def test_ddim_timesteps_match_its_step_size():
+    s = make_scheduler("ddim", steps=25)
+    assert s.timesteps[0] == T - 1 and len(s.timesteps) == 25
+    gaps = -torch.diff(s.timesteps)
+    assert torch.all(gaps == T // 25)  # the jump MONAI's step() makes
+
+
+def test_scheduler_errors():
+    with pytest.raises(DpsynthError, match="steps"):
+        make_scheduler("ddpm", steps=25)
+    with pytest.raises(DpsynthError, match="steps"):
+        make_scheduler("ddim", steps=T + 1)
+    with pytest.raises(DpsynthError, match="sampler"):
+        make_scheduler("euler")
+
+
+def test_add_noise_matches_monai():
+    s = make_scheduler("ddpm")
+    x0, noise = torch.randn(4, 1, 5, 4, 4), torch.randn(4, 1, 5, 4, 4)
+    t = torch.tensor([0, 10, 75, 149])
+    ref = DDPMScheduler(T, beta_start=1e-4, beta_end=7e-2).add_noise(x0, noise, t)
+    assert torch.allclose(add_noise(s, x0, noise, t), ref, atol=1e-6)
+
+
+# --- pipeline: training side ------------------------------------------------------------------
+
+
+def test_encode_decode_apply_latent_scale():
+    pipe = tiny_pipeline().eval()
+    v = torch.rand(2, 1, 5, 8, 8)
+    z = pipe.encode(v)
+    assert z.shape == (2, *pipe.latent_shape) == (2, 1, 5, 4, 4)
+    assert torch.allclose(z, 2.0 * pipe.autoencoder.encode_latent(v))
+    assert torch.allclose(pipe.decode(z), pipe.autoencoder.decode_latent(z / 2.0))
+
+
+def test_denoising_loss_is_per_sample_mse_on_normalised_attributes():
+    pipe = tiny_pipeline().eval()
+    z, noise = torch.randn(3, 1, 5, 4, 4), torch.randn(3, 1, 5, 4, 4)
+    t = torch.tensor([0, 70, 149])
+    raw = raw_attributes(3)
+    raw[1, 2] = np.nan
+    loss = pipe.denoising_loss(z, torch.from_numpy(raw), t, noise)
+    assert loss.shape == (3,) and torch.isfinite(loss).all()
+    noisy = add_noise(pipe.noise_schedule, z, noise, t)
+    eps = pipe.denoiser(noisy, t, torch.from_numpy(normalize(raw)))
+    assert torch.allclose(loss, (eps - noise).square().mean(dim=(1, 2, 3, 4)), atol=1e-6)
+    with pytest.raises(DpsynthError, match="attributes"):
+        pipe.denoising_loss(z, torch.zeros(3, 13), t, noise)
+
+
+def test_per_patient_grads_through_pipeline_match_single_patient():
+    """What the DP engine does: functional_call on the pipeline, vmapped over patients."""
+    pipe = tiny_pipeline()
+    pipe.denoiser.eval()  # no dropout, so vmap and single forwards see the same function
+    params = {f"denoiser.{k}": v.detach() for k, v in pipe.denoiser.named_parameters()}
+    z, noise = torch.randn(3, 2, 1, 5, 4, 4), torch.randn(3, 2, 1, 5, 4, 4)
+    t = torch.randint(0, T, (3, 2))
+    raw = torch.from_numpy(raw_attributes(6).reshape(3, 2, N_ATTRIBUTES))
+    raw[0, 1, 5] = float("nan")
+
+    def loss(p, z, a, t, n):
+        return functional_call(pipe, p, (z, a, t, n)).sum()
+
+    per_patient = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0), randomness="different")(
+        params, z, raw, t, noise
+    )
+    for i in range(3):
+        single = grad(loss)(params, z[i], raw[i], t[i], noise[i])
+        for k in params:
+            assert torch.isfinite(per_patient[k]).all()
+            assert torch.allclose(per_patient[k][i], single[k], atol=1e-5), k
+
+
+def test_estimate_latent_scale_is_inverse_std():
+    class Scaled(nn.Module):
+        def encode_latent(self, x):
+            return 3.0 * x + 1.0
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 1, 5, 16, 16, generator=gen) for _ in range(5)]
+    assert estimate_latent_scale(Scaled(), batches) == pytest.approx(1 / 3, rel=0.02)
+    with pytest.raises(DpsynthError, match="latent_scale"):
+        estimate_latent_scale(Scaled(), [])
+
+
+# --- pipeline: sampling -----------------------------------------------------------------------
+
+
+class IdentityAutoencoder(nn.Module):
+    downsample_factor = 1
+    latent_channels = 1
+
+    def encode_latent(self, x):
+        return x
+
+    def decode_latent(self, z):
+        return z
+
+
+class OracleDenoiser(nn.Module):
+    """Returns the exact noise that separates x_t from a known clean latent x0."""
+
+    def __init__(self, x0: torch.Tensor, alphas_cumprod: torch.Tensor) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.x0, self.alphas_cumprod = x0, alphas_cumprod
+
+    def forward(self, x, t, attributes):
+        a = self.alphas_cumprod[t].reshape(-1, 1, 1, 1, 1)
+        return (x - a.sqrt() * self.x0[: x.shape[0]]) / (1 - a).sqrt()
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", 25), ("ddim", 5)])
+def test_sampler_with_oracle_denoiser_recovers_the_clean_volume(sampler, steps):
+    """With a perfect ε-model every sampler must land on x0; checks scale, steps, decode."""
+    target = torch.rand(3, 1, 5, 8, 8) * 0.8 + 0.1
+    scale = 0.5
+    pipe = LatentDiffusion(
+        IdentityAutoencoder(),
+        OracleDenoiser(target * scale, make_scheduler("ddpm").alphas_cumprod),
+        latent_scale=scale,
+        volume_shape=(5, 8, 8),
+    )
+    out = pipe.sample(3, sampler=sampler, steps=steps, batch_size=3, progress=False)
+    assert out.shape == (3, 5, 8, 8) and out.dtype == np.float32
+    assert np.abs(out - target[:, 0].numpy()).max() < 1e-3
+
+
+def test_ddpm_and_ddim_run_end_to_end_in_unit_range():
+    pipe = tiny_pipeline(num_train_timesteps=10)
+    attrs = raw_attributes(3)
+    for sampler in ("ddpm", "ddim"):
+        out = pipe.sample(3, attrs, sampler=sampler, steps=None, batch_size=2, progress=False)
+        assert out.shape == (3, 5, 8, 8) and np.isfinite(out).all()
+        assert out.min() >= 0.0 and out.max() <= 1.0
+    assert pipe.training  # sampling restores the training mode
+
+
+def test_ddim_is_deterministic_given_seed():
+    pipe = tiny_pipeline(num_train_timesteps=20)
+    attrs = raw_attributes(2)
+    with torch.no_grad():  # make the decoder output spread so clipping does not hide changes
+        pipe.autoencoder.decoder.conv_out.bias.fill_(0.5)
+    a = pipe.sample(2, attrs, steps=3, seed=7, progress=False)
+    b = pipe.sample(2, attrs, steps=3, seed=7, progress=False)
+    c = pipe.sample(2, attrs, steps=3, seed=8, progress=False)
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-4
+
+
+class CountingDenoiser(nn.Module):
+    """Wraps a denoiser and records the batch size of every call."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    def forward(self, x, t, attributes):
+        self.calls.append(x.shape[0])
+        return self.inner(x, t, attributes)
+
+
+def test_classifier_free_guidance():
+    pipe = tiny_pipeline(num_train_timesteps=20)
+    pipe.denoiser = CountingDenoiser(pipe.denoiser)
+    with torch.no_grad():
+        pipe.autoencoder.decoder.conv_out.bias.fill_(0.5)
+    a, b = raw_attributes(2, seed=1), raw_attributes(2, seed=2)
+
+    def run(attrs, w):
+        pipe.denoiser.calls.clear()
+        return pipe.sample(2, attrs, steps=4, guidance=w, batch_size=2, progress=False)
+
+    cond_a = run(a, 1.0)
+    assert pipe.denoiser.calls == [2] * 4  # w = 1: conditional pass only
+    assert np.abs(cond_a - run(b, 1.0)).max() > 1e-4
+    uncond = run(None, 1.0)
+    assert np.array_equal(run(a, 0.0), uncond)  # w = 0 ignores the attributes
+    assert np.array_equal(run(b, 0.0), uncond)
+    guided = run(a, 3.0)
+    assert pipe.denoiser.calls == [4] * 4  # conditional and unconditional in one batch
+    assert np.abs(guided - cond_a).max() > 1e-4
+
+    x = torch.randn(2, 1, 5, 4, 4)
+    t = torch.tensor([5, 5])
+    cond = pipe.normalize_attributes(torch.from_numpy(a))
+    pipe.eval()
+    eps_c = pipe.denoiser(x, t, cond)
+    eps_u = pipe.denoiser(x, t, torch.full_like(cond, float("nan")))
+    assert torch.allclose(
+        pipe._guided_eps(x, t, cond, 3.0), eps_u + 3.0 * (eps_c - eps_u), atol=1e-5
+    )
+
+
+def test_sample_rejects_bad_attributes():
+    pipe = tiny_pipeline(num_train_timesteps=20)
+    with pytest.raises(DpsynthError, match="attributes"):
+        pipe.sample(2, np.zeros((2, 13)), progress=False)
+    with pytest.raises(DpsynthError, match="steps"):
+        pipe.sample(2, sampler="ddpm", steps=5, progress=False)
+
+
+def test_tiny_denoiser_overfits_one_latent():
+    """Behaviour: 100 Adam steps on one fixed latent clearly reduce the denoising loss."""
+    pipe = tiny_pipeline()
+    pipe.denoiser.eval()  # no dropout: a clean signal for a short run
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 1, 5, 4, 4, generator=gen)
+    attrs = torch.from_numpy(raw_attributes(1))
+
+    eval_t = torch.randint(0, T, (32,), generator=gen)
+    eval_noise = torch.randn(32, 1, 5, 4, 4, generator=gen)
+
+    def eval_loss() -> float:
+        with torch.no_grad():
+            return (
+                pipe.denoising_loss(
+                    latent.expand(32, -1, -1, -1, -1), attrs.expand(32, -1), eval_t, eval_noise
+                )
+                .mean()
+                .item()
+            )
+
+    before = eval_loss()
+    opt = torch.optim.Adam(pipe.denoiser.parameters(), lr=3e-3)
+    for _ in range(100):
+        t = torch.randint(0, T, (8,), generator=gen)
+        noise = torch.randn(8, 1, 5, 4, 4, generator=gen)
+        loss = pipe.denoising_loss(latent.expand(8, -1, -1, -1, -1), attrs.expand(8, -1), t, noise)
+        opt.zero_grad()
+        loss.mean().backward()
+        opt.step()
+    after = eval_loss()
+    print(before, after)
+    assert after < 0.5 * before, (before, after)
