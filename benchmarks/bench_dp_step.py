@@ -29,11 +29,21 @@ from dpsynth.privacy.dpsgd import PatientDPSGD
 
 PRESETS = {  # denoiser kwargs, latent shape (C, S, h, w)
     "demo": (
-        dict(channels=32, channel_multipliers=(1, 2), attention_levels=(False, True), num_res_blocks=1),
+        dict(
+            channels=32,
+            channel_multipliers=(1, 2),
+            attention_levels=(False, True),
+            num_res_blocks=1,
+        ),
         (4, 13, 16, 16),
     ),
     "paper": (
-        dict(channels=128, channel_multipliers=(1, 2, 3), attention_levels=(False, True, True), num_res_blocks=2),
+        dict(
+            channels=128,
+            channel_multipliers=(1, 2, 3),
+            attention_levels=(False, True, True),
+            num_res_blocks=2,
+        ),
         (1, 13, 24, 24),
     ),
 }
@@ -51,7 +61,9 @@ def patient_loss(model_fn, record):
 
 
 class Setup:
-    def __init__(self, preset: str, volumes: int, device: str, seed: int = 0) -> None:
+    def __init__(
+        self, preset: str, volumes: int, device: str, vmap_patients: int | None, seed: int = 0
+    ) -> None:
         torch.manual_seed(seed)
         kwargs, (c, s, h, w) = PRESETS[preset]
         self.model = LatentDenoiser(in_channels=c, num_slices=s, **kwargs).to(device)
@@ -73,7 +85,7 @@ class Setup:
             sample_rate=self.patients / 1000,  # expected batch = this batch
             num_records=1000,
             accountant=RDPAccountant(),
-            physical_batch_size=self.patients,
+            physical_batch_size=vmap_patients or self.patients,
         )
 
     def plain_step(self) -> None:
@@ -90,17 +102,24 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str) -> float:
+def timed(fn, device: str) -> tuple[float, float]:
+    """Wall and process-CPU seconds of `fn` (CPU time suffers less from a shared machine)."""
     sync(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def peak_step_memory(preset: str, volumes: int, device: str, mode: str, steps: int) -> int:
+def median(samples: list[tuple[float, float]], which: int) -> float:
+    return statistics.median(sample[which] for sample in samples)
+
+
+def peak_step_memory(args: argparse.Namespace, steps: int = 2) -> int:
     """Bytes the steps need above the resting model + optimizer + data (run in a subprocess)."""
-    setup = Setup(preset, volumes, device)
+    device = args.device
+    setup = Setup(args.preset, args.batch, device, args.vmap_patients)
+    mode = args.memory_only
     step = setup.dp_step if mode == "dp" else setup.plain_step
     if device == "cuda":
         torch.cuda.synchronize()
@@ -124,8 +143,20 @@ def _proc_status_kib(field: str) -> int:
 
 
 def measure_memory_in_subprocess(args: argparse.Namespace, mode: str) -> int:
-    cmd = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch),
-           "--device", args.device, "--memory-only", mode]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--preset",
+        args.preset,
+        "--batch",
+        str(args.batch),
+        "--device",
+        args.device,
+        "--memory-only",
+        mode,
+    ]
+    if args.vmap_patients:
+        cmd += ["--vmap-patients", str(args.vmap_patients)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return int(out.strip().splitlines()[-1])
 
@@ -144,6 +175,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--vmap-patients",
+        type=int,
+        help="DP engine's physical_batch_size (patients per vmap call); default: the whole batch",
+    )
     parser.add_argument("--out", help="also write the results as JSON here")
     parser.add_argument("--memory-only", choices=["plain", "dp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -151,10 +187,10 @@ def main() -> None:
         parser.error("--batch: must be an even number of volumes >= 2")
 
     if args.memory_only:
-        print(peak_step_memory(args.preset, args.batch, args.device, args.memory_only, steps=2))
+        print(peak_step_memory(args))
         return
 
-    setup = Setup(args.preset, args.batch, args.device)
+    setup = Setup(args.preset, args.batch, args.device, args.vmap_patients)
     for _ in range(args.warmup):
         setup.plain_step()
         setup.dp_step()
@@ -171,10 +207,14 @@ def main() -> None:
         "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
         "preset": args.preset,
         "volumes_per_step": args.batch,
+        "dp_patients_per_vmap": setup.engine.physical_batch_size,
         "parameters": sum(p.numel() for p in setup.model.parameters()),
-        "plain_step_s_median": statistics.median(plain),
-        "dp_step_s_median": statistics.median(dp),
-        "time_ratio": statistics.median(dp) / statistics.median(plain),
+        "plain_step_s_median": median(plain, 0),
+        "dp_step_s_median": median(dp, 0),
+        "time_ratio": median(dp, 0) / median(plain, 0),
+        "plain_step_cpu_s_median": median(plain, 1),
+        "dp_step_cpu_s_median": median(dp, 1),
+        "cpu_time_ratio": median(dp, 1) / median(plain, 1),
         "plain_step_peak_mib": mem_plain / 2**20,
         "dp_step_peak_mib": mem_dp / 2**20,
         "memory_ratio": mem_dp / max(mem_plain, 1),

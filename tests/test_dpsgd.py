@@ -94,8 +94,12 @@ def test_update_is_sum_of_clipped_per_patient_grads_for_any_physical_split(physi
 
     expected = reference_update(reference_model, batch, clip, expected_batch_size=5.0)
     assert torch.allclose(flat_params(model) - before, expected, atol=1e-6, rtol=1e-4)
-    manual_loss = np.mean([denoise_loss(reference_model, {k: v[i] for k, v in batch.items()}).item()
-                           for i in range(5)])
+    manual_loss = np.mean(
+        [
+            denoise_loss(reference_model, {k: v[i] for k, v in batch.items()}).item()
+            for i in range(5)
+        ]
+    )
     assert loss == pytest.approx(manual_loss, rel=1e-5)
 
 
@@ -239,13 +243,14 @@ class WithUnused(TinyDenoiser):
 
 
 def test_validate_model_names_offending_modules_and_parameters():
-    with pytest.raises(DpsynthError, match=r"model\.block\.1: BatchNorm"):
+    with pytest.raises(DpsynthError, match=r"model\.block\.1: BatchNorm3d"):
         validate_model_for_dp(WithBatchNorm())
-    with pytest.raises(DpsynthError, match=r"model\.block\.1: BatchNorm"):
+    with pytest.raises(DpsynthError, match=r"model\.block\.1: BatchNorm3d"):
         make_engine(WithBatchNorm())
     with pytest.raises(DpsynthError, match=r"model\.0: InstanceNorm3d"):
         validate_model_for_dp(nn.Sequential(nn.InstanceNorm3d(4, track_running_stats=True)))
     validate_model_for_dp(nn.Sequential(nn.InstanceNorm3d(4)))
+    validate_model_for_dp(nn.MultiheadAttention(8, 2))  # fine under torch.func, unlike hooks
 
     record = {k: v[0] for k, v in make_batch(1).items()}
     model = WithUnused()
@@ -257,7 +262,12 @@ def test_validate_model_names_offending_modules_and_parameters():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("sample_rate", 0.0), ("noise_multiplier", -1.0), ("max_grad_norm", 0.0), ("physical_batch_size", 0)],
+    [
+        ("sample_rate", 0.0),
+        ("noise_multiplier", -1.0),
+        ("max_grad_norm", 0.0),
+        ("physical_batch_size", 0),
+    ],
 )
 def test_bad_parameters_raise_one_line_errors(field, value):
     kwargs = {"sigma": 1.0, "clip": 1.0, "q": 0.25, "physical": 4}
@@ -267,3 +277,57 @@ def test_bad_parameters_raise_one_line_errors(field, value):
     kwargs[key] = value
     with pytest.raises(DpsynthError, match=field):
         make_engine(Dot(3), **kwargs)
+
+
+def test_only_optimizer_parameters_are_trained():
+    torch.manual_seed(0)
+    model = TinyDenoiser()
+    frozen_before = flat_params(model.conv_in)
+    engine = make_engine(model, optimizer=torch.optim.SGD(model.conv_out.parameters(), lr=1.0))
+    before = flat_params(model.conv_out)
+    engine.step(make_batch(2), denoise_loss)
+    assert torch.equal(flat_params(model.conv_in), frozen_before)
+    assert not torch.equal(flat_params(model.conv_out), before)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap fallback for SDPA
+def test_real_denoiser_with_unknown_attributes_under_vmap():
+    from dpsynth.models.denoiser import LatentDenoiser
+
+    torch.manual_seed(0)
+    model = LatentDenoiser(
+        in_channels=2, channels=16, channel_multipliers=(1, 2), attention_levels=(False, True),
+        num_res_blocks=1, num_slices=5, time_embed_dim=16, attribute_embed_dim=8,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    attributes = torch.rand(3, 2, 14, generator=g)
+    attributes[0, :, 3] = float("nan")  # "unknown" must not poison the gradient
+    batch = {
+        "x": torch.randn(3, 2, 2, 5, 8, 8, generator=g),
+        "t": torch.randint(0, 150, (3, 2), generator=g),
+        "a": attributes,
+        "eps": torch.randn(3, 2, 2, 5, 8, 8, generator=g),
+    }
+
+    def loss_fn(model_fn, record):
+        eps = model_fn(record["x"], record["t"], record["a"])
+        return ((eps - record["eps"]) ** 2).flatten(1).mean(1).sum()
+
+    record = {k: v[0] for k, v in batch.items()}
+    validate_model_for_dp(model, probe_loss=lambda: loss_fn(model, record))
+    before = flat_params(model)
+    engine = make_engine(model, clip=1.0, q=0.5, n=6, physical=2, lr=1e-2)
+    loss = engine.step(batch, loss_fn)
+    after = flat_params(model)
+    assert np.isfinite(loss) and torch.isfinite(after).all()
+    assert 0 < (after - before).norm().item() <= 1e-2 * 1.0 * 3 / 3 + 1e-6  # lr·C·|batch|/B
+
+
+def test_secure_rng_keeps_noise_scale_and_draws_fresh_batches():
+    sigma, clip, q, n = 2.0, 0.5, 0.25, 16
+    model = ManyZeroGrads()
+    engine = make_engine(model, sigma=sigma, clip=clip, q=q, n=n, secure_rng=True)
+    engine.step({"x": torch.ones(2, 2, 4)}, dot_loss)
+    assert model.w.detach().std().item() == pytest.approx(sigma * clip / (q * n), rel=0.03)
+    first, second = (np.concatenate(list(engine.logical_batches(0))) for _ in range(2))
+    assert not np.array_equal(first, second)  # the sampling_seed is not used

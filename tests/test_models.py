@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from opacus.validators import ModuleValidator
+from safetensors.torch import save_file
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -12,9 +13,13 @@ from dpsynth.errors import DpsynthError
 from dpsynth.models import AttributeEncoder, KLAutoencoder, LatentDenoiser, VQAutoencoder
 from dpsynth.models.discriminator import (
     PatchDiscriminator3D,
+    PerceptualLoss,
     discriminator_loss,
     generator_loss,
 )
+
+# PyTorch notes that CPU flash attention has no vmap batching rule (a speed note only).
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
 TINY_AE = dict(channels=8, channel_multipliers=(1, 2, 2), num_res_blocks=1, norm_groups=4)
 
@@ -199,6 +204,48 @@ def test_patch_discriminator_shape_and_losses():
         generator_loss(ones, "wgan")
 
 
+def vgg_weights_file(path, drop: str | None = None) -> str:
+    """A VGG16-shaped ``features.*`` state dict (random weights) as the user would supply."""
+    gen = torch.Generator().manual_seed(0)
+    shapes, prev = {}, 3
+    for index, width in zip(
+        (0, 2, 5, 7, 10, 12, 14), (64, 64, 128, 128, 256, 256, 256), strict=True
+    ):
+        shapes[f"features.{index}.weight"] = (width, prev, 3, 3)
+        shapes[f"features.{index}.bias"] = (width,)
+        prev = width
+    shapes["features.17.weight"] = (512, 256, 3, 3)  # deeper layers are ignored
+    state = {k: torch.randn(v, generator=gen) * 0.05 for k, v in shapes.items() if k != drop}
+    save_file(state, str(path))
+    return str(path)
+
+
+def test_perceptual_loss_from_local_weights(tmp_path):
+    loss = PerceptualLoss(vgg_weights_file(tmp_path / "vgg.safetensors"))
+    assert not any(p.requires_grad for p in loss.parameters())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 5, 16, 16, generator=gen)
+    near = (x + 0.02 * torch.randn(x.shape, generator=gen)).requires_grad_()
+    far = torch.rand(2, 1, 5, 16, 16, generator=gen)
+    assert loss(x, x).abs().max() < 1e-6
+    d_near, d_far = loss(x, near), loss(x, far)
+    assert d_near.shape == (2,) and (d_near > 0).all()
+    assert (d_far > 2 * d_near).all()
+    d_near.sum().backward()
+    assert near.grad.abs().sum() > 0
+
+
+def test_perceptual_loss_rejects_bad_weight_files(tmp_path):
+    with pytest.raises(DpsynthError, match="cannot read"):
+        PerceptualLoss(tmp_path / "absent.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DpsynthError, match="cannot read"):
+        PerceptualLoss(tmp_path / "junk.safetensors")
+    partial = vgg_weights_file(tmp_path / "partial.safetensors", drop="features.12.weight")
+    with pytest.raises(DpsynthError, match="features.12.weight"):
+        PerceptualLoss(partial)
+
+
 # --- attribute encoder ------------------------------------------------------------------------
 
 
@@ -269,6 +316,22 @@ def test_denoiser_per_sample_grads_match_single_sample():
         return model(x, t, a).square().mean()
 
     assert per_sample_grads_match(den, loss, x, t, a) < 1e-5
+
+
+def test_samples_in_a_batch_do_not_interact():
+    """Changing one sample never changes another's output (no batch statistics anywhere)."""
+    torch.manual_seed(0)
+    den = tiny_denoiser().eval()
+    ae = KLAutoencoder(**TINY_AE)
+    x, t, a = torch.randn(3, 1, 13, 4, 4), torch.tensor([1, 50, 100]), torch.rand(3, 14)
+    v = torch.rand(3, 1, 5, 16, 16)
+    x2, a2, v2 = x.clone(), a.clone(), v.clone()
+    x2[2], a2[2], v2[2] = torch.randn_like(x[2]), float("nan"), torch.rand_like(v[2])
+    with torch.no_grad():
+        eps, eps2 = den(x, t, a), den(x2, t, a2)
+        assert torch.allclose(eps[:2], eps2[:2], atol=1e-6)
+        assert (eps[2] - eps2[2]).abs().max() > 1e-3
+        assert torch.allclose(ae.encode_latent(v)[:2], ae.encode_latent(v2)[:2], atol=1e-6)
 
 
 def test_attention_and_conditioning_parameters_select_attention_only():

@@ -17,7 +17,13 @@ from monai.networks.nets.autoencoderkl import AEKLResBlock
 from torch import nn
 
 from dpsynth.errors import DpsynthError
-from dpsynth.models.blocks import Downsample, PlaneSelfAttention, Upsample, group_norm
+from dpsynth.models.blocks import (
+    Downsample,
+    PlaneSelfAttention,
+    Upsample,
+    check_norm_groups,
+    group_norm,
+)
 
 __all__ = [
     "AutoencoderOutput",
@@ -49,8 +55,7 @@ def _widths(channels: int, channel_multipliers: Sequence[int], norm_groups: int)
     widths = [channels * m for m in channel_multipliers]
     if not widths:
         raise DpsynthError("channel_multipliers: needs at least one level")
-    for width in widths:
-        group_norm(norm_groups, width)  # raises a DpsynthError naming the bad combination
+    check_norm_groups(norm_groups, *widths)
     return widths
 
 
@@ -93,15 +98,15 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Mirror of :class:`Encoder` with in-plane up-sampling."""
+    """Mirror of :class:`Encoder` with in-plane up-sampling; ``in_channels`` = latent channels."""
 
     def __init__(
         self,
-        out_channels: int,
+        in_channels: int,
         channels: int,
         channel_multipliers: Sequence[int],
         num_res_blocks: int,
-        in_channels: int,
+        out_channels: int,
         norm_groups: int,
         attention: bool = False,
     ) -> None:
@@ -149,7 +154,7 @@ class _Autoencoder(nn.Module):
             attention=attention,
         )
         self.encoder = Encoder(in_channels, out_channels=encoder_out_channels, **shared)
-        self.decoder = Decoder(in_channels, in_channels=latent_channels, **shared)
+        self.decoder = Decoder(latent_channels, out_channels=in_channels, **shared)
 
     @property
     def downsample_factor(self) -> int:

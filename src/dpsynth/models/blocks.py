@@ -17,19 +17,26 @@ __all__ = [
     "Attention",
     "Downsample",
     "FeedForward",
+    "PlaneSelfAttention",
     "TimestepResBlock",
     "Upsample",
+    "check_norm_groups",
     "group_norm",
-    "PlaneSelfAttention",
 ]
 
 
+def check_norm_groups(num_groups: int, *widths: int) -> None:
+    """Raise a user-facing error if a channel count does not split into ``num_groups``."""
+    for channels in widths:
+        if channels % num_groups:
+            raise DpsynthError(
+                f"norm_groups: {channels} channels do not divide into {num_groups} groups"
+            )
+
+
 def group_norm(num_groups: int, channels: int) -> nn.GroupNorm:
-    """GroupNorm with a user-facing error when the channel count does not split into groups."""
-    if channels % num_groups:
-        raise DpsynthError(
-            f"norm_groups: {channels} channels do not divide into {num_groups} groups"
-        )
+    """GroupNorm (per-sample statistics, so DP-compatible) over validated groups."""
+    check_norm_groups(num_groups, channels)
     return nn.GroupNorm(num_groups, channels, eps=1e-6)
 
 

@@ -22,6 +22,7 @@ from dpsynth.models.blocks import (
     FeedForward,
     TimestepResBlock,
     Upsample,
+    check_norm_groups,
     group_norm,
 )
 from dpsynth.models.conditioning import AttributeEncoder
@@ -68,19 +69,23 @@ class SliceTransformerBlock(nn.Module):
 class _Stage(nn.Module):
     """A residual block, optionally followed by a :class:`SliceTransformerBlock`."""
 
-    def __init__(self, in_channels: int, out_channels: int, attention: bool, **cfg) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        attention: bool,
+        *,
+        time_embed_dim: int,
+        norm_groups: int,
+        dropout: float,
+        num_heads: int,
+        num_slices: int,
+        context_dim: int,
+    ) -> None:
         super().__init__()
-        self.res = TimestepResBlock(
-            in_channels, out_channels, cfg["time_embed_dim"], cfg["norm_groups"], cfg["dropout"]
-        )
+        self.res = TimestepResBlock(in_channels, out_channels, time_embed_dim, norm_groups, dropout)
         self.transformer = (
-            SliceTransformerBlock(
-                out_channels,
-                cfg["num_heads"],
-                cfg["num_slices"],
-                cfg["context_dim"],
-                cfg["dropout"],
-            )
+            SliceTransformerBlock(out_channels, num_heads, num_slices, context_dim, dropout)
             if attention
             else None
         )
@@ -127,8 +132,7 @@ class LatentDenoiser(nn.Module):
                 "attention_levels: attributes enter by cross-attention; enable a level"
             )
         widths = [channels * m for m in channel_multipliers]
-        for width in widths:
-            group_norm(norm_groups, width)
+        check_norm_groups(norm_groups, *widths)
         self.channels = channels
         self.num_slices = num_slices
         self.num_levels = len(widths)

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
@@ -39,30 +38,26 @@ LossFn = Callable[[ModelFn, Batch], Tensor]
 Every tensor of ``record`` has a leading dim of that patient's volumes (2: ED, ES);
 ``model_fn(*args, **kwargs)`` calls the model on them as a batch."""
 
-# These Opacus validators only exist because its hooks cannot see inside the modules;
-# torch.func differentiates them exactly, so they are no obstacle here.
-_HOOK_ONLY_VALIDATIONS = (nn.MultiheadAttention, nn.LSTM, nn.GRU)
-
 
 def validate_model_for_dp(model: nn.Module, probe_loss: Callable[[], Tensor] | None = None) -> None:
     """Raise `DpsynthError` naming the first module or parameter that breaks patient-level DP.
 
-    Rejected: BatchNorm (couples records and keeps running statistics of private data),
-    InstanceNorm with running statistics, other modules Opacus' `ModuleValidator` rejects
-    for privacy reasons, and — when `probe_loss` (a zero-argument callable returning a
-    scalar loss of `model`) is given — every trainable parameter that the loss does not
-    reach (it would get noise-only updates).
+    Rejected: BatchNorm (mixes records), any norm layer with running statistics (an
+    unaccounted release of private statistics), and — when `probe_loss` (a zero-argument
+    callable returning a scalar loss of `model`) is given — every trainable parameter the
+    loss does not reach (it would only ever get noise).
     """
+    # These are the privacy rules of Opacus' ModuleValidator (opacus 1.6), with messages
+    # that name the module. Its other rules (nn.MultiheadAttention, LSTM, GRU) exist only
+    # because its hooks cannot see inside those modules; torch.func differentiates them.
     for name, module in model.named_modules():
+        kind = type(module).__name__
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            raise DpsynthError(f"model.{name}: BatchNorm is not allowed under DP; use GroupNorm")
-        if isinstance(module, _HOOK_ONLY_VALIDATIONS):
-            continue
-        validator = ModuleValidator.VALIDATORS.get(type(module))
-        errors = validator(module) if validator is not None else []
-        if errors:
+            raise DpsynthError(f"model.{name}: {kind} mixes records in a batch; use GroupNorm")
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
             raise DpsynthError(
-                f"model.{name}: {type(module).__name__} is not allowed under DP ({errors[0]})"
+                f"model.{name}: {kind} keeps running statistics of private data; "
+                "set track_running_stats=False"
             )
     if probe_loss is None:
         return
@@ -77,6 +72,8 @@ def validate_model_for_dp(model: nn.Module, probe_loss: Callable[[], Tensor] | N
 
 
 def _num_patients(batch: Batch) -> int:
+    if not batch:
+        return 0
     sizes = {len(v) for v in batch.values()}
     if len(sizes) != 1:
         raise DpsynthError(f"DP batch: tensors disagree on the number of patients {sorted(sizes)}")
@@ -204,8 +201,9 @@ class PatientDPSGD:
         """
         if self.secure_rng:
             self.generator.manual_seed(secrets.randbits(63))
-        chunks = [c for b in ([batch] if isinstance(batch, Mapping) else batch)
-                  for c in self._split(b)]
+        chunks = [
+            c for b in ([batch] if isinstance(batch, Mapping) else batch) for c in self._split(b)
+        ]
         loss_sum = 0.0
         for chunk in chunks[:-1]:
             loss_sum += self._set_grad_samples(chunk, loss_fn)
@@ -231,7 +229,8 @@ class PatientDPSGD:
     def _set_grad_samples(self, chunk: Batch, loss_fn: LossFn) -> float:
         """Put per-patient gradients of `chunk` into ``p.grad_sample``; return the loss sum."""
         params = {n: p.detach() for n, p in self._trainable.items()}
-        frozen = {n: t for n, t in self.model.named_parameters() if n not in params}
+        # Parameters outside the optimizer are constants here (e.g. a frozen UNet backbone).
+        frozen = {n: t.detach() for n, t in self.model.named_parameters() if n not in params}
         frozen.update(self.model.named_buffers())
 
         def patient_loss(params: dict[str, Tensor], record: Batch) -> Tensor:
@@ -241,9 +240,9 @@ class PatientDPSGD:
             return loss_fn(model_fn, record)
 
         # randomness="different": each patient draws its own dropout masks.
-        grads, losses = vmap(grad_and_value(patient_loss), in_dims=(None, 0), randomness="different")(
-            params, dict(chunk)
-        )
+        grads, losses = vmap(
+            grad_and_value(patient_loss), in_dims=(None, 0), randomness="different"
+        )(params, dict(chunk))
         for name, p in self._trainable.items():
             p.grad_sample = grads[name]
         return float(losses.sum())
@@ -295,9 +294,7 @@ def _extract_tensors(obj: Any, key: str, tensors: dict[str, Tensor]) -> Any:
         return {"tensor": key}
     if isinstance(obj, Mapping):
         # JSON keys are strings: remember int keys (optimizer state is keyed by param index).
-        return {
-            "items": [[k, _extract_tensors(v, f"{key}.{k}", tensors)] for k, v in obj.items()]
-        }
+        return {"items": [[k, _extract_tensors(v, f"{key}.{k}", tensors)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
         return [_extract_tensors(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]
     return obj

@@ -130,7 +130,9 @@ class LatentDiffusion(nn.Module):
         """Generate ``n`` volumes (n, S, H, W) in [0, 1].
 
         ``attributes``: raw values (n, 14), NaN = unknown; None samples unconditionally.
-        ``steps``: model calls per sample; default 25 (at most T) for DDIM, all T for DDPM.
+        ``sampler``: "ddim" (deterministic), "dpm++" (DPM-Solver++(2M), deterministic) or
+        "ddpm" (ancestral, all T steps).
+        ``steps``: model calls per sample; default all T for DDPM, else 25 (at most T).
         ``guidance``: 1 = conditional only, 0 = unconditional, > 1 amplifies the attributes.
         Results depend on ``seed`` and ``batch_size`` only, not on earlier calls.
         """
@@ -140,15 +142,15 @@ class LatentDiffusion(nn.Module):
             )
         if attributes is None:
             attributes = np.full((n, N_ATTRIBUTES), np.nan, dtype=np.float32)
+            guidance = 1.0  # all-unknown is the unconditional model whatever the weight
         attributes = np.asarray(attributes, dtype=np.float32)
         if attributes.shape != (n, N_ATTRIBUTES):
             raise DpsynthError(
                 f"attributes: expected shape ({n}, {N_ATTRIBUTES}), got {attributes.shape}"
             )
         if steps is None:
-            steps = (
-                min(25, self.num_train_timesteps) if sampler == "ddim" else self.num_train_timesteps
-            )
+            t_max = self.num_train_timesteps
+            steps = t_max if sampler == "ddpm" else min(25, t_max)
         scheduler = make_scheduler(sampler, steps=steps, **self.schedule_config)
 
         device = next(self.denoiser.parameters()).device
@@ -163,6 +165,7 @@ class LatentDiffusion(nn.Module):
                 cond = cond_all[start : start + batch_size]
                 b = cond.shape[0]
                 x = torch.randn((b, *self.latent_shape), generator=generator, device=device)
+                scheduler.set_timesteps(steps)  # multistep solvers keep per-trajectory state
                 for t in scheduler.timesteps:
                     t_batch = torch.full((b,), int(t), device=device, dtype=torch.long)
                     eps = self._guided_eps(x, t_batch, cond, guidance)

@@ -1,4 +1,4 @@
-"""Noise schedules and reverse-diffusion steppers, from MONAI, configured in one place.
+"""Noise schedules (MONAI) and reverse-diffusion samplers, configured in one place.
 
 MONAI's ``linear_beta`` is ``torch.linspace(beta_start, beta_end, T)``: the study's linear
 schedule (T = 150, β from 1e-4 to 7e-2) exactly.
@@ -9,31 +9,81 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from monai.networks.schedulers import DDPMScheduler, Scheduler
 
 from dpsynth.errors import DpsynthError
 
-__all__ = ["AlignedDDIMScheduler", "add_noise", "make_scheduler"]
+__all__ = ["ODESolverScheduler", "add_noise", "make_scheduler"]
 
-SamplerName = Literal["ddpm", "ddim"]
+SamplerName = Literal["ddpm", "ddim", "dpm++"]
 
 
-class AlignedDDIMScheduler(DDIMScheduler):
-    """DDIM whose timesteps are exactly ``T // steps`` apart, counted down from T - 1.
+class ODESolverScheduler(Scheduler):
+    """Deterministic sampler of the probability-flow ODE: DDIM (order 1) or DPM-Solver++(2M).
 
-    MONAI's ``set_timesteps`` rounds a linspace (gaps of 6 or 7 for T=150, 25 steps) while its
-    ``step`` always jumps back by ``T // steps``: the sample would then be labelled with the
-    wrong timestep at the next model call. Equal gaps keep the two consistent.
+    Data-prediction multistep updates of Lu et al. 2022 (arXiv 2211.01095, Algorithm 2) for
+    ε-prediction on the discrete schedule; order 1 is exactly DDIM with η = 0. The timesteps
+    run from T - 1 to 0 (MONAI's rounding) and every step lands on the next one in the
+    list. MONAI's ``DDIMScheduler`` is not used because its ``step`` jumps back a fixed
+    ``T // steps`` while its timesteps are rounded (gaps of 6 or 7 for T = 150 and 25 steps),
+    so samples get mislabelled timesteps. The last step returns the predicted clean sample.
+    Stateful along one trajectory: call ``set_timesteps`` before each new batch.
     """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        schedule: str = "linear_beta",
+        order: int = 2,
+        **schedule_args,
+    ) -> None:
+        super().__init__(num_train_timesteps, schedule, **schedule_args)
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {order}")
+        self.order = order
+        self.set_timesteps(num_train_timesteps)
 
     def set_timesteps(
         self, num_inference_steps: int, device: str | torch.device | None = None
     ) -> None:
-        super().set_timesteps(num_inference_steps, device)
-        gap = self.num_train_timesteps // num_inference_steps
-        self.timesteps = (
-            self.num_train_timesteps - 1 - gap * torch.arange(num_inference_steps, device=device)
-        )
+        self.num_inference_steps = num_inference_steps
+        last = self.num_train_timesteps - 1
+        self.timesteps = torch.linspace(last, 0, num_inference_steps, device=device).round().long()
+        self._index = 0
+        self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (x0, h) of last step
+
+    def _alpha_sigma_lambda(self, timestep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        alpha_bar = self.alphas_cumprod[timestep].double()
+        alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        return alpha, sigma, alpha.log() - sigma.log()
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step from ``timestep``: (next sample, predicted clean sample).
+
+        ``generator`` is unused (the solver is deterministic); it keeps MONAI's signature.
+        """
+        alpha, sigma, lam = self._alpha_sigma_lambda(timestep)
+        x0 = (sample - float(sigma) * model_output) / float(alpha)
+        self._index += 1
+        if self._index >= len(self.timesteps):
+            return x0, x0
+        next_t = int(self.timesteps[self._index])
+        alpha_next, sigma_next, lam_next = self._alpha_sigma_lambda(next_t)
+        h = lam_next - lam
+        denoised = x0
+        if self.order == 2 and self._previous is not None:  # extrapolate the data prediction
+            x0_prev, h_prev = self._previous
+            half_ratio = float(h / (2 * h_prev))
+            denoised = (1 + half_ratio) * x0 - half_ratio * x0_prev
+        self._previous = (x0, h)
+        x_next = float(sigma_next / sigma) * sample - float(alpha_next * torch.expm1(-h)) * denoised
+        return x_next, x0
 
 
 def make_scheduler(
@@ -44,30 +94,31 @@ def make_scheduler(
     schedule: str = "linear_beta",
     steps: int | None = None,
 ) -> Scheduler:
-    """A MONAI scheduler for sampling with ``steps`` model calls (default: all T).
+    """A scheduler ready to sample with ``steps`` model calls (default: all T).
 
-    DDPM always runs all T steps: MONAI's DDPM ``step`` assumes consecutive timesteps.
+    "ddpm" (MONAI, ancestral) always runs all T steps: its ``step`` assumes consecutive
+    timesteps. "ddim" and "dpm++" (deterministic, :class:`ODESolverScheduler`) take 1 to T.
     ``clip_sample`` is off because latents are not confined to [-1, 1].
     """
-    schedule_args: dict = {"schedule": schedule}
-    if schedule != "cosine":
-        schedule_args.update(beta_start=beta_start, beta_end=beta_end)
+    if name not in ("ddpm", "ddim", "dpm++"):
+        raise DpsynthError(f"sampler: unknown sampler {name!r} (use 'ddpm', 'ddim' or 'dpm++')")
     steps = num_train_timesteps if steps is None else steps
-    if name == "ddpm":
-        if steps != num_train_timesteps:
-            raise DpsynthError(
-                f"steps: the ddpm sampler runs all {num_train_timesteps} steps, got {steps}; "
-                "use sampler 'ddim' for fewer"
-            )
-        scheduler: Scheduler = DDPMScheduler(
-            num_train_timesteps, clip_sample=False, **schedule_args
+    if name == "ddpm" and steps != num_train_timesteps:
+        raise DpsynthError(
+            f"steps: the ddpm sampler runs all {num_train_timesteps} steps, got {steps}; "
+            "use 'ddim' or 'dpm++' for fewer"
         )
-    elif name == "ddim":
-        if not 1 <= steps <= num_train_timesteps:
-            raise DpsynthError(f"steps: must be between 1 and {num_train_timesteps}, got {steps}")
-        scheduler = AlignedDDIMScheduler(num_train_timesteps, clip_sample=False, **schedule_args)
+    if not 1 <= steps <= num_train_timesteps:
+        raise DpsynthError(f"steps: must be between 1 and {num_train_timesteps}, got {steps}")
+    schedule_args: dict = {"schedule": schedule}
+    if schedule != "cosine":  # MONAI's cosine schedule takes no β range
+        schedule_args.update(beta_start=beta_start, beta_end=beta_end)
+    scheduler: Scheduler
+    if name == "ddpm":
+        scheduler = DDPMScheduler(num_train_timesteps, clip_sample=False, **schedule_args)
     else:
-        raise DpsynthError(f"sampler: unknown sampler {name!r} (use 'ddpm' or 'ddim')")
+        order = 1 if name == "ddim" else 2
+        scheduler = ODESolverScheduler(num_train_timesteps, order=order, **schedule_args)
     scheduler.set_timesteps(steps)
     return scheduler
 

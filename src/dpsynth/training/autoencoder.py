@@ -155,7 +155,7 @@ def _save_reconstruction_grid(run: Path, model, cache: Cache, step: int) -> None
     was_training = model.training
     model.eval()
     x = load_volumes(cache.images, rows).to(device)
-    recon = model(x).reconstruction.float().clamp(0, 1)
+    recon = reconstruct(model, x)
     model.train(was_training)
     (run / "samples").mkdir(exist_ok=True)
     sets = {
@@ -195,6 +195,11 @@ def _finish(run: Path, model, cache: Cache, config: Config) -> None:
     atomic_write_json(run / "reconstruction.json", quality)
 
 
+def reconstruct(model, x: torch.Tensor) -> torch.Tensor:
+    """Deterministic reconstruction (posterior mean): draws nothing from the RNG."""
+    return model.decode_latent(model.encode_latent(x)).float().clamp(0, 1)
+
+
 @torch.no_grad()
 def reconstruction_quality(model, cache: Cache, split: str = "test", batch: int = 8) -> dict:
     """PSNR (dB) and SSIM of reconstructions on a split, with MONAI's metrics (data range 1)."""
@@ -208,7 +213,7 @@ def reconstruction_quality(model, cache: Cache, split: str = "test", batch: int 
     psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=2, data_range=1.0, win_size=7)
     for i in range(0, len(rows), batch):
         x = load_volumes(cache.images, rows[i : i + batch]).to(device)
-        y = model(x).reconstruction.float().clamp(0, 1)
+        y = reconstruct(model, x)
         psnr(y, x)
         ssim(y.flatten(0, 2).unsqueeze(1), x.flatten(0, 2).unsqueeze(1))
     return {

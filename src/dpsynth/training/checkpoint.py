@@ -50,8 +50,8 @@ def load_optimizer_state(
 ) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
-        head, pid, key = name.split(".", 2)
-        if head == prefix:
+        if name.startswith(prefix + "."):
+            _, pid, key = name.split(".", 2)
             state.setdefault(int(pid), {})[key] = value
     for pid, values in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(values)

@@ -36,7 +36,7 @@ from dpsynth.training.common import (
     warmup_factor,
 )
 from dpsynth.training.ema import EMA
-from dpsynth.training.monitor import Monitor
+from dpsynth.training.monitor import Monitor, append_metrics
 
 # Public conditions for the sample grids written during training (never private rows).
 GRID_CONDITIONS: tuple[dict[str, float], ...] = (
@@ -175,8 +175,7 @@ def train_ldm(
         objective=objective, config=config, device=device, rng=rng, generator=gen,
         parents=[p for p in (Path(autoencoder), init and Path(init)) if p],
     )  # fmt: skip
-    if resume:
-        trainer.restore()
+    trainer.start(resume)
     trainer.fit(validation=Cache(validation_data) if validation_data else None)
 
     denoiser.load_state_dict(trainer.ema.state_dict(denoiser))
@@ -324,6 +323,10 @@ class _Trainer:
         )
 
     # -- checkpoints
+    def start(self, resume: bool) -> None:
+        if resume:
+            self.restore()
+
     def checkpoint_state(self) -> tuple[dict, dict]:
         tensors = {f"model.{k}": v for k, v in self.denoiser.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
@@ -376,7 +379,8 @@ class _DPTrainer(_Trainer):
             epsilon=p.epsilon, noise_multiplier=p.noise_multiplier, delta=p.delta,
             accountant=p.accountant,
         )  # fmt: skip
-        self.ledger = self._open_ledger()
+        self.ledger = None  # opened by start(): a new stage, or the checkpoint's on resume
+        self.entry_id = ""
         self.engine = PatientDPSGD(
             self.denoiser, self.optimizer, noise_multiplier=self.plan.noise_multiplier,
             max_grad_norm=p.max_grad_norm, sample_rate=self.plan.sample_rate,
@@ -429,6 +433,11 @@ class _DPTrainer(_Trainer):
 
     def fit(self, validation: Cache | None) -> None:
         self.patient_latents, self.patient_attributes = self._patient_latents()
+        append_metrics(
+            self.run,
+            {"note": "training losses here are computed on private data without DP: "
+                     "evaluation only (BRIEF 3c), never release this file"}
+        )  # fmt: skip
         super().fit(validation)
 
     def train_step(self) -> dict[str, float]:
@@ -469,10 +478,22 @@ class _DPTrainer(_Trainer):
         )
         self.ledger.save(self.run / "ledger.json")
 
+    def start(self, resume: bool) -> None:
+        if resume:
+            self.restore()
+        else:
+            self.ledger = self._open_ledger()
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        tensors, state = super().checkpoint_state()
+        state["ledger_entry"] = self.entry_id
+        return tensors, state
+
     def restore(self) -> dict[str, Any]:
         from dpsynth.privacy.ledger import Ledger
 
         restored = super().restore()
+        self.entry_id = restored["state"]["ledger_entry"]
         self.ledger = Ledger.load(self.run / "checkpoint" / "ledger.json")
         self.ledger.save(self.run / "ledger.json")
         return restored

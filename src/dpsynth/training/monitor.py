@@ -31,8 +31,13 @@ class Monitor:
             self.write({"step": step, "volumes_per_s": round(rate, 3), **metrics})
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        append_metrics(self.path.parent, record)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one timestamped JSON line to `run_dir/metrics.jsonl`."""
+    with (Path(run_dir) / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")

@@ -1,0 +1,248 @@
+"""Training, sampling and the DP stage end to end on tiny phantoms.
+
+These tests protect the guarantee where the pieces meet: the accountant sees the patient
+sample rate, the ledger matches the checkpoint after an interruption, budgets are refused
+before any private step, and nothing private shapes the saved model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from dpsynth.attributes import ATTRIBUTES, CLINICAL_RANGES
+from dpsynth.cli import main
+from dpsynth.config import load_config
+from dpsynth.data.prepare import prepare
+from dpsynth.data.simulate import simulate_cohort
+from dpsynth.errors import BudgetExceededError, DpsynthError
+from dpsynth.io import read_json
+from dpsynth.privacy.ledger import Ledger
+from dpsynth.sampling.api import load, sample_to_folder
+from dpsynth.training import checkpoint as ckpt
+from dpsynth.training.autoencoder import train_autoencoder
+from dpsynth.training.ldm import train_ldm
+from dpsynth.training.monitor import Monitor
+
+SHAPE = (5, 16, 16)
+SPACING = (10.0, 7.0, 7.0)
+
+TINY = {
+    "data.shape": list(SHAPE),
+    "data.spacing": list(SPACING),
+    "autoencoder.channels": 8,
+    "autoencoder.norm_groups": 4,
+    "autoencoder.latent_channels": 2,
+    "autoencoder.num_res_blocks": 1,
+    "autoencoder_training.steps": 4,
+    "autoencoder_training.batch_size": 2,
+    "autoencoder_training.checkpoint_every": 2,
+    "autoencoder_training.sample_every": 4,
+    "denoiser.channels": 8,
+    "denoiser.norm_groups": 4,
+    "denoiser.num_heads": 2,
+    "denoiser.time_embed_dim": 16,
+    "denoiser.channel_multipliers": [1, 2],
+    "denoiser.attention_levels": [False, True],
+    "denoiser.num_res_blocks": 1,
+    "ldm_training.steps": 4,
+    "ldm_training.batch_size": 4,
+    "ldm_training.checkpoint_every": 2,
+    "ldm_training.sample_every": 4,
+    "privacy.epochs": 1.0,
+    "privacy.batch_size": 4,
+    "privacy.physical_batch_size": 2,
+    "privacy.accountant": "rdp",
+    "privacy.lr": 1e-3,
+    "sampling.steps": 5,
+}
+
+
+def tiny(**extra) -> object:
+    return load_config("demo", overrides={**TINY, **extra})
+
+
+def _cache(root, cohort, seed, n):
+    raw = root / f"{cohort}_raw"
+    simulate_cohort(raw, n, cohort=cohort, seed=seed, shape=SHAPE, spacing=SPACING, workers=1)
+    out = root / f"{cohort}_cache"
+    prepare("ukbb", raw, out, attributes_csv=raw / "attributes.csv", seed=seed, shape=SHAPE,
+            spacing=SPACING, split=(0.6, 0.2, 0.2))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Public and private caches, a public autoencoder and a public LDM."""
+    root = tmp_path_factory.mktemp("world")
+    torch.manual_seed(0)
+    public = _cache(root, "acdc", 1, 10)
+    private = _cache(root, "ukbb", 2, 20)
+    ae = train_autoencoder(public, root / "ae", tiny())
+    ldm = train_ldm(public, ae, root / "ldm", tiny())
+    return {"root": root, "public": public, "private": private, "ae": ae, "ldm": ldm}
+
+
+def test_autoencoder_run_has_public_latent_scale_and_quality(world):
+    meta = read_json(world["ae"] / "model.json")
+    assert meta["latent_scale"] > 0 and np.isfinite(meta["latent_scale"])
+    assert meta["shape"] == list(SHAPE)
+    quality = read_json(world["ae"] / "reconstruction.json")
+    assert quality["n"] > 0 and np.isfinite(quality["psnr_db"]) and -1 <= quality["ssim"] <= 1
+    assert any(p.suffix == ".png" for p in (world["ae"] / "samples").iterdir())
+
+
+def test_autoencoder_resume_continues_exactly(world, tmp_path):
+    config = tiny()
+    straight = train_autoencoder(world["public"], tmp_path / "straight", config)
+    first = train_autoencoder(
+        world["public"], tmp_path / "resumed", tiny(**{"autoencoder_training.steps": 2})
+    )
+    assert read_json(first / "checkpoint" / "state.json")["step"] == 2
+    (first / "model.json").unlink()
+    resumed = train_autoencoder(world["public"], first, config, resume=True)
+    a = ckpt.load_weights(straight / "autoencoder.safetensors")
+    b = ckpt.load_weights(resumed / "autoencoder.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_existing_run_is_not_overwritten(world):
+    with pytest.raises(DpsynthError, match="a run already exists"):
+        train_autoencoder(world["public"], world["ae"], tiny())
+
+
+def test_sample_api_and_cli_write_nifti_with_spacing(world, tmp_path):
+    pipe = load(world["ldm"])
+    table = np.full((3, len(ATTRIBUTES)), np.nan, np.float32)
+    table[:, ATTRIBUTES.index("LVEDV")] = 150.0
+    volumes = pipe.sample(3, attributes=table, steps=3, progress=False)
+    assert volumes.shape == (3, *SHAPE) and volumes.min() >= 0 and volumes.max() <= 1
+
+    out = tmp_path / "synth"
+    code = main(["sample", str(world["ldm"]), "--n", "3", "--set", "LVEDV=150", "--set", "ESED=1",
+                 "--steps", "3", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    files = sorted(out.glob("*.nii.gz"))
+    assert len(files) == 3
+    img = nib.load(files[0])
+    assert img.shape == (SHAPE[2], SHAPE[1], SHAPE[0])
+    np.testing.assert_allclose(
+        img.header.get_zooms(), (SPACING[2], SPACING[1], SPACING[0]), rtol=1e-5
+    )
+    rows = (out / "attributes.csv").read_text().splitlines()
+    assert rows[0].split(",")[:2] == ["file", "LVEDV"] and len(rows) == 4
+    assert rows[1].split(",")[1] == "150"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "LVEDVX=150"], "unknown attribute 'LVEDVX'"),
+        (["--set", "LVEDV=big"], "'big' is not a number"),
+        (["--set", "LVEDV"], "expected NAME=VALUE"),
+    ],
+)
+def test_sample_rejects_bad_attributes(world, tmp_path, capsys, args, message):
+    out = tmp_path / "bad"
+    code = main(["sample", str(world["ldm"]), "--n", "2", *args, "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_sample_rejects_csv_with_wrong_columns(world, tmp_path, capsys):
+    csv = tmp_path / "c.csv"
+    csv.write_text("LVEDV,HEART\n150,1\n")
+    code = main(
+        [
+            "sample",
+            str(world["ldm"]),
+            "--n",
+            "2",
+            "--attributes",
+            str(csv),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 2
+    assert "unknown column 'HEART'" in capsys.readouterr().err
+
+
+def test_sample_warns_outside_training_range(world, tmp_path):
+    with pytest.warns(UserWarning, match="outside the training range"):
+        sample_to_folder(world["ldm"], tmp_path / "o", n=1, settings=["LVEDV=5000"], steps=2)
+
+
+def _dp(world, out, **extra):
+    config = tiny(**{"privacy.epsilon": 8.0, **extra})
+    return train_ldm(world["private"], world["ae"], out, config, init=world["ldm"], dp=True)
+
+
+def test_dp_stage_ledger_matches_patient_sample_rate(world, tmp_path):
+    run = _dp(world, tmp_path / "dp")
+    ledger = Ledger.load(run)
+    (entry,) = [e for e in ledger if e.mechanism == "dp-sgd"]
+    n_patients = 12  # 60% of 20 patients: the private training split
+    assert entry.records == n_patients
+    assert entry.sample_rate == pytest.approx(4 / n_patients)  # patients, not volumes
+    assert entry.steps == entry.planned_steps == int(np.ceil(1.0 / entry.sample_rate))
+    assert 7.0 < ledger.total_epsilon(1e-5, accountant="rdp") <= 8.0 + 1e-9
+    state = read_json(run / "checkpoint" / "state.json")
+    assert state["opt"]["accountant"]["history"] == [
+        [entry.noise_multiplier, entry.sample_rate, entry.steps]
+    ]
+
+
+def test_dp_resume_after_crash_neither_loses_nor_double_counts(world, tmp_path, monkeypatch):
+    original = Monitor.step
+
+    def crash_at_3(self, step, *args, **kwargs):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Monitor, "step", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        _dp(world, tmp_path / "dp")
+    monkeypatch.setattr(Monitor, "step", original)
+    crashed = Ledger.load(tmp_path / "dp")
+    (entry,) = [e for e in crashed if e.mechanism == "dp-sgd"]
+    assert entry.steps == 2  # the last checkpoint: what a released model could have seen
+    run = train_ldm(world["private"], world["ae"], tmp_path / "dp",
+                    tiny(**{"privacy.epsilon": 8.0}), init=world["ldm"], dp=True, resume=True)  # fmt: skip
+    (after,) = [e for e in Ledger.load(run) if e.mechanism == "dp-sgd"]
+    assert after.id == entry.id and after.steps == after.planned_steps
+    history = read_json(run / "checkpoint" / "state.json")["opt"]["accountant"]["history"]
+    assert sum(h[2] for h in history) == after.planned_steps
+
+
+def test_dp_stage_refused_before_spending(world, tmp_path):
+    with pytest.raises(BudgetExceededError, match="above --max-total-epsilon 1"):
+        _dp(world, tmp_path / "dp", **{"privacy.max_total_epsilon": 1.0})
+    assert not (tmp_path / "dp" / "checkpoint").exists()
+
+
+def test_no_private_statistic_shapes_the_dp_model(world, tmp_path):
+    run = _dp(world, tmp_path / "dp")
+    meta = read_json(run / "model.json")
+    public_meta = read_json(world["ae"] / "model.json")
+    assert meta["latent_scale"] == public_meta["latent_scale"]  # from public data
+    assert meta["attribute_ranges"] == read_json(world["ldm"] / "model.json")["attribute_ranges"]
+    assert meta["private"] is True
+    config = json.dumps(read_json(run / "model.json"))
+    assert world["private"].name not in config
+
+
+def test_dp_without_public_init_uses_clinical_ranges(world, tmp_path):
+    config = tiny(**{"privacy.epsilon": 8.0})
+    run = train_ldm(world["private"], world["ae"], tmp_path / "scratch", config, dp=True)
+    ranges = read_json(run / "model.json")["attribute_ranges"]
+    assert ranges == {a: list(CLINICAL_RANGES[a]) for a in ATTRIBUTES}
