@@ -35,7 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
 bench-paper: $(STAMP)
-	$(BIN)/dpsynth sweep --preset demo --epsilons 1,10,inf --pretrain both --out runs/bench-paper --bench-md BENCHMARKS.md
+	$(BIN)/dpsynth sweep --epsilons 1,10,inf --pretrain both --out runs/bench-paper --bench-md BENCHMARKS.md
 
 clean:
 	rm -rf runs

@@ -21,7 +21,11 @@ def test_paper_preset_has_the_studys_sizes():
     assert c.data.shape == (13, 96, 96)
     assert c.denoiser.channels == 128 and c.denoiser.channel_multipliers == (1, 2, 3)
     assert c.denoiser.attention_levels == (False, True, True)
-    assert (c.diffusion.timesteps, c.diffusion.beta_start, c.diffusion.beta_end) == (150, 1e-4, 7e-2)
+    assert (c.diffusion.timesteps, c.diffusion.beta_start, c.diffusion.beta_end) == (
+        150,
+        1e-4,
+        7e-2,
+    )
     assert (c.privacy.delta, c.privacy.max_grad_norm, c.privacy.batch_size) == (1e-5, 1.0, 256)
 
 

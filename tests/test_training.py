@@ -246,3 +246,28 @@ def test_dp_without_public_init_uses_clinical_ranges(world, tmp_path):
     run = train_ldm(world["private"], world["ae"], tmp_path / "scratch", config, dp=True)
     ranges = read_json(run / "model.json")["attribute_ranges"]
     assert ranges == {a: list(CLINICAL_RANGES[a]) for a in ATTRIBUTES}
+
+
+def test_torchrun_two_processes_dp_run(world, tmp_path):
+    """`torchrun --nproc-per-node 2 -m dpsynth train-ldm --dp` trains and accounts like one process."""
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(tiny(**{"privacy.epsilon": 8.0}).to_yaml())
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", "29517", "-m", "dpsynth", "train-ldm", "--data", str(world["private"]),
+           "--autoencoder", str(world["ae"]), "--init", str(world["ldm"]), "--out", str(out),
+           "--config", str(config), "--dp"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (entry,) = [e for e in Ledger.load(out) if e.mechanism == "dp-sgd"]
+    assert entry.sample_rate == pytest.approx(4 / 12)
+    assert entry.steps == entry.planned_steps
+    assert (out / "model.json").exists()
+    single = _dp(world, tmp_path / "single")
+    (one,) = [e for e in Ledger.load(single) if e.mechanism == "dp-sgd"]
+    assert one.noise_multiplier == entry.noise_multiplier and one.steps == entry.steps

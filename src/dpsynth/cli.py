@@ -212,7 +212,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from dpsynth.report.html import write_report
 
-    path = write_report(args.run, args.out, compare=tuple(args.compare or ()))
+    path = write_report(
+        args.run, args.out, compare=tuple(args.compare or ()), eval_dir=args.eval,
+        synthetic_dir=args.synthetic, real=args.real,
+    )  # fmt: skip
     print(f"report -> {path}")
 
 
@@ -300,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--attributes", help="CSV of conditioning rows, or 'dp' for the DP attribute model"
     )
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"))
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"))
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
     p.add_argument("--seed", type=int, default=0)
@@ -351,7 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write the self-contained HTML report")
     p.add_argument("run", type=Path)
-    p.add_argument("--compare", type=Path, action="append")
+    p.add_argument("--compare", type=Path, action="append", help="other runs (privacy-utility)")
+    p.add_argument("--eval", type=Path, help="evaluation folder (default RUN/eval)")
+    p.add_argument("--synthetic", type=Path, help="synthetic folder (default: from metrics.json)")
+    p.add_argument("--real", type=Path, help="real cache (default: from metrics.json)")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_report)
 

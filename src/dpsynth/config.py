@@ -101,7 +101,7 @@ class PrivacyConfig:
 
 @dataclass
 class SamplingConfig:
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
     steps: int = 25
     guidance: float = 1.0
     batch_size: int = 16

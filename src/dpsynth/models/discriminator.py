@@ -87,7 +87,7 @@ class PerceptualLoss(nn.Module):
     MONAI's ``PerceptualLoss`` downloads its weights; dpsynth never does. The weights come
     from a local safetensors file holding torchvision's VGG16 ``features.<i>.weight/bias``
     keys (for example ``save_file({f"features.{k}": v for k, v in
-    torchvision.models.vgg16(weights="DEFAULT").features.state_dict().items()}, path)``,
+    torchvision.models.vgg16(weights=VGG16_Weights.IMAGENET1K_V1).features.state_dict().items()}, path)``,
     run once by the user). Extra keys are ignored.
     """
 

@@ -176,11 +176,14 @@ def sample_to_folder(
     table = np.where(np.isfinite(overrides), overrides, table)
     warn_out_of_range(table, pipe.run_meta.get("attribute_ranges", {}))
     defaults = pipe.run_meta.get("sampling", {})
+    sampler = sampler or defaults.get("sampler", "ddim")
+    if steps is None and sampler != "ddpm":  # DDPM always runs all T steps
+        steps = defaults.get("steps")
     volumes = pipe.sample(
         n,
         attributes=table,
-        sampler=sampler or defaults.get("sampler", "ddim"),
-        steps=steps or defaults.get("steps", 25),
+        sampler=sampler,
+        steps=steps,
         guidance=guidance if guidance is not None else defaults.get("guidance", 1.0),
         seed=seed,
     )

@@ -137,6 +137,7 @@ def train_ldm(
     With `dp`, `data` is private; `validation_data` must then be public.
     """
     cache = Cache(data)
+    rank = _init_distributed(dp)
     device = pick_device()
     ae, ae_meta = load_autoencoder(autoencoder, device)
     if list(ae_meta["shape"]) != list(cache.shape):
@@ -147,14 +148,13 @@ def train_ldm(
     init_meta = read_json(Path(init) / "model.json") if init else None
     if init_meta is not None:
         config = _adopt_architecture(config, init_meta)
-    run = prepare_run_dir(out, config, resume)
+    run = prepare_run_dir(out, config, resume) if rank == 0 else Path(out)
+    _barrier()
     tcfg = config.ldm_training
     rng = seed_everything(tcfg.seed)
     latent_scale = float(ae_meta["latent_scale"])
 
-    denoiser = build_denoiser(
-        config.denoiser, cache.shape[0], ae_meta["autoencoder"]["latent_channels"]
-    )
+    denoiser = build_denoiser(config.denoiser, cache.shape[0], ae.latent_channels)
     if init is not None:
         denoiser.load_state_dict(ckpt.load_weights(Path(init) / "denoiser.safetensors"))
     _select_trainable(denoiser, tcfg.finetune)
@@ -168,7 +168,8 @@ def train_ldm(
         schedule=config.diffusion.schedule,
     )
     objective = DenoisingObjective(scheduler, config.diffusion.condition_dropout)
-    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    # Each rank draws its own diffusion noise for its share of the patients.
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)) + rank)
     trainer_cls = _DPTrainer if dp else _Trainer
     trainer = trainer_cls(
         run=run, cache=cache, autoencoder=ae, latent_scale=latent_scale, denoiser=denoiser,
@@ -179,8 +180,36 @@ def train_ldm(
     trainer.fit(validation=Cache(validation_data) if validation_data else None)
 
     denoiser.load_state_dict(trainer.ema.state_dict(denoiser))
-    _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache)
+    if rank == 0:
+        _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache)
+    _barrier()
     return run
+
+
+def _init_distributed(dp: bool) -> int:
+    """Join the torchrun process group (DP runs only); return this process's rank."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if not dp:
+        raise DpsynthError("torchrun: multi-process training is supported for --dp runs only")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _adopt_architecture(config: Config, init_meta: dict) -> Config:
@@ -253,7 +282,8 @@ class _Trainer:
         return self.tcfg.batch_size * self.tcfg.grad_accumulation
 
     def fit(self, validation: Cache | None) -> None:
-        monitor = Monitor(self.run, self.total_steps, self.step, self.run.name)
+        main = _is_main()  # under torchrun only rank 0 writes
+        monitor = Monitor(self.run, self.total_steps, self.step, self.run.name) if main else None
         val = self._validation_batch(validation) if validation is not None else None
         while self.step < self.total_steps:
             logs = self.train_step()
@@ -264,14 +294,16 @@ class _Trainer:
             last = done == self.total_steps
             if val is not None and (done % self.tcfg.sample_every == 0 or last):
                 logs["validation_loss"] = self._validation_loss(val)
-            monitor.step(
-                done, self.volumes_per_step(), logs, done % self.tcfg.log_every == 0 or last
-            )
+            if not main:
+                continue
+            log = done % self.tcfg.log_every == 0 or last
+            monitor.step(done, self.volumes_per_step(), logs, log)
             if done % self.tcfg.sample_every == 0 or last:
                 self._sample_grid(done)
             if done % self.tcfg.checkpoint_every == 0 or last:
                 self.checkpoint()
-        monitor.close()
+        if main:
+            monitor.close()
 
     # -- validation and grids use public data or fixed public conditions only
     def _validation_batch(self, cache: Cache) -> dict:
@@ -386,6 +418,7 @@ class _DPTrainer(_Trainer):
             max_grad_norm=p.max_grad_norm, sample_rate=self.plan.sample_rate,
             num_records=self.num_patients, accountant=make_accountant(p.accountant),
             physical_batch_size=p.physical_batch_size,
+            distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1,
         )  # fmt: skip
 
     @property
@@ -422,7 +455,8 @@ class _DPTrainer(_Trainer):
             ledger.check_budget(entry, p.max_total_epsilon, accountant=p.accountant)
         ledger.add(entry)
         self.entry_id = entry.id
-        ledger.save(self.run / "ledger.json")
+        if _is_main():
+            ledger.save(self.run / "ledger.json")
         return ledger
 
     def _patient_latents(self):
@@ -433,11 +467,10 @@ class _DPTrainer(_Trainer):
 
     def fit(self, validation: Cache | None) -> None:
         self.patient_latents, self.patient_attributes = self._patient_latents()
-        append_metrics(
-            self.run,
-            {"note": "training losses here are computed on private data without DP: "
-                     "evaluation only (BRIEF 3c), never release this file"}
-        )  # fmt: skip
+        if _is_main():
+            note = ("training losses here are computed on private data without DP: "
+                    "evaluation only (BRIEF 3c), never release this file")  # fmt: skip
+            append_metrics(self.run, {"note": note})
         super().fit(validation)
 
     def train_step(self) -> dict[str, float]:
@@ -495,7 +528,8 @@ class _DPTrainer(_Trainer):
         restored = super().restore()
         self.entry_id = restored["state"]["ledger_entry"]
         self.ledger = Ledger.load(self.run / "checkpoint" / "ledger.json")
-        self.ledger.save(self.run / "ledger.json")
+        if _is_main():
+            self.ledger.save(self.run / "ledger.json")
         return restored
 
 

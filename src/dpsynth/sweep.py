@@ -1,0 +1,187 @@
+"""The study's experiment: ε × (with, without public pre-training), one table.
+
+Every cell DP fine-tunes (or, at ε = ∞, trains non-privately) an LDM on the same private
+phantom cohort for the same number of steps, samples volumes conditioned on the private
+TEST split's attributes (evaluation only: these volumes are never released), and
+evaluates them against the real test split with one shared referee.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from dpsynth.attributes import ATTRIBUTES
+from dpsynth.config import load_config
+from dpsynth.io import atomic_write_json, atomic_write_text, read_json
+
+N_SAMPLES = 80
+TABLE_START, TABLE_END = "<!-- sweep-table:start -->", "<!-- sweep-table:end -->"
+
+
+def parse_epsilons(text: str) -> list[float]:
+    return [math.inf if v.strip().lower() in ("inf", "∞") else float(v) for v in text.split(",")]
+
+
+def run_sweep(
+    out: str | Path,
+    epsilons: str = "1,10,inf",
+    pretrain: str = "both",
+    bench_md: str | Path | None = None,
+) -> list[dict]:
+    from dpsynth.demo import demo_assets, pretrain_public, simulate_and_prepare
+    from dpsynth.evaluation.evaluate import evaluate
+    from dpsynth.evaluation.referee import train_referee
+    from dpsynth.privacy.ledger import Ledger
+    from dpsynth.sampling.api import sample_to_folder
+
+    out = Path(out)
+    config = load_config("demo")
+    public = demo_assets()
+    if not (public / "ldm" / "model.json").exists():
+        public = pretrain_public(out / "public", config)
+    private = simulate_and_prepare(out / "data", _private_spec(), config, split=(0.7, 0.1, 0.2))
+    referee = out / "referee"
+    if not referee.exists():
+        train_referee(private, referee, epochs=8, seed=0)
+    conditions = _test_conditions(private, out / "conditions.csv")
+
+    rows = []
+    modes = {"both": (True, False), "on": (True,), "off": (False,)}[pretrain]
+    for eps in parse_epsilons(epsilons):
+        for with_pretrain in modes:
+            name = f"eps{eps:g}_{'pretrain' if with_pretrain else 'scratch'}"
+            run = out / name
+            if not (run / "model.json").exists():
+                _train_cell(private, public, run, config, eps, with_pretrain)
+            synthetic = out / f"{name}_synthetic"
+            if not synthetic.exists():
+                sample_to_folder(run, synthetic, n=N_SAMPLES, attributes=conditions, seed=0)
+            if not (run / "eval" / "metrics.json").exists():
+                evaluate(private, synthetic, run / "eval", referee=referee, model_run=run,
+                         metrics=("frd", "fd_referee", "ms_ssim", "controllability", "audit"))  # fmt: skip
+            ledger = Ledger.load(run, missing_ok=True)
+            rows.append(
+                _row(name, eps, with_pretrain, ledger, read_json(run / "eval" / "metrics.json"))
+            )
+    atomic_write_json(out / "sweep.json", rows)
+    table = format_table(rows)
+    print(table)
+    if bench_md is not None:
+        write_table(Path(bench_md), table)
+    return rows
+
+
+def _private_spec() -> dict:
+    from dpsynth.demo import PRIVATE
+
+    return PRIVATE
+
+
+def _train_cell(private, public, run, config, eps, with_pretrain) -> None:
+    from dpsynth.demo import _with
+    from dpsynth.privacy.planner import plan
+    from dpsynth.training.ldm import train_ldm
+
+    init = public / "ldm" if with_pretrain else None
+    finetune = "attention" if with_pretrain else "all"
+    if math.isinf(eps):  # non-private: same data, same number of steps and batch
+        from dpsynth.data.cache import Cache
+
+        n = len(Cache(private).patient_rows("train"))
+        p = config.privacy
+        steps = plan(
+            records=n, batch_size=p.batch_size, epochs=p.epochs, noise_multiplier=1.0
+        ).steps
+        cfg = _with(config, **{"ldm_training.steps": steps, "ldm_training.lr": p.lr,
+                               "ldm_training.batch_size": 2 * p.batch_size,
+                               "ldm_training.finetune": finetune})  # fmt: skip
+        train_ldm(private, public / "autoencoder", run, cfg, init=init)
+    else:
+        cfg = _with(config, **{"privacy.epsilon": eps, "ldm_training.finetune": finetune})
+        train_ldm(private, public / "autoencoder", run, cfg, init=init, dp=True)
+
+
+def _test_conditions(private: Path, path: Path) -> Path:
+    """The private test split's attribute rows, cycled to N_SAMPLES (evaluation only)."""
+    from dpsynth.data.cache import Cache
+
+    cache = Cache(private)
+    rows = cache.attributes[cache.volume_indices("test")]
+    rows = rows[np.arange(N_SAMPLES) % len(rows)]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(ATTRIBUTES)
+        for row in rows:
+            writer.writerow(["" if not np.isfinite(v) else f"{v:.6g}" for v in row])
+    return path
+
+
+def _metric(result: dict, name: str) -> float:
+    value = result.get("metrics", {}).get(name, {}).get("value")
+    return math.nan if value is None else float(value)
+
+
+def _row(name, eps, with_pretrain, ledger, result) -> dict:
+    ctrl = result.get("controllability", {})
+    mia = (result.get("privacy_audit") or {}).get("membership_inference", {}).get("patient", {})
+    return {
+        "cell": name,
+        "epsilon_target": eps,
+        "epsilon_spent": ledger.total_epsilon() if len(ledger) else math.inf,
+        "pretrain": with_pretrain,
+        "frd": _metric(result, "frd"),
+        "frd_baseline": result.get("metrics", {}).get("frd", {}).get("baseline"),
+        "fd_referee": _metric(result, "fd_referee"),
+        "ms_ssim": _metric(result, "ms_ssim"),
+        "lv_volume_r": (ctrl.get("LV_VOLUME") or {}).get("r"),
+        "esed_accuracy": _metric(result, "esed_accuracy"),
+        "mia_auc": mia.get("auc"),
+    }
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    head = "| ε target | ε spent | pre-training | FRD | FD-referee | MS-SSIM | LV volume r | ES/ED acc. | MIA AUC (patient) |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {_fmt(r['epsilon_target'])} | {_fmt(r['epsilon_spent'])} | "
+            f"{'yes' if r['pretrain'] else 'no'} | {_fmt(r['frd'])} | {_fmt(r['fd_referee'])} | "
+            f"{_fmt(r['ms_ssim'])} | {_fmt(r['lv_volume_r'])} | {_fmt(r['esed_accuracy'])} | "
+            f"{_fmt(r['mia_auc'])} |"
+        )
+    ratio = pretrain_ratio(rows, 10.0)
+    if ratio is not None:
+        lines.append(f"\nAt ε = 10, FRD without / with pre-training: {ratio:.2f}× (study: 3.5×).")
+    return "\n".join(lines)
+
+
+def pretrain_ratio(rows: list[dict], eps: float) -> float | None:
+    cells = {r["pretrain"]: r["frd"] for r in rows if r["epsilon_target"] == eps}
+    if True in cells and False in cells and cells[True] > 0:
+        return cells[False] / cells[True]
+    return None
+
+
+def write_table(path: Path, table: str) -> None:
+    """Replace the marked sweep section of BENCHMARKS.md (or append it)."""
+    text = path.read_text() if path.exists() else ""
+    block = f"{TABLE_START}\n{table}\n{TABLE_END}"
+    if TABLE_START in text:
+        text = re.sub(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), lambda _: block,
+                      text, flags=re.S)  # fmt: skip
+    else:
+        text += "\n" + block + "\n"
+    atomic_write_text(path, text)
