@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	for b in simulate loading train dp_step evaluate; do $(BIN)/python benchmarks/bench_$$b.py; done
 
 bench-paper: $(STAMP)
 	$(BIN)/dpsynth sweep --epsilons 1,10,inf --pretrain both --out runs/bench-paper --bench-md BENCHMARKS.md

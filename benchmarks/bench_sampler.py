@@ -46,23 +46,36 @@ def main() -> None:
     real = real.subset(idx)
     conditions = real.attributes
     real_latent = feature_statistics(latent_features(pipe, real.volumes))
-    settings = [("ddpm", None), ("ddim", 10), ("ddim", 25), ("ddim", 50), ("dpm++", 10), ("dpm++", 25)]
+    settings = [
+        ("ddpm", None),
+        ("ddim", 10),
+        ("ddim", 25),
+        ("ddim", 50),
+        ("dpm++", 10),
+        ("dpm++", 25),
+    ]
     results = []
     for sampler, steps in settings:
         t0 = time.perf_counter()
-        volumes = pipe.sample(args.n, attributes=conditions, sampler=sampler, steps=steps, seed=1, progress=False)
+        volumes = pipe.sample(
+            args.n, attributes=conditions, sampler=sampler, steps=steps, seed=1, progress=False
+        )
         seconds = (time.perf_counter() - t0) / args.n
         synth = VolumeSet(volumes=volumes, attributes=conditions, spacing=real.spacing,
                           names=[f"s{i}" for i in range(args.n)])  # fmt: skip
         frd = compute_frd(real, synth).value
-        fd_latent = frechet_distance(*real_latent, *feature_statistics(latent_features(pipe, volumes)))
+        fd_latent = frechet_distance(
+            *real_latent, *feature_statistics(latent_features(pipe, volumes))
+        )
         results.append({"sampler": sampler, "steps": steps or pipe.num_train_timesteps,
                         "frd": frd, "fd_latent": fd_latent, "seconds_per_volume": seconds})  # fmt: skip
         print(json.dumps(results[-1]), flush=True)
     base = results[0]
     print(f"\nmachine: {platform.machine()} {platform.processor()}, torch threads "
           f"{torch.get_num_threads()}, date {datetime.date.today()}, command: {' '.join(sys.argv)}")  # fmt: skip
-    print("| sampler | steps | FRD | FRD / DDPM | FD latent | s / volume |\n|---|---|---|---|---|---|")
+    print(
+        "| sampler | steps | FRD | FRD / DDPM | FD latent | s / volume |\n|---|---|---|---|---|---|"
+    )
     for r in results:
         print(f"| {r['sampler']} | {r['steps']} | {r['frd']:.3g} | {r['frd'] / base['frd']:.2f} | "
               f"{r['fd_latent']:.3g} | {r['seconds_per_volume']:.3f} |")  # fmt: skip

@@ -135,7 +135,7 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
     referee = out / "referee"
     with Stage("train referee (evaluation only)", referee, keep, timings) as done:
         if not done:
-            train_referee(private, referee, epochs=8, seed=0)
+            train_referee(private, referee, epochs=4, seed=0)
     eval_dir = ldm_run / "eval"
     with Stage("evaluate", eval_dir / "metrics.json", keep, timings) as done:
         if not done:

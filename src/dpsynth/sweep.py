@@ -47,7 +47,7 @@ def run_sweep(
     private = simulate_and_prepare(out / "data", _private_spec(), config, split=(0.7, 0.1, 0.2))
     referee = out / "referee"
     if not referee.exists():
-        train_referee(private, referee, epochs=8, seed=0)
+        train_referee(private, referee, epochs=4, seed=0)
     conditions = _test_conditions(private, out / "conditions.csv")
 
     rows = []
