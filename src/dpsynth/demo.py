@@ -25,6 +25,7 @@ PRIVATE = {"patients": 300, "cohort": "ukbb", "seed": 202}
 PRIVATE_SPLIT = (0.7, 0.1, 0.2)
 ATTRIBUTE_EPSILON = 0.5  # of the demo's total; the LDM gets the rest
 N_SYNTHETIC = 120
+REFEREE_EPOCHS = 3
 
 
 @dataclass
@@ -135,11 +136,12 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
     referee = out / "referee"
     with Stage("train referee (evaluation only)", referee, keep, timings) as done:
         if not done:
-            train_referee(private, referee, epochs=4, seed=0)
+            train_referee(private, referee, epochs=REFEREE_EPOCHS, channels=(8, 16, 32), seed=0)
     eval_dir = ldm_run / "eval"
     with Stage("evaluate", eval_dir / "metrics.json", keep, timings) as done:
         if not done:
-            evaluate(private, synthetic, eval_dir, referee=referee, model_run=ldm_run, seed=0)
+            evaluate(private, synthetic, eval_dir, referee=referee, model_run=ldm_run, seed=0,
+                     utility_epochs=3)  # fmt: skip
     with Stage("report", out / "report" / "index.html", keep, timings):
         report = write_report(ldm_run, out / "report")
 

@@ -33,7 +33,7 @@ def run_sweep(
     pretrain: str = "both",
     bench_md: str | Path | None = None,
 ) -> list[dict]:
-    from dpsynth.demo import demo_assets, pretrain_public, simulate_and_prepare
+    from dpsynth.demo import REFEREE_EPOCHS, demo_assets, pretrain_public, simulate_and_prepare
     from dpsynth.evaluation.evaluate import evaluate
     from dpsynth.evaluation.referee import train_referee
     from dpsynth.privacy.ledger import Ledger
@@ -47,7 +47,7 @@ def run_sweep(
     private = simulate_and_prepare(out / "data", _private_spec(), config, split=(0.7, 0.1, 0.2))
     referee = out / "referee"
     if not referee.exists():
-        train_referee(private, referee, epochs=4, seed=0)
+        train_referee(private, referee, epochs=REFEREE_EPOCHS, channels=(8, 16, 32), seed=0)
     conditions = _test_conditions(private, out / "conditions.csv")
 
     rows = []
