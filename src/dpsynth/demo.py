@@ -21,11 +21,11 @@ from dpsynth.config import Config, load_config
 from dpsynth.io import atomic_write_json
 
 PUBLIC = {"patients": 240, "cohort": "acdc", "seed": 101}
-PRIVATE = {"patients": 300, "cohort": "ukbb", "seed": 202}
+PRIVATE = {"patients": 500, "cohort": "ukbb", "seed": 202}
 PRIVATE_SPLIT = (0.7, 0.1, 0.2)
-ATTRIBUTE_EPSILON = 0.5  # of the demo's total; the LDM gets the rest
+ATTRIBUTE_EPSILON = 2.0  # of the demo's total ε; the LDM gets the rest
 N_SYNTHETIC = 120
-REFEREE_EPOCHS = 3
+REFEREE_EPOCHS = 5
 
 
 @dataclass
@@ -122,7 +122,7 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
         if not done:
             dp_config = _with(config, **{"privacy.epsilon": total_epsilon - ATTRIBUTE_EPSILON,
                                          "privacy.max_total_epsilon": total_epsilon,
-                                         "ldm_training.finetune": "attention"})  # fmt: skip
+                                         "ldm_training.finetune": "all"})  # fmt: skip
             train_ldm(private, public / "autoencoder", ldm_run, dp_config, init=public / "ldm",
                       dp=True)  # fmt: skip
     with Stage("DP attribute model", ldm_run / "attribute_model.json", keep, timings) as done:

@@ -26,6 +26,9 @@ from dpsynth.evaluation.volumes import VolumeSet
 from dpsynth.io import atomic_write_bytes, write_nifti
 
 logger = logging.getLogger(__name__)
+# pyradiomics bins by absolute width (frd-score's default 5): on [0, 1] volumes that is a
+# single bin and every texture feature degenerates. On an 8-bit scale it gives ~51 bins.
+INTENSITY_SCALE = 255.0
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,8 @@ class FRDConfig:
         grid = "resampled 2mm" if self.resample else "native grid"
         return (
             f"frd-score {frd_score.__version__} v1 3D radiomics; image types "
-            f"{'+'.join(self.image_types)}; classes {classes}; {grid}; bin width "
-            f"{self.bin_width}; z-score w.r.t. real; Fréchet distance (not log-transformed)"
+            f"{'+'.join(self.image_types)}; classes {classes}; {grid}; intensities [0,1] scaled "
+            f"to [0,{INTENSITY_SCALE:g}], bin width {self.bin_width}; z-score w.r.t. real; Fréchet distance (not log-transformed)"
         )
 
 
@@ -72,6 +75,9 @@ def radiomics_features(
     from frd_score import frd as frd_lib
 
     radiomics.setVerbosity(logging.ERROR)
+    # The logger itself stays at INFO and its records reach any root handler (another
+    # library's basicConfig prints one line per feature class per volume): stop them here.
+    logging.getLogger("radiomics").setLevel(logging.WARNING)
     extractor = frd_lib.get_feature_extractor(
         frd_version=frd_lib.FRD_VERSION_V1,
         features=list(config.feature_classes) if config.feature_classes else None,
@@ -85,7 +91,7 @@ def radiomics_features(
         files = []
         for i, volume in enumerate(volumes):
             files.append(os.path.join(tmp, f"{i:06d}.nii"))
-            write_nifti(files[-1], volume, spacing)
+            write_nifti(files[-1], volume * INTENSITY_SCALE, spacing)
         features, _, _ = frd_lib.compute_features(
             files,
             extractor,
