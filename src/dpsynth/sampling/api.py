@@ -22,7 +22,7 @@ def load(run: str | os.PathLike, device: str | torch.device | None = None):
     from dpsynth.config import DenoiserConfig, DiffusionConfig
     from dpsynth.models.build import build_denoiser
     from dpsynth.training.checkpoint import load_weights
-    from dpsynth.training.ldm import load_autoencoder
+    from dpsynth.training.ldm import lists_to_tuples, load_autoencoder
 
     run = Path(run)
     meta = read_json(run / "model.json")
@@ -33,7 +33,7 @@ def load(run: str | os.PathLike, device: str | torch.device | None = None):
     device = torch.device(device) if device else torch.device("cpu")
     autoencoder, _ = load_autoencoder(run, device)
     denoiser = build_denoiser(
-        DenoiserConfig(**_tuples(meta["denoiser"])),
+        DenoiserConfig(**lists_to_tuples(meta["denoiser"])),
         num_slices=meta["shape"][0],
         latent_channels=autoencoder.latent_channels,
     )
@@ -66,10 +66,6 @@ def make_pipeline(autoencoder, denoiser, diffusion, latent_scale: float, shape, 
         beta_end=diffusion.beta_end,
         schedule=diffusion.schedule,
     )
-
-
-def _tuples(d: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def parse_settings(settings: Sequence[str], n: int) -> np.ndarray:

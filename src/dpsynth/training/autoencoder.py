@@ -142,18 +142,14 @@ def _checkpoint(run, model, disc, opt, opt_d, ema, rng, step) -> None:
 
 def _restore(run, model, disc, opt, opt_d, sched, ema, rng) -> int:
     tensors, state = ckpt.load_checkpoint(run / "checkpoint")
-    model.load_state_dict(_strip(tensors, "model."))
-    disc.load_state_dict(_strip(tensors, "disc."))
-    ema.load_shadow(_strip(tensors, "ema."))
+    model.load_state_dict(ckpt.strip_prefix(tensors, "model."))
+    disc.load_state_dict(ckpt.strip_prefix(tensors, "disc."))
+    ema.load_shadow(ckpt.strip_prefix(tensors, "ema."))
     ckpt.load_optimizer_state(opt, tensors, state["opt"], "opt")
     ckpt.load_optimizer_state(opt_d, tensors, state["optd"], "optd")
     ckpt.restore_rng(tensors, state["rng"], rng)
     sched.last_epoch = state["step"]
     return int(state["step"])
-
-
-def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 @torch.no_grad()

@@ -94,3 +94,8 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     if not (directory / "state.json").exists():
         raise DpsynthError(f"{directory}: no checkpoint to resume from")
     return load_weights(directory / "state.safetensors"), read_json(directory / "state.json")
+
+
+def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a flat checkpoint under `prefix`, with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

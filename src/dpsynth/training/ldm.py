@@ -62,13 +62,14 @@ def load_autoencoder(run: str | os.PathLike, device: torch.device) -> tuple[torc
 
     run = Path(run)
     meta = read_json(run / "model.json")
-    model = build_autoencoder(AutoencoderConfig(**_tuples(meta["autoencoder"])))
+    model = build_autoencoder(AutoencoderConfig(**lists_to_tuples(meta["autoencoder"])))
     model.load_state_dict(ckpt.load_weights(run / "autoencoder.safetensors"))
     model.to(device).eval().requires_grad_(False)
     return model, meta
 
 
-def _tuples(d: dict) -> dict:
+def lists_to_tuples(d: dict) -> dict:
+    """A config section read from JSON, with lists back as tuples for the dataclasses."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
@@ -380,8 +381,8 @@ class _Trainer:
 
     def restore(self) -> dict[str, Any]:
         tensors, state = ckpt.load_checkpoint(self.run / "checkpoint")
-        self.denoiser.load_state_dict(_strip(tensors, "model."))
-        self.ema.load_shadow(_strip(tensors, "ema."))
+        self.denoiser.load_state_dict(ckpt.strip_prefix(tensors, "model."))
+        self.ema.load_shadow(ckpt.strip_prefix(tensors, "ema."))
         self.load_optimizer(tensors, state["opt"])
         ckpt.restore_rng(tensors, state["rng"], self.rng)
         self.generator.set_state(tensors["rng.generator"])
@@ -497,7 +498,7 @@ class _DPTrainer(_Trainer):
         return {f"engine.{k}": v for k, v in tensors.items()}, meta
 
     def load_optimizer(self, tensors: dict, meta: dict) -> None:
-        self.engine.load_state_dict(_strip(tensors, "engine."), meta)
+        self.engine.load_state_dict(ckpt.strip_prefix(tensors, "engine."), meta)
 
     def checkpoint(self) -> None:
         """Checkpoint and ledger move together: the ledger's step count is SET from it."""
@@ -531,10 +532,6 @@ class _DPTrainer(_Trainer):
         if _is_main():
             self.ledger.save(self.run / "ledger.json")
         return restored
-
-
-def _strip(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _attribute_ranges(cache: Cache, private: bool, init_meta: dict | None) -> dict:
