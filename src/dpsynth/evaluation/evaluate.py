@@ -121,9 +121,9 @@ def evaluate(
     return report
 
 
-def _frd(x: _Inputs) -> dict[str, Any]:
-    r = compute_frd(x.real, x.synthetic, x.frd_config, cache_dir=x.cache_dir, seed=x.seed)
-    entry = _entry(
+def _distance_entry(r: Any) -> dict[str, Any]:
+    """A Fréchet-type result (value, baseline, config, counts) as a metrics.json entry."""
+    return _entry(
         r.value,
         r.baseline,
         baseline_label=REAL_VS_REAL,
@@ -132,7 +132,11 @@ def _frd(x: _Inputs) -> dict[str, Any]:
         n_real=r.n_real,
         n_synthetic=r.n_synthetic,
     )
-    return {"metrics": {"frd": entry}}
+
+
+def _frd(x: _Inputs) -> dict[str, Any]:
+    r = compute_frd(x.real, x.synthetic, x.frd_config, cache_dir=x.cache_dir, seed=x.seed)
+    return {"metrics": {"frd": _distance_entry(r)}}
 
 
 def _fd_referee(x: _Inputs) -> dict[str, Any]:
@@ -162,16 +166,7 @@ def _fid(x: _Inputs) -> dict[str, Any]:
         reason = "needs --inception-weights (a TorchScript Inception-v3 feature extractor)"
         return {"metrics": {"fid": _skipped(reason)}}
     r = compute_fid(x.real, x.synthetic, x.inception_weights, seed=x.seed)
-    entry = _entry(
-        r.value,
-        r.baseline,
-        baseline_label=REAL_VS_REAL,
-        lower_is_better=True,
-        config=r.config,
-        n_real=r.n_real,
-        n_synthetic=r.n_synthetic,
-    )
-    return {"metrics": {"fid": entry}}
+    return {"metrics": {"fid": _distance_entry(r)}}
 
 
 def _ms_ssim(x: _Inputs) -> dict[str, Any]:
