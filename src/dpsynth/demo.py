@@ -121,8 +121,7 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
                keep, timings) as done:  # fmt: skip
         if not done:
             dp_config = _with(config, **{"privacy.epsilon": total_epsilon - ATTRIBUTE_EPSILON,
-                                         "privacy.max_total_epsilon": total_epsilon,
-                                         "ldm_training.finetune": "all"})  # fmt: skip
+                                         "privacy.max_total_epsilon": total_epsilon})  # fmt: skip
             train_ldm(private, public / "autoencoder", ldm_run, dp_config, init=public / "ldm",
                       dp=True)  # fmt: skip
     with Stage("DP attribute model", ldm_run / "attribute_model.json", keep, timings) as done:

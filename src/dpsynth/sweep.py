@@ -87,8 +87,7 @@ def _train_cell(private, public, run, config, eps, with_pretrain) -> None:
     from dpsynth.privacy.planner import plan
     from dpsynth.training.ldm import train_ldm
 
-    init = public / "ldm" if with_pretrain else None
-    finetune = "attention" if with_pretrain else "all"
+    init = public / "ldm" if with_pretrain else None  # all parameters fine-tuned, as in the demo
     if math.isinf(eps):  # non-private: same data, same number of steps and batch
         from dpsynth.data.cache import Cache
 
@@ -98,11 +97,10 @@ def _train_cell(private, public, run, config, eps, with_pretrain) -> None:
             records=n, batch_size=p.batch_size, epochs=p.epochs, noise_multiplier=1.0
         ).steps
         cfg = _with(config, **{"ldm_training.steps": steps, "ldm_training.lr": p.lr,
-                               "ldm_training.batch_size": 2 * p.batch_size,
-                               "ldm_training.finetune": finetune})  # fmt: skip
+                               "ldm_training.batch_size": 2 * p.batch_size})  # fmt: skip
         train_ldm(private, public / "autoencoder", run, cfg, init=init)
     else:
-        cfg = _with(config, **{"privacy.epsilon": eps, "ldm_training.finetune": finetune})
+        cfg = _with(config, **{"privacy.epsilon": eps})
         train_ldm(private, public / "autoencoder", run, cfg, init=init, dp=True)
 
 
