@@ -140,8 +140,11 @@ def test_acdc_cohort_has_missing_age_and_sex_and_its_own_scanner(tmp_path):
     assert all(math.isfinite(float(r["BMI"])) for r in rows)
     groups = {r["GROUP"] for r in _read_csv(out / "simulation_targets.csv")}
     assert groups <= {"NOR", "DCM", "HCM", "MINF", "ARV"}
-    zooms = nib.load(out / "patient001" / "sa_ED.nii.gz").header.get_zooms()
+    image = nib.load(out / "patient001" / "sa_ED.nii.gz")
+    zooms = image.header.get_zooms()
     assert 1.37 <= zooms[0] <= 1.69 and zooms[0] == zooms[1] and zooms[2] == 10.0
+    # Finer pixels, larger matrix: the field of view is at least the requested 96 x 1.83 mm.
+    assert image.shape[0] > 96 and image.shape[0] * zooms[0] >= 96 * 1.8269 - 1e-3
 
 
 def test_deterministic_by_seed_and_independent_of_workers(tmp_path):

@@ -452,6 +452,9 @@ def simulate_patient(
     lo, hi = SCANNERS[cohort].inplane_scale
     m = rng.uniform(lo, hi)
     spacing = (float(spacing[0]), float(spacing[1]) * m, float(spacing[2]) * m)
+    # Finer pixels come with a larger matrix, as on a real scanner: the field of view never
+    # shrinks below the requested one (a smaller one leaves black borders after resampling).
+    shape = (shape[0], math.ceil(shape[1] / m), math.ceil(shape[2] / m))
     targets = draw_targets(rng, cohort, shape[0], spacing[0])
     images, masks = render_patient(targets, rng, shape, spacing, cohort)
     attributes = {k: targets[k] for k in SUBJECT}
