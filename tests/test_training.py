@@ -271,3 +271,118 @@ def test_torchrun_two_processes_dp_run(world, tmp_path):
     single = _dp(world, tmp_path / "single")
     (one,) = [e for e in Ledger.load(single) if e.mechanism == "dp-sgd"]
     assert one.noise_multiplier == entry.noise_multiplier and one.steps == entry.steps
+
+
+# ---------------------------------------------------------------- DP autoencoder
+
+
+def _dp_ae(world, out, init=True, **extra):
+    config = tiny(**{"privacy.epsilon": 4.0, **extra})
+    return train_autoencoder(world["private"], out, config, init=world["ae"] if init else None,
+                             dp=True)  # fmt: skip
+
+
+def test_dp_autoencoder_fine_tune_is_patient_level_and_keeps_public_scale(world, tmp_path):
+    run = _dp_ae(world, tmp_path / "ae_dp")
+    (entry,) = list(Ledger.load(run))
+    assert entry.stage == "autoencoder-dp-sgd" and entry.records == 12
+    assert entry.sample_rate == pytest.approx(4 / 12)  # patients, not volumes
+    assert entry.steps == entry.planned_steps > 0
+    assert 3.0 < Ledger.load(run).total_epsilon(1e-5, accountant="rdp") <= 4.0 + 1e-9
+    meta, public = read_json(run / "model.json"), read_json(world["ae"] / "model.json")
+    assert meta["private"] is True and meta["latent_scale"] == public["latent_scale"]
+    # The weights moved away from the public init: the stage really trained.
+    before = ckpt.load_weights(world["ae"] / "autoencoder.safetensors")
+    after = ckpt.load_weights(run / "autoencoder.safetensors")
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) > 1e-4
+    # No private images in the run folder; the private PSNR is flagged as evaluation only.
+    assert not (run / "samples").exists()
+    assert "evaluation only" in read_json(run / "reconstruction.json")["note"]
+
+
+def test_dp_autoencoder_from_scratch_charges_a_dp_latent_scale(world, tmp_path):
+    run = _dp_ae(world, tmp_path / "ae_scratch", init=False)
+    stages = {e.stage: e for e in Ledger.load(run)}
+    assert set(stages) == {"latent-scale", "autoencoder-dp-sgd"}
+    assert stages["latent-scale"].sample_rate == 1.0 and stages["latent-scale"].steps == 1
+    meta = read_json(run / "model.json")
+    assert np.isfinite(meta["latent_scale"]) and meta["latent_scale"] > 0
+    assert meta["latent_scale_source"].startswith("DP estimate")
+    # Both mechanisms compose: more than the DP-SGD stage alone.
+    alone = Ledger([stages["autoencoder-dp-sgd"]]).total_epsilon(1e-5, accountant="rdp")
+    assert Ledger.load(run).total_epsilon(1e-5, accountant="rdp") > alone
+
+
+def test_ldm_on_dp_autoencoder_composes_both_stages(world, tmp_path):
+    ae = _dp_ae(world, tmp_path / "ae_dp")
+    ldm = train_ldm(world["private"], ae, tmp_path / "ldm_dp", tiny(**{"privacy.epsilon": 4.0}),
+                    init=world["ldm"], dp=True)  # fmt: skip
+    ledger = Ledger.load(ldm)
+    assert {e.stage for e in ledger} == {"autoencoder-dp-sgd", "ldm-dp-sgd"}
+    assert ledger.total_epsilon(1e-5, accountant="rdp") > 4.0 + 1e-6
+    # A public stage built on the DP autoencoder still shows what its parent spent.
+    public_ldm = train_ldm(world["public"], ae, tmp_path / "ldm_public", tiny())
+    assert [e.stage for e in Ledger.load(public_ldm)] == ["autoencoder-dp-sgd"]
+
+
+def test_dp_autoencoder_refused_before_spending(world, tmp_path):
+    with pytest.raises(BudgetExceededError, match="above --max-total-epsilon 0.5"):
+        _dp_ae(world, tmp_path / "ae_dp", **{"privacy.max_total_epsilon": 0.5})
+    assert not (tmp_path / "ae_dp" / "checkpoint").exists()
+
+
+def test_dp_autoencoder_resume_neither_loses_nor_double_counts(world, tmp_path, monkeypatch):
+    original = Monitor.step
+
+    def crash_at_3(self, step, *args, **kwargs):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(self, step, *args, **kwargs)
+
+    extra = {
+        "privacy.epsilon": 4.0,
+        "privacy.epochs": 2.0,
+        "autoencoder_training.checkpoint_every": 2,
+    }
+    monkeypatch.setattr(Monitor, "step", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_autoencoder(
+            world["private"], tmp_path / "ae", tiny(**extra), init=world["ae"], dp=True
+        )
+    monkeypatch.setattr(Monitor, "step", original)
+    (crashed,) = list(Ledger.load(tmp_path / "ae"))
+    assert crashed.steps == 2
+    run = train_autoencoder(world["private"], tmp_path / "ae", tiny(**extra), init=world["ae"],
+                            dp=True, resume=True)  # fmt: skip
+    (after,) = list(Ledger.load(run))
+    assert after.id == crashed.id and after.steps == after.planned_steps == 6
+    history = read_json(run / "checkpoint" / "state.json")["opt"]["accountant"]["history"]
+    assert sum(h[2] for h in history) == after.planned_steps
+
+
+def test_cli_train_autoencoder_dp(world, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(tiny().to_yaml())
+    out = tmp_path / "ae_cli"
+    code = main(["train-autoencoder", "--data", str(world["private"]), "--out", str(out),
+                 "--init", str(world["ae"]), "--config", str(config), "--dp", "--epsilon", "3"])  # fmt: skip
+    assert code == 0
+    (entry,) = list(Ledger.load(out))
+    assert entry.stage == "autoencoder-dp-sgd" and entry.steps == entry.planned_steps
+
+
+def test_dp_validation_on_private_data_is_recorded_not_charged(world, tmp_path):
+    config = tiny(**{"privacy.epsilon": 8.0})
+    run = train_ldm(world["private"], world["ae"], tmp_path / "dp", config, init=world["ldm"],
+                    dp=True, validation_data=world["private"])  # fmt: skip
+    ledger = Ledger.load(run)
+    (use,) = [e for e in ledger if e.non_private]
+    assert use.stage == "ldm-validation" and use.records == 20
+    (sgd,) = [e for e in ledger if e.mechanism == "dp-sgd"]
+    assert ledger.total_epsilon(1e-5, "rdp") == Ledger([sgd]).total_epsilon(1e-5, "rdp")
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("validation_loss" in m for m in metrics)
+    # Public validation data adds nothing to the ledger.
+    public = train_ldm(world["private"], world["ae"], tmp_path / "dp_pub", config,
+                       init=world["ldm"], dp=True, validation_data=world["public"])  # fmt: skip
+    assert not [e for e in Ledger.load(public) if e.non_private]

@@ -122,7 +122,9 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> None:
     from dpsynth.training.autoencoder import train_autoencoder
 
     config = _load_config(args, "autoencoder_training")
-    run = train_autoencoder(args.data, args.out, config, resume=args.resume, dp=args.dp)
+    run = train_autoencoder(
+        args.data, args.out, config, init=args.init, resume=args.resume, dp=args.dp
+    )
     print(f"autoencoder run -> {run}")
 
 
@@ -133,6 +135,7 @@ def cmd_train_ldm(args: argparse.Namespace) -> None:
     run = train_ldm(
         args.data, args.autoencoder, args.out, config, init=args.init, resume=args.resume,
         dp=args.dp, validation_data=args.validation_data,
+        private_validation=args.private_validation,
     )  # fmt: skip
     print(f"latent diffusion run -> {run}")
 
@@ -282,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-autoencoder", help="train the compression model")
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--init", type=Path, help="pre-trained autoencoder run to fine-tune from")
     _config_args(p)
     _dp_args(p)
     p.set_defaults(func=cmd_train_autoencoder)
@@ -292,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--init", type=Path, help="pre-trained LDM run to fine-tune from")
     p.add_argument("--validation-data", type=Path, help="public cache for validation under DP")
+    p.add_argument(
+        "--private-validation",
+        action="store_true",
+        help="--validation-data is private: record it in the ledger as a non-private use",
+    )
     _config_args(p)
     _dp_args(p)
     p.set_defaults(func=cmd_train_ldm)

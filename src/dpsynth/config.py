@@ -97,6 +97,8 @@ class PrivacyConfig:
     accountant: Literal["prv", "rdp"] = "prv"
     max_total_epsilon: float | None = None
     lr: float = 1e-5
+    warmup_steps: int = 0
+    latent_scale_epsilon: float = 1.0  # a DP autoencoder with no public --init run
 
 
 @dataclass
@@ -326,6 +328,8 @@ def _check_consistency(c: Config) -> None:
     need(p.batch_size >= 1, "privacy.batch_size", "must be >= 1")
     need(p.physical_batch_size >= 1, "privacy.physical_batch_size", "must be >= 1")
     need(p.lr > 0, "privacy.lr", "must be > 0")
+    need(p.warmup_steps >= 0, "privacy.warmup_steps", "must be >= 0")
+    need(p.latent_scale_epsilon > 0, "privacy.latent_scale_epsilon", "must be > 0")
     if p.max_total_epsilon is not None:
         need(p.max_total_epsilon > 0, "privacy.max_total_epsilon", "must be > 0")
     sm = c.sampling

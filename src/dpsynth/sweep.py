@@ -97,6 +97,7 @@ def _train_cell(private, public, run, config, eps, with_pretrain) -> None:
             records=n, batch_size=p.batch_size, epochs=p.epochs, noise_multiplier=1.0
         ).steps
         cfg = _with(config, **{"ldm_training.steps": steps, "ldm_training.lr": p.lr,
+                               "ldm_training.warmup_steps": p.warmup_steps,
                                "ldm_training.batch_size": 2 * p.batch_size})  # fmt: skip
         train_ldm(private, public / "autoencoder", run, cfg, init=init)
     else:

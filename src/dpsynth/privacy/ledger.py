@@ -223,6 +223,11 @@ class Ledger:
                     merged[entry.id] = entry
         return cls(list(merged.values()))
 
+    @classmethod
+    def of_lineage(cls, runs: Iterable[str | Path]) -> Ledger:
+        """The inherited ledger of a model built from `runs` (runs without one add nothing)."""
+        return cls.inherit(*(cls.load(run, missing_ok=True) for run in runs))
+
     def add(self, entry: LedgerEntry) -> LedgerEntry:
         if entry.id in self._entries:
             raise DpsynthError(f"ledger: entry {entry.id} ({entry.stage!r}) is already recorded")

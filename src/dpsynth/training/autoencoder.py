@@ -9,19 +9,23 @@ a Gaussian-mechanism estimate charged to the ledger.
 from __future__ import annotations
 
 import os
+import secrets
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dpsynth.config import Config
 from dpsynth.data.cache import Cache
-from dpsynth.errors import DpsynthError
-from dpsynth.io import atomic_write_json
+from dpsynth.io import atomic_write_json, read_json
 from dpsynth.models.build import build_autoencoder
+from dpsynth.privacy.ledger import LedgerEntry
 from dpsynth.training import checkpoint as ckpt
 from dpsynth.training.common import (
+    adopt_architecture,
     autocast,
+    carry_lineage,
     load_volumes,
     pick_device,
     prepare_run_dir,
@@ -29,127 +33,296 @@ from dpsynth.training.common import (
     warmup_factor,
 )
 from dpsynth.training.ema import EMA
-from dpsynth.training.monitor import Monitor
+from dpsynth.training.monitor import Monitor, append_metrics
 
 
 def train_autoencoder(
     data: str | os.PathLike,
     out: str | os.PathLike,
     config: Config,
+    init: str | os.PathLike | None = None,
     resume: bool = False,
     dp: bool = False,
 ) -> Path:
-    """Train an autoencoder run in `out`; returns the run folder."""
-    if dp:
-        # Not built yet: a DP autoencoder also needs a DP latent scale (dpsynth.privacy.
-        # statistics.dp_latent_scale) and no adversarial term. Refuse rather than train
-        # non-privately on data the user called private.
-        raise DpsynthError(
-            "train-autoencoder --dp: not supported yet; pre-train the autoencoder on public "
-            "data and DP fine-tune the LDM (train-ldm --dp)"
-        )
-    from dpsynth.models.discriminator import (
-        PatchDiscriminator3D,
-        PerceptualLoss,
-        discriminator_loss,
-        generator_loss,
-    )
+    """Train an autoencoder run in `out`; returns the run folder.
 
+    `init` fine-tunes a pre-trained autoencoder run (its architecture wins over `config`).
+    With `dp`, `data` is private: patient-level DP-SGD, no adversarial term, and a latent
+    scale that is public (the `init` run's) or a DP estimate charged to the ledger.
+    """
     cache = Cache(data)
+    init_meta = read_json(Path(init) / "model.json") if init else None
+    if init_meta is not None:
+        config = adopt_architecture(config, init_meta, ("autoencoder",))
     run = prepare_run_dir(out, config, resume)
-    cfg, tcfg = config.autoencoder, config.autoencoder_training
     device = pick_device()
-    rng = seed_everything(tcfg.seed)
+    rng = seed_everything(config.autoencoder_training.seed)
+    model = build_autoencoder(config.autoencoder).to(device)
+    if init is not None:
+        model.load_state_dict(ckpt.load_weights(Path(init) / "autoencoder.safetensors"))
+    losses = _VolumeLosses(config.autoencoder, device)
+    if dp:
+        fit = _PrivateFit(run, model, cache, config, rng, losses, init, init_meta)
+    else:
+        fit = _PublicFit(run, model, cache, config, rng, losses)
+    fit.fit(resume)
+    model.load_state_dict(fit.ema.state_dict(model))
+    model.eval()
+    _finish(run, model, cache, config, fit.latent_scale(model), private=dp)
+    if not dp and init is not None:  # a public stage still carries what its parents spent
+        carry_lineage(run, [Path(init)])
+    return run
 
-    model = build_autoencoder(cfg).to(device)
-    disc = PatchDiscriminator3D(in_channels=1, channels=cfg.discriminator_channels).to(device)
-    use_adv = cfg.adversarial_weight > 0
-    perceptual = (
-        PerceptualLoss(cfg.perceptual_weights).to(device) if cfg.perceptual_weights else None
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_factor(tcfg.warmup_steps))
-    ema = EMA(model, tcfg.ema_decay)
-    start = 0
-    if resume:
-        start = _restore(run, model, disc, opt, opt_d, sched, ema, rng)
 
-    train_rows = cache.volume_indices("train")
-    recon_loss = F.l1_loss if cfg.reconstruction_loss == "l1" else F.mse_loss
-    monitor = Monitor(run, tcfg.steps, start, "autoencoder")
-    model.train()
-    for step in range(start, tcfg.steps):
-        opt.zero_grad(set_to_none=True)
-        adv_on = use_adv and step >= cfg.adversarial_start
+class _VolumeLosses:
+    """Reconstruction + β·regulariser (+ perceptual) per volume: shape (B,)."""
+
+    def __init__(self, cfg, device: torch.device) -> None:
+        from dpsynth.models.discriminator import PerceptualLoss
+
+        self.cfg = cfg
+        self.perceptual = (
+            PerceptualLoss(cfg.perceptual_weights).to(device) if cfg.perceptual_weights else None
+        )
+
+    def __call__(self, output, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total, reconstruction) losses per volume."""
+        recon = output.reconstruction.float()
+        diff = recon - x
+        per_voxel = diff.abs() if self.cfg.reconstruction_loss == "l1" else diff.square()
+        rec = per_voxel.flatten(1).mean(1)
+        loss = rec + _regularization_weight(self.cfg) * output.regularization_loss
+        if self.perceptual is not None:
+            loss = loss + self.cfg.perceptual_weight * self.perceptual(recon, x)
+        return loss, rec
+
+
+class _PublicFit:
+    """Non-private loop: random volumes, AdamW, warm-up, EMA, optional PatchGAN term."""
+
+    def __init__(self, run, model, cache, config, rng, losses) -> None:
+        from dpsynth.models.discriminator import PatchDiscriminator3D
+
+        self.run, self.model, self.cache, self.rng, self.losses = run, model, cache, rng, losses
+        self.config, self.cfg, self.tcfg = config, config.autoencoder, config.autoencoder_training
+        device = next(model.parameters()).device
+        self.device = device
+        self.disc = PatchDiscriminator3D(1, channels=self.cfg.discriminator_channels).to(device)
+        tcfg = self.tcfg
+        self.opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=tcfg.weight_decay)
+        self.opt_d = torch.optim.AdamW(
+            self.disc.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_factor(self.warmup_steps))
+        self.ema = EMA(model, tcfg.ema_decay)
+        self.step = 0
+
+    lr = property(lambda self: self.tcfg.lr)
+    warmup_steps = property(lambda self: self.tcfg.warmup_steps)
+    total_steps = property(lambda self: self.tcfg.steps)
+
+    def fit(self, resume: bool) -> None:
+        if resume:
+            self.restore(*ckpt.load_checkpoint(self.run / "checkpoint"))
+        else:
+            self.open()
+        monitor = Monitor(self.run, self.total_steps, self.step, "autoencoder")
+        self.model.train()
+        while self.step < self.total_steps:
+            volumes, logs = self.train_step()
+            self.sched.step()
+            self.ema.update(self.model, self.step)
+            self.step += 1
+            done, last = self.step, self.step == self.total_steps
+            monitor.step(done, volumes, logs, done % self.tcfg.log_every == 0)
+            if done % self.tcfg.sample_every == 0 or last:
+                self.save_grid(done)
+            if done % self.tcfg.checkpoint_every == 0 or last:
+                self.checkpoint()
+        monitor.close()
+
+    def open(self) -> None:
+        pass
+
+    def train_step(self) -> tuple[int, dict[str, float]]:
+        from dpsynth.models.discriminator import discriminator_loss, generator_loss
+
+        cfg, tcfg = self.cfg, self.tcfg
+        self.opt.zero_grad(set_to_none=True)
+        adv_on = cfg.adversarial_weight > 0 and self.step >= cfg.adversarial_start
+        rows = self.cache.volume_indices("train")
         logs: dict[str, float] = {}
         for _ in range(tcfg.grad_accumulation):
-            x = load_volumes(cache.images, rng.choice(train_rows, tcfg.batch_size)).to(device)
-            with autocast(device, tcfg.bf16):
-                output = model(x)
-                rec = recon_loss(output.reconstruction.float(), x)
-                loss = rec + _regularization_weight(cfg) * output.regularization_loss.mean()
-                if perceptual is not None:
-                    p_loss = perceptual(output.reconstruction.float(), x).mean()
-                    loss = loss + cfg.perceptual_weight * p_loss
+            x = load_volumes(self.cache.images, self.rng.choice(rows, tcfg.batch_size))
+            x = x.to(self.device)
+            with autocast(self.device, tcfg.bf16):
+                output = self.model(x)
+                loss, rec = (v.mean() for v in self.losses(output, x))
                 if adv_on:
-                    g_loss = generator_loss(disc(output.reconstruction))
-                    loss = loss + cfg.adversarial_weight * g_loss
+                    loss = loss + cfg.adversarial_weight * generator_loss(
+                        self.disc(output.reconstruction)
+                    )
             (loss / tcfg.grad_accumulation).backward()
             logs = {"loss": float(loss.detach()), "reconstruction": float(rec.detach())}
             if adv_on:
-                opt_d.zero_grad(set_to_none=True)
-                with autocast(device, tcfg.bf16):
-                    d_loss = discriminator_loss(disc(x), disc(output.reconstruction.detach()))
+                self.opt_d.zero_grad(set_to_none=True)
+                with autocast(self.device, tcfg.bf16):
+                    fake = self.disc(output.reconstruction.detach())
+                    d_loss = discriminator_loss(self.disc(x), fake)
                 d_loss.backward()
-                opt_d.step()
+                self.opt_d.step()
                 logs["discriminator"] = float(d_loss)
-        opt.step()
-        sched.step()
-        ema.update(model, step)
-        done = step + 1
-        monitor.step(
-            done, tcfg.batch_size * tcfg.grad_accumulation, logs, done % tcfg.log_every == 0
-        )
-        if done % tcfg.sample_every == 0 or done == tcfg.steps:
-            _save_reconstruction_grid(run, model, cache, done)
-        if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
-            _checkpoint(run, model, disc, opt, opt_d, ema, rng, done)
-    monitor.close()
+        self.opt.step()
+        return tcfg.batch_size * tcfg.grad_accumulation, logs
 
-    model.load_state_dict(ema.state_dict(model))
-    model.eval()
-    _finish(run, model, cache, config)
-    return run
+    def save_grid(self, step: int) -> None:
+        _save_reconstruction_grid(self.run, self.model, self.cache, step)
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"disc.{k}": v for k, v in self.disc.state_dict().items()})
+        tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
+        t_opt, m_opt = self.optimizer_state()
+        t_optd, m_optd = ckpt.optimizer_state(self.opt_d, "optd")
+        t_rng, m_rng = ckpt.rng_state(self.rng)
+        tensors.update(t_opt | t_optd | t_rng)
+        return tensors, {"step": self.step, "opt": m_opt, "optd": m_optd, "rng": m_rng}
+
+    def optimizer_state(self) -> tuple[dict, dict]:
+        return ckpt.optimizer_state(self.opt, "opt")
+
+    def load_optimizer(self, tensors: dict, meta: dict) -> None:
+        ckpt.load_optimizer_state(self.opt, tensors, meta, "opt")
+
+    def checkpoint(self) -> None:
+        ckpt.save_checkpoint(self.run / "checkpoint", *self.checkpoint_state())
+
+    def restore(self, tensors: dict, state: dict) -> None:
+        self.model.load_state_dict(ckpt.strip_prefix(tensors, "model."))
+        self.disc.load_state_dict(ckpt.strip_prefix(tensors, "disc."))
+        self.ema.load_shadow(ckpt.strip_prefix(tensors, "ema."))
+        self.load_optimizer(tensors, state["opt"])
+        ckpt.load_optimizer_state(self.opt_d, tensors, state["optd"], "optd")
+        ckpt.restore_rng(tensors, state["rng"], self.rng)
+        self.step = int(state["step"])
+        self.sched.last_epoch = self.step
+
+    def latent_scale(self, model) -> tuple[float, str]:
+        """Estimated on this run's own training data, which is public here."""
+        from dpsynth.sampling.pipeline import estimate_latent_scale
+
+        rows = self.cache.volume_indices("train")[:256]
+        batches = (
+            load_volumes(self.cache.images, rows[i : i + 8]).to(self.device)
+            for i in range(0, len(rows), 8)
+        )
+        return float(estimate_latent_scale(model, batches)), "public training data of this run"
+
+
+class _PrivateFit(_PublicFit):
+    """Patient-level DP-SGD fine-tuning; no discriminator (it would see private data).
+
+    Reconstruction grids are not drawn: they would put private images in the run folder.
+    """
+
+    def __init__(self, run, model, cache, config, rng, losses, init, init_meta) -> None:
+        from dpsynth.training.dp_stage import DPStage
+
+        super().__init__(run, model, cache, config, rng, losses)
+        if self.cfg.adversarial_weight > 0:
+            warnings.warn(
+                "autoencoder.adversarial_weight: the adversarial term is off under DP "
+                "(the discriminator would see private data without a guarantee)",
+                stacklevel=3,
+            )
+        self.init_meta = init_meta
+        self.scale_entry = None if init_meta else self._reserve_latent_scale(config.privacy)
+        self.dp = DPStage(
+            stage="autoencoder-dp-sgd", cache=cache, model=model, optimizer=self.opt,
+            privacy=config.privacy, run=run, parents=[Path(init)] if init else [],
+            extra_entries=[self.scale_entry] if self.scale_entry else [],
+        )  # fmt: skip
+
+    # The DP stage's optimisation settings live in the `privacy` section.
+    lr = property(lambda self: self.config.privacy.lr)
+    warmup_steps = property(lambda self: self.config.privacy.warmup_steps)
+    total_steps = property(lambda self: self.dp.total_steps)
+
+    def _reserve_latent_scale(self, privacy) -> LedgerEntry:
+        """Without a public run to inherit it from, the latent scale is a DP statistic."""
+        from dpsynth.privacy.statistics import gaussian_noise_multiplier
+
+        sigma = gaussian_noise_multiplier(
+            privacy.latent_scale_epsilon, None, privacy.delta, privacy.accountant
+        )
+        return LedgerEntry.gaussian(
+            "latent-scale", sigma, records=len(self.cache.patient_rows("train")),
+            delta=privacy.delta, accountant=privacy.accountant,
+            fingerprint=self.cache.meta["fingerprint"],
+            note="DP latent scale of the DP autoencoder (clipped per-patient second moment)",
+        )  # fmt: skip
+
+    def open(self) -> None:
+        self.dp.open()
+        note = ("training losses here are computed on private data without DP: "
+                "evaluation only (BRIEF 3c), never release this file")  # fmt: skip
+        append_metrics(self.run, {"note": note})
+
+    def train_step(self) -> tuple[int, dict[str, float]]:
+        rows = self.dp.patient_rows[self.dp.patients(self.step)]
+        x = load_volumes(self.cache.images, rows.reshape(-1))
+        x = x.reshape(len(rows), rows.shape[1], *x.shape[1:]).to(self.device)
+        loss = self.dp.engine.step({"volumes": x}, self.patient_loss)
+        return int(round(2 * self.dp.engine.expected_batch_size)), {"loss": loss}
+
+    def patient_loss(self, model_fn, record: dict) -> torch.Tensor:
+        """One DP record's loss: the SUM over that patient's volumes (clipped as one)."""
+        x = record["volumes"]
+        with autocast(self.device, self.tcfg.bf16):
+            output = model_fn(x)
+        return self.losses(output, x)[0].sum()
+
+    def save_grid(self, step: int) -> None:
+        pass
+
+    def optimizer_state(self) -> tuple[dict, dict]:
+        return self.dp.engine_state()
+
+    def load_optimizer(self, tensors: dict, meta: dict) -> None:
+        self.dp.load_engine_state(tensors, meta)
+
+    def checkpoint(self) -> None:
+        self.dp.save_checkpoint(*self.checkpoint_state())
+
+    def restore(self, tensors: dict, state: dict) -> None:
+        super().restore(tensors, state)
+        self.dp.resume(state)
+
+    def latent_scale(self, model) -> tuple[float, str]:
+        if self.init_meta is not None:
+            return float(self.init_meta["latent_scale"]), "public: the pre-trained --init run"
+        from dpsynth.privacy.statistics import dp_latent_scale
+
+        rows = self.dp.patient_rows
+        flat = rows.reshape(-1)
+        moments = []
+        with torch.no_grad():
+            for i in range(0, len(flat), 8):
+                x = load_volumes(self.cache.images, flat[i : i + 8]).to(self.device)
+                z = model.encode_latent(x).float()
+                moments.append(z.square().flatten(1).mean(1).cpu())
+        scale, _ = dp_latent_scale(
+            torch.cat(moments).numpy(), rng=np.random.default_rng(secrets.randbits(63)),
+            noise_multiplier=self.scale_entry.noise_multiplier, delta=self.scale_entry.delta,
+            patients=np.repeat(np.arange(len(rows)), rows.shape[1]),
+            accountant=self.scale_entry.accountant,
+        )  # fmt: skip
+        return scale, "DP estimate on the private training data (ledger: latent-scale)"
 
 
 def _regularization_weight(cfg) -> float:
     # The VQ term (codebook + commitment) is already weighted inside the model.
     return cfg.kl_weight if cfg.kind == "kl" else 1.0
-
-
-def _checkpoint(run, model, disc, opt, opt_d, ema, rng, step) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"disc.{k}": v for k, v in disc.state_dict().items()})
-    tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
-    t_opt, m_opt = ckpt.optimizer_state(opt, "opt")
-    t_optd, m_optd = ckpt.optimizer_state(opt_d, "optd")
-    t_rng, m_rng = ckpt.rng_state(rng)
-    tensors.update(t_opt | t_optd | t_rng)
-    state = {"step": step, "opt": m_opt, "optd": m_optd, "rng": m_rng}
-    ckpt.save_checkpoint(run / "checkpoint", tensors, state)
-
-
-def _restore(run, model, disc, opt, opt_d, sched, ema, rng) -> int:
-    tensors, state = ckpt.load_checkpoint(run / "checkpoint")
-    model.load_state_dict(ckpt.strip_prefix(tensors, "model."))
-    disc.load_state_dict(ckpt.strip_prefix(tensors, "disc."))
-    ema.load_shadow(ckpt.strip_prefix(tensors, "ema."))
-    ckpt.load_optimizer_state(opt, tensors, state["opt"], "opt")
-    ckpt.load_optimizer_state(opt_d, tensors, state["optd"], "optd")
-    ckpt.restore_rng(tensors, state["rng"], rng)
-    sched.last_epoch = state["step"]
-    return int(state["step"])
 
 
 @torch.no_grad()
@@ -175,19 +348,15 @@ def _save_reconstruction_grid(run: Path, model, cache: Cache, step: int) -> None
 
 
 @torch.no_grad()
-def _finish(run: Path, model, cache: Cache, config: Config) -> None:
-    """Save EMA weights, the latent scale (public: this run's own training data) and test PSNR/SSIM."""
-    from dpsynth.sampling.pipeline import estimate_latent_scale
-
-    device = next(model.parameters()).device
-    train_rows = cache.volume_indices("train")[:256]
-    batches = (
-        load_volumes(cache.images, train_rows[i : i + 8]).to(device)
-        for i in range(0, len(train_rows), 8)
-    )
-    latent_scale = float(estimate_latent_scale(model, batches))
+def _finish(
+    run: Path, model, cache: Cache, config: Config, latent_scale: tuple[float, str], private: bool
+) -> None:
+    """Save the EMA weights, the latent scale with its source, and test PSNR/SSIM."""
     quality = reconstruction_quality(model, cache)
+    if private:
+        quality["note"] = "measured on the private test split without DP: evaluation only"
     ckpt.save_weights(run / "autoencoder.safetensors", model.state_dict())
+    scale, source = latent_scale
     atomic_write_json(
         run / "model.json",
         {
@@ -195,9 +364,10 @@ def _finish(run: Path, model, cache: Cache, config: Config) -> None:
             "autoencoder": config.to_dict()["autoencoder"],
             "shape": list(cache.shape),
             "spacing": list(cache.spacing),
-            "latent_scale": latent_scale,
-            "latent_scale_source": "public training data of this run",
+            "latent_scale": scale,
+            "latent_scale_source": source,
             "data_fingerprint": cache.meta["fingerprint"],
+            "private": private,
         },
     )
     atomic_write_json(run / "reconstruction.json", quality)

@@ -61,3 +61,30 @@ def load_volumes(images: np.ndarray, rows: np.ndarray) -> torch.Tensor:
 def seed_everything(seed: int) -> np.random.Generator:
     torch.manual_seed(seed)
     return np.random.default_rng(seed)
+
+
+def carry_lineage(run: Path, parents: list[Path]) -> None:
+    """Give a run trained without DP the ledger of the runs it was built from, if any.
+
+    A public LDM on a DP autoencoder still releases what the autoencoder learned from
+    private data; `dpsynth budget` must show it.
+    """
+    from dpsynth.privacy.ledger import Ledger
+
+    ledger = Ledger.of_lineage(parents)
+    if len(ledger):
+        ledger.save(run / "ledger.json")
+
+
+def adopt_architecture(config: Config, init_meta: dict, sections: tuple[str, ...]) -> Config:
+    """`config` with the architecture `sections` of the pre-trained `--init` run's model.json."""
+    import warnings
+
+    from dpsynth.config import config_from_dict
+
+    merged = config.to_dict()
+    for section in sections:
+        if merged[section] != init_meta[section]:
+            warnings.warn(f"--init: using the pre-trained run's {section} settings", stacklevel=3)
+        merged[section] = init_meta[section]
+    return config_from_dict(merged)

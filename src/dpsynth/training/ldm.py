@@ -11,7 +11,6 @@ private data.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,9 @@ from dpsynth.models.build import build_autoencoder, build_denoiser
 from dpsynth.sampling.schedulers import add_noise, make_scheduler
 from dpsynth.training import checkpoint as ckpt
 from dpsynth.training.common import (
+    adopt_architecture,
     autocast,
+    carry_lineage,
     load_volumes,
     pick_device,
     prepare_run_dir,
@@ -131,11 +132,14 @@ def train_ldm(
     resume: bool = False,
     dp: bool = False,
     validation_data: str | os.PathLike | None = None,
+    private_validation: bool = False,
 ) -> Path:
     """Train a latent diffusion run in `out` and return it.
 
     `init` fine-tunes from a pre-trained LDM run (its architecture wins over `config`).
-    With `dp`, `data` is private; `validation_data` must then be public.
+    With `dp`, `data` is private and `validation_data` should be public: validating on
+    private data (`private_validation`, or the training cache itself) is recorded in the
+    ledger as a non-private use and flagged in the report.
     """
     cache = Cache(data)
     rank = _init_distributed(dp)
@@ -148,7 +152,7 @@ def train_ldm(
         )
     init_meta = read_json(Path(init) / "model.json") if init else None
     if init_meta is not None:
-        config = _adopt_architecture(config, init_meta)
+        config = adopt_architecture(config, init_meta, ("denoiser", "diffusion"))
     run = prepare_run_dir(out, config, resume) if rank == 0 else Path(out)
     _barrier()
     tcfg = config.ldm_training
@@ -177,14 +181,36 @@ def train_ldm(
         objective=objective, config=config, device=device, rng=rng, generator=gen,
         parents=[p for p in (Path(autoencoder), init and Path(init)) if p],
     )  # fmt: skip
+    validation = Cache(validation_data) if validation_data else None
+    if dp and validation is not None:
+        trainer.dp.extra_entries += _private_validation(validation, cache, private_validation)
     trainer.start(resume)
-    trainer.fit(validation=Cache(validation_data) if validation_data else None)
+    trainer.fit(validation=validation)
 
     denoiser.load_state_dict(trainer.ema.state_dict(denoiser))
     if rank == 0:
         _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache)
+        if not dp:  # a public stage still carries what its parents spent
+            carry_lineage(run, trainer.parents)
     _barrier()
     return run
+
+
+def _private_validation(validation: Cache, data: Cache, declared: bool) -> list:
+    """The ledger's non-private-use entry when a DP run validates on private data."""
+    from dpsynth.privacy.ledger import LedgerEntry
+
+    fingerprint = validation.meta["fingerprint"]
+    if not (declared or fingerprint == data.meta["fingerprint"]):
+        return []
+    return [
+        LedgerEntry.non_private_use(
+            "ldm-validation",
+            records=len(np.unique(validation.patients)),
+            fingerprint=fingerprint,
+            note="validation loss on private data without DP: evaluation only, never release",
+        )
+    ]
 
 
 def _init_distributed(dp: bool) -> int:
@@ -211,17 +237,6 @@ def _barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _adopt_architecture(config: Config, init_meta: dict) -> Config:
-    from dpsynth.config import config_from_dict
-
-    merged = config.to_dict()
-    for section in ("denoiser", "diffusion"):
-        if merged[section] != init_meta[section]:
-            warnings.warn(f"--init: using the pre-trained run's {section} settings", stacklevel=2)
-        merged[section] = init_meta[section]
-    return config_from_dict(merged)
 
 
 def _select_trainable(denoiser, finetune: str) -> None:
@@ -251,13 +266,17 @@ class _Trainer:
         params = [p for p in denoiser.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.tcfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_factor(self.tcfg.warmup_steps)
+            self.optimizer, warmup_factor(self.warmup_steps)
         )
         self.ema = EMA(denoiser, self.tcfg.ema_decay)
 
     @property
     def lr(self) -> float:
         return self.tcfg.lr
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.tcfg.warmup_steps
 
     @property
     def total_steps(self) -> int:
@@ -395,75 +414,33 @@ class _DPTrainer(_Trainer):
     """Patient-level DP-SGD: Poisson over patients, per-patient clipping, ledger per step."""
 
     def __init__(self, **kwargs) -> None:
-        from dpsynth.privacy.accounting import make_accountant, warn_delta
-        from dpsynth.privacy.dpsgd import PatientDPSGD
-        from dpsynth.privacy.planner import plan
+        from dpsynth.training.dp_stage import DPStage
 
         super().__init__(**kwargs)
-        p = self.config.privacy
-        if p.batch_size > self.num_patients:
-            raise DpsynthError(
-                f"privacy.batch_size: {p.batch_size} patients per batch but the private "
-                f"training split has only {self.num_patients}"
-            )
-        warn_delta(p.delta, self.num_patients)
-        self.plan = plan(
-            records=self.num_patients, batch_size=p.batch_size, epochs=p.epochs,
-            epsilon=p.epsilon, noise_multiplier=p.noise_multiplier, delta=p.delta,
-            accountant=p.accountant,
-        )  # fmt: skip
-        self.ledger = None  # opened by start(): a new stage, or the checkpoint's on resume
-        self.entry_id = ""
-        self.engine = PatientDPSGD(
-            self.denoiser, self.optimizer, noise_multiplier=self.plan.noise_multiplier,
-            max_grad_norm=p.max_grad_norm, sample_rate=self.plan.sample_rate,
-            num_records=self.num_patients, accountant=make_accountant(p.accountant),
-            physical_batch_size=p.physical_batch_size,
-            distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        self.dp = DPStage(
+            stage="ldm-dp-sgd", cache=self.cache, model=self.denoiser, optimizer=self.optimizer,
+            privacy=self.config.privacy, run=self.run, parents=self.parents,
+            distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1, main=_is_main(),
         )  # fmt: skip
 
+    # The DP stage's optimisation settings live in the `privacy` section: its few noisy
+    # steps must not inherit a warm-up sized for long non-private training.
     @property
     def lr(self) -> float:
         return self.config.privacy.lr
 
     @property
-    def num_patients(self) -> int:
-        return len(self.cache.patient_rows("train"))
+    def warmup_steps(self) -> int:
+        return self.config.privacy.warmup_steps
 
     @property
     def total_steps(self) -> int:
-        return self.plan.steps
-
-    def _open_ledger(self):
-        """Inherit the parents' ledgers, add this stage at its planned steps, check the budget."""
-        from dpsynth.privacy.ledger import Ledger, LedgerEntry
-
-        ledger = Ledger.inherit(*(Ledger.load(p, missing_ok=True) for p in self.parents))
-        p = self.config.privacy
-        entry = LedgerEntry(
-            stage="ldm-dp-sgd",
-            mechanism="dp-sgd",
-            fingerprint=self.cache.meta["fingerprint"],
-            records=self.num_patients,
-            delta=p.delta,
-            accountant=p.accountant,
-            noise_multiplier=self.plan.noise_multiplier,
-            sample_rate=self.plan.sample_rate,
-            planned_steps=self.plan.steps,
-            note=f"patient-level DP-SGD, clipping norm {p.max_grad_norm}",
-        )
-        if p.max_total_epsilon is not None:
-            ledger.check_budget(entry, p.max_total_epsilon, accountant=p.accountant)
-        ledger.add(entry)
-        self.entry_id = entry.id
-        if _is_main():
-            ledger.save(self.run / "ledger.json")
-        return ledger
+        return self.dp.total_steps
 
     def _patient_latents(self):
         """(P, 2, C, S, h, w) latents and (P, 2, 14) attributes, rows [ED, ES]."""
         position = {int(row): i for i, row in enumerate(self.rows)}
-        order = np.vectorize(position.__getitem__)(self.cache.patient_rows("train"))
+        order = np.vectorize(position.__getitem__)(self.dp.patient_rows)
         return self.latents[torch.from_numpy(order)], self.attributes[order]
 
     def fit(self, validation: Cache | None) -> None:
@@ -475,62 +452,35 @@ class _DPTrainer(_Trainer):
         super().fit(validation)
 
     def train_step(self) -> dict[str, float]:
-        spe = self.engine.steps_per_epoch
-        epoch, within = divmod(self.step, spe)
-        batches = self.engine.logical_batches(epoch)
-        for _ in range(within + 1):
-            idx = next(batches, None)
-        if idx is None:
-            idx = np.zeros(0, dtype=np.int64)
+        idx = self.dp.patients(self.step)
         record = self.objective.draw(
             self.patient_latents[idx], self.patient_attributes[idx], self.generator
         )
-        loss = self.engine.step({k: v.to(self.device) for k, v in record.items()},
-                                self.objective.patient_loss)  # fmt: skip
+        loss = self.dp.engine.step({k: v.to(self.device) for k, v in record.items()},
+                                   self.objective.patient_loss)  # fmt: skip
         return {"loss": loss}
 
     def volumes_per_step(self) -> int:
-        return int(round(2 * self.engine.expected_batch_size))
+        return int(round(2 * self.dp.engine.expected_batch_size))
 
     def optimizer_state(self) -> tuple[dict, dict]:
-        """The engine's state: optimizer, noise generator, sampler seed, accountant."""
-        tensors, meta = self.engine.state_dict()
-        return {f"engine.{k}": v for k, v in tensors.items()}, meta
+        return self.dp.engine_state()
 
     def load_optimizer(self, tensors: dict, meta: dict) -> None:
-        self.engine.load_state_dict(ckpt.strip_prefix(tensors, "engine."), meta)
+        self.dp.load_engine_state(tensors, meta)
 
     def checkpoint(self) -> None:
-        """Checkpoint and ledger move together: the ledger's step count is SET from it."""
-        self.ledger.update_steps(self.entry_id, self.engine.steps_taken)
-        tensors, state = self.checkpoint_state()
-        ckpt.save_checkpoint(
-            self.run / "checkpoint",
-            tensors,
-            state,
-            extra_json={"ledger.json": self.ledger.to_json()},
-        )
-        self.ledger.save(self.run / "ledger.json")
+        self.dp.save_checkpoint(*self.checkpoint_state())
 
     def start(self, resume: bool) -> None:
         if resume:
             self.restore()
         else:
-            self.ledger = self._open_ledger()
-
-    def checkpoint_state(self) -> tuple[dict, dict]:
-        tensors, state = super().checkpoint_state()
-        state["ledger_entry"] = self.entry_id
-        return tensors, state
+            self.dp.open()
 
     def restore(self) -> dict[str, Any]:
-        from dpsynth.privacy.ledger import Ledger
-
         restored = super().restore()
-        self.entry_id = restored["state"]["ledger_entry"]
-        self.ledger = Ledger.load(self.run / "checkpoint" / "ledger.json")
-        if _is_main():
-            self.ledger.save(self.run / "ledger.json")
+        self.dp.resume(restored["state"])
         return restored
 
 
