@@ -386,3 +386,29 @@ def test_dp_validation_on_private_data_is_recorded_not_charged(world, tmp_path):
     public = train_ldm(world["private"], world["ae"], tmp_path / "dp_pub", config,
                        init=world["ldm"], dp=True, validation_data=world["public"])  # fmt: skip
     assert not [e for e in Ledger.load(public) if e.non_private]
+
+
+def test_workflow_chains_public_pretraining_and_dp_and_its_ablation(world, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(tiny().to_yaml())
+    common = ["workflow", "--public", str(world["public"]), "--private", str(world["private"]),
+              "--config", str(config), "--epsilon", "6"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "on")]) == 0
+    on = tmp_path / "on"
+    assert all((on / s / "model.json").exists() for s in ("autoencoder", "ldm", "ldm_dp"))
+    assert [e.stage for e in Ledger.load(on / "ldm_dp")] == ["ldm-dp-sgd"]
+    assert not (on / "ldm" / "ledger.json").exists()  # the public stages touch no private data
+    # Rerunning keeps every complete stage (nothing is retrained or re-charged).
+    before = read_json(on / "ldm_dp" / "ledger.json")
+    assert main([*common, "--out", str(on)]) == 0
+    assert read_json(on / "ldm_dp" / "ledger.json") == before
+
+    assert main([*common, "--out", str(tmp_path / "off"), "--no-pretrain"]) == 0
+    off = tmp_path / "off"
+    assert not (off / "ldm").exists() and (off / "ldm_dp" / "model.json").exists()
+    (a,), (b,) = Ledger.load(on / "ldm_dp"), Ledger.load(off / "ldm_dp")
+    assert (a.noise_multiplier, a.sample_rate, a.steps) == (
+        b.noise_multiplier,
+        b.sample_rate,
+        b.steps,
+    )

@@ -43,9 +43,10 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _dp_args(p: argparse.ArgumentParser) -> None:
+def _dp_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
     g = p.add_argument_group("differential privacy (patient-level DP-SGD)")
-    g.add_argument("--dp", action="store_true", help="train with DP-SGD; --data is private")
+    if optional:
+        g.add_argument("--dp", action="store_true", help="train with DP-SGD; --data is private")
     g.add_argument(
         "--epsilon", type=float, help="target ε for this stage (noise is calibrated to it)"
     )
@@ -235,6 +236,14 @@ def cmd_pretrain_demo(args: argparse.Namespace) -> None:
     print(f"public demo models -> {out}")
 
 
+def cmd_workflow(args: argparse.Namespace) -> None:
+    from dpsynth.workflow import run_workflow
+
+    config = _load_config(args, "ldm_training")
+    run = run_workflow(args.public, args.private, args.out, config, pretrain=not args.no_pretrain)
+    print(f"DP latent diffusion run -> {run}")
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     from dpsynth.sweep import run_sweep
 
@@ -379,6 +388,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain-demo", help="train the public demo models (shipped weights)")
     p.add_argument("--out", type=Path, default=Path("runs/pretrain-demo"))
     p.set_defaults(func=cmd_pretrain_demo)
+
+    p = sub.add_parser("workflow", help="public pre-training, then DP fine-tuning, resumable")
+    p.add_argument("--public", required=True, type=Path, help="public cache (pre-training)")
+    p.add_argument("--private", required=True, type=Path, help="private cache (DP stage)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--no-pretrain",
+        action="store_true",
+        help="ablation: DP-train the LDM from scratch under the same budget",
+    )
+    p.add_argument("--preset", choices=("demo", "paper"), help="start from a named preset")
+    p.add_argument("--config", type=Path, help="YAML config file (overrides the preset)")
+    _dp_args(p, optional=False)
+    p.set_defaults(func=cmd_workflow, steps=None, seed=None, resume=False)
 
     p = sub.add_parser("sweep", help="the study's grid: ε × pre-training")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"))

@@ -74,17 +74,12 @@ def pretrain_public(out: Path, config: Config | None = None) -> Path:
 
     This is the command that produced the shipped demo weights (`dpsynth pretrain-demo`).
     """
-    from dpsynth.training.autoencoder import train_autoencoder
-    from dpsynth.training.ldm import train_ldm
+    from dpsynth.workflow import pretrain_public_models
 
     config = config or load_config("demo")
     out = Path(out)
-    data = out / "data"
-    cache = simulate_and_prepare(data, PUBLIC, config)
-    if not (out / "autoencoder" / "model.json").exists():
-        train_autoencoder(cache, out / "autoencoder", config)
-    if not (out / "ldm" / "model.json").exists():
-        train_ldm(cache, out / "autoencoder", out / "ldm", config)
+    cache = simulate_and_prepare(out / "data", PUBLIC, config)
+    pretrain_public_models(cache, out, config)
     return out
 
 

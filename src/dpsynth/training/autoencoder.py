@@ -32,6 +32,7 @@ from dpsynth.training.common import (
     seed_everything,
     warmup_factor,
 )
+from dpsynth.training.dp_stage import DPCheckpoints, DPStage
 from dpsynth.training.ema import EMA
 from dpsynth.training.monitor import Monitor, append_metrics
 
@@ -219,14 +220,13 @@ class _PublicFit:
         return float(estimate_latent_scale(model, batches)), "public training data of this run"
 
 
-class _PrivateFit(_PublicFit):
+class _PrivateFit(DPCheckpoints, _PublicFit):
     """Patient-level DP-SGD fine-tuning; no discriminator (it would see private data).
 
     Reconstruction grids are not drawn: they would put private images in the run folder.
     """
 
     def __init__(self, run, model, cache, config, rng, losses, init, init_meta) -> None:
-        from dpsynth.training.dp_stage import DPStage
 
         super().__init__(run, model, cache, config, rng, losses)
         if self.cfg.adversarial_weight > 0:
@@ -284,15 +284,6 @@ class _PrivateFit(_PublicFit):
 
     def save_grid(self, step: int) -> None:
         pass
-
-    def optimizer_state(self) -> tuple[dict, dict]:
-        return self.dp.engine_state()
-
-    def load_optimizer(self, tensors: dict, meta: dict) -> None:
-        self.dp.load_engine_state(tensors, meta)
-
-    def checkpoint(self) -> None:
-        self.dp.save_checkpoint(*self.checkpoint_state())
 
     def restore(self, tensors: dict, state: dict) -> None:
         super().restore(tensors, state)

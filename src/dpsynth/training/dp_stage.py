@@ -153,3 +153,21 @@ class DPStage:
         self.ledger = Ledger.load(self.run / "checkpoint" / "ledger.json")
         if self.main:
             self.ledger.save(self.run / "ledger.json")
+
+
+class DPCheckpoints:
+    """Trainer mix-in: optimizer state and checkpoints go through ``self.dp`` (a DPStage).
+
+    The host trainer provides ``checkpoint_state()``, which calls ``optimizer_state()``.
+    """
+
+    dp: DPStage
+
+    def optimizer_state(self) -> tuple[dict, dict]:
+        return self.dp.engine_state()
+
+    def load_optimizer(self, tensors: dict, meta: dict) -> None:
+        self.dp.load_engine_state(tensors, meta)
+
+    def checkpoint(self) -> None:
+        self.dp.save_checkpoint(*self.checkpoint_state())

@@ -36,6 +36,7 @@ from dpsynth.training.common import (
     seed_everything,
     warmup_factor,
 )
+from dpsynth.training.dp_stage import DPCheckpoints, DPStage
 from dpsynth.training.ema import EMA
 from dpsynth.training.monitor import Monitor, append_metrics
 
@@ -410,11 +411,10 @@ class _Trainer:
         return {"tensors": tensors, "state": state}
 
 
-class _DPTrainer(_Trainer):
+class _DPTrainer(DPCheckpoints, _Trainer):
     """Patient-level DP-SGD: Poisson over patients, per-patient clipping, ledger per step."""
 
     def __init__(self, **kwargs) -> None:
-        from dpsynth.training.dp_stage import DPStage
 
         super().__init__(**kwargs)
         self.dp = DPStage(
@@ -462,15 +462,6 @@ class _DPTrainer(_Trainer):
 
     def volumes_per_step(self) -> int:
         return int(round(2 * self.dp.engine.expected_batch_size))
-
-    def optimizer_state(self) -> tuple[dict, dict]:
-        return self.dp.engine_state()
-
-    def load_optimizer(self, tensors: dict, meta: dict) -> None:
-        self.dp.load_engine_state(tensors, meta)
-
-    def checkpoint(self) -> None:
-        self.dp.save_checkpoint(*self.checkpoint_state())
 
     def start(self, resume: bool) -> None:
         if resume:

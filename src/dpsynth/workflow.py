@@ -1,0 +1,68 @@
+"""Public pre-training → private DP fine-tuning as one resumable command (`dpsynth workflow`).
+
+    OUT/autoencoder   trained on the public cache (its latent scale is public)
+    OUT/ldm           the LDM pre-trained on the public cache       (skipped by no_pretrain)
+    OUT/ldm_dp        DP-SGD on the private cache, from OUT/ldm or, with no_pretrain, from
+                      scratch under the same privacy settings: the study's ablation. The
+                      autoencoder stays public in both arms.
+
+A complete stage (its model.json exists) is kept and an interrupted one resumes from its
+checkpoint, so rerunning the command continues the chain.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from dpsynth.config import Config
+
+
+def pretrain_public_models(
+    public: str | os.PathLike, out: str | os.PathLike, config: Config, ldm: bool = True
+) -> tuple[Path, Path | None]:
+    """OUT/autoencoder and (with `ldm`) OUT/ldm trained on the public cache."""
+    from dpsynth.training.autoencoder import train_autoencoder
+    from dpsynth.training.ldm import train_ldm
+
+    out = Path(out)
+    autoencoder = _stage(
+        out / "autoencoder",
+        lambda run, resume: train_autoencoder(public, run, config, resume=resume),
+    )
+    if not ldm:
+        return autoencoder, None
+    return autoencoder, _stage(
+        out / "ldm", lambda run, resume: train_ldm(public, autoencoder, run, config, resume=resume)
+    )
+
+
+def run_workflow(
+    public: str | os.PathLike,
+    private: str | os.PathLike,
+    out: str | os.PathLike,
+    config: Config,
+    pretrain: bool = True,
+) -> Path:
+    """Run the chain into `out` and return the DP LDM run."""
+    from dpsynth.training.ldm import train_ldm
+
+    out = Path(out)
+    autoencoder, init = pretrain_public_models(public, out, config, ldm=pretrain)
+    return _stage(
+        out / "ldm_dp",
+        lambda run, resume: train_ldm(
+            private, autoencoder, run, config, init=init, resume=resume, dp=True
+        ),
+    )
+
+
+def _stage(run: Path, train: Callable[[Path, bool], Path]) -> Path:
+    """Keep a complete stage; continue an interrupted one from its checkpoint."""
+    if (run / "model.json").exists():
+        print(f"== {run.name}: complete, kept")
+        return run
+    resume = (run / "checkpoint" / "state.json").exists()
+    print(f"== {run.name}" + (" (resumed)" if resume else ""))
+    return train(run, resume)
