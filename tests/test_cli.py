@@ -89,8 +89,9 @@ def test_sweep_table_reports_the_pretraining_ratio(tmp_path):
          "fd_referee": 3.0, "ms_ssim": 0.2, "lv_volume_r": None, "esed_accuracy": 0.6, "mia_auc": 0.51},
     ]  # fmt: skip
     assert pretrain_ratio(rows, 10.0) == pytest.approx(3.5)
+    assert pretrain_ratio(rows, 10.0, "fd_referee") == pytest.approx(3.0)
     table = format_table(rows)
-    assert "3.50×" in table and table.count("\n|") == 3
+    assert "FRD 3.50×" in table and "FD-referee 3.00×" in table and table.count("\n|") == 3
     md = tmp_path / "B.md"
     md.write_text("# B\n")
     write_table(md, table)

@@ -161,14 +161,17 @@ def format_table(rows: list[dict]) -> str:
             f"{_fmt(r['ms_ssim'])} | {_fmt(r['lv_volume_r'])} | {_fmt(r['esed_accuracy'])} | "
             f"{_fmt(r['mia_auc'])} |"
         )
-    ratio = pretrain_ratio(rows, 10.0)
-    if ratio is not None:
-        lines.append(f"\nAt ε = 10, FRD without / with pre-training: {ratio:.2f}× (study: 3.5×).")
+    ratios = {m: pretrain_ratio(rows, 10.0, m) for m in ("frd", "fd_referee")}
+    if all(r is not None for r in ratios.values()):
+        lines.append(
+            f"\nAt ε = 10, distance without / with pre-training: FRD {ratios['frd']:.2f}×, "
+            f"FD-referee {ratios['fd_referee']:.2f}× (study, FID: 3.5×)."
+        )
     return "\n".join(lines)
 
 
-def pretrain_ratio(rows: list[dict], eps: float) -> float | None:
-    cells = {r["pretrain"]: r["frd"] for r in rows if r["epsilon_target"] == eps}
+def pretrain_ratio(rows: list[dict], eps: float, metric: str = "frd") -> float | None:
+    cells = {r["pretrain"]: r[metric] for r in rows if r["epsilon_target"] == eps}
     if True in cells and False in cells and cells[True] > 0:
         return cells[False] / cells[True]
     return None
