@@ -181,6 +181,18 @@ def test_sample_warns_outside_training_range(world, tmp_path):
         sample_to_folder(world["ldm"], tmp_path / "o", n=1, settings=["LVEDV=5000"], steps=2)
 
 
+def _crash_at(monkeypatch, step: int) -> None:
+    """Make training die (as from Ctrl-C) right after completing `step`, before logging it."""
+    original = Monitor.step
+
+    def crash(self, done, *args, **kwargs):
+        if done == step:
+            raise KeyboardInterrupt
+        return original(self, done, *args, **kwargs)
+
+    monkeypatch.setattr(Monitor, "step", crash)
+
+
 def _dp(world, out, **extra):
     config = tiny(**{"privacy.epsilon": 8.0, **extra})
     return train_ldm(world["private"], world["ae"], out, config, init=world["ldm"], dp=True)
@@ -202,17 +214,10 @@ def test_dp_stage_ledger_matches_patient_sample_rate(world, tmp_path):
 
 
 def test_dp_resume_after_crash_neither_loses_nor_double_counts(world, tmp_path, monkeypatch):
-    original = Monitor.step
-
-    def crash_at_3(self, step, *args, **kwargs):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(Monitor, "step", crash_at_3)
+    _crash_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         _dp(world, tmp_path / "dp")
-    monkeypatch.setattr(Monitor, "step", original)
+    monkeypatch.undo()
     crashed = Ledger.load(tmp_path / "dp")
     (entry,) = [e for e in crashed if e.mechanism == "dp-sgd"]
     assert entry.steps == 2  # the last checkpoint: what a released model could have seen
@@ -332,24 +337,17 @@ def test_dp_autoencoder_refused_before_spending(world, tmp_path):
 
 
 def test_dp_autoencoder_resume_neither_loses_nor_double_counts(world, tmp_path, monkeypatch):
-    original = Monitor.step
-
-    def crash_at_3(self, step, *args, **kwargs):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step, *args, **kwargs)
-
     extra = {
         "privacy.epsilon": 4.0,
         "privacy.epochs": 2.0,
         "autoencoder_training.checkpoint_every": 2,
     }
-    monkeypatch.setattr(Monitor, "step", crash_at_3)
+    _crash_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train_autoencoder(
             world["private"], tmp_path / "ae", tiny(**extra), init=world["ae"], dp=True
         )
-    monkeypatch.setattr(Monitor, "step", original)
+    monkeypatch.undo()
     (crashed,) = list(Ledger.load(tmp_path / "ae"))
     assert crashed.steps == 2
     run = train_autoencoder(world["private"], tmp_path / "ae", tiny(**extra), init=world["ae"],
