@@ -27,45 +27,15 @@ def test_budget_plan_json_keys_and_consistency(capsys):
     assert out["noise_multiplier"] == 1.0 and out["delta"] == 1e-5 and out["epsilon"] > 0
 
 
+PLAN = ["budget", "plan", "--records", "10", "--batch-size", "2", "--epochs", "1"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (
-            ["budget", "plan", "--records", "10", "--batch-size", "2", "--epochs", "1"],
-            "exactly one of",
-        ),
-        (
-            [
-                "budget",
-                "plan",
-                "--records",
-                "10",
-                "--batch-size",
-                "2",
-                "--epochs",
-                "1",
-                "--epsilon",
-                "-1",
-            ],
-            "epsilon",
-        ),  # fmt: skip
-        (
-            [
-                "budget",
-                "plan",
-                "--records",
-                "10",
-                "--batch-size",
-                "2",
-                "--epochs",
-                "1",
-                "--epsilon",
-                "1",
-                "--delta",
-                "2",
-            ],
-            "delta",
-        ),  # fmt: skip
+        (PLAN, "exactly one of"),
+        ([*PLAN, "--epsilon", "-1"], "epsilon"),
+        ([*PLAN, "--epsilon", "1", "--delta", "2"], "delta"),
         (["budget", "/nonexistent/run"], "not found"),
         (
             ["train-ldm", "--data", "/nonexistent", "--autoencoder", "x", "--out", "y"],

@@ -34,7 +34,7 @@ from dpsynth.training.common import (
 )
 from dpsynth.training.dp_stage import DPCheckpoints, DPStage
 from dpsynth.training.ema import EMA
-from dpsynth.training.monitor import Monitor, append_metrics
+from dpsynth.training.monitor import Monitor
 
 
 def train_autoencoder(
@@ -264,9 +264,6 @@ class _PrivateFit(DPCheckpoints, _PublicFit):
 
     def open(self) -> None:
         self.dp.open()
-        note = ("training losses here are computed on private data without DP: "
-                "evaluation only (BRIEF 3c), never release this file")  # fmt: skip
-        append_metrics(self.run, {"note": note})
 
     def train_step(self) -> tuple[int, dict[str, float]]:
         rows = self.dp.patient_rows[self.dp.patients(self.step)]
@@ -293,17 +290,12 @@ class _PrivateFit(DPCheckpoints, _PublicFit):
         if self.init_meta is not None:
             return float(self.init_meta["latent_scale"]), "public: the pre-trained --init run"
         from dpsynth.privacy.statistics import dp_latent_scale
+        from dpsynth.training.ldm import encode_split
 
         rows = self.dp.patient_rows
-        flat = rows.reshape(-1)
-        moments = []
-        with torch.no_grad():
-            for i in range(0, len(flat), 8):
-                x = load_volumes(self.cache.images, flat[i : i + 8]).to(self.device)
-                z = model.encode_latent(x).float()
-                moments.append(z.square().flatten(1).mean(1).cpu())
+        latents = encode_split(model, self.cache, rows.reshape(-1), scale=1.0, batch=8)
         scale, _ = dp_latent_scale(
-            torch.cat(moments).numpy(), rng=np.random.default_rng(secrets.randbits(63)),
+            latents.float().numpy(), rng=np.random.default_rng(secrets.randbits(63)),
             noise_multiplier=self.scale_entry.noise_multiplier, delta=self.scale_entry.delta,
             patients=np.repeat(np.arange(len(rows)), rows.shape[1]),
             accountant=self.scale_entry.accountant,

@@ -22,6 +22,7 @@ from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.training import checkpoint as ckpt
+from dpsynth.training.monitor import append_metrics
 
 
 class DPStage:
@@ -115,6 +116,9 @@ class DPStage:
         self.ledger, self.entry_id = ledger, entry.id
         if self.main:
             ledger.save(self.run / "ledger.json")
+            note = ("training losses here are computed on private data without DP: "
+                    "evaluation only (BRIEF 3c), never release this file")  # fmt: skip
+            append_metrics(self.run, {"note": note})
 
     def patients(self, step: int) -> np.ndarray:
         """Indices into the training patients of global step `step`'s Poisson batch.

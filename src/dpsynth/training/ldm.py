@@ -38,7 +38,7 @@ from dpsynth.training.common import (
 )
 from dpsynth.training.dp_stage import DPCheckpoints, DPStage
 from dpsynth.training.ema import EMA
-from dpsynth.training.monitor import Monitor, append_metrics
+from dpsynth.training.monitor import Monitor
 
 # Public conditions for the sample grids written during training (never private rows).
 GRID_CONDITIONS: tuple[dict[str, float], ...] = (
@@ -415,7 +415,6 @@ class _DPTrainer(DPCheckpoints, _Trainer):
     """Patient-level DP-SGD: Poisson over patients, per-patient clipping, ledger per step."""
 
     def __init__(self, **kwargs) -> None:
-
         super().__init__(**kwargs)
         self.dp = DPStage(
             stage="ldm-dp-sgd", cache=self.cache, model=self.denoiser, optimizer=self.optimizer,
@@ -445,10 +444,6 @@ class _DPTrainer(DPCheckpoints, _Trainer):
 
     def fit(self, validation: Cache | None) -> None:
         self.patient_latents, self.patient_attributes = self._patient_latents()
-        if _is_main():
-            note = ("training losses here are computed on private data without DP: "
-                    "evaluation only (BRIEF 3c), never release this file")  # fmt: skip
-            append_metrics(self.run, {"note": note})
         super().fit(validation)
 
     def train_step(self) -> dict[str, float]:
