@@ -11,8 +11,10 @@ import pytest
 from dpsynth.attributes import ATTRIBUTES, CLINICAL_RANGES, INDEX, ejection_fraction
 from dpsynth.errors import DpsynthError
 from dpsynth.privacy.attribute_model import (
-    BASE,
-    BLOCK_SHARES,
+    EDGES,
+    SENSITIVITY,
+    SHARES,
+    VARIABLES,
     AttributeModel,
     attribute_fidelity,
     fit_attribute_model,
@@ -46,13 +48,8 @@ def _cohort(n_patients: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     return rows, np.repeat(np.arange(n_patients), 2)
 
 
-def _normalised_means(rows: np.ndarray, sex: float) -> np.ndarray:
-    patient = rows[::2]
-    member = patient[:, INDEX["SEX"]] == sex
-    lo = np.array([CLINICAL_RANGES[a][0] for a in BASE])
-    hi = np.array([CLINICAL_RANGES[a][1] for a in BASE])
-    x = 2 * (patient[member][:, [INDEX[a] for a in BASE]] - lo) / (hi - lo) - 1
-    return np.nanmean(x, axis=0)
+def _marginal(model: AttributeModel, name: str):
+    return model.marginals[VARIABLES.index(name)]
 
 
 def test_tiny_noise_recovers_the_real_statistics():
@@ -60,35 +57,62 @@ def test_tiny_noise_recovers_the_real_statistics():
     model, _ = fit_attribute_model(
         rows, noise_multiplier=1e-6, patients=patients, rng=np.random.default_rng(0)
     )
-    sex = rows[::2, INDEX["SEX"]]
-    female, male, unknown = model.strata
-    for stratum, code in ((female, 0.0), (male, 1.0)):
-        assert stratum.weight == pytest.approx(np.sum(sex == code), abs=1e-3)
-        np.testing.assert_allclose(stratum.mean, _normalised_means(rows, code), atol=1e-4)
-    assert unknown.weight == pytest.approx(np.isnan(sex).sum(), abs=1e-3)
-    age_missing = np.isnan(rows[::2, INDEX["AGE"]][sex == 1.0]).mean()
-    assert male.missing[BASE.index("AGE")] == pytest.approx(age_missing, abs=1e-4)
-    # LVEDV and RVEDV are built strongly correlated: the covariance keeps it
-    i, j = BASE.index("LVEDV"), BASE.index("RVEDV")
-    r = male.cov[i, j] / math.sqrt(male.cov[i, i] * male.cov[j, j])
-    assert r > 0.9
+    patient = rows[::2]
+    for name, edges in zip(VARIABLES, EDGES, strict=True):
+        x = patient[:, INDEX[name]]
+        x = np.clip(x[np.isfinite(x)], edges[0], edges[-1])  # out of range: the end bins
+        expected = np.histogram(x, edges)[0] / x.size
+        np.testing.assert_allclose(_marginal(model, name).probs, expected, atol=1e-6)
+    assert _marginal(model, "AGE").missing == pytest.approx(
+        np.isnan(patient[:, INDEX["AGE"]]).mean(), abs=1e-6
+    )
+    assert _marginal(model, "SEX").probs[1] == pytest.approx(
+        np.nanmean(patient[:, INDEX["SEX"]]), abs=1e-6
+    )
+    r = model.correlation
+    lv, rv, myo = (VARIABLES.index(a) for a in ("LVEDV", "RVEDV", "MYOEDTHICK"))
+    assert r[lv, rv] > 0.9  # built strongly correlated
+    assert abs(r[lv, myo]) < 0.15  # built independent
 
 
 def test_noise_is_added_at_the_stated_scale():
-    rows, patients = _cohort(200)
+    from dpsynth.privacy.attribute_model import _release
+
+    contrib = np.random.default_rng(0).integers(0, 2, (200, 30)).astype(float)
     sigma = 0.5
+    draws = np.array(
+        [_release(contrib, "signs", sigma, np.random.default_rng(s))[0] for s in range(400)]
+    )
+    # the block is scaled to L2 sensitivity sqrt(share): its noise std is σ · sens / sqrt(share)
+    expected = sigma * SENSITIVITY["signs"] / math.sqrt(SHARES["signs"])
+    assert draws.std(axis=0).mean() == pytest.approx(expected, rel=0.05)
+    np.testing.assert_allclose(draws.mean(axis=0), contrib.sum(axis=0), atol=4 * expected / 20)
+    rows, patients = _cohort(200)
     fits = [
         fit_attribute_model(
-            rows, noise_multiplier=sigma, patients=patients, rng=np.random.default_rng(s)
+            rows, noise_multiplier=0.5, patients=patients, rng=np.random.default_rng(s)
         )[0]
-        for s in range(40)
+        for s in range(2)
     ]
-    assert not np.allclose(fits[0].strata[0].mean, fits[1].strata[0].mean)
-    # the count block is scaled to L2 sensitivity sqrt(share): its noise std is σ / sqrt(share)
-    weights = np.array([f.strata[0].weight for f in fits])
-    true_count = np.sum(rows[::2, INDEX["SEX"]] == 0.0)
-    assert np.std(weights) == pytest.approx(sigma / math.sqrt(BLOCK_SHARES["count"]), rel=0.3)
-    assert np.mean(weights) == pytest.approx(true_count, abs=1.5)
+    assert not np.allclose(fits[0].correlation, fits[1].correlation)
+
+
+def test_marginals_keep_their_spread_at_the_demo_budget():
+    """The reason for the histogram design: at n = 350 and ε = 2 the marginals are neither
+    smeared over the clinical range nor given missing values the data do not have."""
+    for seed in range(3):
+        rows, patients = _cohort(350, seed)
+        model, _ = fit_attribute_model(
+            rows, epsilon=2.0, patients=patients, rng=np.random.default_rng(seed)
+        )
+        fid = attribute_fidelity(rows, model.sample(350, np.random.default_rng(seed)))
+        for name in ("LVEDV", "RVEDV", "MYOEDTHICK", "BMI", "ANGLE"):
+            a = fid["attributes"][name]
+            assert 0.6 <= a["std_synthetic"] / a["std_real"] <= 1.5, (seed, name, a)
+            assert a["ks"] < 0.2, (seed, name, a)
+            assert a["missing_synthetic"] == 0.0, (seed, name, a)
+        age = fid["attributes"]["AGE"]
+        assert age["missing_synthetic"] == pytest.approx(age["missing_real"], abs=0.08)
 
 
 def test_epsilon_is_charged_as_one_gaussian_entry():
@@ -130,7 +154,7 @@ def test_samples_respect_the_deterministic_relations():
     assert set(np.unique(sex[np.isfinite(sex)])) <= {0.0, 1.0}
     depth = ed[:, INDEX["DEPTH"]]
     np.testing.assert_array_equal(depth[np.isfinite(depth)], np.round(depth[np.isfinite(depth)]))
-    for a in BASE:
+    for a in VARIABLES:
         v = ed[:, INDEX[a]]
         v = v[np.isfinite(v)]
         lo, hi = CLINICAL_RANGES[a]
@@ -148,15 +172,18 @@ def test_save_load_round_trip(tmp_path):
         model.sample(50, np.random.default_rng(7)), loaded.sample(50, np.random.default_rng(7))
     )
     obj = json.loads((tmp_path / "attributes.json").read_text())
-    assert obj["strata"][2]["sex"] is None  # unknown SEX stratum, no NaN in the JSON
-    obj["strata"][0]["cov"][0][0] = -1.0
-    (tmp_path / "bad.json").write_text(json.dumps(obj))
-    with pytest.raises(DpsynthError, match="bad.json: stratum sex=0.0"):
-        AttributeModel.load(tmp_path / "bad.json")
-    del obj["privacy"]
-    (tmp_path / "bad.json").write_text(json.dumps(obj))
-    with pytest.raises(DpsynthError, match="malformed"):
-        AttributeModel.load(tmp_path / "bad.json")
+    bad = tmp_path / "bad.json"
+    for tamper, match in [
+        (lambda o: o["marginals"]["BMI"]["probs"].__setitem__(0, -1.0), "marginal BMI"),
+        (lambda o: o["correlation"][0].__setitem__(1, 5.0), "positive definite"),
+        (lambda o: o.__setitem__("format_version", 1), "unsupported format_version"),
+        (lambda o: o.pop("privacy"), "malformed"),
+    ]:
+        changed = json.loads(json.dumps(obj))
+        tamper(changed)
+        bad.write_text(json.dumps(changed))
+        with pytest.raises(DpsynthError, match=f"bad.json: .*{match}"):
+            AttributeModel.load(bad)
 
 
 @pytest.mark.parametrize(
@@ -195,17 +222,30 @@ def test_attribute_fidelity_measures_differences():
 
 
 def test_one_patient_moves_the_released_vector_by_at_most_one():
-    """The privacy claim: scaled per-patient contributions have L2 norm <= 1 (σ is then the
-    noise multiplier of the whole release), including extreme, missing and out-of-range rows."""
-    from dpsynth.privacy.attribute_model import _block_scale, _contributions
+    """The privacy claim: the two releases' scaled per-patient contributions have joint L2
+    norm <= 1 (σ is then the noise multiplier of the whole mechanism), for extreme, missing
+    and out-of-range rows, whatever thresholds release 1 chose."""
+    from dpsynth.privacy.attribute_model import (
+        _bins,
+        histogram_contributions,
+        sign_contributions,
+    )
 
     rng = np.random.default_rng(0)
     rows = _cohort(200)[0][::2]
     extremes = np.full((4, len(ATTRIBUTES)), np.nan)  # row 0: everything missing
-    for a in BASE:
+    for a in VARIABLES:
         lo, hi = CLINICAL_RANGES[a]
         extremes[1, INDEX[a]], extremes[2, INDEX[a]] = lo - 100, hi + 100
         extremes[3, INDEX[a]] = rng.choice([lo, hi])
-    norms = np.linalg.norm(_contributions(np.vstack([rows, extremes])) * _block_scale(), axis=1)
-    assert norms.max() <= 1.0 + 1e-12
-    assert norms[-3:].min() == pytest.approx(math.sqrt(1 - BLOCK_SHARES["missing"]))
+    bins = _bins(np.vstack([rows, extremes]))
+    scale = {k: math.sqrt(SHARES[k]) / SENSITIVITY[k] for k in SHARES}
+    hist = histogram_contributions(bins) * scale["histograms"]
+    for _ in range(20):
+        thresholds = np.array([rng.integers(-1, len(e)) for e in EDGES])
+        signs = sign_contributions(bins, thresholds) * scale["signs"]
+        norms = np.linalg.norm(np.hstack([hist, signs]), axis=1)
+        assert norms.max() <= 1.0 + 1e-12
+    thresholds = np.ones(len(EDGES), dtype=int)
+    full = np.hstack([hist, sign_contributions(bins, thresholds) * scale["signs"]])
+    assert np.linalg.norm(full[-2]) == pytest.approx(1.0)  # all present: the bound is tight

@@ -1,29 +1,37 @@
 """A DP generative model of the private attribute table, for releasable conditioning.
 
-Model. Patients fall into three SEX strata (female, male, unknown); each has a weight,
-and over the ten base variables (:data:`BASE`: EDV and EF of both ventricles, wall
-thicknesses, AGE, BMI, ANGLE, DEPTH) a multivariate Gaussian plus a per-variable
-missingness rate. Each variable is mapped to [-1, 1] over its FIXED clinical range
-(:mod:`dpsynth.attributes`, public) and clipped there. Sampling draws a stratum, then the
-Gaussian, clips to [-1, 1], maps back, blanks values at the missingness rates (missing
-completely at random), and derives the rest deterministically: ESV = EDV (1 - EF / 100)
-(EF lies in its clinical range 5-85 %, so ESV < EDV), then EF = ejection_fraction(EDV,
-ESV) exactly (NaN where EDV is missing, as in real tables), DEPTH is rounded, and each
-patient gives an ED row (ESED 1) and an identical ES row (ESED 0). EF rather than ESV is
-modelled because it is nearly independent of EDV: the noise that loosens the modelled
-correlations then barely distorts ESV and EF.
+Model: a Gaussian copula. Each of the eleven modelled variables (:data:`VARIABLES`: EDV and
+EF of both ventricles, wall thicknesses, AGE, BMI, ANGLE, DEPTH, SEX) has a histogram
+marginal over FIXED bins of its clinical range (:mod:`dpsynth.attributes`, public; one
+bin per integer for SEX and DEPTH) and a missingness rate; a latent Gaussian with
+correlation matrix R ties them together. Sampling draws the latent Gaussian, maps each
+coordinate through its marginal's inverse CDF (uniform within a bin), blanks values at
+the missingness rates (missing completely at random), and derives the rest
+deterministically: ESV = EDV (1 - EF / 100) (EF lies in 5-85 %, so ESV < EDV), then EF =
+ejection_fraction(EDV, ESV) exactly (NaN where EDV is missing, as in real tables), and
+each patient gives an ED row (ESED 1) and an identical ES row (ESED 0).
 
-Privacy. One record = one patient (rows of a patient are averaged first). Per stratum we
-release, in one Gaussian mechanism, the count, the missing counts, the sums of the
-(missing -> 0) values and the sums of their outer products (upper triangle). With d = 10
-variables in [-1, 1] one patient changes these blocks by at most 1, √d, √d and
-√(d(d+1)/2) in L2, and only inside its own stratum. Each block is scaled so its L2
-sensitivity is √share (the fixed shares in :data:`BLOCK_SHARES` sum to 1), so the whole
-vector has sensitivity 1 and gets N(0, σ²) noise per coordinate: one ledger entry
-``(σ, 1.0, 1)`` whose ε is the requested one. Everything after is post-processing:
-means and second moments from the noisy sums (pairwise counts assume independent
-missingness), the covariance projected to positive definite, and strata whose noisy count
-is below :data:`MIN_STRATUM` use the statistics pooled over all strata.
+Why this design: a first version released the means and second moments of the variables
+scaled to their clinical ranges. Real cohorts occupy a small part of those ranges (LVEDV
+std 35 mL in 40-400 mL), so at n = 350 and ε = 2 the noise on the 55 second moments was
+larger than the variances themselves and the marginals came out 2-4x too wide, which put
+the demo's requested volumes outside what the image model had learned. Histograms need no
+scale, and sign agreements (below) estimate correlations at full signal whatever the
+range.
+
+Privacy. One record = one patient (rows of a patient are averaged first). Two Gaussian
+releases, the second chosen after the first (adaptive composition):
+1. the one-hot bin-or-missing indicator of every variable (L2 norm √V per patient);
+2. for every pair of variables, the product of their signs s ∈ {-1, +1} about a bin edge
+   chosen from release 1 near the median (0 when missing): L2 norm ≤ √(V(V-1)/2).
+Each release is scaled so its per-patient norm is at most √share (:data:`SHARES` sums to
+1) and gets N(0, σ²) noise per coordinate. Gaussian mechanisms compose exactly, even
+adaptively (μ-GDP: μ² adds), so the pair is one Gaussian mechanism of sensitivity 1 and
+noise σ: one ledger entry ``(σ, 1.0, 1)`` whose ε is the requested one. Everything after
+is post-processing: bins below :data:`KEEP_BIN_SIGMAS` noise stds are dropped (so the
+noise does not smear mass over empty bins), and each sign agreement is inverted to the
+latent correlation of a bivariate normal with the marginals' thresholds (tetrachoric
+correlation), the matrix projected to a positive definite correlation matrix.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 
 from dpsynth.attributes import ATTRIBUTES, CLINICAL_RANGES, INDEX, N_ATTRIBUTES, ejection_fraction
 from dpsynth.errors import DpsynthError
@@ -48,7 +56,7 @@ from dpsynth.privacy.accounting import (
 from dpsynth.privacy.ledger import LedgerEntry
 from dpsynth.privacy.statistics import gaussian_noise_multiplier, group_mean
 
-BASE = (
+VARIABLES = (
     "LVEDV",
     "LVEF",
     "RVEDV",
@@ -59,45 +67,54 @@ BASE = (
     "BMI",
     "ANGLE",
     "DEPTH",
+    "SEX",
 )
-STRATA = (0.0, 1.0, math.nan)  # SEX codes; NaN = unknown
-# Fixed (data-independent) split of the noise budget between the released blocks.
-BLOCK_SHARES = {"count": 0.05, "missing": 0.10, "sum": 0.25, "outer": 0.60}
-MIN_STRATUM = 20.0
-VARIANCE_FLOOR = 1e-4  # in normalised units: keeps every covariance positive definite
-FORMAT_VERSION = 1
+INTEGER = ("DEPTH", "SEX")  # one bin per integer value; sampled values are integers
+BINS = 16  # per continuous variable, over its clinical range
+# Fixed (data-independent) split of the noise budget between the two releases.
+SHARES = {"histograms": 0.5, "signs": 0.5}
+KEEP_BIN_SIGMAS = 2.5
+CORRELATION_FLOOR = 1e-3  # smallest eigenvalue kept when projecting R to positive definite
+FORMAT_VERSION = 2
 
-_D = len(BASE)
-_BASE_IDX = np.array([INDEX[a] for a in BASE])
-_LO = np.array([CLINICAL_RANGES[a][0] for a in BASE])
-_HI = np.array([CLINICAL_RANGES[a][1] for a in BASE])
-_TRIU = np.triu_indices(_D)
-# (block name, size, L2 sensitivity of one patient's unscaled contribution)
-_BLOCKS = (
-    ("count", 1, 1.0),
-    ("missing", _D, math.sqrt(_D)),
-    ("sum", _D, math.sqrt(_D)),
-    ("outer", len(_TRIU[0]), math.sqrt(_D * (_D + 1) / 2)),
-)
+_V = len(VARIABLES)
+_IDX = np.array([INDEX[a] for a in VARIABLES])
+_PAIRS = np.triu_indices(_V, k=1)
+
+
+def _edges(name: str) -> np.ndarray:
+    lo, hi = CLINICAL_RANGES[name]
+    if name in INTEGER:
+        return np.arange(lo - 0.5, hi + 1.0)
+    return np.linspace(lo, hi, BINS + 1)
+
+
+EDGES = tuple(_edges(a) for a in VARIABLES)
 
 
 @dataclass(frozen=True)
-class Stratum:
-    """One SEX stratum: `weight` (noisy patient count), Gaussian `mean` / `cov` over BASE in
-    normalised units, and the `missing` rate of each BASE variable."""
+class Marginal:
+    """One variable: bin `probs` over its fixed edges and the rate at which it is missing."""
 
-    sex: float
-    weight: float
-    mean: np.ndarray
-    cov: np.ndarray
-    missing: np.ndarray
+    probs: np.ndarray
+    missing: float
+
+    def quantile(self, u: np.ndarray, edges: np.ndarray) -> np.ndarray:
+        """Inverse CDF, uniform within a bin (bins of zero mass are never drawn)."""
+        cum = np.cumsum(self.probs)
+        last = int(np.flatnonzero(self.probs > 0)[-1])
+        b = np.minimum(np.searchsorted(cum, u * cum[-1], side="right"), last)
+        below = cum[b] - self.probs[b]
+        frac = np.clip((u * cum[-1] - below) / self.probs[b], 0.0, 1.0)
+        return edges[b] + frac * (edges[b + 1] - edges[b])
 
 
 @dataclass(frozen=True)
 class AttributeModel:
     """A fitted DP attribute model; see the module docstring for the design."""
 
-    strata: tuple[Stratum, ...]
+    marginals: tuple[Marginal, ...]
+    correlation: np.ndarray
     noise_multiplier: float
     delta: float
     epsilon: float | None = None
@@ -108,19 +125,13 @@ class AttributeModel:
             raise DpsynthError(f"n_patients: must be an integer >= 0, got {n_patients!r}")
         if n_patients < 0:
             raise DpsynthError(f"n_patients: must be an integer >= 0, got {n_patients}")
-        weights = np.array([max(s.weight, 0.0) for s in self.strata])
-        if weights.sum() <= 0:  # noise wiped out every count: fall back to equal strata
-            weights = np.ones(len(weights))
-        which = rng.choice(len(self.strata), size=n_patients, p=weights / weights.sum())
+        z = rng.standard_normal((n_patients, _V)) @ np.linalg.cholesky(self.correlation).T
+        u = stats.norm.cdf(z)
         rows = np.full((n_patients, N_ATTRIBUTES), np.nan)
-        for k, s in enumerate(self.strata):
-            idx = np.flatnonzero(which == k)
-            z = s.mean + rng.standard_normal((len(idx), _D)) @ np.linalg.cholesky(s.cov).T
-            x = _LO + (np.clip(z, -1.0, 1.0) + 1.0) / 2.0 * (_HI - _LO)
-            x[rng.random(x.shape) < s.missing] = np.nan
-            rows[np.ix_(idx, _BASE_IDX)] = x
-            rows[idx, INDEX["SEX"]] = s.sex
-        rows[:, INDEX["DEPTH"]] = np.round(rows[:, INDEX["DEPTH"]])
+        for j, (name, m, edges) in enumerate(zip(VARIABLES, self.marginals, EDGES, strict=True)):
+            x = m.quantile(u[:, j], edges)
+            x = np.round(x) if name in INTEGER else x
+            rows[:, INDEX[name]] = np.where(rng.random(n_patients) < m.missing, np.nan, x)
         for side in ("LV", "RV"):
             edv, ef = rows[:, INDEX[f"{side}EDV"]], rows[:, INDEX[f"{side}EF"]]
             esv = edv * (1.0 - ef / 100.0)  # EF in its clinical range [5, 85] %: ESV < EDV
@@ -133,42 +144,38 @@ class AttributeModel:
     def to_json(self) -> dict:
         return {
             "format_version": FORMAT_VERSION,
-            "variables": list(BASE),
+            "variables": list(VARIABLES),
             "privacy": {
                 "epsilon": self.epsilon,
                 "delta": self.delta,
                 "noise_multiplier": self.noise_multiplier,
             },
-            "strata": [
-                {
-                    "sex": None if math.isnan(s.sex) else s.sex,
-                    "weight": s.weight,
-                    "mean": s.mean.tolist(),
-                    "cov": s.cov.tolist(),
-                    "missing": s.missing.tolist(),
-                }
-                for s in self.strata
-            ],
+            "marginals": {
+                name: {"bin_edges": edges.tolist(), "probs": m.probs.tolist(), "missing": m.missing}
+                for name, m, edges in zip(VARIABLES, self.marginals, EDGES, strict=True)
+            },
+            "correlation": self.correlation.tolist(),
         }
 
     @classmethod
     def from_json(cls, obj: dict, source: str = "attribute model") -> AttributeModel:
         try:
-            if obj["format_version"] != FORMAT_VERSION or obj["variables"] != list(BASE):
-                raise DpsynthError(f"{source}: unsupported format_version or variables")
-            strata = tuple(
-                Stratum(
-                    sex=math.nan if s["sex"] is None else float(s["sex"]),
-                    weight=float(s["weight"]),
-                    mean=np.asarray(s["mean"], dtype=np.float64),
-                    cov=np.asarray(s["cov"], dtype=np.float64),
-                    missing=np.asarray(s["missing"], dtype=np.float64),
+            if obj["format_version"] != FORMAT_VERSION or obj["variables"] != list(VARIABLES):
+                raise DpsynthError(
+                    f"{source}: unsupported format_version or variables (refit it with "
+                    "`dpsynth fit-attributes`)"
                 )
-                for s in obj["strata"]
+            marginals = tuple(
+                Marginal(
+                    np.asarray(obj["marginals"][a]["probs"], dtype=np.float64),
+                    float(obj["marginals"][a]["missing"]),
+                )
+                for a in VARIABLES
             )
             privacy = obj["privacy"]
             model = cls(
-                strata,
+                marginals,
+                np.asarray(obj["correlation"], dtype=np.float64),
                 float(privacy["noise_multiplier"]),
                 float(privacy["delta"]),
                 None if privacy["epsilon"] is None else float(privacy["epsilon"]),
@@ -177,21 +184,25 @@ class AttributeModel:
             raise DpsynthError(
                 f"{source}: malformed attribute model ({type(e).__name__}: {e})"
             ) from None
-        if not model.strata:
-            raise DpsynthError(f"{source}: no strata")
-        for s in model.strata:
+        for name, m, edges in zip(VARIABLES, model.marginals, EDGES, strict=True):
             ok = (
-                (math.isnan(s.sex) or s.sex in (0.0, 1.0))
-                and s.mean.shape == (_D,)
-                and np.all(np.isfinite(s.mean))
-                and s.cov.shape == (_D, _D)
-                and s.missing.shape == (_D,)
-                and np.all(np.isfinite(s.cov))
-                and np.all((s.missing >= 0) & (s.missing <= 1))
-                and np.all(np.linalg.eigvalsh(s.cov) > 0)
+                m.probs.shape == (len(edges) - 1,)
+                and np.all(np.isfinite(m.probs) & (m.probs >= 0))
+                and abs(m.probs.sum() - 1.0) < 1e-6
+                and 0.0 <= m.missing <= 1.0
             )
             if not ok:
-                raise DpsynthError(f"{source}: stratum sex={s.sex}: invalid mean/cov/missing")
+                raise DpsynthError(f"{source}: marginal {name}: invalid probs or missing rate")
+        r = model.correlation
+        ok = (
+            r.shape == (_V, _V)
+            and np.all(np.isfinite(r))
+            and np.allclose(r, r.T)
+            and np.allclose(np.diag(r), 1.0)
+            and np.all(np.linalg.eigvalsh(r) > 0)
+        )
+        if not ok:
+            raise DpsynthError(f"{source}: correlation is not a positive definite correlation")
         return model
 
     def save(self, path: str | Path) -> None:
@@ -220,38 +231,135 @@ def _patient_table(table: np.ndarray, patients: np.ndarray | None) -> np.ndarray
     return per_patient[:, :N_ATTRIBUTES]
 
 
-def _contributions(records: np.ndarray) -> np.ndarray:
-    """(P, blocks) unscaled per-patient contribution: [1, missing, x, triu(x xᵀ)]."""
-    x = 2.0 * (records[:, _BASE_IDX] - _LO) / (_HI - _LO) - 1.0
-    missing = np.isnan(x)
-    x = np.where(missing, 0.0, np.clip(x, -1.0, 1.0))
-    outer = (x[:, :, None] * x[:, None, :])[:, _TRIU[0], _TRIU[1]]
-    return np.column_stack([np.ones(len(x)), missing, x, outer])
+def _bins(records: np.ndarray) -> np.ndarray:
+    """(P, V) bin index of each variable, values outside the range in the end bins; -1 = missing."""
+    x = records[:, _IDX]
+    out = np.full(x.shape, -1)
+    for j, edges in enumerate(EDGES):
+        ok = np.isfinite(x[:, j])
+        b = np.searchsorted(edges, x[ok, j], side="right") - 1
+        out[ok, j] = np.clip(b, 0, len(edges) - 2)
+    return out
 
 
-def _block_scale() -> np.ndarray:
-    """Per-coordinate factor that gives each block L2 sensitivity √share (total 1)."""
-    return np.concatenate(
-        [np.full(size, math.sqrt(BLOCK_SHARES[name]) / sens) for name, size, sens in _BLOCKS]
-    )
+def histogram_contributions(bins: np.ndarray) -> np.ndarray:
+    """(P, Σ(bins+1)) release 1, unscaled: per variable a one-hot over its bins + missing."""
+    blocks = []
+    for j, edges in enumerate(EDGES):
+        n_bins = len(edges) - 1
+        slot = np.where(bins[:, j] < 0, n_bins, bins[:, j])
+        blocks.append(np.eye(n_bins + 1)[slot])
+    return np.hstack(blocks)
 
 
-def _moments(stat: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """Post-processing of one stratum's noisy sums -> (count, mean, PD covariance, missing)."""
-    count, missing, sums, outer_triu = np.split(stat, np.cumsum([1, _D, _D]))
-    n = max(float(count[0]), 1.0)
-    rate = np.clip(missing / n, 0.0, 1.0)
-    present = np.maximum(n * (1.0 - rate), 1.0)
-    mean = np.clip(sums / present, -1.0, 1.0)
-    outer = np.zeros((_D, _D))
-    outer[_TRIU] = outer_triu
-    outer = outer + np.triu(outer, 1).T
-    pairs = np.maximum(n * np.outer(1.0 - rate, 1.0 - rate), 1.0)
-    np.fill_diagonal(pairs, present)
-    cov = outer / pairs - np.outer(mean, mean)
-    vals, vecs = np.linalg.eigh((cov + cov.T) / 2)
-    cov = (vecs * np.clip(vals, VARIANCE_FLOOR, None)) @ vecs.T
-    return float(count[0]), mean, (cov + cov.T) / 2, rate
+def sign_contributions(bins: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """(P, V(V-1)/2) release 2, unscaled: products of the signs about `thresholds` (bin index:
+    +1 at or above it, -1 below, 0 when missing or when the threshold is -1, uninformative)."""
+    s = np.where(bins >= thresholds, 1.0, -1.0)
+    s[(bins < 0) | (thresholds < 0)] = 0.0
+    return s[:, _PAIRS[0]] * s[:, _PAIRS[1]]
+
+
+# Largest L2 norm of one patient's unscaled contribution to each release.
+SENSITIVITY = {"histograms": math.sqrt(_V), "signs": math.sqrt(len(_PAIRS[0]))}
+
+
+def _release(contrib: np.ndarray, name: str, sigma: float, rng: np.random.Generator):
+    """Noisy column sums of `contrib`, the noise scaled to its share of the budget.
+
+    Returns the sums in unscaled units and the std of their noise."""
+    scale = math.sqrt(SHARES[name]) / SENSITIVITY[name]  # per-patient L2 norm <= √share
+    noisy = contrib.sum(axis=0) * scale + rng.normal(0.0, sigma, contrib.shape[1])
+    return noisy / scale, sigma / scale
+
+
+def _split(counts: np.ndarray) -> list[np.ndarray]:
+    """Release 1 cut into one (bins + missing) block per variable."""
+    return np.split(counts, np.cumsum([len(e) for e in EDGES])[:-1])
+
+
+def _marginals(counts: np.ndarray, noise_std: float) -> tuple[tuple[Marginal, ...], float]:
+    """Post-processing of release 1 -> (marginals, noisy patient count).
+
+    Every variable's block sums to the patient count, so their mean estimates it with the
+    least noise. Bins below the noise threshold are dropped unless next to a kept one (a
+    tail), missing counts below it are dropped, and missingness is a share of the count."""
+    blocks = _split(counts)
+    n = max(float(np.mean([b.sum() for b in blocks])), 1.0)
+    out = []
+    for block in blocks:
+        hist, missing = block[:-1], block[-1]
+        keep = hist >= KEEP_BIN_SIGMAS * noise_std
+        keep[1:] |= keep[:-1].copy()  # plus each kept bin's neighbours, so tails survive
+        keep[:-1] |= keep[1:].copy()
+        hist = np.where(keep & (hist > 0), hist, 0.0)
+        missing = missing if missing >= KEEP_BIN_SIGMAS * noise_std else 0.0
+        probs = hist / hist.sum() if hist.sum() > 0 else np.full(len(hist), 1.0 / len(hist))
+        out.append(Marginal(probs, float(min(missing / n, 1.0))))
+    return tuple(out), n
+
+
+def _thresholds(marginals: tuple[Marginal, ...]) -> np.ndarray:
+    """Per variable, the bin index whose lower edge splits its marginal closest to half and
+    half; -1 when all mass is in one bin (its sign then carries no information)."""
+    out = np.full(_V, -1)
+    for j, m in enumerate(marginals):
+        below = np.cumsum(m.probs)[:-1]  # mass below the lower edge of bins 1 ..
+        inside = np.flatnonzero((below > 1e-9) & (below < 1 - 1e-9))
+        if inside.size:
+            out[j] = 1 + inside[np.argmin(np.abs(below[inside] - 0.5))]
+    return out
+
+
+def _latent_correlation(agreement: float, p_i: float, p_j: float) -> float:
+    """ρ of a standard bivariate normal whose signs about the p_i and p_j quantiles have
+    expected product `agreement` (clamped to what ρ ∈ (-1, 1) can give)."""
+    a_i, a_j = stats.norm.ppf(p_i), stats.norm.ppf(p_j)
+
+    def expected(rho: float) -> float:
+        both_below = stats.multivariate_normal.cdf([a_i, a_j], cov=[[1.0, rho], [rho, 1.0]])
+        return 1.0 - 2.0 * p_i - 2.0 * p_j + 4.0 * both_below
+
+    lo, hi = -0.999, 0.999
+    e_lo, e_hi = expected(lo), expected(hi)
+    if agreement <= e_lo:
+        return lo
+    if agreement >= e_hi:
+        return hi
+    return optimize.brentq(lambda r: expected(r) - agreement, lo, hi, xtol=1e-6)
+
+
+def _correlation(
+    products: np.ndarray,
+    noise_std: float,
+    marginals: tuple[Marginal, ...],
+    thresholds: np.ndarray,
+    n: float,
+) -> np.ndarray:
+    """Post-processing of release 2: the positive definite latent correlation matrix.
+
+    Each agreement is first pulled towards its value under independence by one noise std
+    (soft thresholding), so pure noise does not come out as a correlation."""
+    r = np.eye(_V)
+    present = np.array([1.0 - m.missing for m in marginals])
+    below = [
+        float(np.cumsum(m.probs)[t - 1]) if t > 0 else math.nan
+        for m, t in zip(marginals, thresholds, strict=True)
+    ]
+    for k, (i, j) in enumerate(zip(*_PAIRS, strict=True)):
+        if thresholds[i] < 0 or thresholds[j] < 0:
+            continue
+        pairs = max(n * present[i] * present[j], 1.0)  # missingness taken as independent
+        independent = (1.0 - 2.0 * below[i]) * (1.0 - 2.0 * below[j])
+        excess = products[k] / pairs - independent
+        excess = math.copysign(max(abs(excess) - noise_std / pairs, 0.0), excess)
+        agreement = float(np.clip(independent + excess, -1.0, 1.0))
+        r[i, j] = r[j, i] = _latent_correlation(agreement, below[i], below[j])
+    vals, vecs = np.linalg.eigh(r)
+    r = (vecs * np.clip(vals, CORRELATION_FLOOR, None)) @ vecs.T
+    d = np.sqrt(np.diag(r))
+    r = r / np.outer(d, d)
+    return (r + r.T) / 2
 
 
 def fit_attribute_model(
@@ -278,22 +386,14 @@ def fit_attribute_model(
         raise DpsynthError("table: SEX must be 0, 1 or NaN")
     warn_delta(delta, len(records))
 
-    scale = _block_scale()
-    contrib = _contributions(records)
-    released = []
-    for code in STRATA:
-        member = np.isnan(sex) if math.isnan(code) else sex == code
-        noisy = contrib[member].sum(axis=0) * scale + rng.normal(0.0, sigma, scale.shape)
-        released.append(noisy / scale)
-    pooled = _moments(np.sum(released, axis=0))
-    strata = []
-    for code, stat in zip(STRATA, released, strict=True):
-        count, mean, cov, rate = _moments(stat)
-        if count < MIN_STRATUM:
-            _, mean, cov, rate = pooled
-        strata.append(Stratum(code, max(count, 0.0), mean, cov, rate))
+    bins = _bins(records)
+    counts, noise_std = _release(histogram_contributions(bins), "histograms", sigma, rng)
+    marginals, n = _marginals(counts, noise_std)
+    thresholds = _thresholds(marginals)
+    products, sign_noise = _release(sign_contributions(bins, thresholds), "signs", sigma, rng)
+    correlation = _correlation(products, sign_noise, marginals, thresholds, n)
 
-    model = AttributeModel(tuple(strata), sigma, delta, epsilon)
+    model = AttributeModel(marginals, correlation, sigma, delta, epsilon)
     entry = LedgerEntry.gaussian(
         "attribute-model",
         sigma,
@@ -302,8 +402,8 @@ def fit_attribute_model(
         accountant=accountant,
         fingerprint=fingerprint,
         note=(
-            "per-SEX-stratum counts, missing counts, sums and outer products of the "
-            "clinically-normalised base attributes, L2 sensitivity 1 after block scaling"
+            "Gaussian copula: histograms of the clinical attributes, then pairwise sign "
+            "agreements; two releases of L2 sensitivity sqrt(share) each, composed exactly"
         ),
     )
     return model, entry
