@@ -73,6 +73,10 @@ def test_tiny_noise_recovers_the_real_statistics():
     lv, rv, myo = (VARIABLES.index(a) for a in ("LVEDV", "RVEDV", "MYOEDTHICK"))
     assert r[lv, rv] > 0.9  # built strongly correlated
     assert abs(r[lv, myo]) < 0.15  # built independent
+    drawn = model.sample(4000, np.random.default_rng(1))[::2]
+    pair = [INDEX["LVEDV"], INDEX["RVEDV"]]
+    real_r = np.corrcoef(patient[:, pair].T)[0, 1]
+    assert np.corrcoef(drawn[:, pair].T)[0, 1] == pytest.approx(real_r, abs=0.03)
 
 
 def test_noise_is_added_at_the_stated_scale():
@@ -175,6 +179,7 @@ def test_save_load_round_trip(tmp_path):
     bad = tmp_path / "bad.json"
     for tamper, match in [
         (lambda o: o["marginals"]["BMI"]["probs"].__setitem__(0, -1.0), "marginal BMI"),
+        (lambda o: o["marginals"]["AGE"]["bin_edges"].__setitem__(1, 3.0), "marginal AGE"),
         (lambda o: o["correlation"][0].__setitem__(1, 5.0), "positive definite"),
         (lambda o: o.__setitem__("format_version", 1), "unsupported format_version"),
         (lambda o: o.pop("privacy"), "malformed"),

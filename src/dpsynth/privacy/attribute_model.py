@@ -172,6 +172,9 @@ class AttributeModel:
                 )
                 for a in VARIABLES
             )
+            stored_edges = [
+                np.asarray(obj["marginals"][a]["bin_edges"], dtype=np.float64) for a in VARIABLES
+            ]
             privacy = obj["privacy"]
             model = cls(
                 marginals,
@@ -184,15 +187,21 @@ class AttributeModel:
             raise DpsynthError(
                 f"{source}: malformed attribute model ({type(e).__name__}: {e})"
             ) from None
-        for name, m, edges in zip(VARIABLES, model.marginals, EDGES, strict=True):
+        for name, m, edges, stored in zip(
+            VARIABLES, model.marginals, EDGES, stored_edges, strict=True
+        ):
             ok = (
-                m.probs.shape == (len(edges) - 1,)
+                stored.shape == edges.shape
+                and np.allclose(stored, edges)
+                and m.probs.shape == (len(edges) - 1,)
                 and np.all(np.isfinite(m.probs) & (m.probs >= 0))
                 and abs(m.probs.sum() - 1.0) < 1e-6
                 and 0.0 <= m.missing <= 1.0
             )
             if not ok:
-                raise DpsynthError(f"{source}: marginal {name}: invalid probs or missing rate")
+                raise DpsynthError(
+                    f"{source}: marginal {name}: invalid bin edges, probs or missing rate"
+                )
         r = model.correlation
         ok = (
             r.shape == (_V, _V)
