@@ -19,12 +19,15 @@ from matplotlib.image import imread
 from dpsynth.attributes import ATTRIBUTES, INDEX
 from dpsynth.evaluation.audit import attack_summary, memorisation
 from dpsynth.io import atomic_write_json, write_nifti
+from dpsynth.privacy.attribute_model import attribute_fidelity
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.report import figures, montage, write_report
 from dpsynth.report.html import SECTIONS, _attack_bound
 
 SHAPE = (5, 32, 32)
 TITLES = [title for _, title, _ in SECTIONS]
+# 2 sample grids, marginals, correlations, controllability, ROC, closest pairs, loss, comparison
+N_IMAGES = 9
 
 
 class _Page(HTMLParser):
@@ -85,6 +88,11 @@ def _write_run(root: Path, cache: Path, epsilon_steps: int = 100, name: str = "r
     run.mkdir()
     (run / "config.yaml").write_text("preset: demo\nnote: <script>alert('x')</script>\n")
     atomic_write_json(run / "model.json", {"kind": "ldm", "latent_scale_source": "public run"})
+    shuffled = c.attributes[train][::-1].copy()
+    shuffled[:, INDEX["RVEDV"]] = shuffled[::-1, INDEX["RVEDV"]]  # breaks LVEDV-RVEDV
+    atomic_write_json(
+        run / "attribute_fidelity.json", attribute_fidelity(c.attributes[train], shuffled)
+    )
     Ledger(
         [
             LedgerEntry(
@@ -193,8 +201,7 @@ def test_report_is_complete_and_self_contained(report):
     assert path.name == "index.html" and path.parent.is_dir()
     page = _Page(text)
     assert page.headings == TITLES
-    # 2 sample grids, marginals, controllability, ROC, closest pairs, loss, comparison
-    assert len(page.images) == 8
+    assert len(page.images) == N_IMAGES
     for src in page.images:
         img = _decode(src)
         assert img.shape[0] > 50 and img.shape[1] > 50
@@ -219,6 +226,15 @@ def test_report_numbers_and_privacy_statements(report):
     assert "skipped: needs --inception-weights" in text
     assert "latent_scale_source" in text and "public run" in text
     assert "Fewer than 100 non-members" in text
+    fidelity = json.loads(
+        (Path(report[0]).parent.parent / "run/attribute_fidelity.json").read_text()
+    )
+    attributes = text.split('id="attributes"')[1].split("</section>")[0]
+    assert "DP attribute model fidelity" in attributes
+    gap = fidelity["max_abs_correlation_difference"]
+    assert gap > 0.3 and f"<b>{gap:.2g}</b>" in attributes
+    assert attributes.count("<tr>") == 1 + len(ATTRIBUTES)
+    assert "fidelity table, computed on the private table" in text
     # a run without ledger is placed at ε = ∞ in the comparison
     comparison = text.split('id="comparison"')[1]
     assert "non-private" in comparison and "∞" in comparison and "eps-small" in comparison
@@ -308,7 +324,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = _Page(dom.stdout)
     assert page.headings == TITLES
-    assert len(page.images) == 8
+    assert len(page.images) == N_IMAGES
     for src in page.images:
         assert _decode(src).size > 0
     shot = tmp_path / "report.png"

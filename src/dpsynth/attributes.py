@@ -101,3 +101,16 @@ def bmi(height_cm: float, weight_kg: float) -> float:
     if not (np.isfinite(height_cm) and np.isfinite(weight_kg)) or height_cm <= 0:
         return float("nan")
     return float(weight_kg / (height_cm / 100.0) ** 2)
+
+
+def pairwise_correlation(x: np.ndarray) -> np.ndarray:
+    """Pearson r over rows where both columns are present; NaN if < 3 rows or constant."""
+    d = x.shape[1]
+    r = np.full((d, d), np.nan)
+    for i in range(d):
+        for j in range(i + 1, d):
+            ok = np.isfinite(x[:, i]) & np.isfinite(x[:, j])
+            a, b = x[ok, i], x[ok, j]
+            if ok.sum() >= 3 and a.std() > 0 and b.std() > 0:
+                r[i, j] = r[j, i] = np.corrcoef(a, b)[0, 1]
+    return r

@@ -1,15 +1,15 @@
 """A DP generative model of the private attribute table, for releasable conditioning.
 
-Model: a Gaussian copula. Each of the eleven modelled variables (:data:`VARIABLES`: EDV and
-EF of both ventricles, wall thicknesses, AGE, BMI, ANGLE, DEPTH, SEX) has a histogram
-marginal over FIXED bins of its clinical range (:mod:`dpsynth.attributes`, public; one
-bin per integer for SEX and DEPTH) and a missingness rate; a latent Gaussian with
+Model: a Gaussian copula. Each of the twelve modelled variables (:data:`VARIABLES`: EDV
+and EF of both ventricles, wall thicknesses, AGE, BMI, ANGLE, DEPTH at ED and at ES, SEX)
+has a histogram marginal over FIXED bins of its clinical range (:mod:`dpsynth.attributes`,
+public; one bin per integer for SEX and DEPTH) and a missingness rate; a latent Gaussian with
 correlation matrix R ties them together. Sampling draws the latent Gaussian, maps each
 coordinate through its marginal's inverse CDF (uniform within a bin), blanks values at
 the missingness rates (missing completely at random), and derives the rest
 deterministically: ESV = EDV (1 - EF / 100) (EF lies in 5-85 %, so ESV < EDV), then EF =
 ejection_fraction(EDV, ESV) exactly (NaN where EDV is missing, as in real tables), and
-each patient gives an ED row (ESED 1) and an identical ES row (ESED 0).
+each patient gives an ED row (ESED 1) and an ES row (ESED 0) that differ only in DEPTH.
 
 Why this design: a first version released the means and second moments of the variables
 scaled to their clinical ranges. Real cohorts occupy a small part of those ranges (LVEDV
@@ -44,7 +44,14 @@ from pathlib import Path
 import numpy as np
 from scipy import optimize, stats
 
-from dpsynth.attributes import ATTRIBUTES, CLINICAL_RANGES, INDEX, N_ATTRIBUTES, ejection_fraction
+from dpsynth.attributes import (
+    ATTRIBUTES,
+    CLINICAL_RANGES,
+    INDEX,
+    N_ATTRIBUTES,
+    ejection_fraction,
+    pairwise_correlation,
+)
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_json, read_json
 from dpsynth.privacy.accounting import (
@@ -66,10 +73,14 @@ VARIABLES = (
     "AGE",
     "BMI",
     "ANGLE",
-    "DEPTH",
+    "DEPTH_ED",
+    "DEPTH_ES",
     "SEX",
 )
-INTEGER = ("DEPTH", "SEX")  # one bin per integer value; sampled values are integers
+# DEPTH (slices holding LV myocardium) differs by phase (the heart shortens at ES, about 1.5
+# slices on the demo cohort): one variable per phase -> (column, ESED code of its rows).
+PER_PHASE = {"DEPTH_ED": ("DEPTH", 1.0), "DEPTH_ES": ("DEPTH", 0.0)}
+INTEGER = ("DEPTH_ED", "DEPTH_ES", "SEX")  # one bin per integer value; sampled as integers
 BINS = 16  # per continuous variable, over its clinical range
 # Fixed (data-independent) split of the noise budget between the two releases.
 SHARES = {"histograms": 0.5, "signs": 0.5}
@@ -78,12 +89,16 @@ CORRELATION_FLOOR = 1e-3  # smallest eigenvalue kept when projecting R to positi
 FORMAT_VERSION = 2
 
 _V = len(VARIABLES)
-_IDX = np.array([INDEX[a] for a in VARIABLES])
 _PAIRS = np.triu_indices(_V, k=1)
 
 
+def column(name: str) -> str:
+    """The attribute a modelled variable fills (DEPTH_ED and DEPTH_ES: DEPTH)."""
+    return PER_PHASE.get(name, (name, None))[0]
+
+
 def _edges(name: str) -> np.ndarray:
-    lo, hi = CLINICAL_RANGES[name]
+    lo, hi = CLINICAL_RANGES[column(name)]
     if name in INTEGER:
         return np.arange(lo - 0.5, hi + 1.0)
     return np.linspace(lo, hi, BINS + 1)
@@ -128,10 +143,15 @@ class AttributeModel:
         z = rng.standard_normal((n_patients, _V)) @ np.linalg.cholesky(self.correlation).T
         u = stats.norm.cdf(z)
         rows = np.full((n_patients, N_ATTRIBUTES), np.nan)
+        per_phase = {}
         for j, (name, m, edges) in enumerate(zip(VARIABLES, self.marginals, EDGES, strict=True)):
             x = m.quantile(u[:, j], edges)
             x = np.round(x) if name in INTEGER else x
-            rows[:, INDEX[name]] = np.where(rng.random(n_patients) < m.missing, np.nan, x)
+            x = np.where(rng.random(n_patients) < m.missing, np.nan, x)
+            if name in PER_PHASE:
+                per_phase[name] = x
+            else:
+                rows[:, INDEX[name]] = x
         for side in ("LV", "RV"):
             edv, ef = rows[:, INDEX[f"{side}EDV"]], rows[:, INDEX[f"{side}EF"]]
             esv = edv * (1.0 - ef / 100.0)  # EF in its clinical range [5, 85] %: ESV < EDV
@@ -139,6 +159,8 @@ class AttributeModel:
             rows[:, INDEX[f"{side}EF"]] = ejection_fraction(edv, esv)  # NaN if EDV missing
         out = np.repeat(rows, 2, axis=0)
         out[:, INDEX["ESED"]] = np.tile([1.0, 0.0], n_patients)
+        for name, (col, code) in PER_PHASE.items():
+            out[0 if code == 1.0 else 1 :: 2, INDEX[col]] = per_phase[name]
         return out
 
     def to_json(self) -> dict:
@@ -222,8 +244,11 @@ class AttributeModel:
         return cls.from_json(read_json(path), source=str(path))
 
 
-def _patient_table(table: np.ndarray, patients: np.ndarray | None) -> np.ndarray:
-    """(P, 14) one row per patient; ANGLE is averaged on the circle."""
+def patient_records(table: np.ndarray, patients: np.ndarray | None) -> np.ndarray:
+    """(P, V) one record per patient in VARIABLES order.
+
+    A patient's rows are averaged (ANGLE on the circle); a per-phase variable averages the
+    rows of its phase (rows of unknown phase count for both) and is missing without one."""
     table = np.asarray(table, dtype=np.float64)
     if table.ndim != 2 or table.shape[1] != N_ATTRIBUTES:
         raise DpsynthError(f"table: expected shape (rows, {N_ATTRIBUTES}), got {table.shape}")
@@ -237,16 +262,20 @@ def _patient_table(table: np.ndarray, patients: np.ndarray | None) -> np.ndarray
     per_patient = group_mean(np.column_stack([table, np.cos(angle), np.sin(angle)]), patients)
     cos, sin = per_patient[:, -2], per_patient[:, -1]
     per_patient[:, INDEX["ANGLE"]] = np.rad2deg(np.arctan2(sin, cos)) % 360.0
-    return per_patient[:, :N_ATTRIBUTES]
+    records = per_patient[:, [INDEX[column(a)] for a in VARIABLES]]
+    for name, (col, code) in PER_PHASE.items():
+        own = (phases == code) | np.isnan(phases)
+        values = np.where(own, table[:, INDEX[col]], np.nan)[:, None]
+        records[:, VARIABLES.index(name)] = group_mean(values, patients)[:, 0]
+    return records
 
 
 def _bins(records: np.ndarray) -> np.ndarray:
     """(P, V) bin index of each variable, values outside the range in the end bins; -1 = missing."""
-    x = records[:, _IDX]
-    out = np.full(x.shape, -1)
+    out = np.full(records.shape, -1)
     for j, edges in enumerate(EDGES):
-        ok = np.isfinite(x[:, j])
-        b = np.searchsorted(edges, x[ok, j], side="right") - 1
+        ok = np.isfinite(records[:, j])
+        b = np.searchsorted(edges, records[ok, j], side="right") - 1
         out[ok, j] = np.clip(b, 0, len(edges) - 2)
     return out
 
@@ -389,8 +418,8 @@ def fit_attribute_model(
     """
     delta = check_delta(delta)
     sigma = gaussian_noise_multiplier(epsilon, noise_multiplier, delta, accountant)
-    records = _patient_table(table, patients)
-    sex = records[:, INDEX["SEX"]]
+    records = patient_records(table, patients)
+    sex = records[:, VARIABLES.index("SEX")]
     if not np.all(np.isnan(sex) | (sex == 0) | (sex == 1)):
         raise DpsynthError("table: SEX must be 0, 1 or NaN")
     warn_delta(delta, len(records))
@@ -446,7 +475,7 @@ def attribute_fidelity(real: np.ndarray, synthetic: np.ndarray) -> dict:
             "missing_real": 1.0 - a.size / len(real),
             "missing_synthetic": 1.0 - b.size / len(synthetic),
         }
-    diff = np.abs(_pairwise_correlation(real) - _pairwise_correlation(synthetic))
+    diff = np.abs(pairwise_correlation(real) - pairwise_correlation(synthetic))
     max_diff = float(np.nanmax(diff)) if np.isfinite(diff).any() else math.nan
     return {
         "n_real": len(real),
@@ -454,16 +483,3 @@ def attribute_fidelity(real: np.ndarray, synthetic: np.ndarray) -> dict:
         "attributes": per_attribute,
         "max_abs_correlation_difference": max_diff,
     }
-
-
-def _pairwise_correlation(x: np.ndarray) -> np.ndarray:
-    """Pearson r over rows where both columns are present; NaN if < 3 rows or constant."""
-    d = x.shape[1]
-    r = np.full((d, d), np.nan)
-    for i in range(d):
-        for j in range(i + 1, d):
-            ok = np.isfinite(x[:, i]) & np.isfinite(x[:, j])
-            a, b = x[ok, i], x[ok, j]
-            if ok.sum() >= 3 and a.std() > 0 and b.std() > 0:
-                r[i, j] = r[j, i] = np.corrcoef(a, b)[0, 1]
-    return r

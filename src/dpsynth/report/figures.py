@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from dpsynth.attributes import ATTRIBUTES, INDEX, UNITS
+from dpsynth.attributes import ATTRIBUTES, INDEX, UNITS, pairwise_correlation
 from dpsynth.io import atomic_write_bytes
 
 # A named set of volumes (N, S, H, W) with raw attributes (N, 14) or None.
@@ -185,6 +185,25 @@ def attribute_marginals(real: np.ndarray, synthetic: np.ndarray) -> bytes:
     axes[0].legend(fontsize=6)
     axes[-1].axis("off")
     fig.tight_layout()
+    return _png(fig)
+
+
+def attribute_correlations(real: np.ndarray, synthetic: np.ndarray) -> bytes:
+    """Pairwise Pearson correlations of the attributes: real, synthetic, and their difference."""
+    matrices = {
+        "real": pairwise_correlation(real),
+        "synthetic conditioning": pairwise_correlation(synthetic),
+    }
+    matrices["synthetic − real"] = matrices["synthetic conditioning"] - matrices["real"]
+    fig = Figure(figsize=(13, 4.4))
+    axes = fig.subplots(1, 3)
+    ticks = np.arange(len(ATTRIBUTES))
+    for ax, (title, r) in zip(axes, matrices.items(), strict=True):
+        shown = ax.imshow(r, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(ticks, ATTRIBUTES, rotation=90, fontsize=6)
+        ax.set_yticks(ticks, ATTRIBUTES, fontsize=6)
+    fig.colorbar(shown, ax=axes, shrink=0.8, label="Pearson r (blank: constant or too few)")
     return _png(fig)
 
 

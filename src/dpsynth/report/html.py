@@ -21,6 +21,7 @@ import numpy as np
 
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_dir, atomic_write_text, read_json
+from dpsynth.privacy.release import FIDELITY_FILE
 from dpsynth.report import figures
 
 EVAL_SUBDIR = "eval"  # default evaluation folder inside a run (dpsynth evaluate --out RUN/eval)
@@ -65,6 +66,7 @@ class _Run:
     training: list[dict] = field(default_factory=list)
     evaluation: dict | None = None
     controllability: list[dict] | None = None
+    attribute_fidelity: dict | None = None
     errors: dict[str, str] = field(default_factory=dict)  # piece -> why it could not be read
 
     @property
@@ -82,6 +84,7 @@ def _read_run(path: Path, eval_dir: Path | None) -> _Run:
         "training": (path / "metrics.jsonl", _read_jsonl),
         "evaluation": (run.eval_dir / "metrics.json", read_json),
         "controllability": (run.eval_dir / "controllability.csv", _read_csv),
+        "attribute_fidelity": (path / FIDELITY_FILE, read_json),
     }
     for name, (file, reader) in pieces.items():
         if not file.exists():
@@ -428,6 +431,8 @@ def _evaluation_only(ctx: _Context) -> str:
             "the privacy audit: membership inference and memorisation read training and "
             "held-out patients"
         )
+    if ctx.run.attribute_fidelity is not None:
+        uses.append("the DP attribute model's fidelity table, computed on the private table")
     if ctx.real is not None or ctx.train is not None:
         uses.append("the real images shown in this report")
     if not uses:
@@ -478,12 +483,50 @@ def _section_attributes(ctx: _Context) -> str:
         return _missing("needs real and synthetic attributes")
     if not np.isfinite(ctx.synthetic[1]).any():
         return _missing("the synthetic set has no attributes.csv")
-    return _img(
-        figures.attribute_marginals(ctx.real[1], ctx.synthetic[1]),
-        "attribute marginals",
-        "Marginal distribution of each attribute: real cohort vs the values the synthetic "
-        "set was conditioned on (user-specified, public, or drawn from the DP attribute "
-        "model).",
+    real, synthetic = ctx.real[1], ctx.synthetic[1]
+    return (
+        _img(
+            figures.attribute_marginals(real, synthetic),
+            "attribute marginals",
+            "Marginal distribution of each attribute: real cohort vs the values the synthetic "
+            "set was conditioned on (user-specified, public, or drawn from the DP attribute "
+            "model).",
+        )
+        + _img(
+            figures.attribute_correlations(real, synthetic),
+            "attribute correlations",
+            "Pairwise correlations of the attributes: real cohort, synthetic conditioning "
+            "values, and their difference.",
+        )
+        + _attribute_model_fidelity(ctx.run.attribute_fidelity)
+    )
+
+
+def _attribute_model_fidelity(fidelity: dict | None) -> str:
+    """The DP attribute model's draws against the private training table (attribute_fidelity.json)."""
+    if fidelity is None:
+        return ""
+    rows = [
+        [
+            name,
+            a["mean_real"],
+            a["mean_synthetic"],
+            a["std_real"],
+            a["std_synthetic"],
+            a["ks"],
+            a["missing_real"],
+            a["missing_synthetic"],
+        ]
+        for name, a in fidelity["attributes"].items()
+    ]
+    header = ["attribute", "mean real", "mean DP model", "std real", "std DP model", "KS"]
+    return (
+        f"<h3>DP attribute model fidelity</h3><p>{_e(fidelity['n_synthetic'])} draws of the "
+        f"DP attribute model against the {_e(fidelity['n_real'])} rows of the private "
+        "training table it was fitted on (evaluation only). Largest difference between "
+        "pairwise correlations: "
+        f"<b>{_num(fidelity['max_abs_correlation_difference'], 2)}</b>.</p>"
+        + _table([*header, "missing real", "missing DP model"], rows)
     )
 
 
