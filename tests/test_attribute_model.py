@@ -88,26 +88,64 @@ def test_tiny_noise_recovers_the_real_statistics():
     assert np.corrcoef(drawn[:, pair].T)[0, 1] == pytest.approx(real_r, abs=0.03)
 
 
-def test_noise_is_added_at_the_stated_scale():
+@pytest.mark.parametrize("release", ["histograms", "signs"])
+def test_noise_is_added_at_the_stated_scale(release):
     from dpsynth.privacy.attribute_model import _release
 
     contrib = np.random.default_rng(0).integers(0, 2, (200, 30)).astype(float)
     sigma = 0.5
     draws = np.array(
-        [_release(contrib, "signs", sigma, np.random.default_rng(s))[0] for s in range(400)]
+        [_release(contrib, release, sigma, np.random.default_rng(s))[0] for s in range(400)]
     )
     # the block is scaled to L2 sensitivity sqrt(share): its noise std is σ · sens / sqrt(share)
-    expected = sigma * SENSITIVITY["signs"] / math.sqrt(SHARES["signs"])
+    expected = sigma * SENSITIVITY[release] / math.sqrt(SHARES[release])
     assert draws.std(axis=0).mean() == pytest.approx(expected, rel=0.05)
     np.testing.assert_allclose(draws.mean(axis=0), contrib.sum(axis=0), atol=4 * expected / 20)
-    rows, patients = _cohort(200)
-    fits = [
-        fit_attribute_model(
-            rows, noise_multiplier=0.5, patients=patients, rng=np.random.default_rng(s)
-        )[0]
-        for s in range(2)
+
+
+def test_fit_releases_both_blocks_with_the_model_sigma(monkeypatch):
+    """Both releases go through the noisy mechanism at the ledger's σ, in order."""
+    import dpsynth.privacy.attribute_model as am
+
+    calls = []
+    real_release = am._release
+
+    def spy(contrib, name, sigma, rng):
+        calls.append((name, sigma, contrib.shape[1]))
+        return real_release(contrib, name, sigma, rng)
+
+    monkeypatch.setattr(am, "_release", spy)
+    rows, patients = _cohort(100)
+    model, entry = fit_attribute_model(
+        rows, epsilon=2.0, patients=patients, rng=np.random.default_rng(0)
+    )
+    n_pairs = len(VARIABLES) * (len(VARIABLES) - 1) // 2
+    assert [(c[0], c[2]) for c in calls] == [
+        ("histograms", sum(len(e) for e in EDGES)),
+        ("signs", 2 * n_pairs),
     ]
-    assert not np.allclose(fits[0].correlation, fits[1].correlation)
+    assert {c[1] for c in calls} == {entry.noise_multiplier} and entry.noise_multiplier > 1
+
+
+def test_variables_missing_together_keep_their_correlation():
+    """Co-presence counts, not independence, normalise the sign agreements: AGE and BMI
+    missing together for 40 % of patients must not inflate their correlation."""
+    rows, patients = _cohort(2000, seed=3)
+    rng = np.random.default_rng(3)
+    age = rng.normal(60, 8, len(rows) // 2)
+    bmi = 27 + 0.3 * (age - 60) + rng.normal(0, 3, len(age))  # r ≈ 0.6 with AGE
+    gone = rng.random(len(age)) < 0.4
+    for name, values in (("AGE", age), ("BMI", bmi)):
+        rows[:, INDEX[name]] = np.repeat(np.where(gone, np.nan, values), 2)
+    model, _ = fit_attribute_model(
+        rows, noise_multiplier=1e-6, patients=patients, rng=np.random.default_rng(0)
+    )
+    drawn = model.sample(6000, np.random.default_rng(1))[::2]
+    pair = [INDEX["AGE"], INDEX["BMI"]]
+    ok = np.isfinite(drawn[:, pair]).all(axis=1)
+    real_r = np.corrcoef(age[~gone], bmi[~gone])[0, 1]
+    assert 0.4 < real_r < 0.8
+    assert np.corrcoef(drawn[ok][:, pair].T)[0, 1] == pytest.approx(real_r, abs=0.08)
 
 
 def test_marginals_keep_their_spread_at_the_demo_budget():
@@ -196,6 +234,8 @@ def test_save_load_round_trip(tmp_path):
         (lambda o: o["correlation"][0].__setitem__(1, 5.0), "positive definite"),
         (lambda o: o.__setitem__("format_version", 1), "unsupported format_version"),
         (lambda o: o.pop("privacy"), "malformed"),
+        (lambda o: o["privacy"].__setitem__("noise_multiplier", -1.0), "privacy: invalid"),
+        (lambda o: o["privacy"].__setitem__("delta", 1.5), "privacy: invalid"),
     ]:
         changed = json.loads(json.dumps(obj))
         tamper(changed)
@@ -215,6 +255,15 @@ def test_save_load_round_trip(tmp_path):
 def test_fit_refuses_bad_tables(table, match):
     with pytest.raises(DpsynthError, match=match):
         fit_attribute_model(table, noise_multiplier=1.0, rng=np.random.default_rng(0))
+
+
+def test_nan_patient_ids_are_refused():
+    # np.unique would merge NaN ids into one record, whose change can exceed the sensitivity
+    rows, patients = _cohort(5)
+    ids = patients.astype(float)
+    ids[:4] = np.nan
+    with pytest.raises(DpsynthError, match="patients: ids must be finite"):
+        fit_attribute_model(rows, noise_multiplier=1.0, patients=ids, rng=np.random.default_rng(0))
 
 
 def test_attribute_fidelity_measures_differences():
@@ -255,7 +304,8 @@ def test_one_patient_moves_the_released_vector_by_at_most_one():
     extremes = np.full((4, len(ATTRIBUTES)), np.nan)  # row 0: everything missing
     for a in VARIABLES:
         lo, hi = CLINICAL_RANGES[column(a)]
-        extremes[1, INDEX[column(a)]], extremes[2, INDEX[column(a)]] = lo - 100, hi + 100
+        pad = 0 if a == "SEX" else 100  # SEX outside {0, 1} is refused
+        extremes[1, INDEX[column(a)]], extremes[2, INDEX[column(a)]] = lo - pad, hi + pad
         extremes[3, INDEX[column(a)]] = rng.choice([lo, hi])
     bins = _bins(patient_records(np.vstack([rows, extremes]), None))  # extremes: both phases
     scale = {k: math.sqrt(SHARES[k]) / SENSITIVITY[k] for k in SHARES}

@@ -23,7 +23,8 @@ Privacy. One record = one patient (rows of a patient are averaged first). Two Ga
 releases, the second chosen after the first (adaptive composition):
 1. the one-hot bin-or-missing indicator of every variable (L2 norm √V per patient);
 2. for every pair of variables, the product of their signs s ∈ {-1, +1} about a bin edge
-   chosen from release 1 near the median (0 when missing): L2 norm ≤ √(V(V-1)/2).
+   chosen from release 1 near the median (0 when missing), and whether both are present
+   (the count that normalises the products): L2 norm ≤ √(V(V-1)).
 Each release is scaled so its per-patient norm is at most √share (:data:`SHARES` sums to
 1) and gets N(0, σ²) noise per coordinate. Gaussian mechanisms compose exactly, even
 adaptively (μ-GDP: μ² adds), so the pair is one Gaussian mechanism of sensitivity 1 and
@@ -114,11 +115,14 @@ class Marginal:
     probs: np.ndarray
     missing: float
 
-    def quantile(self, u: np.ndarray, edges: np.ndarray) -> np.ndarray:
-        """Inverse CDF, uniform within a bin (bins of zero mass are never drawn)."""
+    def quantile(self, u: np.ndarray, edges: np.ndarray, integer: bool = False) -> np.ndarray:
+        """Inverse CDF, uniform within a bin (bins of zero mass are never drawn); for an
+        integer variable (one bin per value) the bin's centre, its value."""
         cum = np.cumsum(self.probs)
         last = int(np.flatnonzero(self.probs > 0)[-1])
         b = np.minimum(np.searchsorted(cum, u * cum[-1], side="right"), last)
+        if integer:
+            return (edges[b] + edges[b + 1]) / 2.0
         below = cum[b] - self.probs[b]
         frac = np.clip((u * cum[-1] - below) / self.probs[b], 0.0, 1.0)
         return edges[b] + frac * (edges[b + 1] - edges[b])
@@ -145,8 +149,7 @@ class AttributeModel:
         rows = np.full((n_patients, N_ATTRIBUTES), np.nan)
         per_phase = {}
         for j, (name, m, edges) in enumerate(zip(VARIABLES, self.marginals, EDGES, strict=True)):
-            x = m.quantile(u[:, j], edges)
-            x = np.round(x) if name in INTEGER else x
+            x = m.quantile(u[:, j], edges, integer=name in INTEGER)
             x = np.where(rng.random(n_patients) < m.missing, np.nan, x)
             if name in PER_PHASE:
                 per_phase[name] = x
@@ -230,10 +233,21 @@ class AttributeModel:
             and np.all(np.isfinite(r))
             and np.allclose(r, r.T)
             and np.allclose(np.diag(r), 1.0)
-            and np.all(np.linalg.eigvalsh(r) > 0)
         )
+        try:
+            ok = ok and np.linalg.cholesky(r) is not None  # what sample() needs
+        except np.linalg.LinAlgError:
+            ok = False
         if not ok:
             raise DpsynthError(f"{source}: correlation is not a positive definite correlation")
+        privacy_ok = (
+            math.isfinite(model.noise_multiplier)
+            and model.noise_multiplier > 0
+            and 0 < model.delta < 1
+            and (model.epsilon is None or (math.isfinite(model.epsilon) and model.epsilon > 0))
+        )
+        if not privacy_ok:
+            raise DpsynthError(f"{source}: privacy: invalid noise_multiplier, delta or epsilon")
         return model
 
     def save(self, path: str | Path) -> None:
@@ -252,6 +266,12 @@ def patient_records(table: np.ndarray, patients: np.ndarray | None) -> np.ndarra
     table = np.asarray(table, dtype=np.float64)
     if table.ndim != 2 or table.shape[1] != N_ATTRIBUTES:
         raise DpsynthError(f"table: expected shape (rows, {N_ATTRIBUTES}), got {table.shape}")
+    sex = table[:, INDEX["SEX"]]
+    if not np.all(np.isnan(sex) | (sex == 0) | (sex == 1)):
+        raise DpsynthError("table: SEX must be 0, 1 or NaN")
+    if patients is not None and np.asarray(patients).dtype.kind == "f":
+        if not np.all(np.isfinite(patients)):  # NaN ids would merge patients into one record
+            raise DpsynthError("patients: ids must be finite")
     phases = table[:, INDEX["ESED"]]
     if patients is None and np.unique(phases[np.isfinite(phases)]).size > 1:
         # two rows of one patient counted as two records would double the true sensitivity
@@ -291,15 +311,21 @@ def histogram_contributions(bins: np.ndarray) -> np.ndarray:
 
 
 def sign_contributions(bins: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """(P, V(V-1)/2) release 2, unscaled: products of the signs about `thresholds` (bin index:
-    +1 at or above it, -1 below, 0 when missing or when the threshold is -1, uninformative)."""
+    """(P, 2 · V(V-1)/2) release 2, unscaled: per pair of variables, the product of their
+    signs about `thresholds` (bin index: +1 at or above it, -1 below, 0 when missing or when
+    the threshold is -1, uninformative), then whether both are present. The co-presence
+    counts normalise the products: variables missing together (e.g. no demographics) would
+    otherwise inflate the agreement."""
+    present = (bins >= 0).astype(np.float64)
     s = np.where(bins >= thresholds, 1.0, -1.0)
     s[(bins < 0) | (thresholds < 0)] = 0.0
-    return s[:, _PAIRS[0]] * s[:, _PAIRS[1]]
+    i, j = _PAIRS
+    return np.hstack([s[:, i] * s[:, j], present[:, i] * present[:, j]])
 
 
-# Largest L2 norm of one patient's unscaled contribution to each release.
-SENSITIVITY = {"histograms": math.sqrt(_V), "signs": math.sqrt(len(_PAIRS[0]))}
+# Largest L2 norm of one patient's unscaled contribution to each release: √V one-hot slots;
+# per pair a sign product and a co-presence indicator, both 0 unless the pair is present.
+SENSITIVITY = {"histograms": math.sqrt(_V), "signs": math.sqrt(2 * len(_PAIRS[0]))}
 
 
 def _release(contrib: np.ndarray, name: str, sigma: float, rng: np.random.Generator):
@@ -316,14 +342,15 @@ def _split(counts: np.ndarray) -> list[np.ndarray]:
     return np.split(counts, np.cumsum([len(e) for e in EDGES])[:-1])
 
 
-def _marginals(counts: np.ndarray, noise_std: float) -> tuple[tuple[Marginal, ...], float]:
-    """Post-processing of release 1 -> (marginals, noisy patient count).
+def _marginals(counts: np.ndarray, noise_std: float) -> tuple[Marginal, ...]:
+    """Post-processing of release 1.
 
-    Every variable's block sums to the patient count, so their mean estimates it with the
-    least noise. Bins below the noise threshold are dropped unless next to a kept one (a
+    Every variable's block sums to the patient count, with noise variance proportional to
+    its length: their inverse-variance weighted mean estimates it with the least noise. Bins below the noise threshold are dropped unless next to a kept one (a
     tail), missing counts below it are dropped, and missingness is a share of the count."""
     blocks = _split(counts)
-    n = max(float(np.mean([b.sum() for b in blocks])), 1.0)
+    weights = np.array([1.0 / len(b) for b in blocks])
+    n = max(float(np.dot(weights, [b.sum() for b in blocks]) / weights.sum()), 1.0)
     out = []
     for block in blocks:
         hist, missing = block[:-1], block[-1]
@@ -334,7 +361,7 @@ def _marginals(counts: np.ndarray, noise_std: float) -> tuple[tuple[Marginal, ..
         missing = missing if missing >= KEEP_BIN_SIGMAS * noise_std else 0.0
         probs = hist / hist.sum() if hist.sum() > 0 else np.full(len(hist), 1.0 / len(hist))
         out.append(Marginal(probs, float(min(missing / n, 1.0))))
-    return tuple(out), n
+    return tuple(out)
 
 
 def _thresholds(marginals: tuple[Marginal, ...]) -> np.ndarray:
@@ -369,17 +396,16 @@ def _latent_correlation(agreement: float, p_i: float, p_j: float) -> float:
 
 def _correlation(
     products: np.ndarray,
+    copresent: np.ndarray,
     noise_std: float,
     marginals: tuple[Marginal, ...],
     thresholds: np.ndarray,
-    n: float,
 ) -> np.ndarray:
     """Post-processing of release 2: the positive definite latent correlation matrix.
 
     Each agreement is first pulled towards its value under independence by one noise std
     (soft thresholding), so pure noise does not come out as a correlation."""
     r = np.eye(_V)
-    present = np.array([1.0 - m.missing for m in marginals])
     below = [
         float(np.cumsum(m.probs)[t - 1]) if t > 0 else math.nan
         for m, t in zip(marginals, thresholds, strict=True)
@@ -387,7 +413,7 @@ def _correlation(
     for k, (i, j) in enumerate(zip(*_PAIRS, strict=True)):
         if thresholds[i] < 0 or thresholds[j] < 0:
             continue
-        pairs = max(n * present[i] * present[j], 1.0)  # missingness taken as independent
+        pairs = max(float(copresent[k]), 1.0)
         independent = (1.0 - 2.0 * below[i]) * (1.0 - 2.0 * below[j])
         excess = products[k] / pairs - independent
         excess = math.copysign(max(abs(excess) - noise_std / pairs, 0.0), excess)
@@ -419,17 +445,15 @@ def fit_attribute_model(
     delta = check_delta(delta)
     sigma = gaussian_noise_multiplier(epsilon, noise_multiplier, delta, accountant)
     records = patient_records(table, patients)
-    sex = records[:, VARIABLES.index("SEX")]
-    if not np.all(np.isnan(sex) | (sex == 0) | (sex == 1)):
-        raise DpsynthError("table: SEX must be 0, 1 or NaN")
     warn_delta(delta, len(records))
 
     bins = _bins(records)
     counts, noise_std = _release(histogram_contributions(bins), "histograms", sigma, rng)
-    marginals, n = _marginals(counts, noise_std)
+    marginals = _marginals(counts, noise_std)
     thresholds = _thresholds(marginals)
-    products, sign_noise = _release(sign_contributions(bins, thresholds), "signs", sigma, rng)
-    correlation = _correlation(products, sign_noise, marginals, thresholds, n)
+    released, sign_noise = _release(sign_contributions(bins, thresholds), "signs", sigma, rng)
+    products, copresent = np.split(released, 2)
+    correlation = _correlation(products, copresent, sign_noise, marginals, thresholds)
 
     model = AttributeModel(marginals, correlation, sigma, delta, epsilon)
     entry = LedgerEntry.gaussian(
