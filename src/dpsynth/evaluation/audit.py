@@ -29,6 +29,12 @@ EVALUATION_LABEL = (
 TIMESTEP_FRACTIONS: tuple[float, ...] = (1 / 30, 0.1, 0.2, 1 / 3, 0.5, 2 / 3)
 
 
+# Fixed noises per timestep. Two keep the attack's power: on the non-private bench-paper
+# model (350 members, 100 held out) 2 draws gave patient AUC 0.610 and 4 gave 0.619 (std
+# 0.03), at half the cost (109 s vs 210 s on 2 CPU cores; the audit dominated `make demo`).
+N_NOISE = 2
+
+
 def default_timesteps(num_train_timesteps: int = 150) -> tuple[int, ...]:
     """The audit's fixed timesteps for a schedule of `num_train_timesteps` steps."""
     return tuple(sorted({round(f * num_train_timesteps) for f in TIMESTEP_FRACTIONS}))
@@ -268,7 +274,7 @@ def denoising_losses(
     volumes: np.ndarray,
     attributes: np.ndarray,
     timesteps: Sequence[int],
-    n_noise: int = 4,
+    n_noise: int = N_NOISE,
     seed: int = 0,
     batch_size: int = 8,
 ) -> np.ndarray:
@@ -318,7 +324,7 @@ def membership_inference(
     members: AuditSet,
     nonmembers: AuditSet,
     timesteps: Sequence[int] | None = None,
-    n_noise: int = 4,
+    n_noise: int = N_NOISE,
     seed: int = 0,
     batch_size: int = 8,
 ) -> dict[str, Any]:
@@ -378,7 +384,7 @@ def privacy_audit(
     referee: Any = None,
     seed: int = 0,
     timesteps: Sequence[int] | None = None,
-    n_noise: int = 4,
+    n_noise: int = N_NOISE,
 ) -> dict[str, Any]:
     """Membership inference and memorisation in one JSON-able dict.
 
