@@ -364,16 +364,18 @@ def _marginals(counts: np.ndarray, noise_std: float) -> tuple[Marginal, ...]:
     return tuple(out)
 
 
-def _thresholds(marginals: tuple[Marginal, ...]) -> np.ndarray:
+def _thresholds(marginals: tuple[Marginal, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Per variable, the bin index whose lower edge splits its marginal closest to half and
-    half; -1 when all mass is in one bin (its sign then carries no information)."""
-    out = np.full(_V, -1)
+    half, and the model's mass below that edge; (-1, NaN) when all mass is in one bin (its
+    sign then carries no information)."""
+    index, mass = np.full(_V, -1), np.full(_V, np.nan)
     for j, m in enumerate(marginals):
         below = np.cumsum(m.probs)[:-1]  # mass below the lower edge of bins 1 ..
         inside = np.flatnonzero((below > 1e-9) & (below < 1 - 1e-9))
         if inside.size:
-            out[j] = 1 + inside[np.argmin(np.abs(below[inside] - 0.5))]
-    return out
+            k = inside[np.argmin(np.abs(below[inside] - 0.5))]
+            index[j], mass[j] = 1 + k, below[k]
+    return index, mass
 
 
 def _latent_correlation(agreement: float, p_i: float, p_j: float) -> float:
@@ -398,18 +400,14 @@ def _correlation(
     products: np.ndarray,
     copresent: np.ndarray,
     noise_std: float,
-    marginals: tuple[Marginal, ...],
     thresholds: np.ndarray,
+    below: np.ndarray,
 ) -> np.ndarray:
     """Post-processing of release 2: the positive definite latent correlation matrix.
 
     Each agreement is first pulled towards its value under independence by one noise std
     (soft thresholding), so pure noise does not come out as a correlation."""
     r = np.eye(_V)
-    below = [
-        float(np.cumsum(m.probs)[t - 1]) if t > 0 else math.nan
-        for m, t in zip(marginals, thresholds, strict=True)
-    ]
     for k, (i, j) in enumerate(zip(*_PAIRS, strict=True)):
         if thresholds[i] < 0 or thresholds[j] < 0:
             continue
@@ -450,10 +448,10 @@ def fit_attribute_model(
     bins = _bins(records)
     counts, noise_std = _release(histogram_contributions(bins), "histograms", sigma, rng)
     marginals = _marginals(counts, noise_std)
-    thresholds = _thresholds(marginals)
+    thresholds, below = _thresholds(marginals)
     released, sign_noise = _release(sign_contributions(bins, thresholds), "signs", sigma, rng)
     products, copresent = np.split(released, 2)
-    correlation = _correlation(products, copresent, sign_noise, marginals, thresholds)
+    correlation = _correlation(products, copresent, sign_noise, thresholds, below)
 
     model = AttributeModel(marginals, correlation, sigma, delta, epsilon)
     entry = LedgerEntry.gaussian(

@@ -503,7 +503,7 @@ def _section_attributes(ctx: _Context) -> str:
 
 
 def _attribute_model_fidelity(fidelity: dict | None) -> str:
-    """The DP attribute model's draws against the private training table (attribute_fidelity.json)."""
+    """The DP attribute model's draws against the private table (attribute_fidelity.json)."""
     if fidelity is None:
         return ""
     rows = [
@@ -519,14 +519,14 @@ def _attribute_model_fidelity(fidelity: dict | None) -> str:
         ]
         for name, a in fidelity["attributes"].items()
     ]
-    header = ["attribute", "mean real", "mean DP model", "std real", "std DP model", "KS"]
+    header = ["attribute", "mean real", "mean DP model", "std real", "std DP model", "KS",
+              "missing real", "missing DP model"]  # fmt: skip
     return (
-        f"<h3>DP attribute model fidelity</h3><p>{_e(fidelity['n_synthetic'])} draws of the "
-        f"DP attribute model against the {_e(fidelity['n_real'])} rows of the private "
-        "training table it was fitted on (evaluation only). Largest difference between "
+        f"<h3>DP attribute model fidelity</h3><p>{_e(fidelity['n_synthetic'])} rows drawn "
+        f"from the DP attribute model against the {_e(fidelity['n_real'])} rows of the "
+        "private training table it was fitted on (evaluation only). Largest difference between "
         "pairwise correlations: "
-        f"<b>{_num(fidelity['max_abs_correlation_difference'], 2)}</b>.</p>"
-        + _table([*header, "missing real", "missing DP model"], rows)
+        f"<b>{_num(fidelity['max_abs_correlation_difference'], 2)}</b>.</p>" + _table(header, rows)
     )
 
 
