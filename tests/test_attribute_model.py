@@ -170,7 +170,7 @@ def test_marginals_keep_their_spread_at_the_demo_budget():
 def test_epsilon_is_charged_as_one_gaussian_entry():
     rows, patients = _cohort(300)
     model, entry = fit_attribute_model(
-        rows, epsilon=2.0, patients=patients, fingerprint="sha256:x", rng=np.random.default_rng(3)
+        rows, epsilon=2.0, patients=patients, cache_id="c0ffee", rng=np.random.default_rng(3)
     )
     assert (entry.mechanism, entry.sample_rate, entry.steps, entry.records) == (
         "gaussian",
@@ -178,7 +178,7 @@ def test_epsilon_is_charged_as_one_gaussian_entry():
         1,
         300,
     )
-    assert entry.fingerprint == "sha256:x" and entry.noise_multiplier == model.noise_multiplier
+    assert entry.cache_id == "c0ffee" and entry.noise_multiplier == model.noise_multiplier
     ledger = Ledger([entry])
     assert 1.99 <= ledger.total_epsilon() <= 2.0
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from dpsynth.data.cache import Cache, PatientDataset, VolumeDataset
-from dpsynth.data.prepare import CacheWriter, assign_splits
+from dpsynth.data.cache import SPLITS, Cache, PatientDataset, VolumeDataset
+from dpsynth.data.prepare import CacheWriter
 from dpsynth.errors import DpsynthError
 
 SHAPE = (5, 16, 16)
@@ -26,8 +27,11 @@ def _write_cache(path, n_patients=10, with_masks=True, seed=0):
     for p in range(n_patients):
         masks = rng.integers(0, 4, (2, *SHAPE), dtype=np.uint8) if with_masks else None
         writer.add_patient(f"p{p:02d}", images[p], masks, attributes[p])
-    ids = [f"p{p:02d}" for p in range(n_patients)]
-    writer.finish(assign_splits(ids, (0.6, 0.2, 0.2), seed=0), spacing=(10, 2, 2), layout="test")
+    cuts = (0.6 * n_patients, 0.8 * n_patients)  # fixed 60/20/20 counts, in patient order
+    splits = {
+        f"p{p:02d}": SPLITS[int(np.searchsorted(cuts, p, side="right"))] for p in range(n_patients)
+    }
+    writer.finish(splits, spacing=(10, 2, 2), layout="test")
     return images, attributes
 
 
@@ -51,12 +55,24 @@ def test_round_trip_is_lazy_and_exact(tmp_path):
         cache.volume_indices("holdout")
 
 
-def test_fingerprint_tracks_content(tmp_path):
+def test_cache_is_named_by_a_random_id_and_keeps_its_digest_inside(tmp_path):
     _write_cache(tmp_path / "a")
     _write_cache(tmp_path / "b")
     _write_cache(tmp_path / "c", seed=1)
-    a, b, c = (Cache(tmp_path / n).meta["fingerprint"] for n in "abc")
-    assert a == b != c and a.startswith("sha256:") and len(a) == 7 + 64
+    a, b, c = (Cache(tmp_path / n) for n in "abc")
+    assert len({a.cache_id, b.cache_id, c.cache_id}) == 3  # random, even for equal data
+    assert a.meta["content_digest"] == b.meta["content_digest"] != c.meta["content_digest"]
+    assert a.same_data(b) and not a.same_data(c)
+    assert "fingerprint" not in a.meta
+
+
+def test_cache_without_an_id_asks_to_prepare_again(tmp_path):
+    _write_cache(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "meta.json").read_text())
+    del meta["cache_id"]  # an older dpsynth wrote a content fingerprint instead
+    (tmp_path / "old" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DpsynthError, match=r"no cache_id .* re-run `dpsynth prepare`"):
+        Cache(tmp_path / "old")
 
 
 def test_datasets_shapes_dtypes_and_batched_path(tmp_path):

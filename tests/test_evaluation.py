@@ -20,6 +20,7 @@ from dpsynth.evaluation.referee import Referee
 from dpsynth.evaluation.utility import evaluate_utility
 from dpsynth.evaluation.volumes import check_compatible, load_volume_set, normalise_intensity
 from dpsynth.io import write_nifti
+from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
 
 # --- volume sets ---------------------------------------------------------------------------
 
@@ -185,6 +186,7 @@ def test_metrics_json_schema(tmp_path):
         raise AssertionError(f"non-standard JSON constant {token}")
 
     on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=no_nan)
+    assert on_disk["label"] == EVALUATION_ONLY_LABEL  # exact statistics of real data
     assert on_disk == result
     assert on_disk["n_real"] == 12 and on_disk["n_synthetic"] == 12
     keys = {

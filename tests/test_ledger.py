@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -11,6 +12,7 @@ import pytest
 from dpsynth.errors import BudgetExceededError, DpsynthError
 from dpsynth.privacy.accounting import epsilon_for, noise_for_epsilon
 from dpsynth.privacy.ledger import LEDGER_FILE, Ledger, LedgerEntry, format_ledger
+from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL, is_evaluation_only, labelled
 from dpsynth.privacy.statistics import dp_latent_scale, dp_mean
 
 
@@ -18,7 +20,7 @@ def _sgd(stage: str = "ldm-dp", sigma: float = 1.0, q: float = 0.1, planned: int
     return LedgerEntry(
         stage=stage,
         mechanism="dp-sgd",
-        fingerprint="sha256:abc",
+        cache_id="c0ffee",
         records=1000,
         noise_multiplier=sigma,
         sample_rate=q,
@@ -154,10 +156,79 @@ def test_lineage_inherits_without_duplicates():
     assert Ledger.inherit(partial, later)[ae_entry.id].steps == 100  # max, never fewer
 
     forged = Ledger([LedgerEntry(**{**ae_entry.to_json(), "noise_multiplier": 5.0})])
-    with pytest.raises(DpsynthError, match="differs between parent runs"):
+    with pytest.raises(DpsynthError, match="differs between two copies"):
         Ledger.inherit(autoencoder, forged)
     with pytest.raises(DpsynthError, match="already recorded"):
         ldm.add(ae_entry)
+
+
+def test_every_writer_merges_with_the_run_and_nothing_is_dropped(tmp_path):
+    """Regression: a writer used to overwrite RUN/ledger.json with what it held."""
+    run = tmp_path / "run"
+    attributes = LedgerEntry.gaussian("attribute-model", 3.0, records=1000)
+    Ledger([attributes]).save(run)  # fit-attributes first
+    stage = Ledger([_sgd(planned=100)])  # a DP stage that knows only its own lineage
+    (sgd,) = stage.entries
+    stage.save(run)
+    assert {e.id for e in Ledger.load(run)} == {attributes.id, sgd.id}
+    assert attributes.id in stage  # the writer now holds the union too
+    both = epsilon_for([(3.0, 1.0, 1)], 1e-5)
+    assert stage.total_epsilon() == pytest.approx(both)  # the stage has no steps yet
+
+    # A writer holding an older copy (fewer steps) never lowers the count on disk.
+    stage.update_steps(sgd.id, 60)
+    stage.save(run)
+    Ledger([dataclasses.replace(sgd, steps=20)]).save(run)
+    assert Ledger.load(run)[sgd.id].steps == 60
+    # A conflicting copy of an entry is refused and the file is left as it was.
+    before = (run / LEDGER_FILE).read_text()
+    with pytest.raises(DpsynthError, match="differs between two copies"):
+        Ledger([dataclasses.replace(sgd, noise_multiplier=5.0)]).save(run)
+    assert (run / LEDGER_FILE).read_text() == before
+
+
+def test_budget_sees_the_run_and_counts_unfinished_stages_at_their_plan(tmp_path):
+    """Regression: an interrupted stage will spend its plan on resume; a check made in
+    between (fit-attributes) must count it, and a stage opening in a run must see the run."""
+    run = tmp_path / "run"
+    interrupted = _sgd(sigma=1.0, q=0.1, planned=100, steps=10)
+    Ledger([interrupted]).save(run)
+    attributes = LedgerEntry.gaussian("attribute-model", 3.0, records=1000)
+    full = epsilon_for([(1.0, 0.1, 100), (3.0, 1.0, 1)], 1e-5)
+    done_so_far = epsilon_for([(1.0, 0.1, 10), (3.0, 1.0, 1)], 1e-5)
+    assert Ledger.load(run).check_budget(attributes, 100.0) == pytest.approx(full)
+    with pytest.raises(BudgetExceededError):
+        Ledger.load(run).check_budget(attributes, (full + done_so_far) / 2)
+    # A stage that died before its first checkpoint (0 steps) cannot resume: it counts 0.
+    Ledger([_sgd("abandoned", sigma=1.0, q=0.1, planned=100, steps=0)]).save(run)
+    assert Ledger.load(run).check_budget(attributes, 100.0) == pytest.approx(full)
+    # What a stage opening in `run` starts from: the run's entries and its parents'.
+    parent = Ledger([_sgd("autoencoder-dp", planned=10, steps=10)])
+    parent.save(tmp_path / "parent")
+    assert len(Ledger.of_run(run, [tmp_path / "parent"])) == 3
+    assert Ledger.of_run(tmp_path / "empty").entries == []
+
+
+def test_format_1_ledger_loads_without_its_digest(tmp_path):
+    """Format 1 held a SHA-256 of the private cache: it loads, the digest is dropped."""
+    entry = _sgd(steps=5).to_json()
+    entry.pop("cache_id")
+    entry["fingerprint"] = "sha256:" + "ab" * 32
+    (tmp_path / LEDGER_FILE).write_text(json.dumps({"format_version": 1, "entries": [entry]}))
+    ledger = Ledger.load(tmp_path)
+    assert ledger.entries[0].cache_id == "" and ledger.entries[0].steps == 5
+    ledger.save(tmp_path)
+    text = (tmp_path / LEDGER_FILE).read_text()
+    assert "sha256" not in text and json.loads(text)["format_version"] == 2
+
+
+def test_evaluation_only_names_cover_the_files_written_with_private_statistics():
+    for path in ("attribute_fidelity.json", "reconstruction.json", "metrics.jsonl",
+                 "eval", "eval/metrics.json", "eval/controllability.csv"):  # fmt: skip
+        assert is_evaluation_only(path), path
+    for path in ("model.json", "ledger.json", "attribute_model.json", "samples/mid.png", ""):
+        assert not is_evaluation_only(path), path
+    assert labelled({"n": 3}) == {"label": EVALUATION_ONLY_LABEL, "n": 3}
 
 
 def test_dp_mean_adds_calibrated_noise():

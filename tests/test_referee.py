@@ -2,6 +2,7 @@
 
 import csv
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -72,6 +73,7 @@ def write_cache(path, vols, splits):
         "shape": list(vols.shape),
         "spacing": list(SPACING),
         "has_masks": True,
+        "cache_id": uuid.uuid4().hex,
     }
     (path / "meta.json").write_text(json.dumps(meta))
 

@@ -98,7 +98,7 @@ def _write_run(root: Path, cache: Path, epsilon_steps: int = 100, name: str = "r
             LedgerEntry(
                 stage="ldm-dp",
                 mechanism="dp-sgd",
-                fingerprint="sha256:abc",
+                cache_id="c0ffee",
                 records=6,
                 noise_multiplier=1.2,
                 sample_rate=0.25,

@@ -17,11 +17,16 @@ import torch
 from dpsynth.attributes import ATTRIBUTES, CLINICAL_RANGES
 from dpsynth.cli import main
 from dpsynth.config import load_config
+from dpsynth.data.cache import Cache
 from dpsynth.data.prepare import prepare
 from dpsynth.data.simulate import simulate_cohort
 from dpsynth.errors import BudgetExceededError, DpsynthError
 from dpsynth.io import read_json
-from dpsynth.privacy.ledger import Ledger
+from dpsynth.privacy.accounting import epsilon_for
+from dpsynth.privacy.ledger import Ledger, format_ledger
+from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
+from dpsynth.privacy.release import fit_attributes
+from dpsynth.privacy.statistics import gaussian_noise_multiplier
 from dpsynth.sampling.api import load, sample_to_folder
 from dpsynth.training import checkpoint as ckpt
 from dpsynth.training.autoencoder import train_autoencoder
@@ -193,6 +198,10 @@ def _crash_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(Monitor, "step", crash)
 
 
+def _n_train(world) -> int:
+    return len(Cache(world["private"]).patient_rows("train"))
+
+
 def _dp(world, out, **extra):
     config = tiny(**{"privacy.epsilon": 8.0, **extra})
     return train_ldm(world["private"], world["ae"], out, config, init=world["ldm"], dp=True)
@@ -202,7 +211,7 @@ def test_dp_stage_ledger_matches_patient_sample_rate(world, tmp_path):
     run = _dp(world, tmp_path / "dp")
     ledger = Ledger.load(run)
     (entry,) = [e for e in ledger if e.mechanism == "dp-sgd"]
-    n_patients = 12  # 60% of 20 patients: the private training split
+    n_patients = _n_train(world)  # the private training split (about 60% of 20 patients)
     assert entry.records == n_patients
     assert entry.sample_rate == pytest.approx(4 / n_patients)  # patients, not volumes
     assert entry.steps == entry.planned_steps == int(np.ceil(1.0 / entry.sample_rate))
@@ -270,7 +279,7 @@ def test_torchrun_two_processes_dp_run(world, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     (entry,) = [e for e in Ledger.load(out) if e.mechanism == "dp-sgd"]
-    assert entry.sample_rate == pytest.approx(4 / 12)
+    assert entry.sample_rate == pytest.approx(4 / _n_train(world))
     assert entry.steps == entry.planned_steps
     assert (out / "model.json").exists()
     single = _dp(world, tmp_path / "single")
@@ -290,8 +299,8 @@ def _dp_ae(world, out, init=True, **extra):
 def test_dp_autoencoder_fine_tune_is_patient_level_and_keeps_public_scale(world, tmp_path):
     run = _dp_ae(world, tmp_path / "ae_dp")
     (entry,) = list(Ledger.load(run))
-    assert entry.stage == "autoencoder-dp-sgd" and entry.records == 12
-    assert entry.sample_rate == pytest.approx(4 / 12)  # patients, not volumes
+    assert entry.stage == "autoencoder-dp-sgd" and entry.records == _n_train(world)
+    assert entry.sample_rate == pytest.approx(4 / _n_train(world))  # patients, not volumes
     assert entry.steps == entry.planned_steps > 0
     assert 3.0 < Ledger.load(run).total_epsilon(1e-5, accountant="rdp") <= 4.0 + 1e-9
     meta, public = read_json(run / "model.json"), read_json(world["ae"] / "model.json")
@@ -302,7 +311,10 @@ def test_dp_autoencoder_fine_tune_is_patient_level_and_keeps_public_scale(world,
     assert max(float((after[k] - before[k]).abs().max()) for k in before) > 1e-4
     # No private images in the run folder; the private PSNR is flagged as evaluation only.
     assert not (run / "samples").exists()
-    assert "evaluation only" in read_json(run / "reconstruction.json")["note"]
+    assert read_json(run / "reconstruction.json")["label"] == EVALUATION_ONLY_LABEL
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["label"] == EVALUATION_ONLY_LABEL
+    assert "label" not in read_json(world["ae"] / "reconstruction.json")  # public test split
 
 
 def test_dp_autoencoder_from_scratch_charges_a_dp_latent_scale(world, tmp_path):
@@ -353,7 +365,7 @@ def test_dp_autoencoder_resume_neither_loses_nor_double_counts(world, tmp_path, 
     run = train_autoencoder(world["private"], tmp_path / "ae", tiny(**extra), init=world["ae"],
                             dp=True, resume=True)  # fmt: skip
     (after,) = list(Ledger.load(run))
-    assert after.id == crashed.id and after.steps == after.planned_steps == 6
+    assert after.id == crashed.id and after.steps == after.planned_steps == crashed.planned_steps
     history = read_json(run / "checkpoint" / "state.json")["opt"]["accountant"]["history"]
     assert sum(h[2] for h in history) == after.planned_steps
 
@@ -410,3 +422,139 @@ def test_workflow_chains_public_pretraining_and_dp_and_its_ablation(world, tmp_p
         b.sample_rate,
         b.steps,
     )
+
+
+# ---------------------------------------------------------------- one ledger per run
+
+
+def _budget_total(run, capsys) -> str:
+    capsys.readouterr()
+    assert main(["budget", str(run)]) == 0
+    return capsys.readouterr().out
+
+
+def test_fit_attributes_then_dp_stage_keep_both_and_budget_both(world, tmp_path, capsys):
+    """Regression: the DP stage's ledger came from its parents only and overwrote the run's,
+    so the attribute model's ε vanished from the ledger and from --max-total-epsilon."""
+    run = tmp_path / "run"
+    fit_attributes(world["private"], run, epsilon=2.0, seed=0)
+    # The LDM stage alone (ε 5) fits under 5.5; with the attribute model (ε 2) it cannot.
+    with pytest.raises(BudgetExceededError, match="above --max-total-epsilon 5.5"):
+        _dp(world, run, **{"privacy.epsilon": 5.0, "privacy.max_total_epsilon": 5.5})
+    assert not (run / "checkpoint").exists()
+    _dp(world, run, **{"privacy.epsilon": 5.0})
+    ledger = Ledger.load(run)
+    stages = {e.stage: e for e in ledger}
+    assert set(stages) == {"attribute-model", "ldm-dp-sgd"}
+    alone = {k: Ledger([e]).total_epsilon() for k, e in stages.items()}
+    total = ledger.total_epsilon()
+    assert total > max(alone.values()) + 0.25  # composed: 4.96 vs 4.47 and 2.0 here
+    assert f"epsilon = {total:.4g} at delta = 1e-05" in _budget_total(run, capsys)
+    assert (run / "attribute_model.json").exists()
+
+
+def test_train_then_fit_attributes_then_resume_keep_both(world, tmp_path, monkeypatch, capsys):
+    """Regression: --resume rewrote the run's ledger from the checkpoint's copy, dropping
+    an attribute model fitted in between; the budget check in between ignored the steps
+    the interrupted stage would still take."""
+    run = tmp_path / "run"
+    _crash_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        _dp(world, run, **{"privacy.epsilon": 5.0})
+    monkeypatch.undo()
+    (sgd,) = Ledger.load(run)
+    assert 0 < sgd.steps < sgd.planned_steps
+    sigma = gaussian_noise_multiplier(2.0, None, 1e-5, "prv")
+    at = {
+        n: epsilon_for([(sgd.noise_multiplier, sgd.sample_rate, n), (sigma, 1.0, 1)], 1e-5)
+        for n in (sgd.steps, sgd.planned_steps)
+    }
+    cap = (at[sgd.steps] + at[sgd.planned_steps]) / 2  # passes only if the plan is ignored
+    with pytest.raises(BudgetExceededError):
+        fit_attributes(world["private"], run, epsilon=2.0, seed=0, max_total_epsilon=cap)
+    assert not (run / "attribute_model.json").exists()
+    fit_attributes(world["private"], run, epsilon=2.0, seed=0)
+
+    config = tiny(**{"privacy.epsilon": 5.0})
+    resume = dict(init=world["ldm"], dp=True, resume=True)
+    capped = tiny(**{"privacy.epsilon": 5.0, "privacy.max_total_epsilon": cap})
+    with pytest.raises(BudgetExceededError):  # the resumed stage sees the attribute model
+        train_ldm(world["private"], world["ae"], run, capped, **resume)
+    train_ldm(world["private"], world["ae"], run, config, **resume)
+    ledger = Ledger.load(run)
+    assert {e.stage for e in ledger} == {"attribute-model", "ldm-dp-sgd"}
+    assert ledger[sgd.id].steps == sgd.planned_steps
+    total = ledger.total_epsilon()
+    assert total > Ledger([ledger[sgd.id]]).total_epsilon() + 0.25
+    assert f"epsilon = {total:.4g}" in _budget_total(run, capsys) == format_ledger(ledger) + "\n"
+
+
+def test_fit_attributes_checks_then_records_then_draws(world, tmp_path, monkeypatch):
+    """Regression: fit-attributes drew its noisy releases before the budget check and wrote
+    the model before the ledger recorded it."""
+    import dpsynth.privacy.release as release
+
+    run, seen = tmp_path / "run", []
+    fit = release.fit_attribute_model
+
+    def spy(*args, **kwargs):
+        seen.append([e.stage for e in Ledger.load(run, missing_ok=True)])
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(release, "fit_attribute_model", spy)
+    with pytest.raises(BudgetExceededError):
+        fit_attributes(world["private"], run, epsilon=2.0, max_total_epsilon=1.0)
+    assert seen == [] and not (run / "attribute_model.json").exists()
+    fit_attributes(world["private"], run, epsilon=2.0, seed=0)
+    assert seen == [["attribute-model"]]  # recorded before any noise was drawn
+    assert read_json(run / "attribute_fidelity.json")["label"] == EVALUATION_ONLY_LABEL
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def test_no_run_file_holds_a_digest_of_the_private_data(world, tmp_path):
+    """Regression: the cache's SHA-256 went into every ledger entry and into a DP
+    autoencoder's model.json: a deterministic function of the private data."""
+    private = Cache(world["private"])
+    run = _dp_ae(world, tmp_path / "ae_scratch", init=False)
+    fit_attributes(world["private"], run, epsilon=2.0, seed=0)
+    digest = private.meta["content_digest"].removeprefix("sha256:")
+    written = [p for p in run.rglob("*") if p.is_file() and "checkpoint" not in p.parts]
+    assert len(written) >= 4
+    for path in written:
+        assert digest.encode() not in path.read_bytes(), path
+    assert {e.cache_id for e in Ledger.load(run)} == {private.cache_id}
+    meta = read_json(run / "model.json")
+    assert meta["trained_on"] == [{"cache_id": private.cache_id, "dp": True}]
+    assert "data_fingerprint" not in meta
+
+
+def test_dp_stage_refuses_a_parent_trained_without_dp_on_its_data(world, tmp_path):
+    """Regression: a "public" autoencoder trained on the private cache ran silently."""
+    leaky = train_autoencoder(world["private"], tmp_path / "leaky", tiny())
+    with pytest.raises(DpsynthError, match=f"{leaky}: trained without DP on the private cache"):
+        train_ldm(world["private"], leaky, tmp_path / "dp", tiny(**{"privacy.epsilon": 8.0}),
+                  dp=True)  # fmt: skip
+    with pytest.raises(DpsynthError, match=f"{leaky}: trained without DP"):
+        train_autoencoder(world["private"], tmp_path / "ae_dp2", tiny(), init=leaky, dp=True)
+    assert not (tmp_path / "dp" / "ledger.json").exists()
+    assert not (tmp_path / "ae_dp2" / "ledger.json").exists()
+    # A parent trained on public data, or with DP on this cache, is accepted (tests above).
+
+
+def test_workflow_refuses_public_equal_to_private(world, tmp_path, capsys):
+    """Regression: `workflow --public P --private P` pre-trained on private data silently."""
+    private = world["private"]
+    again = tmp_path / "again"  # the same data prepared again: a new id, the same digest
+    prepare("ukbb", world["root"] / "ukbb_raw", again, seed=2, shape=SHAPE, spacing=SPACING,
+            attributes_csv=world["root"] / "ukbb_raw" / "attributes.csv",
+            split=(0.6, 0.2, 0.2))  # fmt: skip
+    for public in (private, again):
+        argv = ["workflow", "--public", str(public), "--private", str(private),
+                "--out", str(tmp_path / "wf"), "--epsilon", "6"]  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"--public {public} and --private {private} hold the same data" in err
+        assert err.count("\n") == 1
+    assert not (tmp_path / "wf").exists()

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dpsynth.config import Config
+from dpsynth.errors import DpsynthError
 
 
 def pretrain_public_models(
@@ -48,6 +49,7 @@ def run_workflow(
     """Run the chain into `out` and return the DP LDM run."""
     from dpsynth.training.ldm import train_ldm
 
+    refuse_same_data(public, private)
     out = Path(out)
     autoencoder, init = pretrain_public_models(public, out, config, ldm=pretrain)
     return _stage(
@@ -56,6 +58,18 @@ def run_workflow(
             private, autoencoder, run, config, init=init, resume=resume, dp=True
         ),
     )
+
+
+def refuse_same_data(public: str | os.PathLike, private: str | os.PathLike) -> None:
+    """The public stages must not train on the private data (same cache, a copy of it, or
+    the same data prepared again): they have no DP."""
+    from dpsynth.data.cache import Cache
+
+    if Cache(public).same_data(Cache(private)):
+        raise DpsynthError(
+            f"--public {public} and --private {private} hold the same data: the public "
+            "stages would train on private data without DP"
+        )
 
 
 def _stage(run: Path, train: Callable[[Path, bool], Path]) -> Path:

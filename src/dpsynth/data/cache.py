@@ -5,7 +5,11 @@ Layout (written by :mod:`dpsynth.data.prepare`, see docs/ARCHITECTURE.md)::
     CACHE/images.npy      float16 (N, S, H, W) in [0, 1]
     CACHE/masks.npy       uint8 (N, S, H, W), only when every volume has a mask
     CACHE/attributes.csv  patient, phase, split, then the 14 attributes; row i <-> images[i]
-    CACHE/meta.json       shape, spacing, counts, fingerprint, skipped, ...
+    CACHE/meta.json       shape, spacing, counts, cache_id, content_digest, skipped, ...
+
+``cache_id`` is random (drawn once by prepare): runs and ledgers name their data by it.
+``content_digest`` (SHA-256 of images + table) stays inside the cache, which is private and
+never released; it only tells whether two caches at hand hold the same data.
 
 Every patient has two consecutive rows, ED then ES. Arrays are opened with
 ``np.load(mmap_mode="r")`` so cohorts larger than RAM are read lazily, page by page.
@@ -47,6 +51,11 @@ class Cache:
                 f"{self.path / META_FILE}: cache format {self.meta.get('format_version')!r} is not "
                 f"{FORMAT_VERSION}; prepare the data again"
             )
+        if not isinstance(self.meta.get("cache_id"), str) or not self.meta["cache_id"]:
+            raise DpsynthError(
+                f"{self.path / META_FILE}: no cache_id (prepared by an older dpsynth); "
+                "re-run `dpsynth prepare`"
+            )
         self.images: np.ndarray = np.load(self.path / IMAGES_FILE, mmap_mode="r")
         self.masks: np.ndarray | None = (
             np.load(self.path / MASKS_FILE, mmap_mode="r") if self.meta["has_masks"] else None
@@ -66,6 +75,18 @@ class Cache:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.meta["shape"])
+
+    @property
+    def cache_id(self) -> str:
+        """The random id that names this cache in runs and ledgers (never a digest)."""
+        return self.meta["cache_id"]
+
+    def same_data(self, other: Cache) -> bool:
+        """True when `other` is this cache, a copy of it, or a re-preparation of its data."""
+        digest = self.meta.get("content_digest")
+        return self.cache_id == other.cache_id or (
+            digest is not None and digest == other.meta.get("content_digest")
+        )
 
     @property
     def spacing(self) -> tuple[float, float, float]:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import io
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +47,7 @@ class PrepareReport:
 
     out: Path
     counts: dict[str, int]
-    fingerprint: str
+    cache_id: str
     has_masks: bool
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"patient", "reason"}
 
@@ -54,7 +56,7 @@ class PrepareReport:
         lines = [
             f"{self.out}: {c['patients']} patients, {c['volumes']} volumes "
             f"(train {c['train']}, val {c['val']}, test {c['test']} patients), "
-            f"masks {'yes' if self.has_masks else 'no'}, {self.fingerprint}"
+            f"masks {'yes' if self.has_masks else 'no'}, cache id {self.cache_id}"
         ]
         lines += [f"skipped {s['patient']}: {s['reason']}" for s in self.skipped]
         return "\n".join(lines)
@@ -117,7 +119,7 @@ def prepare(
             attribute_source="csv first" if prefer_csv_attributes else "masks first, csv fills",
             skipped=skipped,
         )
-    return PrepareReport(Path(out), meta["counts"], meta["fingerprint"], meta["has_masks"], skipped)
+    return PrepareReport(Path(out), meta["counts"], meta["cache_id"], meta["has_masks"], skipped)
 
 
 # --- attributes ---------------------------------------------------------------------------
@@ -246,15 +248,22 @@ def _stack_masks(masks: Sequence[np.ndarray | None]) -> np.ndarray | None:
 
 
 def assign_splits(patients: Sequence[str], ratios: Sequence[float], seed: int) -> dict[str, str]:
-    """Patient -> "train"/"val"/"test", a seeded permutation of the sorted ids cut by `ratios`."""
-    order = sorted(patients)
-    permuted = [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
-    cuts = np.round(np.cumsum(ratios)[:-1] * len(order)).astype(int)
-    return {
-        patient: name
-        for name, part in zip(SPLITS, np.split(np.array(permuted, dtype=object), cuts), strict=True)
-        for patient in part
-    }
+    """Patient -> "train"/"val"/"test" from a keyed hash of that patient's id alone.
+
+    HMAC-SHA256 of the id under a key derived from `seed`, read as a number in [0, 1) and
+    cut by `ratios`. A patient's split never depends on who else is in the cohort (a
+    permutation of the whole cohort would move many patients when one is added or removed,
+    so the splits themselves would tell neighbouring datasets apart); the split sizes are
+    therefore the ratios only in expectation.
+    """
+    key = f"dpsynth-split:{seed}".encode()
+    cuts = np.cumsum(ratios)[:-1]
+    splits = {}
+    for patient in patients:
+        digest = hmac.new(key, str(patient).encode(), hashlib.sha256).digest()
+        u = int.from_bytes(digest[:8], "big") / 2.0**64
+        splits[patient] = SPLITS[int(np.searchsorted(cuts, u, side="right"))]
+    return splits
 
 
 class CacheWriter:
@@ -321,7 +330,9 @@ class CacheWriter:
             "spacing": [float(s) for s in spacing],
             **meta,
             "counts": {"patients": self.n_patients, "volumes": n, **split_counts},
-            "fingerprint": f"sha256:{digest.hexdigest()}",
+            # A random name for runs to cite; the digest never leaves the cache (see cache.py).
+            "cache_id": uuid.uuid4().hex,
+            "content_digest": f"sha256:{digest.hexdigest()}",
             "has_masks": self._has_masks,
         }
         atomic_write_json(self.directory / META_FILE, meta)

@@ -27,13 +27,11 @@ from dpsynth.evaluation.referee import Referee
 from dpsynth.evaluation.utility import evaluate_utility
 from dpsynth.evaluation.volumes import VolumeSet, check_compatible, load_volume_set
 from dpsynth.io import atomic_write_json
+from dpsynth.privacy.outputs import labelled
 
 ALL_METRICS = ("frd", "fd_referee", "fid", "ms_ssim", "controllability", "utility", "audit")
 REAL_VS_REAL = "real vs real (two random halves)"
 CEILING = "referee on real test volumes (ceiling)"
-EVALUATION_ONLY = (
-    "Computed on real data for evaluation only; not released with the model or synthetic data."
-)
 
 
 @dataclass
@@ -103,14 +101,15 @@ def evaluate(
     )
     inputs.out.mkdir(parents=True, exist_ok=True)
 
-    report: dict[str, Any] = {
-        "n_real": len(real_set),
-        "n_synthetic": len(synthetic_set),
-        "real": real_set.source,
-        "synthetic": synthetic_set.source,
-        "note": EVALUATION_ONLY,
-        "metrics": {},
-    }
+    report: dict[str, Any] = labelled(
+        {
+            "n_real": len(real_set),
+            "n_synthetic": len(synthetic_set),
+            "real": real_set.source,
+            "synthetic": synthetic_set.source,
+            "metrics": {},
+        }
+    )
     for name in ALL_METRICS:
         if name in metrics:
             part = _RUNNERS[name](inputs)

@@ -424,6 +424,36 @@ def _correlation(
     return (r + r.T) / 2
 
 
+def attribute_model_entry(
+    records: int,
+    *,
+    epsilon: float | None = None,
+    noise_multiplier: float | None = None,
+    delta: float = DEFAULT_DELTA,
+    accountant: str = DEFAULT_ACCOUNTANT,
+    cache_id: str = "",
+) -> LedgerEntry:
+    """The ledger entry that charges one fit on `records` patients.
+
+    It depends on no private value but the patient count, so a caller can check the budget
+    and record it before :func:`fit_attribute_model` draws any noise.
+    """
+    delta = check_delta(delta)
+    sigma = gaussian_noise_multiplier(epsilon, noise_multiplier, delta, accountant)
+    return LedgerEntry.gaussian(
+        "attribute-model",
+        sigma,
+        records=records,
+        delta=delta,
+        accountant=accountant,
+        cache_id=cache_id,
+        note=(
+            "Gaussian copula: histograms of the clinical attributes, then pairwise sign "
+            "agreements; two releases of L2 sensitivity sqrt(share) each, composed exactly"
+        ),
+    )
+
+
 def fit_attribute_model(
     table: np.ndarray,
     *,
@@ -433,16 +463,20 @@ def fit_attribute_model(
     delta: float = DEFAULT_DELTA,
     patients: np.ndarray | None = None,
     accountant: str = DEFAULT_ACCOUNTANT,
-    fingerprint: str = "",
+    cache_id: str = "",
 ) -> tuple[AttributeModel, LedgerEntry]:
     """Fit the model on a private table with (`epsilon`, `delta`)-DP (or a given σ).
 
     `table` is (P, 14) with one row per patient, or per-volume rows with `patients` giving
-    each row's patient id. Returns the model and the ledger entry that charges it.
+    each row's patient id. Returns the model and the ledger entry that charges it
+    (:func:`attribute_model_entry`).
     """
-    delta = check_delta(delta)
-    sigma = gaussian_noise_multiplier(epsilon, noise_multiplier, delta, accountant)
     records = patient_records(table, patients)
+    entry = attribute_model_entry(
+        len(records), epsilon=epsilon, noise_multiplier=noise_multiplier, delta=delta,
+        accountant=accountant, cache_id=cache_id,
+    )  # fmt: skip
+    sigma, delta = entry.noise_multiplier, entry.delta
     warn_delta(delta, len(records))
 
     bins = _bins(records)
@@ -454,18 +488,6 @@ def fit_attribute_model(
     correlation = _correlation(products, copresent, sign_noise, thresholds, below)
 
     model = AttributeModel(marginals, correlation, sigma, delta, epsilon)
-    entry = LedgerEntry.gaussian(
-        "attribute-model",
-        sigma,
-        records=len(records),
-        delta=delta,
-        accountant=accountant,
-        fingerprint=fingerprint,
-        note=(
-            "Gaussian copula: histograms of the clinical attributes, then pairwise sign "
-            "agreements; two releases of L2 sensitivity sqrt(share) each, composed exactly"
-        ),
-    )
     return model, entry
 
 

@@ -6,7 +6,13 @@ the composition of all of them by one accountant. Uses without a DP guarantee (e
 private validation loss) are entries flagged ``non_private``: never composed, always shown.
 
 A run starts from its parents' ledgers (:meth:`Ledger.inherit`), so the total covers the
-autoencoder, the initialisation and the attribute model that the run builds on.
+autoencoder, the initialisation and the attribute model that the run builds on. Writers
+never overwrite: :meth:`Ledger.save` merges with the ledger already in the run (by entry
+id, the larger step count wins, conflicting copies are refused), so a DP stage, its
+resume and `fit-attributes` writing into one run all keep each other's entries.
+
+Entries name their data by the cache's random ``cache_id``, never by a digest of it: a
+deterministic function of the private data would tell neighbouring datasets apart.
 
 Step semantics (resume-safe): an entry's ``steps`` is the number of steps contained in the
 latest saved model state, i.e. the DP-SGD checkpoint's step count. The training loop
@@ -23,10 +29,12 @@ spending that an earlier state may already have released) and never exceeds
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
 import operator
+import os
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,7 +55,10 @@ from dpsynth.privacy.accounting import (
 )
 
 LEDGER_FILE = "ledger.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1 named the data by a SHA-256 digest of the private cache (a non-DP release);
+# such ledgers still load, with the digest dropped, and are rewritten as format 2.
+OLD_FORMATS = (1,)
 DP_MECHANISMS = ("dp-sgd", "gaussian")
 
 
@@ -59,7 +70,7 @@ def _now() -> str:
 class LedgerEntry:
     """One mechanism (or non-private use) applied to a private dataset.
 
-    `fingerprint` identifies the data (the cache's meta.json "fingerprint"), never holds it.
+    `cache_id` names the data by the random id in its cache's meta.json ("" if unknown).
     `records` is the dataset size in patients. For DP entries `sample_rate` is the Poisson
     rate per step (1.0 for a one-shot statistic) and `noise_multiplier` the ratio of noise
     std to L2 sensitivity.
@@ -67,7 +78,7 @@ class LedgerEntry:
 
     stage: str
     mechanism: str
-    fingerprint: str
+    cache_id: str
     records: int
     delta: float = DEFAULT_DELTA
     accountant: str = DEFAULT_ACCOUNTANT
@@ -117,14 +128,14 @@ class LedgerEntry:
         records: int,
         delta: float = DEFAULT_DELTA,
         accountant: str = DEFAULT_ACCOUNTANT,
-        fingerprint: str = "",
+        cache_id: str = "",
         note: str = "",
     ) -> LedgerEntry:
         """A one-shot Gaussian-mechanism release on the whole dataset (q = 1, one step)."""
         return cls(
             stage=stage,
             mechanism="gaussian",
-            fingerprint=fingerprint,
+            cache_id=cache_id,
             records=records,
             delta=delta,
             accountant=accountant,
@@ -137,13 +148,13 @@ class LedgerEntry:
 
     @classmethod
     def non_private_use(
-        cls, stage: str, records: int, note: str, fingerprint: str = ""
+        cls, stage: str, records: int, note: str, cache_id: str = ""
     ) -> LedgerEntry:
         """A use of private data whose outputs are never released (e.g. validation loss)."""
         return cls(
             stage=stage,
             mechanism="non-private",
-            fingerprint=fingerprint,
+            cache_id=cache_id,
             records=records,
             non_private=True,
             note=note,
@@ -204,6 +215,9 @@ class Ledger:
     def inherit(cls, *parents: Ledger) -> Ledger:
         """A new ledger holding the union of the parents' entries (shared ancestors once).
 
+        The one merge rule of the ledger: parents of a run, and what a run holds on disk
+        against what a writer holds in memory (:meth:`save`, :meth:`of_run`).
+
         Two copies of one entry may differ only in `steps` (one parent saw a later state
         of the same stage); the larger count is kept so spending is never under-reported.
         """
@@ -216,8 +230,9 @@ class Ledger:
                     continue
                 if dataclasses.replace(seen, steps=entry.steps) != entry:
                     raise DpsynthError(
-                        f"ledger: entry {entry.id} ({entry.stage!r}) differs between parent "
-                        "runs beyond its step count; the lineage is inconsistent"
+                        f"ledger: entry {entry.id} ({entry.stage!r}) differs between two "
+                        "copies (parent runs, or a run and its writer) beyond its step "
+                        "count; refusing to merge an inconsistent lineage"
                     )
                 if entry.steps > seen.steps:
                     merged[entry.id] = entry
@@ -227,6 +242,12 @@ class Ledger:
     def of_lineage(cls, runs: Iterable[str | Path]) -> Ledger:
         """The inherited ledger of a model built from `runs` (runs without one add nothing)."""
         return cls.inherit(*(cls.load(run, missing_ok=True) for run in runs))
+
+    @classmethod
+    def of_run(cls, run: str | Path, parents: Iterable[str | Path] = ()) -> Ledger:
+        """What a writer into `run` builds on: the run's own entries (e.g. an attribute model
+        fitted earlier) merged with its parents' lineage. Budget checks start from this."""
+        return cls.of_lineage([run, *parents])
 
     def add(self, entry: LedgerEntry) -> LedgerEntry:
         if entry.id in self._entries:
@@ -255,13 +276,16 @@ class Ledger:
     def history(self, planned: LedgerEntry | None = None) -> list[Mechanism]:
         """Accountant history of every DP entry at its completed steps.
 
-        A `planned` entry counts at its planned steps, replacing any entry with its id.
+        With a `planned` entry (the budget view): it joins at its planned steps, replacing
+        any entry with its id, and so does every DP entry that has completed steps, since
+        an interrupted stage spends the rest of its plan when it resumes. An entry with no
+        completed steps has no checkpoint to resume from: it never spends.
         """
         entries = dict(self._entries)
         if planned is not None:
             entries[planned.id] = planned
         spent = [
-            e.mechanism_spent(planned=planned is not None and e.id == planned.id)
+            e.mechanism_spent(planned=planned is not None and (e.id == planned.id or e.steps > 0))
             for e in entries.values()
         ]
         return [m for m in spent if m is not None]
@@ -307,16 +331,25 @@ class Ledger:
     def from_json(cls, obj: dict, source: str = "ledger") -> Ledger:
         if not isinstance(obj, dict) or not isinstance(obj.get("entries"), list):
             raise DpsynthError(f"{source}: expected an object with an 'entries' list")
-        if obj.get("format_version") != FORMAT_VERSION:
-            raise DpsynthError(
-                f"{source}: unsupported format_version {obj.get('format_version')!r}"
-            )
-        return cls([LedgerEntry.from_json(e, source) for e in obj["entries"]])
+        version = obj.get("format_version")
+        if version != FORMAT_VERSION and version not in OLD_FORMATS:
+            raise DpsynthError(f"{source}: unsupported format_version {version!r}")
+        entries = obj["entries"] if version == FORMAT_VERSION else map(_upgrade, obj["entries"])
+        return cls([LedgerEntry.from_json(e, source) for e in entries])
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically to `path` (a ``.json`` file, or a run directory)."""
+        """Merge with the ledger already at `path` (a ``.json`` file, or a run directory)
+        and write the union atomically; this ledger then holds the union.
+
+        Every writer of a run's ledger goes through here, so no entry a run records is ever
+        dropped. The run folder is locked meanwhile, so two writers cannot interleave.
+        """
         path = _ledger_path(path)
-        atomic_write_json(path, self.to_json())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path.parent):
+            merged = Ledger.inherit(Ledger.load(path, missing_ok=True), self)
+            self._entries = merged._entries
+            atomic_write_json(path, self.to_json())
         return path
 
     @classmethod
@@ -327,6 +360,29 @@ class Ledger:
         if missing_ok and not path.exists():
             return cls()
         return cls.from_json(read_json(path), source=str(path))
+
+
+def _upgrade(entry: object) -> object:
+    """A format-1 entry without its digest of the private data (the id is unknown)."""
+    if isinstance(entry, dict) and "fingerprint" in entry:
+        entry = {k: v for k, v in entry.items() if k != "fingerprint"} | {"cache_id": ""}
+    return entry
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `folder` (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _ledger_path(path: str | Path) -> Path:
@@ -353,7 +409,7 @@ def format_ledger(
         lines.append(
             f"  {e.stage:<20} {e.mechanism:<9} {e.records:>8} {e.sample_rate:>9.4g} "
             f"{e.noise_multiplier:>9.4g} {f'{e.steps}/{e.planned_steps}':>15} {alone:>9.4g}  "
-            f"{e.fingerprint[:19] or '-'}"
+            f"{e.cache_id[:12] or '-'}"
         )
     if other:
         lines.append("Non-private uses of private data (outputs not released, not covered by ε):")

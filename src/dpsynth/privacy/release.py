@@ -2,7 +2,7 @@
 
 The model's Gaussian mechanism joins the run's ledger, so an images + attributes release
 carries one end-to-end guarantee. Its fidelity against the real table is an evaluation on
-private data: written to the run for the report, labelled not-for-release.
+private data: written to the run for the report, labelled evaluation-only.
 """
 
 from __future__ import annotations
@@ -16,11 +16,17 @@ import numpy as np
 from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_json
-from dpsynth.privacy.attribute_model import AttributeModel, attribute_fidelity, fit_attribute_model
+from dpsynth.privacy.attribute_model import (
+    AttributeModel,
+    attribute_fidelity,
+    attribute_model_entry,
+    fit_attribute_model,
+    patient_records,
+)
 from dpsynth.privacy.ledger import Ledger
+from dpsynth.privacy.outputs import FIDELITY_FILE, labelled
 
 MODEL_FILE = "attribute_model.json"
-FIDELITY_FILE = "attribute_fidelity.json"
 
 
 def fit_attributes(
@@ -34,6 +40,10 @@ def fit_attributes(
 ) -> Path:
     """Fit the DP attribute model on `data`'s `split` and attach it to run `out`.
 
+    Order: the budget is checked against everything `out` already records, then the entry
+    is recorded (merged into the run's ledger), and only then is the noise drawn and the
+    model written. A crash in between over-reports spending, never under-reports it.
+
     `seed` makes the noise reproducible and is for tests only: whoever knows it can remove
     the noise. By default the noise comes from OS entropy.
     """
@@ -42,26 +52,24 @@ def fit_attributes(
     rows = cache.volume_indices(split)
     if len(rows) == 0:
         raise DpsynthError(f"{data}: no volumes in the {split} split")
-    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
-    ledger = Ledger.load(out, missing_ok=True)
-    model, entry = fit_attribute_model(
-        cache.attributes[rows],
-        rng=rng,
-        epsilon=epsilon,
-        delta=delta,
-        patients=cache.patients[rows],
-        fingerprint=cache.meta["fingerprint"],
-    )
+    table, patients = cache.attributes[rows], cache.patients[rows]
+    entry = attribute_model_entry(
+        len(patient_records(table, patients)), epsilon=epsilon, delta=delta,
+        cache_id=cache.cache_id,
+    )  # fmt: skip
+    ledger = Ledger.of_run(out)
     if max_total_epsilon is not None:
         ledger.check_budget(entry, max_total_epsilon)
     ledger.add(entry)
-    out.mkdir(parents=True, exist_ok=True)
+    ledger.save(out)  # recorded before anything is drawn or written
+
+    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
+    model, _ = fit_attribute_model(  # its entry is `entry`: both from attribute_model_entry
+        table, rng=rng, epsilon=epsilon, delta=delta, patients=patients, cache_id=cache.cache_id
+    )
     model.save(out / MODEL_FILE)
     synthetic = model.sample(len(rows) // 2, np.random.default_rng(0))
-    fidelity = attribute_fidelity(cache.attributes[rows], synthetic)
-    fidelity["label"] = "evaluation on private data: for the report, not for release"
-    atomic_write_json(out / FIDELITY_FILE, fidelity)
-    ledger.save(out)  # last: the ledger records the mechanism once the model exists
+    atomic_write_json(out / FIDELITY_FILE, labelled(attribute_fidelity(table, synthetic)))
     return out
 
 

@@ -76,7 +76,7 @@ def dp_mean(
     patients: np.ndarray | None = None,
     accountant: str = DEFAULT_ACCOUNTANT,
     stage: str = "dp-mean",
-    fingerprint: str = "",
+    cache_id: str = "",
 ) -> tuple[float, LedgerEntry]:
     """DP mean of a per-patient scalar clipped to [lower, upper], and its ledger entry.
 
@@ -107,7 +107,7 @@ def dp_mean(
         records=len(per_patient),
         delta=delta,
         accountant=accountant,
-        fingerprint=fingerprint,
+        cache_id=cache_id,
         note=(
             f"clipped mean over [{lower:g}, {upper:g}]: (sum of (x-c)/h, count) per patient, "
             f"L2 sensitivity sqrt(2), noise std {noise_std:.4g}"
@@ -126,7 +126,7 @@ def dp_latent_scale(
     delta: float = DEFAULT_DELTA,
     patients: np.ndarray | None = None,
     accountant: str = DEFAULT_ACCOUNTANT,
-    fingerprint: str = "",
+    cache_id: str = "",
 ) -> tuple[float, LedgerEntry]:
     """Latent scale factor ``1 / sqrt(E[z²])`` with E[z²] a DP mean per patient.
 
@@ -149,6 +149,6 @@ def dp_latent_scale(
         patients=patients,
         accountant=accountant,
         stage="latent-scale",
-        fingerprint=fingerprint,
+        cache_id=cache_id,
     )
     return 1.0 / math.sqrt(max(second_moment, 1e-4 * max_second_moment)), entry

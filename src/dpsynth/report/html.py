@@ -21,10 +21,9 @@ import numpy as np
 
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_dir, atomic_write_text, read_json
-from dpsynth.privacy.release import FIDELITY_FILE
+from dpsynth.privacy.outputs import EVAL_SUBDIR, FIDELITY_FILE
 from dpsynth.report import figures
 
-EVAL_SUBDIR = "eval"  # default evaluation folder inside a run (dpsynth evaluate --out RUN/eval)
 N_SHOWN = 6  # volumes per set in the sample grids
 
 CSS = """
@@ -264,7 +263,7 @@ def _read_privacy(path: Path) -> _Privacy:
                 alone,
                 delta,
                 e.accountant,
-                e.fingerprint[:19] or None,
+                e.cache_id[:12] or None,
             ]
         )
     return _Privacy(

@@ -21,6 +21,7 @@ from dpsynth.data.cache import Cache
 from dpsynth.io import atomic_write_json, read_json
 from dpsynth.models.build import build_autoencoder
 from dpsynth.privacy.ledger import LedgerEntry
+from dpsynth.privacy.outputs import RECONSTRUCTION_FILE, labelled
 from dpsynth.training import checkpoint as ckpt
 from dpsynth.training.common import (
     adopt_architecture,
@@ -30,6 +31,7 @@ from dpsynth.training.common import (
     pick_device,
     prepare_run_dir,
     seed_everything,
+    trained_on,
     warmup_factor,
 )
 from dpsynth.training.dp_stage import DPCheckpoints, DPStage
@@ -69,7 +71,8 @@ def train_autoencoder(
     fit.fit(resume)
     model.load_state_dict(fit.ema.state_dict(model))
     model.eval()
-    _finish(run, model, cache, config, fit.latent_scale(model), private=dp)
+    parents = [Path(init)] if init else []
+    _finish(run, model, cache, config, fit.latent_scale(model), private=dp, parents=parents)
     if not dp and init is not None:  # a public stage still carries what its parents spent
         carry_lineage(run, [Path(init)])
     return run
@@ -258,7 +261,7 @@ class _PrivateFit(DPCheckpoints, _PublicFit):
         return LedgerEntry.gaussian(
             "latent-scale", sigma, records=len(self.cache.patient_rows("train")),
             delta=privacy.delta, accountant=privacy.accountant,
-            fingerprint=self.cache.meta["fingerprint"],
+            cache_id=self.cache.cache_id,
             note="DP latent scale of the DP autoencoder (clipped per-patient second moment)",
         )  # fmt: skip
 
@@ -332,12 +335,18 @@ def _save_reconstruction_grid(run: Path, model, cache: Cache, step: int) -> None
 
 @torch.no_grad()
 def _finish(
-    run: Path, model, cache: Cache, config: Config, latent_scale: tuple[float, str], private: bool
+    run: Path,
+    model,
+    cache: Cache,
+    config: Config,
+    latent_scale: tuple[float, str],
+    private: bool,
+    parents: list[Path],
 ) -> None:
     """Save the EMA weights, the latent scale with its source, and test PSNR/SSIM."""
     quality = reconstruction_quality(model, cache)
-    if private:
-        quality["note"] = "measured on the private test split without DP: evaluation only"
+    if private:  # measured on the private test split without DP
+        quality = labelled(quality)
     ckpt.save_weights(run / "autoencoder.safetensors", model.state_dict())
     scale, source = latent_scale
     atomic_write_json(
@@ -349,11 +358,11 @@ def _finish(
             "spacing": list(cache.spacing),
             "latent_scale": scale,
             "latent_scale_source": source,
-            "data_fingerprint": cache.meta["fingerprint"],
             "private": private,
+            "trained_on": trained_on(cache.cache_id, private, parents),
         },
     )
-    atomic_write_json(run / "reconstruction.json", quality)
+    atomic_write_json(run / RECONSTRUCTION_FILE, quality)
 
 
 def reconstruct(model, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from dpsynth.config import Config
 from dpsynth.errors import DpsynthError
-from dpsynth.io import atomic_write_text
+from dpsynth.io import atomic_write_text, read_json
 
 
 def prepare_run_dir(out: str | os.PathLike, config: Config, resume: bool) -> Path:
@@ -67,13 +68,46 @@ def carry_lineage(run: Path, parents: list[Path]) -> None:
     """Give a run trained without DP the ledger of the runs it was built from, if any.
 
     A public LDM on a DP autoencoder still releases what the autoencoder learned from
-    private data; `dpsynth budget` must show it.
+    private data; `dpsynth budget` must show it. Merged with what the run already records.
     """
     from dpsynth.privacy.ledger import Ledger
 
     ledger = Ledger.of_lineage(parents)
     if len(ledger):
         ledger.save(run / "ledger.json")
+
+
+def trained_on(cache_id: str, dp: bool, parents: Sequence[Path]) -> list[dict]:
+    """model.json's ``trained_on``: every cache this run's weights learned from, by random id,
+    and whether with DP: its own data first, then its parents' (each once).
+
+    Runs from before this field (e.g. shipped public assets) contribute nothing.
+    """
+    items = [{"cache_id": cache_id, "dp": bool(dp)}]
+    for parent in parents:
+        for item in _model_meta(parent).get("trained_on", []):
+            if item not in items:
+                items.append(item)
+    return items
+
+
+def refuse_non_dp_parents(cache_id: str, cache: Path, parents: Sequence[Path]) -> None:
+    """A DP stage on `cache` must not build on a run trained on it without DP.
+
+    Such a parent already holds the private data without a guarantee, and the DP stage's
+    ledger would show only its own spending.
+    """
+    for parent in parents:
+        for item in _model_meta(parent).get("trained_on", []):
+            if item.get("cache_id") == cache_id and not item.get("dp"):
+                raise DpsynthError(
+                    f"{parent}: trained without DP on the private cache {cache} "
+                    f"(cache id {cache_id}); a DP stage cannot build on it"
+                )
+
+
+def _model_meta(run: Path) -> dict:
+    return read_json(Path(run) / "model.json")
 
 
 def adopt_architecture(config: Config, init_meta: dict, sections: tuple[str, ...]) -> Config:

@@ -21,7 +21,9 @@ from dpsynth.config import PrivacyConfig
 from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
+from dpsynth.privacy.outputs import labelled
 from dpsynth.training import checkpoint as ckpt
+from dpsynth.training.common import refuse_non_dp_parents
 from dpsynth.training.monitor import append_metrics
 
 
@@ -62,6 +64,7 @@ class DPStage:
 
         self.stage, self.cache, self.privacy, self.run = stage, cache, privacy, run
         self.parents, self.extra_entries, self.main = list(parents), list(extra_entries), main
+        refuse_non_dp_parents(cache.cache_id, cache.path, self.parents)
         self.patient_rows = cache.patient_rows("train")
         n = len(self.patient_rows)
         if privacy.batch_size > n:
@@ -93,15 +96,16 @@ class DPStage:
         return self.plan.steps
 
     def open(self) -> None:
-        """Start a new stage: inherit the lineage, check the budget, record the entry."""
-        ledger = Ledger.of_lineage(self.parents)
+        """Start a new stage: inherit the run's and its lineage's entries, check the budget,
+        record the entry."""
+        ledger = Ledger.of_run(self.run, self.parents)
         p = self.privacy
         for entry in self.extra_entries:
             ledger.add(entry)
         entry = LedgerEntry(
             stage=self.stage,
             mechanism="dp-sgd",
-            fingerprint=self.cache.meta["fingerprint"],
+            cache_id=self.cache.cache_id,
             records=self.num_patients,
             delta=p.delta,
             accountant=p.accountant,
@@ -116,9 +120,7 @@ class DPStage:
         self.ledger, self.entry_id = ledger, entry.id
         if self.main:
             ledger.save(self.run / "ledger.json")
-            note = ("training losses here are computed on private data without DP: "
-                    "evaluation only (BRIEF 3c), never release this file")  # fmt: skip
-            append_metrics(self.run, {"note": note})
+            append_metrics(self.run, labelled({}))  # losses on private data without DP
 
     def patients(self, step: int) -> np.ndarray:
         """Indices into the training patients of global step `step`'s Poisson batch.
@@ -152,9 +154,17 @@ class DPStage:
         self.ledger.save(self.run / "ledger.json")
 
     def resume(self, state: dict[str, Any]) -> None:
-        """Take the ledger back from the checkpoint `state` was read from."""
+        """Take the ledger back from the checkpoint `state` was read from, merged with what
+        the run recorded since (e.g. an attribute model), and check the budget again."""
         self.entry_id = state["ledger_entry"]
-        self.ledger = Ledger.load(self.run / "checkpoint" / "ledger.json")
+        self.ledger = Ledger.inherit(
+            Ledger.load(self.run / "checkpoint" / "ledger.json"), Ledger.of_run(self.run)
+        )
+        p = self.privacy
+        if p.max_total_epsilon is not None:
+            self.ledger.check_budget(
+                self.ledger[self.entry_id], p.max_total_epsilon, accountant=p.accountant
+            )
         if self.main:
             self.ledger.save(self.run / "ledger.json")
 

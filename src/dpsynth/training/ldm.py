@@ -34,6 +34,7 @@ from dpsynth.training.common import (
     pick_device,
     prepare_run_dir,
     seed_everything,
+    trained_on,
     warmup_factor,
 )
 from dpsynth.training.dp_stage import DPCheckpoints, DPStage
@@ -190,7 +191,7 @@ def train_ldm(
 
     denoiser.load_state_dict(trainer.ema.state_dict(denoiser))
     if rank == 0:
-        _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache)
+        _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, trainer.parents)
         if not dp:  # a public stage still carries what its parents spent
             carry_lineage(run, trainer.parents)
     _barrier()
@@ -201,14 +202,13 @@ def _private_validation(validation: Cache, data: Cache, declared: bool) -> list:
     """The ledger's non-private-use entry when a DP run validates on private data."""
     from dpsynth.privacy.ledger import LedgerEntry
 
-    fingerprint = validation.meta["fingerprint"]
-    if not (declared or fingerprint == data.meta["fingerprint"]):
+    if not (declared or validation.same_data(data)):
         return []
     return [
         LedgerEntry.non_private_use(
             "ldm-validation",
             records=len(np.unique(validation.patients)),
-            fingerprint=fingerprint,
+            cache_id=validation.cache_id,
             note="validation loss on private data without DP: evaluation only, never release",
         )
     ]
@@ -486,7 +486,7 @@ def _attribute_ranges(cache: Cache, private: bool, init_meta: dict | None) -> di
     return ranges
 
 
-def _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache) -> None:
+def _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, parents) -> None:
     ckpt.save_weights(run / "denoiser.safetensors", denoiser.state_dict())
     ckpt.save_weights(run / "autoencoder.safetensors", ae.state_dict())
     plain = config.to_dict()
@@ -504,5 +504,6 @@ def _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache) -> Non
             "spacing": list(cache.spacing),
             "attribute_ranges": _attribute_ranges(cache, dp, init_meta),
             "private": bool(dp),
+            "trained_on": trained_on(cache.cache_id, dp, parents),
         },
     )

@@ -9,12 +9,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from dpsynth.privacy.outputs import METRICS_FILE
+
 
 class Monitor:
     """Progress bar (loss, volumes/s, ETA) plus an append-only `metrics.jsonl`."""
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, desc: str) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         self.bar = tqdm(
             total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True
         )
@@ -39,5 +41,5 @@ class Monitor:
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     """Append one timestamped JSON line to `run_dir/metrics.jsonl`."""
-    with (Path(run_dir) / "metrics.jsonl").open("a") as f:
+    with (Path(run_dir) / METRICS_FILE).open("a") as f:
         f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")

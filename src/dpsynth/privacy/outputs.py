@@ -1,0 +1,32 @@
+"""Which files of a run are evaluation only (BRIEF section 3 (c)).
+
+They hold exact statistics of private data computed without DP: shown in the report, never
+released. Each JSON file among them carries ``"label": EVALUATION_ONLY_LABEL`` where it is
+written (:func:`labelled`), and a DP run's ``metrics.jsonl`` starts with a line holding the
+label. `dpsynth release` (an allow-list) and the report share :data:`EVALUATION_ONLY`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EVALUATION_ONLY_LABEL = (
+    "evaluation only (BRIEF section 3 (c)): exact statistics of private data without DP; "
+    "never release this file"
+)
+FIDELITY_FILE = "attribute_fidelity.json"  # the DP attribute model against the real table
+RECONSTRUCTION_FILE = "reconstruction.json"  # autoencoder PSNR/SSIM on its test split
+METRICS_FILE = "metrics.jsonl"  # training (and validation) losses
+EVAL_SUBDIR = "eval"  # `dpsynth evaluate --out RUN/eval`
+EVALUATION_ONLY = (FIDELITY_FILE, RECONSTRUCTION_FILE, METRICS_FILE, EVAL_SUBDIR)
+
+
+def labelled(record: dict) -> dict:
+    """`record` with the evaluation-only label as its first field."""
+    return {"label": EVALUATION_ONLY_LABEL, **record}
+
+
+def is_evaluation_only(relative: str | Path) -> bool:
+    """True for a path, relative to its run folder, that is or lies in an evaluation-only name."""
+    parts = Path(relative).parts
+    return bool(parts) and parts[0] in EVALUATION_ONLY
