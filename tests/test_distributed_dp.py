@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from opacus.accountants import RDPAccountant
-from test_dpsgd import ManyZeroGrads, TinyDenoiser, denoise_loss, dot_loss, flat_params
+from test_dpsgd import Dot, ManyZeroGrads, TinyDenoiser, denoise_loss, dot_loss, flat_params
 
 from dpsynth.privacy.dpsgd import PatientDPSGD
 
@@ -18,7 +18,7 @@ WORLD = 2
 SIGMA, CLIP, Q, N = 2.0, 0.5, 0.25, 16  # expected global batch 4: noise std 0.25
 
 
-def engine(model, *, sigma, clip, distributed, noise_seed=0):
+def engine(model, *, sigma, clip, distributed, noise_seed=0, secure_rng=False):
     return PatientDPSGD(
         model,
         torch.optim.SGD(model.parameters(), lr=1.0),
@@ -31,6 +31,7 @@ def engine(model, *, sigma, clip, distributed, noise_seed=0):
         generator=torch.Generator().manual_seed(noise_seed),
         sampling_seed=5,
         distributed=distributed,
+        secure_rng=secure_rng,
     )
 
 
@@ -75,6 +76,10 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
             single_history=single.accountant.history,
             single_steps=single.steps_taken,
         )
+
+    # 3. secure_rng: fresh OS entropy per epoch, still one global batch cut between ranks.
+    secure = engine(Dot(3), sigma=1.0, clip=1.0, distributed=True, secure_rng=True)
+    result["secure_batches"] = [b for epoch in range(10) for b in secure.logical_batches(epoch)]
     torch.save(result, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -103,4 +108,21 @@ def test_update_and_accounting_match_single_process(results):
         r0["local_batches"], r1["local_batches"], r0["single_batches"], strict=True
     ):
         assert np.array_equal(np.sort(np.concatenate([a, b])), np.sort(whole))
-        assert not set(a) & set(b)
+        _assert_one_batch_cut_between_ranks(a, b)
+
+
+def _assert_one_batch_cut_between_ranks(a: np.ndarray, b: np.ndarray) -> None:
+    """`a`, `b` are ranks 0 and 1's shares batch[0::2], batch[1::2] of ONE sorted batch."""
+    whole = np.sort(np.concatenate([a, b]))
+    assert not set(a) & set(b)  # no patient on two ranks in one step
+    assert np.array_equal(a, whole[0::2]) and np.array_equal(b, whole[1::2])
+
+
+def test_secure_rng_ranks_share_each_fresh_sampling_seed(results):
+    r0, r1 = results
+    assert len(r0["secure_batches"]) == len(r1["secure_batches"]) == 10 * int(1 / Q)
+    sizes = []
+    for a, b in zip(r0["secure_batches"], r1["secure_batches"], strict=True):
+        _assert_one_batch_cut_between_ranks(a, b)
+        sizes.append(len(a) + len(b))
+    assert 2.5 < np.mean(sizes) < 5.5  # Poisson with rate Q over N = 16: mean 4, s.e. 0.27

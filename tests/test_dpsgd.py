@@ -183,23 +183,27 @@ def test_poisson_batches_have_rate_q_and_are_reproducible():
     )
 
 
-def test_resume_from_state_dict_gives_identical_next_step():
+def _checkpointed(engine):
+    """The engine's state as a checkpoint stores it: through safetensors + JSON, no pickle."""
+    tensors, meta = engine.state_dict()
+    return st_load(st_save(tensors)) if tensors else {}, json.loads(json.dumps(meta))
+
+
+def test_resume_from_state_dict_gives_identical_next_step_without_noise():
     torch.manual_seed(0)
     model = TinyDenoiser(dropout=0.2)
     engine = make_engine(
-        model, sigma=1.0, clip=0.5, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2)
+        model, sigma=0.0, clip=0.5, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2)
     )
     for step in range(2):
         engine.step(make_batch(3, seed=step), denoise_loss)
-    tensors, meta = engine.state_dict()
-    tensors = st_load(st_save(tensors))  # must survive safetensors + JSON, no pickle
-    meta = json.loads(json.dumps(meta))
+    tensors, meta = _checkpointed(engine)
 
     resumed_model = TinyDenoiser(dropout=0.2)
     resumed_model.load_state_dict(model.state_dict())
     resumed = make_engine(
         resumed_model,
-        sigma=1.0,
+        sigma=0.0,
         clip=0.5,
         optimizer=torch.optim.Adam(resumed_model.parameters(), lr=1e-2),
         generator=torch.Generator().manual_seed(999),
@@ -207,7 +211,7 @@ def test_resume_from_state_dict_gives_identical_next_step():
     )
     resumed.load_state_dict(tensors, meta)
     assert resumed.steps_taken == 2
-    assert resumed.accountant.history == engine.accountant.history == [(1.0, 0.25, 2)]
+    assert resumed.accountant.history == engine.accountant.history == [(0.0, 0.25, 2)]
     assert all(
         np.array_equal(a, b)
         for a, b in zip(resumed.logical_batches(5), engine.logical_batches(5), strict=True)
@@ -217,8 +221,60 @@ def test_resume_from_state_dict_gives_identical_next_step():
     for e in (engine, resumed):
         torch.manual_seed(42)  # dropout RNG is the caller's to restore
         e.step(batch, denoise_loss)
-    assert torch.equal(flat_params(model), flat_params(resumed_model))
+    assert torch.equal(flat_params(model), flat_params(resumed_model))  # Adam state restored
     assert not torch.equal(flat_params(model), flat_params(TinyDenoiser()))
+
+
+def test_resume_draws_fresh_noise_for_the_steps_it_recomputes():
+    """A crash after the checkpoint's step k lost step k+1; the resumed run redoes it with
+    other noise, even when its engine starts from the same (leaked or fixed) noise seed."""
+    sigma, clip, q, n = 2.0, 0.5, 0.25, 16
+
+    def run_from_seed_123():
+        model = ManyZeroGrads()  # zero data gradient: each update is the noise alone
+        return model, make_engine(model, sigma=sigma, clip=clip, q=q, n=n)
+
+    model, engine = run_from_seed_123()
+    engine.step({"x": torch.ones(2, 2, 4)}, dot_loss)
+    checkpoint = _checkpointed(engine)
+    before = model.w.detach().clone()
+    engine.step({"x": torch.ones(2, 2, 4)}, dot_loss)  # step 2 of the interrupted run
+    lost_noise = model.w.detach() - before
+
+    resumed_model, resumed = run_from_seed_123()
+    resumed_model.load_state_dict({"w": before})
+    resumed.load_state_dict(*checkpoint)
+    resumed.step({"x": torch.ones(2, 2, 4)}, dot_loss)  # step 2 again
+    new_noise = resumed_model.w.detach() - before
+    std = sigma * clip / (q * n)
+    assert new_noise.std().item() == pytest.approx(std, rel=0.03)  # same mechanism
+    # Reused noise would correlate perfectly; independent draws of 20k values, ~0 ± 0.007.
+    assert abs(np.corrcoef(new_noise.numpy(), lost_noise.numpy())[0, 1]) < 0.05
+    assert resumed.accountant.history == [(sigma, q, 2)]
+    assert not any("noise" in k for k in checkpoint[0])  # the noise state is never stored
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_patient_with_non_finite_gradient_is_zeroed_and_counted(bad):
+    torch.manual_seed(0)
+    model = TinyDenoiser()
+    reference_model = copy.deepcopy(model)
+    batch = make_batch(5)
+    batch["y"][3, 1, 0, 0, 0, 0] = bad  # one voxel of one volume of patient 3
+    clip = 0.3
+    engine = make_engine(model, clip=clip, q=0.25, n=20, physical=2)
+    before = flat_params(model)
+    loss = engine.step(batch, denoise_loss)
+    assert torch.isfinite(flat_params(model)).all()
+    assert engine.nonfinite_records == 1
+    # The other four patients' clipped gradients, averaged over the expected batch as usual.
+    healthy = {k: v[[0, 1, 2, 4]] for k, v in batch.items()}
+    expected = reference_update(reference_model, healthy, clip, expected_batch_size=5.0)
+    assert torch.allclose(flat_params(model) - before, expected, atol=1e-6, rtol=1e-4)
+    assert np.isfinite(loss)
+    engine.step(batch, denoise_loss)
+    assert engine.nonfinite_records == 2  # a running count, saved with the engine
+    assert _checkpointed(engine)[1]["nonfinite_records"] == 2
 
 
 def test_load_state_dict_rejects_other_dp_parameters():

@@ -11,8 +11,9 @@ Giving each rank ``expected_batch_size = q·N / K`` (as Opacus' PrivacyEngine do
 exactly the single-process average and noise std σC/(q·N): one patient, on one rank,
 changes the global sum by at most C, and the noise on that sum is σC — the same mechanism.
 
-Sampling: every rank draws the SAME global Poisson batch (the secret sampling seed is
-broadcast from rank 0) and keeps ``batch[rank::K]``. We do not use Opacus'
+Sampling: every rank draws the SAME global Poisson batch (the secret sampling seed, or
+under `secure_rng` each epoch's fresh seed, is broadcast from rank 0) and keeps
+``batch[rank::K]``. We do not use Opacus'
 `DistributedUniformWithReplacementSampler`: it silently skips a rank's empty local batch,
 so ranks would disagree on the number of steps and the all-reduce would hang or pair up
 different steps. The accountant on every rank sees the global patient rate q per step.
@@ -55,9 +56,23 @@ class ProcessGroupInfo:
         """Give every rank rank 0's weights and buffers; return rank 0's `seed`."""
         for tensor in [*model.parameters(), *model.buffers()]:
             dist.broadcast(tensor.data, src=0)
-        shared = torch.tensor([seed], dtype=torch.int64, device=_device_of(model))
+        return self.broadcast_seed(seed, device_of(model))
+
+    def broadcast_seed(self, seed: int, device: torch.device) -> int:
+        """Rank 0's `seed` on every rank (the identity in a single process)."""
+        if not self.distributed:
+            return seed
+        shared = torch.tensor([seed], dtype=torch.int64, device=device)
         dist.broadcast(shared, src=0)
         return int(shared.item())
+
+    def sum(self, value: int, device: torch.device) -> int:
+        """`value` summed over the ranks (the identity in a single process)."""
+        if not self.distributed:
+            return value
+        total = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(total)
+        return int(total.item())
 
 
 def make_dp_optimizer(
@@ -86,6 +101,6 @@ def make_dp_optimizer(
     )
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
     # NCCL broadcasts need CUDA tensors; gloo takes CPU ones. Follow the model.
     return next(model.parameters()).device

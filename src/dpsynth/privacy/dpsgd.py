@@ -13,6 +13,9 @@ it differentiates any layer (attention, custom blocks) without per-layer grad sa
 Noise on the averaged gradient has std ``noise_multiplier * max_grad_norm / B`` with
 ``B = sample_rate * num_records`` (the expected, not the realised, batch size). An empty
 Poisson batch still takes a noise-only step that the accountant counts.
+
+A patient whose gradient holds a NaN or inf contributes a zero gradient (norm 0 <= C, so
+within the sensitivity) instead of poisoning the whole update; the engine counts them.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from dpsynth.errors import DpsynthError
-from dpsynth.privacy.distributed import ProcessGroupInfo, make_dp_optimizer
+from dpsynth.privacy.distributed import ProcessGroupInfo, device_of, make_dp_optimizer
 
 Batch = Mapping[str, Tensor]
 ModelFn = Callable[..., Any]
@@ -99,12 +102,14 @@ class PatientDPSGD:
         physical_batch_size: patients per vmap chunk; a logical batch is split into such
             chunks and gives one noisy step (virtual steps).
         generator: noise generator. It MUST be secret: whoever knows its seed can remove
-            the noise. Default: seeded from OS entropy.
+            the noise. Default: seeded from OS entropy. It is never saved: a resumed run
+            draws fresh noise (see `load_state_dict`).
         sampling_seed: secret base seed of the Poisson sampler (who knows it knows which
             patients were sampled, which voids amplification by subsampling). Default: OS
-            entropy. Checkpoints hold both, so they are private files.
+            entropy. Checkpoints hold it, so they are private files.
         secure_rng: use Opacus' floating-point-attack-safe noise and draw fresh OS entropy
-            for every noise step and every epoch's sampling; runs are then not reproducible.
+            for every noise step and every epoch's sampling (rank 0 draws it under
+            torchrun); runs are then not reproducible.
         distributed: torchrun mode (see `dpsynth.privacy.distributed`).
     """
 
@@ -146,6 +151,7 @@ class PatientDPSGD:
         self.accountant = accountant
         self.secure_rng = secure_rng
         self.steps_taken = 0
+        self.nonfinite_records = 0  # patient-steps whose gradient was zeroed (NaN/inf)
 
         if generator is None:
             generator = torch.Generator(device=next(model.parameters()).device)
@@ -183,7 +189,10 @@ class PatientDPSGD:
         the epoch and skips the batches it already took. In distributed mode every rank
         draws the same global batch and yields its share ``batch[rank::world_size]``.
         """
-        seed = secrets.randbits(63) if self.secure_rng else _derive_seed(self._sampling_seed, epoch)
+        if self.secure_rng:  # fresh entropy, but ONE draw: every rank must cut the same batch
+            seed = self.group.broadcast_seed(secrets.randbits(63), device_of(self.model))
+        else:
+            seed = _derive_seed(self._sampling_seed, epoch)
         sampler = UniformWithReplacementSampler(
             num_samples=self.num_records,
             sample_rate=self.sample_rate,
@@ -198,27 +207,30 @@ class PatientDPSGD:
         `batch` maps names to tensors of shape (patients, volumes, ...), or is an iterable
         of such mappings (e.g. loaded lazily); both are cut into physical chunks. The
         returned loss is a raw statistic of private data: log it, never release it.
+        Patients with a non-finite gradient are left out of it and added to
+        `nonfinite_records` (summed over ranks).
         """
         if self.secure_rng:
             self.generator.manual_seed(secrets.randbits(63))
         chunks = [
             c for b in ([batch] if isinstance(batch, Mapping) else batch) for c in self._split(b)
         ]
-        loss_sum = 0.0
-        for chunk in chunks[:-1]:
-            loss_sum += self._set_grad_samples(chunk, loss_fn)
-            self.optimizer.signal_skip_step(do_skip=True)  # clip and accumulate only
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if chunks:
-            loss_sum += self._set_grad_samples(chunks[-1], loss_fn)
-        else:  # empty Poisson batch: the mechanism still releases noise, and is counted
+        loss_sum, dropped = 0.0, 0
+        for i, chunk in enumerate(chunks):
+            chunk_loss, chunk_dropped = self._set_grad_samples(chunk, loss_fn)
+            loss_sum, dropped = loss_sum + chunk_loss, dropped + chunk_dropped
+            if i < len(chunks) - 1:
+                self.optimizer.signal_skip_step(do_skip=True)  # clip and accumulate only
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        if not chunks:  # empty Poisson batch: the mechanism still releases noise, and is counted
             for p in self._trainable.values():
                 p.grad_sample = p.new_zeros((0, *p.shape))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_taken += 1
-        n = sum(_num_patients(c) for c in chunks)
+        self.nonfinite_records += self.group.sum(dropped, device_of(self.model))
+        n = sum(_num_patients(c) for c in chunks) - dropped
         return loss_sum / n if n else float("nan")
 
     def _split(self, batch: Batch) -> Iterator[Batch]:
@@ -226,8 +238,12 @@ class PatientDPSGD:
         for start in range(0, n, self.physical_batch_size):
             yield {k: v[start : start + self.physical_batch_size] for k, v in batch.items()}
 
-    def _set_grad_samples(self, chunk: Batch, loss_fn: LossFn) -> float:
-        """Put per-patient gradients of `chunk` into ``p.grad_sample``; return the loss sum."""
+    def _set_grad_samples(self, chunk: Batch, loss_fn: LossFn) -> tuple[float, int]:
+        """Put per-patient gradients of `chunk` into ``p.grad_sample``.
+
+        Returns the loss sum of the patients with finite gradients and the number of the
+        others, whose gradients are zeroed here, before clipping.
+        """
         params = {n: p.detach() for n, p in self._trainable.items()}
         # Parameters outside the optimizer are constants here (e.g. a frozen UNet backbone).
         frozen = {n: t.detach() for n, t in self.model.named_parameters() if n not in params}
@@ -243,18 +259,23 @@ class PatientDPSGD:
         grads, losses = vmap(
             grad_and_value(patient_loss), in_dims=(None, 0), randomness="different"
         )(params, dict(chunk))
+        # One NaN would make the clipped sum, and so every weight, NaN whatever C is.
+        finite = torch.stack([g.flatten(1).isfinite().all(1) for g in grads.values()]).all(0)
         for name, p in self._trainable.items():
-            p.grad_sample = grads[name]
-        return float(losses.sum())
+            g = grads[name]
+            p.grad_sample = torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0)
+        return float(losses[finite].sum()), int((~finite).sum())
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Everything for an exact resume, as (tensors for safetensors, JSON-able dict).
 
-        Model weights and the global torch RNG (dropout) are the caller's to save.
+        Model weights and the global torch RNG (dropout) are the caller's to save. The
+        noise generator is not saved: a resumed run never reuses noise (`load_state_dict`).
         """
-        tensors: dict[str, Tensor] = {"noise_generator": self.generator.get_state()}
+        tensors: dict[str, Tensor] = {}
         meta = {
             "steps_taken": self.steps_taken,
+            "nonfinite_records": self.nonfinite_records,
             "noise_multiplier": self.noise_multiplier,
             "max_grad_norm": self.max_grad_norm,
             "sample_rate": self.sample_rate,
@@ -269,15 +290,23 @@ class PatientDPSGD:
         return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
-        """Restore what `state_dict` returned; the DP parameters must match this engine."""
+        """Restore what `state_dict` returned; the DP parameters must match this engine.
+
+        The Poisson sampler's seed is restored (the steps re-taken after the checkpoint draw
+        the batches the ledger plans for), but the noise generator is reseeded from OS
+        entropy: steps the interrupted run computed after its checkpoint are computed again
+        with fresh noise, so an output of that run could never be combined with the new one
+        to cancel noise.
+        """
         for key in ("noise_multiplier", "max_grad_norm", "sample_rate", "num_records"):
             if meta[key] != getattr(self, key):
                 raise DpsynthError(
                     f"checkpoint: {key} is {meta[key]} but this run uses {getattr(self, key)}"
                 )
         self.steps_taken = int(meta["steps_taken"])
+        self.nonfinite_records = int(meta.get("nonfinite_records", 0))
         self._sampling_seed = int(meta["sampling_seed"])
-        self.generator.set_state(tensors["noise_generator"])
+        self.generator.manual_seed(secrets.randbits(63))
         self.accountant.load_state_dict(
             {
                 "mechanism": meta["accountant"]["mechanism"],
