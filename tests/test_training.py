@@ -558,3 +558,149 @@ def test_workflow_refuses_public_equal_to_private(world, tmp_path, capsys):
         assert f"--public {public} and --private {private} hold the same data" in err
         assert err.count("\n") == 1
     assert not (tmp_path / "wf").exists()
+
+
+# ---------------------------------------------------------------- outputs behind the ledger
+
+
+def _grid_steps(run) -> list[int]:
+    return sorted(int(p.stem.split("_")[1]) for p in (run / "samples").glob("*.png"))
+
+
+def _files(run) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in [*(run / "checkpoint").iterdir(), run / "ledger.json"]}
+
+
+def test_dp_crash_leaves_no_grid_ahead_of_the_ledger_and_resume_refuses_a_new_plan(
+    world, tmp_path, monkeypatch
+):
+    # A fixed σ (no ε target): more epochs keep σ, so only the plan's step count differs.
+    grids = {"ldm_training.sample_every": 3, "ldm_training.checkpoint_every": 2}
+    fixed = {"privacy.epsilon": None, "privacy.noise_multiplier": 1.0, **grids}
+
+    def dp(epochs, resume=False):
+        config = tiny(**{**fixed, "privacy.epochs": epochs})
+        return train_ldm(world["private"], world["ae"], tmp_path / "dp", config,
+                         init=world["ldm"], dp=True, resume=resume)  # fmt: skip
+
+    _crash_at(monkeypatch, 4)  # 6 steps; a grid is due at 3, checkpoints at 2, 4, 6
+    with pytest.raises(KeyboardInterrupt):
+        dp(2.0)
+    monkeypatch.undo()
+    run = tmp_path / "dp"
+    (entry,) = [e for e in Ledger.load(run) if e.mechanism == "dp-sgd"]
+    assert entry.steps == 2 and entry.planned_steps == 6
+    assert all(step <= entry.steps for step in _grid_steps(run))
+
+    before = _files(run)
+    with pytest.raises(DpsynthError, match="changed privacy plan: planned_steps is 9 .* but 6"):
+        dp(3.0, resume=True)
+    assert _files(run) == before  # no step ran: weights, checkpoint ledger, ledger unchanged
+
+    dp(2.0, resume=True)
+    (entry,) = [e for e in Ledger.load(run) if e.mechanism == "dp-sgd"]
+    assert entry.steps == entry.planned_steps == 6
+    assert _grid_steps(run)[-1] == 6
+
+
+def test_public_autoencoder_crash_leaves_no_grid_ahead_of_the_checkpoint(
+    world, tmp_path, monkeypatch
+):
+    config = tiny(**{"autoencoder_training.steps": 6, "autoencoder_training.sample_every": 3})
+    _crash_at(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        train_autoencoder(world["public"], tmp_path / "ae", config)
+    checkpoint_step = read_json(tmp_path / "ae" / "checkpoint" / "state.json")["step"]
+    assert checkpoint_step == 2
+    grids = _grid_steps(tmp_path / "ae") if (tmp_path / "ae" / "samples").exists() else []
+    assert all(step <= checkpoint_step for step in grids)
+
+
+def test_dp_non_finite_patient_gradients_are_zeroed_and_counted_in_metrics(
+    world, tmp_path, monkeypatch
+):
+    """Every private latent is NaN: each sampled patient is dropped, updates stay finite."""
+    from dpsynth.training.dp_stage import DPStage
+    from dpsynth.training.ldm import _DPTrainer
+
+    original_latents, original_patients = _DPTrainer._patient_latents, DPStage.patients
+    sampled = []
+
+    def nan_latents(self):
+        latents, attributes = original_latents(self)
+        return torch.full_like(latents, float("nan")), attributes
+
+    def patients(self, step):
+        idx = original_patients(self, step)
+        sampled.append(len(idx))
+        return idx
+
+    monkeypatch.setattr(_DPTrainer, "_patient_latents", nan_latents)
+    monkeypatch.setattr(DPStage, "patients", patients)
+    run = _dp(world, tmp_path / "dp")
+    weights = ckpt.load_weights(run / "denoiser.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert sum(sampled) > 0 and last["nonfinite_gradients"] == sum(sampled)
+
+
+# ---------------------------------------------------------------- torchrun
+
+
+def test_fit_attributes_refuses_torchrun(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "attrs"
+    code = main(["fit-attributes", "--data", str(world["private"]), "--dp", "--epsilon", "1",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "not under torchrun" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_public_autoencoder_refuses_torchrun(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DpsynthError, match="supported for --dp runs only"):
+        train_autoencoder(world["public"], tmp_path / "ae", tiny())
+    assert not (tmp_path / "ae").exists()
+
+
+def test_torchrun_two_processes_dp_autoencoder(world, tmp_path):
+    """One DP job over two ranks: one ledger entry, the single-process plan, rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(tiny(**{"privacy.epsilon": 4.0}).to_yaml())
+    out = tmp_path / "ae_ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", "29518", "-m", "dpsynth", "train-autoencoder",
+           "--data", str(world["private"]), "--init", str(world["ae"]), "--out", str(out),
+           "--config", str(config), "--dp"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (entry,) = list(Ledger.load(out))
+    assert entry.stage == "autoencoder-dp-sgd" and entry.records == 12
+    assert entry.sample_rate == pytest.approx(4 / 12) and entry.steps == entry.planned_steps
+    assert (out / "model.json").exists() and (out / "reconstruction.json").exists()
+    notes = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum("note" in m for m in notes) == 1  # one job, not one per rank
+
+
+def test_dp_autoencoder_resume_refuses_a_changed_latent_scale_mechanism(
+    world, tmp_path, monkeypatch
+):
+    """The DP latent scale is charged when the stage opens and drawn at the end: a resume
+    must draw it with the noise the ledger recorded, not with a new config's."""
+    _crash_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        _dp_ae(world, tmp_path / "ae", init=False)
+    monkeypatch.undo()
+    before = _files(tmp_path / "ae")
+    with pytest.raises(DpsynthError, match="changed privacy plan: latent-scale is not recorded"):
+        train_autoencoder(world["private"], tmp_path / "ae",
+                          tiny(**{"privacy.epsilon": 4.0, "privacy.latent_scale_epsilon": 3.0}),
+                          dp=True, resume=True)  # fmt: skip
+    assert _files(tmp_path / "ae") == before

@@ -21,6 +21,7 @@ different steps. The accountant on every rank sees the global patient rate q per
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,11 @@ class ProcessGroupInfo:
         total = torch.tensor([value], dtype=torch.int64, device=device)
         dist.all_reduce(total)
         return int(total.item())
+
+
+def launched_world_size() -> int:
+    """How many processes torchrun started for this job (its WORLD_SIZE; 1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def make_dp_optimizer(

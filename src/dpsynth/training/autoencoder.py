@@ -26,7 +26,11 @@ from dpsynth.training import checkpoint as ckpt
 from dpsynth.training.common import (
     adopt_architecture,
     autocast,
+    barrier,
     carry_lineage,
+    init_distributed,
+    is_distributed,
+    is_main,
     load_volumes,
     pick_device,
     prepare_run_dir,
@@ -54,10 +58,12 @@ def train_autoencoder(
     scale that is public (the `init` run's) or a DP estimate charged to the ledger.
     """
     cache = Cache(data)
+    rank = init_distributed(dp)
     init_meta = read_json(Path(init) / "model.json") if init else None
     if init_meta is not None:
         config = adopt_architecture(config, init_meta, ("autoencoder",))
-    run = prepare_run_dir(out, config, resume)
+    run = prepare_run_dir(out, config, resume) if rank == 0 else Path(out)
+    barrier()
     device = pick_device()
     rng = seed_everything(config.autoencoder_training.seed)
     model = build_autoencoder(config.autoencoder).to(device)
@@ -71,10 +77,12 @@ def train_autoencoder(
     fit.fit(resume)
     model.load_state_dict(fit.ema.state_dict(model))
     model.eval()
-    parents = [Path(init)] if init else []
-    _finish(run, model, cache, config, fit.latent_scale(model), private=dp, parents=parents)
-    if not dp and init is not None:  # a public stage still carries what its parents spent
-        carry_lineage(run, [Path(init)])
+    if rank == 0:  # under torchrun every rank holds the same weights; one writes them
+        parents = [Path(init)] if init else []
+        _finish(run, model, cache, config, fit.latent_scale(model), private=dp, parents=parents)
+        if not dp and init is not None:  # a public stage still carries what its parents spent
+            carry_lineage(run, [Path(init)])
+    barrier()
     return run
 
 
@@ -130,20 +138,27 @@ class _PublicFit:
             self.restore(*ckpt.load_checkpoint(self.run / "checkpoint"))
         else:
             self.open()
-        monitor = Monitor(self.run, self.total_steps, self.step, "autoencoder")
+        main = is_main()  # under torchrun (DP only) rank 0 writes
+        monitor = Monitor(self.run, self.total_steps, self.step, "autoencoder") if main else None
         self.model.train()
+        grid_due = False
         while self.step < self.total_steps:
             volumes, logs = self.train_step()
             self.sched.step()
             self.ema.update(self.model, self.step)
             self.step += 1
             done, last = self.step, self.step == self.total_steps
+            if not main:
+                continue
             monitor.step(done, volumes, logs, done % self.tcfg.log_every == 0)
-            if done % self.tcfg.sample_every == 0 or last:
-                self.save_grid(done)
+            grid_due |= done % self.tcfg.sample_every == 0 or last
             if done % self.tcfg.checkpoint_every == 0 or last:
                 self.checkpoint()
-        monitor.close()
+                if grid_due:  # after the checkpoint that records its steps (see ldm.py)
+                    self.save_grid(done)
+                    grid_due = False
+        if main:
+            monitor.close()
 
     def open(self) -> None:
         pass
@@ -244,6 +259,7 @@ class _PrivateFit(DPCheckpoints, _PublicFit):
             stage="autoencoder-dp-sgd", cache=cache, model=model, optimizer=self.opt,
             privacy=config.privacy, run=run, parents=[Path(init)] if init else [],
             extra_entries=[self.scale_entry] if self.scale_entry else [],
+            distributed=is_distributed(), main=is_main(),
         )  # fmt: skip
 
     # The DP stage's optimisation settings live in the `privacy` section.
@@ -273,7 +289,10 @@ class _PrivateFit(DPCheckpoints, _PublicFit):
         x = load_volumes(self.cache.images, rows.reshape(-1))
         x = x.reshape(len(rows), rows.shape[1], *x.shape[1:]).to(self.device)
         loss = self.dp.engine.step({"volumes": x}, self.patient_loss)
-        return int(round(2 * self.dp.engine.expected_batch_size)), {"loss": loss}
+        return int(round(2 * self.dp.engine.expected_batch_size)), {
+            "loss": loss,
+            **self.dp.metrics(),
+        }
 
     def patient_loss(self, model_fn, record: dict) -> torch.Tensor:
         """One DP record's loss: the SUM over that patient's volumes (clipped as one)."""
@@ -372,8 +391,13 @@ def reconstruct(model, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruction_quality(model, cache: Cache, split: str = "test", batch: int = 8) -> dict:
-    """PSNR (dB) and SSIM of reconstructions on a split, with MONAI's metrics (data range 1)."""
+    """PSNR (dB) and SSIM of reconstructions on a split, with MONAI's metrics (data range 1).
+
+    Values are reduced here, not by the metrics' ``aggregate()``: that all-gathers across
+    ranks whenever a process group exists, and under torchrun only rank 0 evaluates.
+    """
     from monai.metrics import PSNRMetric, SSIMMetric
+    from monai.metrics.utils import do_metric_reduction
 
     rows = cache.volume_indices(split)
     if len(rows) == 0:
@@ -381,14 +405,11 @@ def reconstruction_quality(model, cache: Cache, split: str = "test", batch: int 
     device = next(model.parameters()).device
     # SSIM slice-wise in 2D: 10 mm slices make a 3D window meaningless across depth.
     psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=2, data_range=1.0, win_size=7)
+    values: dict[str, list[torch.Tensor]] = {"psnr_db": [], "ssim": []}
     for i in range(0, len(rows), batch):
         x = load_volumes(cache.images, rows[i : i + batch]).to(device)
         y = reconstruct(model, x)
-        psnr(y, x)
-        ssim(y.flatten(0, 2).unsqueeze(1), x.flatten(0, 2).unsqueeze(1))
-    return {
-        "split": split,
-        "n": int(len(rows)),
-        "psnr_db": float(psnr.aggregate().item()),
-        "ssim": float(ssim.aggregate().item()),
-    }
+        values["psnr_db"].append(psnr(y, x))
+        values["ssim"].append(ssim(y.flatten(0, 2).unsqueeze(1), x.flatten(0, 2).unsqueeze(1)))
+    means = {k: float(do_metric_reduction(torch.cat(v), "mean")[0]) for k, v in values.items()}
+    return {"split": split, "n": int(len(rows)), **means}

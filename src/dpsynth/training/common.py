@@ -28,6 +28,42 @@ def prepare_run_dir(out: str | os.PathLike, config: Config, resume: bool) -> Pat
     return out
 
 
+def init_distributed(dp: bool) -> int:
+    """Join the torchrun process group (DP runs only); return this process's rank."""
+    import torch.distributed as dist
+
+    from dpsynth.privacy.distributed import launched_world_size
+
+    if launched_world_size() <= 1:
+        return 0
+    if not dp:
+        raise DpsynthError("torchrun: multi-process training is supported for --dp runs only")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
+
+
+def is_distributed() -> bool:
+    """Whether this process is one rank of a torchrun job (`init_distributed` joined it)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main() -> bool:
+    """Whether this process writes the run's files (rank 0 under torchrun)."""
+    import torch.distributed as dist
+
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if is_distributed():
+        dist.barrier()
+
+
 def pick_device() -> torch.device:
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))

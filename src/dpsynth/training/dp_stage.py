@@ -9,6 +9,7 @@ double-counts steps.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,10 @@ class DPStage:
             idx = next(batches, None)
         return np.zeros(0, dtype=np.int64) if idx is None else idx
 
+    def metrics(self) -> dict[str, int]:
+        """Engine counters for metrics.jsonl: patient gradients zeroed as non-finite so far."""
+        return {"nonfinite_gradients": self.engine.nonfinite_records}
+
     def engine_state(self) -> tuple[dict, dict]:
         """The engine's state (optimizer, noise generator, sampler seed, accountant)."""
         tensors, meta = self.engine.state_dict()
@@ -155,11 +160,16 @@ class DPStage:
 
     def resume(self, state: dict[str, Any]) -> None:
         """Take the ledger back from the checkpoint `state` was read from, merged with what
-        the run recorded since (e.g. an attribute model), and check the budget again."""
+        the run recorded since (e.g. an attribute model), and check the budget again.
+
+        Refuses, before any step, a config whose plan differs from the one the ledger entry
+        was budget-checked with: more epochs at a fixed σ would otherwise run steps past
+        the plan and be caught only when the next checkpoint is recorded.
+        """
+        checkpointed = Ledger.load(self.run / "checkpoint" / "ledger.json")
+        self._check_plan(checkpointed, state["ledger_entry"], state["opt"])
         self.entry_id = state["ledger_entry"]
-        self.ledger = Ledger.inherit(
-            Ledger.load(self.run / "checkpoint" / "ledger.json"), Ledger.of_run(self.run)
-        )
+        self.ledger = Ledger.inherit(checkpointed, Ledger.of_run(self.run))
         p = self.privacy
         if p.max_total_epsilon is not None:
             self.ledger.check_budget(
@@ -167,6 +177,38 @@ class DPStage:
             )
         if self.main:
             self.ledger.save(self.run / "ledger.json")
+
+    def _check_plan(self, ledger: Ledger, entry_id: str, engine_meta: dict[str, Any]) -> None:
+        entry, p = ledger[entry_id], self.privacy
+        recorded = {
+            "records": entry.records, "noise_multiplier": entry.noise_multiplier,
+            "sample_rate": entry.sample_rate, "planned_steps": entry.planned_steps,
+            "delta": entry.delta, "accountant": entry.accountant,
+            "max_grad_norm": engine_meta["max_grad_norm"],
+        }  # fmt: skip
+        now = {
+            "records": self.num_patients, "noise_multiplier": self.plan.noise_multiplier,
+            "sample_rate": self.plan.sample_rate, "planned_steps": self.plan.steps,
+            "delta": p.delta, "accountant": p.accountant, "max_grad_norm": p.max_grad_norm,
+        }  # fmt: skip
+        changed = [f"{k} is {v} under this config but {recorded[k]} in the run's ledger"
+                   for k, v in now.items() if v != recorded[k]]  # fmt: skip
+        # The entries recorded when the stage opened (a DP latent scale still to be drawn, a
+        # private validation) must be the ones this config would run, up to id and time.
+        changed += [
+            f"{extra.stage} is not recorded as this config would run it"
+            for extra in self.extra_entries
+            if not any(_same_mechanism(extra, e) for e in ledger if e.id != entry_id)
+        ]
+        if changed:
+            raise DpsynthError(
+                f"{self.run}: --resume with a changed privacy plan: {changed[0]}; resume with "
+                "the settings the run started with (or start a new run)"
+            )
+
+
+def _same_mechanism(a: LedgerEntry, b: LedgerEntry) -> bool:
+    return dataclasses.replace(a, id=b.id, created=b.created, note=b.note) == b
 
 
 class DPCheckpoints:

@@ -29,7 +29,11 @@ from dpsynth.training import checkpoint as ckpt
 from dpsynth.training.common import (
     adopt_architecture,
     autocast,
+    barrier,
     carry_lineage,
+    init_distributed,
+    is_distributed,
+    is_main,
     load_volumes,
     pick_device,
     prepare_run_dir,
@@ -144,7 +148,7 @@ def train_ldm(
     ledger as a non-private use and flagged in the report.
     """
     cache = Cache(data)
-    rank = _init_distributed(dp)
+    rank = init_distributed(dp)
     device = pick_device()
     ae, ae_meta = load_autoencoder(autoencoder, device)
     if list(ae_meta["shape"]) != list(cache.shape):
@@ -156,7 +160,7 @@ def train_ldm(
     if init_meta is not None:
         config = adopt_architecture(config, init_meta, ("denoiser", "diffusion"))
     run = prepare_run_dir(out, config, resume) if rank == 0 else Path(out)
-    _barrier()
+    barrier()
     tcfg = config.ldm_training
     rng = seed_everything(tcfg.seed)
     latent_scale = float(ae_meta["latent_scale"])
@@ -194,7 +198,7 @@ def train_ldm(
         _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, trainer.parents)
         if not dp:  # a public stage still carries what its parents spent
             carry_lineage(run, trainer.parents)
-    _barrier()
+    barrier()
     return run
 
 
@@ -212,32 +216,6 @@ def _private_validation(validation: Cache, data: Cache, declared: bool) -> list:
             note="validation loss on private data without DP: evaluation only, never release",
         )
     ]
-
-
-def _init_distributed(dp: bool) -> int:
-    """Join the torchrun process group (DP runs only); return this process's rank."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0
-    if not dp:
-        raise DpsynthError("torchrun: multi-process training is supported for --dp runs only")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank()
-
-
-def _is_main() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _select_trainable(denoiser, finetune: str) -> None:
@@ -303,9 +281,10 @@ class _Trainer:
         return self.tcfg.batch_size * self.tcfg.grad_accumulation
 
     def fit(self, validation: Cache | None) -> None:
-        main = _is_main()  # under torchrun only rank 0 writes
+        main = is_main()  # under torchrun only rank 0 writes
         monitor = Monitor(self.run, self.total_steps, self.step, self.run.name) if main else None
         val = self._validation_batch(validation) if validation is not None else None
+        grid_due = False
         while self.step < self.total_steps:
             logs = self.train_step()
             self.scheduler.step()
@@ -319,10 +298,15 @@ class _Trainer:
                 continue
             log = done % self.tcfg.log_every == 0 or last
             monitor.step(done, self.volumes_per_step(), logs, log)
-            if done % self.tcfg.sample_every == 0 or last:
-                self._sample_grid(done)
+            grid_due |= done % self.tcfg.sample_every == 0 or last
             if done % self.tcfg.checkpoint_every == 0 or last:
                 self.checkpoint()
+                # Only now: a grid shows the steps it comes from, which the checkpoint (and
+                # under DP its ledger) must record first, or a crash would leave outputs of
+                # steps that were never counted (BRIEF 3).
+                if grid_due:
+                    self._sample_grid(done)
+                    grid_due = False
         if main:
             monitor.close()
 
@@ -419,7 +403,7 @@ class _DPTrainer(DPCheckpoints, _Trainer):
         self.dp = DPStage(
             stage="ldm-dp-sgd", cache=self.cache, model=self.denoiser, optimizer=self.optimizer,
             privacy=self.config.privacy, run=self.run, parents=self.parents,
-            distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1, main=_is_main(),
+            distributed=is_distributed(), main=is_main(),
         )  # fmt: skip
 
     # The DP stage's optimisation settings live in the `privacy` section: its few noisy
@@ -453,7 +437,7 @@ class _DPTrainer(DPCheckpoints, _Trainer):
         )
         loss = self.dp.engine.step({k: v.to(self.device) for k, v in record.items()},
                                    self.objective.patient_loss)  # fmt: skip
-        return {"loss": loss}
+        return {"loss": loss, **self.dp.metrics()}
 
     def volumes_per_step(self) -> int:
         return int(round(2 * self.dp.engine.expected_batch_size))
