@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from dpsynth.demo import demo_dp_recipe
 from dpsynth.privacy import one_run_audit as ora
 
 
@@ -25,7 +26,7 @@ def main() -> None:
     parser.add_argument("--no-broken", action="store_true")
     args = parser.parse_args()
 
-    demo = ora.demo_recipe()
+    demo = demo_dp_recipe()
     for name in args.epsilons:
         recipe = demo if name == "demo" else ora.recalibrate(demo, float(name))
         engines = [None] * args.seeds + ([] if args.no_broken else list(ora.BROKEN_ENGINES))
@@ -37,8 +38,13 @@ def main() -> None:
         )
         for broken, seed in zip(engines, seeds, strict=True):
             t = time.perf_counter()
-            r = ora.run_canary_audit(recipe, canaries=args.canaries, seed=seed, broken=broken,
-                                     public_patients=args.public_patients)  # fmt: skip
+            r = ora.run_canary_audit(
+                recipe,
+                canaries=args.canaries,
+                seed=seed,
+                broken=broken,
+                public_patients=args.public_patients,
+            )
             g = r["gaussian"]
             print(
                 f"  {r['engine']:<28} seed {seed}: ε_lb {r['epsilon_lb']:.3f} "

@@ -237,30 +237,33 @@ def cmd_pretrain_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_audit_privacy(args: argparse.Namespace) -> None:
+    from dpsynth.demo import demo_dp_recipe
     from dpsynth.privacy import one_run_audit as ora
 
     if (args.run is None) == (not args.demo_recipe):
         raise DpsynthError("audit-privacy: give a run folder or --demo-recipe (exactly one)")
-    recipe = ora.demo_recipe() if args.demo_recipe else ora.recipe_from_run(args.run)
-    if args.epsilon is not None:
-        recipe = ora.recalibrate(recipe, args.epsilon)
+    if args.report is not None and args.run is None:
+        raise DpsynthError("audit-privacy: --report needs a run folder")
     out = args.out
     if out is None:
         # Only the run's own recipe on the shipped engine may sit in the run (the report shows it).
         if args.run is None or args.broken or args.epsilon is not None:
-            raise DpsynthError("audit-privacy: --out is required with --demo-recipe, --broken "
-                               "or --epsilon")  # fmt: skip
+            raise DpsynthError(
+                "audit-privacy: --out is required with --demo-recipe, --broken or --epsilon"
+            )
         out = args.run / ora.AUDIT_DIR
+    recipe = demo_dp_recipe() if args.demo_recipe else ora.recipe_from_run(args.run)
+    if args.epsilon is not None:
+        recipe = ora.recalibrate(recipe, args.epsilon)
+    canaries = ora.DEFAULT_CANARIES if args.canaries is None else args.canaries
     say = None if args.json else (lambda msg: print(msg, flush=True))
     result = ora.audit_privacy(
-        out, recipe, canaries=ora.DEFAULT_CANARIES if args.canaries is None else args.canaries, seed=args.seed, broken=args.broken,
+        out, recipe, canaries=canaries, seed=args.seed, broken=args.broken,
         public_patients=args.public_patients, progress=say,
     )  # fmt: skip
     if args.report is not None:
         from dpsynth.report.html import write_report
 
-        if args.run is None:
-            raise DpsynthError("audit-privacy: --report needs a run folder")
         write_report(args.run, args.report)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -105,8 +105,11 @@ def steinke_epsilon_lb(m: int, r: int, v: int, delta: float, significance: float
         hi *= 2
         if hi > 1e3:
             return math.inf
-    return float(optimize.brentq(lambda e: steinke_p_value(m, r, v, e, delta) - significance,
-                                 0.0, hi, xtol=1e-6))  # fmt: skip
+    return float(
+        optimize.brentq(
+            lambda e: steinke_p_value(m, r, v, e, delta) - significance, 0.0, hi, xtol=1e-6
+        )
+    )
 
 
 def gdp_delta(epsilon: float, mu: float) -> float:
@@ -119,7 +122,9 @@ def gdp_delta(epsilon: float, mu: float) -> float:
 
 
 def gdp_epsilon(mu: float, delta: float) -> float:
-    """Smallest ε with δ(ε) <= `delta` under μ-Gaussian DP (0 when μ <= 0)."""
+    """Smallest ε with δ(ε) <= `delta` under μ-Gaussian DP (0 when μ <= 0, ∞ when μ is)."""
+    if not math.isfinite(mu):
+        return math.inf if mu > 0 else 0.0
     if mu <= 0 or gdp_delta(0.0, mu) <= delta:
         return 0.0
     hi = 1.0
@@ -213,12 +218,30 @@ class Recipe:
     source: str
 
     @classmethod
-    def of(cls, noise_multiplier: float, max_grad_norm: float, sample_rate: float, steps: int,
-           records: int, delta: float, accountant: str, source: str) -> Recipe:  # fmt: skip
+    def of(
+        cls,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        sample_rate: float,
+        steps: int,
+        records: int,
+        delta: float,
+        accountant: str,
+        source: str,
+    ) -> Recipe:
         """The recipe with its accounted ε (this mechanism alone, at `delta`)."""
         eps = epsilon_for([(noise_multiplier, sample_rate, steps)], delta, accountant)
-        return cls(float(noise_multiplier), float(max_grad_norm), float(sample_rate), int(steps),
-                   int(records), float(delta), accountant, eps, source)  # fmt: skip
+        return cls(
+            float(noise_multiplier),
+            float(max_grad_norm),
+            float(sample_rate),
+            int(steps),
+            int(records),
+            float(delta),
+            accountant,
+            eps,
+            source,
+        )
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -239,31 +262,30 @@ def recipe_from_run(run: str | Path) -> Recipe:
     if not (run / "config.yaml").exists():
         raise DpsynthError(f"{run}: no config.yaml (the clipping norm C is read from it)")
     clip = load_config(path=run / "config.yaml").privacy.max_grad_norm
-    return Recipe.of(e.noise_multiplier, clip, e.sample_rate, e.steps or e.planned_steps,
-                   e.records, e.delta, e.accountant, f"{run} ({e.stage})")  # fmt: skip
-
-
-def demo_recipe() -> Recipe:
-    """The demo's DP LDM recipe, planned from its preset without running it (no runs/demo)."""
-    from dpsynth.config import load_config
-    from dpsynth.demo import ATTRIBUTE_EPSILON, PRIVATE, PRIVATE_SPLIT
-    from dpsynth.privacy.planner import plan
-
-    p = load_config("demo").privacy
-    records = round(PRIVATE["patients"] * PRIVATE_SPLIT[0])
-    pl = plan(records=records, batch_size=p.batch_size, epochs=p.epochs,
-              epsilon=p.epsilon - ATTRIBUTE_EPSILON, delta=p.delta, accountant=p.accountant)  # fmt: skip
-    return Recipe.of(pl.noise_multiplier, p.max_grad_norm, pl.sample_rate, pl.steps, records,
-                   p.delta, p.accountant, "demo preset (planned; runs/demo not used)")  # fmt: skip
+    return Recipe.of(
+        e.noise_multiplier,
+        clip,
+        e.sample_rate,
+        e.steps or e.planned_steps,
+        e.records,
+        e.delta,
+        e.accountant,
+        f"{run} ({e.stage})",
+    )
 
 
 def recalibrate(recipe: Recipe, epsilon: float) -> Recipe:
     """The same q, steps, C and δ with σ calibrated to `epsilon` (tests with power at small ε)."""
-    sigma = noise_for_epsilon(epsilon, recipe.delta, recipe.sample_rate, recipe.steps,
-                              recipe.accountant)  # fmt: skip
+    sigma = noise_for_epsilon(
+        epsilon, recipe.delta, recipe.sample_rate, recipe.steps, recipe.accountant
+    )
     eps = epsilon_for([(sigma, recipe.sample_rate, recipe.steps)], recipe.delta, recipe.accountant)
-    return replace(recipe, noise_multiplier=sigma, epsilon=eps,
-                   source=f"{recipe.source}, σ recalibrated to ε = {epsilon:g}")  # fmt: skip
+    return replace(
+        recipe,
+        noise_multiplier=sigma,
+        epsilon=eps,
+        source=f"{recipe.source}, σ recalibrated to ε = {epsilon:g}",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,8 +301,12 @@ def _public_phantoms(n: int, seed: int) -> np.ndarray:
 
     out = np.empty((n, 2, int(np.prod(PHANTOM_SHAPE))), np.float32)
     for i in range(n):
-        p = simulate_patient(np.random.default_rng([seed, i]), cohort="acdc",
-                             shape=PHANTOM_SHAPE, spacing=(10.0, 11.0, 11.0))  # fmt: skip
+        p = simulate_patient(
+            np.random.default_rng([seed, i]),
+            cohort="acdc",
+            shape=PHANTOM_SHAPE,
+            spacing=(10.0, 11.0, 11.0),
+        )
         for j, phase in enumerate(("ED", "ES")):
             v = torch.from_numpy(p.images[phase].astype(np.float32))[None, None]
             out[i, j] = F.interpolate(v, size=PHANTOM_SHAPE, mode="trilinear").flatten().numpy()
@@ -379,13 +405,17 @@ def run_canary_audit(
     optimizer.register_step_pre_hook(observe)
     sigma = recipe.noise_multiplier / (4 if broken == "noise-quarter" else 1)
     engine = _engine_class(broken)(
-        probe, optimizer, noise_multiplier=sigma, max_grad_norm=recipe.max_grad_norm,
-        sample_rate=recipe.sample_rate, num_records=n,
+        probe,
+        optimizer,
+        noise_multiplier=sigma,
+        max_grad_norm=recipe.max_grad_norm,
+        sample_rate=recipe.sample_rate,
+        num_records=n,
         accountant=RDPAccountant(),  # only to satisfy the engine; ε comes from the recipe
         physical_batch_size=4096,
         generator=torch.Generator().manual_seed(int(rng.integers(2**63))),
         sampling_seed=int(rng.integers(2**63)),
-    )  # fmt: skip
+    )
 
     def loss_fn(model_fn, record):  # ONE patient: the sum of its two volumes' losses
         return -(record["y"] * model_fn(record["x"])[:, 0]).sum()
@@ -452,8 +482,14 @@ def audit_privacy(
     """Run the audit and write `out`/one_run_audit.json plus its AUDIT_ONLY label."""
     from dpsynth.io import atomic_write_json, atomic_write_text
 
-    result = run_canary_audit(recipe, canaries=canaries, seed=seed, broken=broken,
-                              public_patients=public_patients, progress=progress)  # fmt: skip
+    result = run_canary_audit(
+        recipe,
+        canaries=canaries,
+        seed=seed,
+        broken=broken,
+        public_patients=public_patients,
+        progress=progress,
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / LABEL_FILE, LABEL)
@@ -474,6 +510,8 @@ def format_result(r: dict) -> str:
         f"{r['epsilon_lb_steinke']:.3f} Steinke et al.",
     ]
     if r["exceeds_accounted"]:
-        lines.append("  VIOLATION: the lower bound exceeds the accounted ε: the engine leaks "
-                     "more than its ledger says")  # fmt: skip
+        lines.append(
+            "  VIOLATION: the lower bound exceeds the accounted ε: the engine leaks "
+            "more than its ledger says"
+        )
     return "\n".join(lines)
