@@ -636,7 +636,7 @@ def _one_run_audit(run: _Run) -> str:
                     f"{_e(st.get('guesses'))} ({_e(st.get('correct'))})",
                 ]
             ],
-        )  # fmt: skip
+        )
         + verdict
     )
 
