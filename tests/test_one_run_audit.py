@@ -118,7 +118,7 @@ def _dp_run(tmp_path, sigma: float):
     run = tmp_path / "ldm_dp"
     run.mkdir()
     (run / "config.yaml").write_text("privacy:\n  max_grad_norm: 1.0\n")
-    entry = LedgerEntry(stage="ldm-dp-sgd", mechanism="dp-sgd", fingerprint="sha256:abc",
+    entry = LedgerEntry(stage="ldm-dp-sgd", mechanism="dp-sgd", cache_id="test-cache",
                         records=RECORDS, noise_multiplier=sigma, sample_rate=Q,
                         planned_steps=STEPS, steps=STEPS)  # fmt: skip
     Ledger([entry]).save(run / "ledger.json")
