@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-paper clean
+.PHONY: demo audit test lint bench bench-paper clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 demo: $(STAMP)
 	$(BIN)/dpsynth demo --out runs/demo
+
+# One-run privacy audit of the demo's DP-SGD recipe on simulated data (never private data).
+audit: $(STAMP)
+	@if [ -f runs/demo/ldm_dp/ledger.json ]; then \
+	  $(BIN)/dpsynth audit-privacy runs/demo/ldm_dp --report runs/demo/report; \
+	else \
+	  echo "runs/demo absent (make demo builds it): auditing the demo preset's DP-SGD recipe into runs/audit"; \
+	  $(BIN)/dpsynth audit-privacy --demo-recipe --out runs/audit; \
+	fi
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

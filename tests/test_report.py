@@ -19,6 +19,7 @@ from matplotlib.image import imread
 from dpsynth.attributes import ATTRIBUTES, INDEX
 from dpsynth.evaluation.audit import attack_summary, memorisation
 from dpsynth.io import atomic_write_json, write_nifti
+from dpsynth.privacy import one_run_audit as ora
 from dpsynth.privacy.attribute_model import attribute_fidelity
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.report import figures, montage, write_report
@@ -189,6 +190,9 @@ def _write_run(root: Path, cache: Path, epsilon_steps: int = 100, name: str = "r
 def report(cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     run = _write_run(root, cache)
+    # the run's one-run audit (dpsynth audit-privacy), with its recipe: σ 1.2, q 0.25, 100 steps
+    recipe = ora.Recipe.of(1.2, 1.0, 0.25, 100, 6, 1e-5, "prv", "test run")
+    ora.audit_privacy(run / ora.AUDIT_DIR, recipe, canaries=100, public_patients=2)
     other = _write_run(root, cache, epsilon_steps=10, name="eps-small")
     nonprivate = _write_run(root, cache, name="non-private")
     (nonprivate / "ledger.json").unlink()
@@ -226,6 +230,12 @@ def test_report_numbers_and_privacy_statements(report):
     assert "skipped: needs --inception-weights" in text
     assert "latent_scale_source" in text and "public run" in text
     assert "Fewer than 100 non-members" in text
+    one_run = json.loads(
+        (Path(report[0]).parent.parent / "run/privacy_audit/one_run_audit.json").read_text()
+    )
+    assert "One-run audit of the DP-SGD engine" in text and "AUDIT ONLY" in text
+    assert f"{one_run['epsilon_lb']:.4g}" in text.split('id="audit"')[1]
+    assert f"{one_run['accounted_epsilon']:.4g}" in text.split('id="audit"')[1]
     fidelity = json.loads(
         (Path(report[0]).parent.parent / "run/attribute_fidelity.json").read_text()
     )

@@ -236,6 +236,42 @@ def cmd_pretrain_demo(args: argparse.Namespace) -> None:
     print(f"public demo models -> {out}")
 
 
+def cmd_audit_privacy(args: argparse.Namespace) -> None:
+    from dpsynth.demo import demo_dp_recipe
+    from dpsynth.privacy import one_run_audit as ora
+
+    if (args.run is None) == (not args.demo_recipe):
+        raise DpsynthError("audit-privacy: give a run folder or --demo-recipe (exactly one)")
+    if args.report is not None and args.run is None:
+        raise DpsynthError("audit-privacy: --report needs a run folder")
+    out = args.out
+    if out is None:
+        # Only the run's own recipe on the shipped engine may sit in the run (the report shows it).
+        if args.run is None or args.broken or args.epsilon is not None:
+            raise DpsynthError(
+                "audit-privacy: --out is required with --demo-recipe, --broken or --epsilon"
+            )
+        out = args.run / ora.AUDIT_DIR
+    recipe = demo_dp_recipe() if args.demo_recipe else ora.recipe_from_run(args.run)
+    if args.epsilon is not None:
+        recipe = ora.recalibrate(recipe, args.epsilon)
+    canaries = ora.DEFAULT_CANARIES if args.canaries is None else args.canaries
+    say = None if args.json else (lambda msg: print(msg, flush=True))
+    result = ora.audit_privacy(
+        out, recipe, canaries=canaries, seed=args.seed, broken=args.broken,
+        public_patients=args.public_patients, progress=say,
+    )  # fmt: skip
+    if args.report is not None:
+        from dpsynth.report.html import write_report
+
+        write_report(args.run, args.report)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(ora.format_result(result))
+        print(f"audit (audit only, not releasable) -> {out / ora.AUDIT_FILE}")
+
+
 def cmd_workflow(args: argparse.Namespace) -> None:
     from dpsynth.workflow import run_workflow
 
@@ -388,6 +424,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain-demo", help="train the public demo models (shipped weights)")
     p.add_argument("--out", type=Path, default=Path("runs/pretrain-demo"))
     p.set_defaults(func=cmd_pretrain_demo)
+
+    p = sub.add_parser(
+        "audit-privacy",
+        help="one-run empirical privacy audit of a run's DP-SGD recipe (simulated data only)",
+    )
+    p.add_argument(
+        "run", nargs="?", type=Path, help="DP run whose recipe (ledger, config) to audit"
+    )
+    p.add_argument("--demo-recipe", action="store_true", help="the demo preset's recipe, no run")
+    p.add_argument(
+        "--epsilon", type=float, help="recalibrate σ to this accounted ε (same q, steps)"
+    )
+    p.add_argument("--canaries", type=int, help="canary patients M (default 10000)")
+    p.add_argument("--public-patients", type=int, help="simulated phantoms (default: run's count)")
+    p.add_argument(
+        "--broken",
+        choices=("noise-quarter", "per-volume-clipping"),
+        help="audit a deliberately broken engine (shows the audit's power)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="output folder (default RUN/privacy_audit)")
+    p.add_argument("--report", type=Path, help="then re-write RUN's HTML report into this folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit_privacy)
 
     p = sub.add_parser("workflow", help="public pre-training, then DP fine-tuning, resumable")
     p.add_argument("--public", required=True, type=Path, help="public cache (pre-training)")

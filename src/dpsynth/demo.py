@@ -83,6 +83,20 @@ def pretrain_public(out: Path, config: Config | None = None) -> Path:
     return out
 
 
+def demo_dp_recipe():
+    """The demo's DP LDM recipe, planned from its preset without running it, for
+    `dpsynth audit-privacy --demo-recipe` when there is no runs/demo."""
+    from dpsynth.privacy.one_run_audit import Recipe
+    from dpsynth.privacy.planner import plan
+
+    p = load_config("demo").privacy
+    records = round(PRIVATE["patients"] * PRIVATE_SPLIT[0])  # the split's expected size
+    pl = plan(records=records, batch_size=p.batch_size, epochs=p.epochs,
+              epsilon=p.epsilon - ATTRIBUTE_EPSILON, delta=p.delta, accountant=p.accountant)  # fmt: skip
+    return Recipe.of(pl.noise_multiplier, p.max_grad_norm, pl.sample_rate, pl.steps, records,
+                     p.delta, p.accountant, "demo preset (planned; runs/demo not used)")  # fmt: skip
+
+
 def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dict:
     from dpsynth.evaluation.evaluate import evaluate
     from dpsynth.evaluation.referee import train_referee
