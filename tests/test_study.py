@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from test_referee import SPACING, phantoms
 
 from dpsynth.attributes import INDEX, N_ATTRIBUTES
@@ -41,6 +42,20 @@ def test_study_fid_formula_by_hand():
     s1, s2 = np.array([[2.0, 1.0], [1.0, 2.0]]), np.diag([1.0, 0.0])
     assert study_fid_distance(mu1, s1, mu1, s2) == pytest.approx(5 - 4 * 5**-0.25)
     assert frechet_distance(mu1, s1, mu1, s2) == pytest.approx(5 - 2 * math.sqrt(2))
+
+
+def test_study_fid_formula_matches_the_torch_primitives_it_was_read_from():
+    # the study: l1_loss (reduction "mean") of the means, torch.svd of Σ1Σ2 in its trace
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(30, 5)), rng.normal(1.0, 2.0, size=(20, 5)) @ rng.normal(size=(5, 5))
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    t = [torch.from_numpy(x) for x in (mu1, s1, mu2, s2)]
+    u, sv, v = torch.svd(t[1] @ t[3])
+    expected = F.l1_loss(t[0], t[2]) + torch.trace(
+        t[1] + t[3] - 2 * u @ torch.diag(sv.sqrt()) @ v.T
+    )
+    assert study_fid_distance(mu1, s1, mu2, s2) == pytest.approx(float(expected), rel=1e-9)
 
 
 def test_study_inception_input_normalises_and_centre_crops():
