@@ -1,6 +1,6 @@
 """DP training step vs non-private step of the latent denoiser, at the same physical batch.
 
-Target (BRIEF §6): DP step <= 1.5x the time and <= 1.5x the peak memory of a plain step.
+Target (BRIEF §6): DP step <= 1.2x the time and <= 1.3x the peak memory of a plain step.
 Times are medians of interleaved repeats in one process. Peak memory is measured in a
 fresh subprocess per mode, so one mode's cached allocations cannot hide the other's: the
 peak during the steps above the resting model + optimizer + data (CPU: Linux VmHWM,

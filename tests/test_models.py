@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 from opacus.validators import ModuleValidator
 from safetensors.torch import save_file
 from torch import nn
@@ -11,6 +14,7 @@ from torch.func import functional_call, grad, vmap
 
 from dpsynth.errors import DpsynthError
 from dpsynth.models import AttributeEncoder, KLAutoencoder, LatentDenoiser, VQAutoencoder
+from dpsynth.models.blocks import attention
 from dpsynth.models.discriminator import (
     PatchDiscriminator3D,
     PerceptualLoss,
@@ -316,6 +320,38 @@ def test_denoiser_per_sample_grads_match_single_sample():
         return model(x, t, a).square().mean()
 
     assert per_sample_grads_match(den, loss, x, t, a) < 1e-5
+
+
+@pytest.mark.parametrize("lq, lk", [(16, 16), (13, 13), (40, 7)])  # plane, slice, cross
+def test_attention_under_vmap_equals_sdpa_forward_and_gradients(lq, lk):
+    """The vmap path (plain matmuls) computes F.scaled_dot_product_attention's function."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, lq, 8), torch.randn(3, 2, 4, lk, 8), torch.randn(3, 2, 4, lk, 8)
+    weight = torch.randn(3, 2, 4, lq, 8)  # a non-trivial upstream gradient
+
+    def loss(f, q, k, v, w):
+        return (f(q, k, v) * w).sum()
+
+    reference = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(vmap(attention)(q, k, v), reference, atol=1e-5, rtol=0)
+    grads = vmap(grad(lambda *t: loss(attention, *t), argnums=(0, 1, 2)))(q, k, v, weight)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad(loss(F.scaled_dot_product_attention, *leaves, weight), leaves)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_denoiser_per_sample_grads_take_no_vmap_fallback():
+    """Per-sample gradients batch every op: PyTorch warns on each slow per-sample loop."""
+    torch.manual_seed(0)
+    den = tiny_denoiser()
+    x, t, a = torch.randn(2, 1, 13, 4, 4), torch.tensor([3, 140]), torch.rand(2, 14)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        per_sample_grads_match(
+            den, lambda model, x, t, a: model(x[None], t[None], a[None]).square().mean(), x, t, a
+        )
+    assert not [w for w in caught if "batching rule" in str(w.message)]
 
 
 def test_samples_in_a_batch_do_not_interact():

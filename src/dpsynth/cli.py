@@ -204,7 +204,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     result = evaluate(
         args.real, args.synthetic, args.out, referee=args.referee,
         inception_weights=args.inception_weights, model_run=args.model_run, seed=args.seed,
-        **kwargs,
+        study=args.study, **kwargs,
     )  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
@@ -403,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", type=Path)
     p.add_argument("--model-run", type=Path, help="LDM run, for the membership-inference audit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--study",
+        action="store_true",
+        help="also report the reference study's variants (*_study: its FID formula, "
+        "neighbour MS-SSIM, pooled controllability, padding clean-up); FID then expects "
+        "torchvision's Inception-v3 on ImageNet-normalised input",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

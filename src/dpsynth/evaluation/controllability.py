@@ -50,9 +50,13 @@ class ControllabilityResult:
 
 def measurement_rows(referee: Measurer, volume_set: VolumeSet, label: str) -> list[tuple]:
     """(file, attribute, requested, measured, set) for every known requested attribute."""
+    return rows_from_masks(volume_set, referee.segment(volume_set.volumes), label)
+
+
+def rows_from_masks(volume_set: VolumeSet, masks: np.ndarray, label: str) -> list[tuple]:
+    """`measurement_rows` from given segmentations (N, S, H, W) of the set's volumes."""
     from dpsynth.data.measure import measure_volume
 
-    masks = referee.segment(volume_set.volumes)
     rows = []
     for name, mask, requested in zip(volume_set.names, masks, volume_set.attributes, strict=True):
         measured = measure_volume(mask, volume_set.spacing)
@@ -87,8 +91,12 @@ def agreement(requested: np.ndarray, measured: np.ndarray) -> dict[str, float | 
     return {"r": r, "mae": mae, "n": n}
 
 
-def summarise(rows: list[tuple], label: str) -> dict[str, dict[str, float | int]]:
-    groups = {a: (a,) for a in MEASURED_ATTRIBUTES} | POOLED
+def summarise(
+    rows: list[tuple], label: str, groups: dict[str, tuple[str, ...]] | None = None
+) -> dict[str, dict[str, float | int]]:
+    """Agreement per group of attributes (default: each attribute, and the pooled LV volume)."""
+    if groups is None:
+        groups = {a: (a,) for a in MEASURED_ATTRIBUTES} | POOLED
     summary = {}
     for group, members in groups.items():
         pairs = np.array(

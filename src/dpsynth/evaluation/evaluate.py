@@ -24,6 +24,7 @@ from dpsynth.evaluation.fid import compute_fid
 from dpsynth.evaluation.frd import FRDConfig, compute_frd
 from dpsynth.evaluation.frechet import feature_statistics, frechet_distance, real_vs_real_baseline
 from dpsynth.evaluation.referee import Referee
+from dpsynth.evaluation.study import clean_volume_set, neighbour_ms_ssim, study_controllability
 from dpsynth.evaluation.utility import evaluate_utility
 from dpsynth.evaluation.volumes import VolumeSet, check_compatible, load_volume_set
 from dpsynth.io import atomic_write_json
@@ -31,6 +32,10 @@ from dpsynth.privacy.outputs import labelled
 
 ALL_METRICS = ("frd", "fd_referee", "fid", "ms_ssim", "controllability", "utility", "audit")
 REAL_VS_REAL = "real vs real (two random halves)"
+STUDY_NOTE = (
+    "the reference study's protocol (padding slices of synthetic volumes cleaned first), "
+    "for comparison with its published figures only"
+)
 CEILING = "referee on real test volumes (ceiling)"
 
 
@@ -48,6 +53,8 @@ class _Inputs:
     cache_dir: Path
     ms_ssim_pairs: int
     utility_epochs: int
+    study: bool
+    synthetic_study: VolumeSet | None  # the study's padding clean-up applied
 
 
 def evaluate(
@@ -64,6 +71,7 @@ def evaluate(
     cache_dir: str | Path | None = None,
     ms_ssim_pairs: int = 100,
     utility_epochs: int = 10,
+    study: bool = False,
 ) -> dict[str, Any]:
     """Compute `metrics`, write `out/metrics.json` (+ `controllability.csv`), return the dict.
 
@@ -71,6 +79,10 @@ def evaluate(
     defaults to the train split of a `real` cache. Metrics whose inputs are missing are
     recorded with value None and a note saying what to supply. `cache_dir` holds the real
     set's radiomics features (default: $XDG_CACHE_HOME/dpsynth/features).
+
+    `study` adds the reference study's variants next to dpsynth's figures (`fid_study`,
+    `ms_ssim_study`, `controllability_study_*`; `dpsynth.evaluation.study`). FID then
+    expects a torchvision-style extractor and uses the study's pre-processing throughout.
     """
     unknown = sorted(set(metrics) - set(ALL_METRICS))
     if unknown:
@@ -98,6 +110,8 @@ def evaluate(
         cache_dir=Path(cache_dir) if cache_dir is not None else _default_cache_dir(),
         ms_ssim_pairs=ms_ssim_pairs,
         utility_epochs=utility_epochs,
+        study=study,
+        synthetic_study=clean_volume_set(synthetic_set) if study else None,
     )
     inputs.out.mkdir(parents=True, exist_ok=True)
 
@@ -164,8 +178,24 @@ def _fid(x: _Inputs) -> dict[str, Any]:
     if x.inception_weights is None:
         reason = "needs --inception-weights (a TorchScript Inception-v3 feature extractor)"
         return {"metrics": {"fid": _skipped(reason)}}
-    r = compute_fid(x.real, x.synthetic, x.inception_weights, seed=x.seed)
-    return {"metrics": {"fid": _distance_entry(r)}}
+    if not x.study:
+        r = compute_fid(x.real, x.synthetic, x.inception_weights, seed=x.seed)
+        return {"metrics": {"fid": _distance_entry(r)}}
+    r = compute_fid(x.real, x.synthetic_study, x.inception_weights, seed=x.seed, variant="study")
+    study_entry = _entry(
+        r.study_value,
+        r.study_baseline,
+        baseline_label="the study's 'FID Real' (first vs second half of the real set)",
+        lower_is_better=True,
+        config=(
+            "the study's FID formula (mean |μ1 − μ2| + Tr(Σ1 + Σ2 − 2·U√S·Vᵀ), not a Fréchet "
+            "distance), mean over real/synthetic first and second halves; " + r.config
+        ),
+        n_real=r.n_real,
+        n_synthetic=r.n_synthetic,
+        note=STUDY_NOTE + "; the correct Fréchet distance of the same features is 'fid'",
+    )
+    return {"metrics": {"fid": _distance_entry(r), "fid_study": study_entry}}
 
 
 def _ms_ssim(x: _Inputs) -> dict[str, Any]:
@@ -182,7 +212,20 @@ def _ms_ssim(x: _Inputs) -> dict[str, Any]:
         n_synthetic=len(x.synthetic),
         note=note,
     )
-    return {"metrics": {"ms_ssim": entry}}
+    metrics = {"ms_ssim": entry}
+    if x.study:
+        synthetic_study = neighbour_ms_ssim(x.synthetic_study.volumes)
+        metrics["ms_ssim_study"] = _entry(
+            synthetic_study.value,
+            neighbour_ms_ssim(x.real.volumes).value,
+            baseline_label="real neighbouring pairs",
+            lower_is_better=None,
+            config=synthetic_study.config,
+            n_real=len(x.real),
+            n_synthetic=len(x.synthetic),
+            note=STUDY_NOTE,
+        )
+    return {"metrics": metrics}
 
 
 def _controllability(x: _Inputs) -> dict[str, Any]:
@@ -192,9 +235,11 @@ def _controllability(x: _Inputs) -> dict[str, Any]:
     write_controllability_csv(c.rows, x.out / "controllability.csv")
     lv = c.attributes.get("LV_VOLUME", {})
     lv_config = "Pearson r, requested vs referee-measured LV cavity volume (ED and ES pooled)"
+    metrics = _study_controllability(x, c.rows) if x.study else {}
     return {
         "controllability": c.attributes,
-        "metrics": {
+        "metrics": metrics
+        | {
             "controllability_lv_r": _entry(
                 lv.get("r"),
                 lv.get("ceiling_r"),
@@ -214,6 +259,28 @@ def _controllability(x: _Inputs) -> dict[str, Any]:
                 n_synthetic=len(x.synthetic),
             ),
         },
+    }
+
+
+def _study_controllability(x: _Inputs, rows: list[tuple]) -> dict[str, Any]:
+    """The study's pooled r for LV, RV volume and wall thickness, as metrics.json entries."""
+    summary = study_controllability(x.referee, x.synthetic, rows)
+    names = {"LV_VOLUME": "lv", "RV_VOLUME": "rv", "MYO_THICK": "myo"}
+    return {
+        f"controllability_study_{short}_r": _entry(
+            summary.get(group, {}).get("r"),
+            summary.get(group, {}).get("ceiling_r"),
+            baseline_label=CEILING,
+            lower_is_better=False,
+            config=(
+                f"Pearson r, requested vs referee-measured {group} with ED and ES pooled, "
+                "masks zeroed on padding slices"
+            ),
+            n_real=summary.get(group, {}).get("ceiling_n", 0),
+            n_synthetic=summary.get(group, {}).get("n", 0),
+            note=STUDY_NOTE,
+        )
+        for group, short in names.items()
     }
 
 
