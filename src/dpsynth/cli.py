@@ -147,12 +147,26 @@ def cmd_sample(args: argparse.Namespace) -> None:
     out = sample_to_folder(
         args.run, args.out, n=args.n, attributes=args.attributes, settings=args.set,
         sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        conditions_source=args.conditions_source,
     )  # fmt: skip
     print(f"{args.n} volumes -> {out}")
 
 
+def cmd_release(args: argparse.Namespace) -> None:
+    from dpsynth.release import release
+
+    out = release(args.run, args.synthetic, args.out, max_epsilon=args.max_epsilon)
+    print(f"release bundle -> {out} (check it anywhere with `dpsynth verify {out}`)")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from dpsynth.release import describe, verify
+
+    print(describe(verify(args.bundle)))
+
+
 def cmd_fit_attributes(args: argparse.Namespace) -> None:
-    from dpsynth.privacy.release import fit_attributes
+    from dpsynth.privacy.attribute_fit import fit_attributes
 
     run = fit_attributes(
         args.data, args.out, epsilon=args.epsilon, delta=args.delta,
@@ -218,7 +232,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     path = write_report(
         args.run, args.out, compare=tuple(args.compare or ()), eval_dir=args.eval,
-        synthetic_dir=args.synthetic, real=args.real,
+        synthetic_dir=args.synthetic, real=args.real, release=args.release,
     )  # fmt: skip
     print(f"report -> {path}")
 
@@ -357,12 +371,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--attributes", help="CSV of conditioning rows, or 'dp' for the DP attribute model"
     )
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument(
+        "--conditions-source",
+        choices=("user", "public", "private"),
+        default="user",
+        help="where the --attributes CSV came from; 'private' (real patients' attributes) "
+        "marks the set evaluation-only, and `dpsynth release` refuses it",
+    )
     p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"))
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser(
+        "release", help="write the allow-listed release bundle of a DP run and its samples"
+    )
+    p.add_argument("run", type=Path, help="the DP latent diffusion run")
+    p.add_argument("--synthetic", required=True, type=Path, help="a folder from `dpsynth sample`")
+    p.add_argument("--out", required=True, type=Path, help="the bundle folder to write")
+    p.add_argument(
+        "--max-epsilon", type=float, help="the steward's limit on the composed ε (refuse above)"
+    )
+    p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser("verify", help="check a release bundle: file digests and recomputed ε")
+    p.add_argument("bundle", type=Path)
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("fit-attributes", help="fit a DP model of the private attribute table")
     p.add_argument("--data", required=True, type=Path)
@@ -419,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", type=Path, help="evaluation folder (default RUN/eval)")
     p.add_argument("--synthetic", type=Path, help="synthetic folder (default: from metrics.json)")
     p.add_argument("--real", type=Path, help="real cache (default: from metrics.json)")
+    p.add_argument("--release", type=Path, help="release bundle to verify and link")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_report)
 

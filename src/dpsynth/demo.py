@@ -2,7 +2,7 @@
 
 public phantoms (acdc-like) ─► pre-trained autoencoder + LDM (shipped, see `pretrain`)
 private phantoms (ukbb-like) ─► DP fine-tune at ε ─► DP attribute model ─► sample
-                                  ─► referee ─► evaluate ─► report
+                                  ─► referee ─► evaluate ─► release bundle ─► report
 
 The public stages are the expensive ones on a CPU, so the repository ships their weights
 (`src/dpsynth/assets/demo`), produced from simulated public data by `dpsynth pretrain-demo`
@@ -100,8 +100,9 @@ def demo_dp_recipe():
 def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dict:
     from dpsynth.evaluation.evaluate import evaluate
     from dpsynth.evaluation.referee import train_referee
+    from dpsynth.privacy.attribute_fit import fit_attributes
     from dpsynth.privacy.ledger import Ledger
-    from dpsynth.privacy.release import fit_attributes
+    from dpsynth.release import release
     from dpsynth.report.html import write_report
     from dpsynth.sampling.api import sample_to_folder
     from dpsynth.training.ldm import train_ldm
@@ -150,12 +151,17 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
         if not done:
             evaluate(private, synthetic, eval_dir, referee=referee, model_run=ldm_run, seed=0,
                      utility_epochs=3)  # fmt: skip
+    bundle = out / "release"
+    with Stage("release (allow-listed bundle)", bundle, keep, timings) as done:
+        if not done:
+            release(ldm_run, synthetic, bundle)
     with Stage("report", out / "report" / "index.html", keep, timings):
-        report = write_report(ldm_run, out / "report")
+        report = write_report(ldm_run, out / "report", release=bundle)
 
     ledger = Ledger.load(ldm_run / "ledger.json")
     summary = {
         "report": str(report),
+        "release": str(bundle),
         "total_epsilon": ledger.total_epsilon(),
         "delta": config.privacy.delta,
         "timings_s": timings,
@@ -164,6 +170,7 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
     }
     atomic_write_json(out / "summary.json", summary)
     print(f"\nreport: {report}")
+    print(f"release bundle (the only folder to share): {bundle}")
     print(f"total privacy spent: ε = {summary['total_epsilon']:.3f} at δ = {summary['delta']:g}")
     for name, value in summary["headline"].items():
         print(f"  {name}: {value}")

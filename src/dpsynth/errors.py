@@ -11,3 +11,7 @@ class DpsynthError(Exception):
 
 class BudgetExceededError(DpsynthError):
     """A stage would push the lineage's total ε above the user's limit."""
+
+
+class ReleaseRefusedError(DpsynthError):
+    """`dpsynth release` will not write a bundle: a privacy condition is not met."""

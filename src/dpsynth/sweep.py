@@ -60,7 +60,8 @@ def run_sweep(
                 _train_cell(private, public, run, config, eps, with_pretrain)
             synthetic = out / f"{name}_synthetic"
             if not synthetic.exists():
-                sample_to_folder(run, synthetic, n=N_SAMPLES, attributes=conditions, seed=0)
+                sample_to_folder(run, synthetic, n=N_SAMPLES, attributes=conditions, seed=0,
+                                 conditions_source="private")  # fmt: skip
             if not (run / "eval" / "metrics.json").exists():
                 evaluate(private, synthetic, run / "eval", referee=referee, model_run=run,
                          metrics=("frd", "fd_referee", "ms_ssim", "controllability", "audit"))  # fmt: skip

@@ -318,6 +318,8 @@ class _Context:
     synthetic: tuple[np.ndarray, np.ndarray | None] | None
     real: tuple[np.ndarray, np.ndarray | None] | None
     train: tuple[np.ndarray, np.ndarray | None] | None
+    release: Path | None = None  # a release bundle (dpsynth release)
+    release_link: str = ""  # the bundle's path relative to the report folder
 
 
 HEADLINE = ("frd", "fid", "fd_referee", "controllability_lv_r", "ms_ssim", "utility_lvef_mae")
@@ -811,6 +813,43 @@ def _section_comparison(ctx: _Context) -> str:
     )
 
 
+def _section_release(ctx: _Context) -> str:
+    from dpsynth.release import MODEL_CARD, PRIVACY_MD, verify
+
+    if ctx.release is None:
+        return _missing(
+            "no release bundle: `dpsynth release RUN --synthetic DIR --out BUNDLE` writes the "
+            "files that may be shared"
+        )
+    try:
+        summary = verify(ctx.release)
+    except DpsynthError as e:
+        return f'<p class="warn">The release bundle does not verify: {_e(e)}</p>'
+    link = ctx.release_link
+    links = " · ".join(
+        f'<a href="{_e(link)}/{name}">{name}</a>' for name in (PRIVACY_MD, MODEL_CARD)
+    )
+    return (
+        f'<p>Release bundle: <a href="{_e(link)}/">{_e(link)}/</a> ({links}).</p>'
+        + _table(
+            ["ε", "δ", "accountant", "files (SHA256SUMS)", "synthetic volumes"],
+            [
+                [
+                    summary["epsilon"],
+                    summary["delta"],
+                    summary["accountant"],
+                    summary["files"],
+                    summary["volumes"],
+                ]
+            ],
+        )  # fmt: skip
+        + '<p class="note">Only this folder may be shared: it holds the model weights, the '
+        "synthetic volumes with their conditions, PRIVACY.md, a model card and a SHA-256 "
+        "manifest, chosen by allow-list; <code>dpsynth verify</code> re-checks it anywhere "
+        "(this report found it intact). This report is not part of it.</p>"
+    )
+
+
 SECTIONS: tuple[tuple[str, str, Callable[[_Context], str]], ...] = (
     ("summary", "Summary", _section_summary),
     ("config", "Configuration", _section_config),
@@ -822,6 +861,7 @@ SECTIONS: tuple[tuple[str, str, Callable[[_Context], str]], ...] = (
     ("audit", "Privacy audit", _section_audit),
     ("training", "Training", _section_training),
     ("comparison", "Privacy–utility comparison", _section_comparison),
+    ("release", "Release", _section_release),
 )
 
 
@@ -844,13 +884,15 @@ def write_report(
     eval_dir: str | os.PathLike | None = None,
     synthetic_dir: str | os.PathLike | None = None,
     real: Any = None,
+    release: str | os.PathLike | None = None,
 ) -> Path:
     """Write `out_dir/index.html` for `run_dir` and return its path.
 
     `eval_dir` defaults to RUN/eval. `synthetic_dir` (NIfTI + attributes.csv) and `real` (a
     prepared cache, a NIfTI folder, a VolumeSet or (volumes, attributes)) default to the
     "synthetic" / "real" paths recorded in metrics.json, if any. `compare` lists other runs
-    (each with its own RUN/eval) for the privacy–utility curves.
+    (each with its own RUN/eval) for the privacy–utility curves. `release` is a release
+    bundle to verify and link (by a path relative to `out_dir`).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -869,6 +911,8 @@ def write_report(
         real=_load_set(run, "real", real, "test"),
         # evaluate() audits the cache's training split: memorisation indices refer to it.
         train=_load_set(run, "real", real, "train") if real_is_cache and _audit(run) else None,
+        release=Path(release) if release is not None else None,
+        release_link=Path(os.path.relpath(release, out_dir)).as_posix() if release else "",
     )
     body = "".join(
         f'<section id="{sid}"><h2>{_e(title)}</h2>{_render(fn, ctx)}</section>'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 import warnings
@@ -14,7 +15,19 @@ import torch
 
 from dpsynth.attributes import ATTRIBUTES, INDEX
 from dpsynth.errors import DpsynthError
-from dpsynth.io import atomic_dir, read_json, write_nifti
+from dpsynth.io import atomic_dir, atomic_write_json, read_json, sha256_file, write_nifti
+
+PROVENANCE_FILE = "provenance.json"
+WEIGHT_FILES = ("denoiser.safetensors", "autoencoder.safetensors")
+# Where a synthetic set's conditions came from. Only the first three may be released
+# (BRIEF section 3); real private attributes are for evaluation.
+CONDITIONING = {
+    "user": "user-specified",
+    "public": "public table",
+    "dp": "DP attribute model",
+    "private": "real private attributes (evaluation only)",
+}
+RELEASABLE_CONDITIONING = ("user", "public", "dp")
 
 
 def load(run: str | os.PathLike, device: str | torch.device | None = None):
@@ -152,14 +165,25 @@ def sample_to_folder(
     steps: int | None = None,
     guidance: float | None = None,
     seed: int = 0,
+    conditions_source: str = "user",
 ) -> Path:
-    """Sample `n` volumes into `out`: `synth_00000.nii.gz`, ... and `attributes.csv`.
+    """Sample `n` volumes into `out`: `synth_00000.nii.gz`, ..., `attributes.csv` and
+    `provenance.json` (the model's digest, the conditions' source, each file's SHA-256).
 
     Conditioning: a CSV, `attributes="dp"` (the run's DP attribute model), `--set` values
-    applied to every row, or nothing (all unknown).
+    applied to every row, or nothing (all unknown). `conditions_source` says where a CSV's
+    rows came from (a key of `CONDITIONING`); `dpsynth release` refuses "private".
     """
     if n < 1:
         raise DpsynthError(f"--n: must be >= 1, got {n}")
+    if conditions_source not in CONDITIONING:
+        raise DpsynthError(
+            f"--conditions-source: {conditions_source!r} is not one of {', '.join(CONDITIONING)}"
+        )
+    if attributes == "dp":
+        conditions_source = "dp"
+    elif conditions_source == "dp":
+        raise DpsynthError("--conditions-source dp: use --attributes dp")
     run = Path(run)
     pipe = load(run)
     if attributes == "dp":
@@ -175,29 +199,59 @@ def sample_to_folder(
     sampler = sampler or defaults.get("sampler", "ddim")
     if steps is None and sampler != "ddpm":  # DDPM always runs all T steps
         steps = defaults.get("steps")
+    if guidance is None:
+        guidance = defaults.get("guidance", 1.0)
     volumes = pipe.sample(
         n,
         attributes=table,
         sampler=sampler,
         steps=steps,
-        guidance=guidance if guidance is not None else defaults.get("guidance", 1.0),
+        guidance=guidance,
         seed=seed,
     )
     with atomic_dir(out) as tmp:
         names = [f"synth_{i:05d}.nii.gz" for i in range(n)]
         for name, volume in zip(names, volumes, strict=True):
             write_nifti(tmp / name, volume, pipe.spacing)
-        with (tmp / "attributes.csv").open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["file", *ATTRIBUTES])
-            for name, row in zip(names, table, strict=True):
-                writer.writerow([name, *("" if not np.isfinite(v) else f"{v:.6g}" for v in row)])
+        write_attributes_csv(tmp / "attributes.csv", names, table)
+        provenance = {
+            "model_digest": model_digest(run),
+            "conditioning": conditions_source,
+            "conditioning_meaning": CONDITIONING[conditions_source],
+            "sampler": sampler,
+            "steps": steps,
+            "guidance": guidance,
+            "seed": seed,
+            "files": {p: sha256_file(tmp / p) for p in [*names, "attributes.csv"]},
+        }
+        atomic_write_json(tmp / PROVENANCE_FILE, provenance)
     return Path(out)
+
+
+def write_attributes_csv(path: str | os.PathLike, names: Sequence[str], table: np.ndarray) -> None:
+    """A synthetic set's attributes.csv: `file`, then the 14 attributes (empty = unknown)."""
+    with Path(path).open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", *ATTRIBUTES])
+        for name, row in zip(names, table, strict=True):
+            writer.writerow([name, *("" if not np.isfinite(v) else f"{v:.6g}" for v in row)])
+
+
+def model_digest(run: str | os.PathLike) -> str:
+    """One SHA-256 over a run's weight files: which model a synthetic set came from.
+
+    Weights are a DP output of a DP run, so their digest may be released; model.json is
+    left out (a run's copy may hold private-side fields that a release drops).
+    """
+    h = hashlib.sha256()
+    for name in WEIGHT_FILES:
+        h.update(bytes.fromhex(sha256_file(Path(run) / name)))
+    return f"sha256:{h.hexdigest()}"
 
 
 def _dp_conditions(run: Path, n: int, seed: int) -> np.ndarray:
     """Draw conditions from the DP attribute model attached to the run (post-processing)."""
-    from dpsynth.privacy.release import load_attribute_model
+    from dpsynth.privacy.attribute_fit import load_attribute_model
 
     model = load_attribute_model(run)
     rows = model.sample((n + 1) // 2, np.random.default_rng(seed))

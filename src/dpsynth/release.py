@@ -1,0 +1,571 @@
+"""`dpsynth release` and `dpsynth verify`: what may leave the data steward's site.
+
+A release bundle is built by allow-list. Nothing is copied from the run folder by name or
+pattern: every file is rebuilt from parsed, checked values, so a file dpsynth does not know
+(checkpoints with the secret noise seeds, training losses, evaluation on private data, the
+private cache's id) cannot slip in::
+
+    BUNDLE/
+      PRIVACY.md                     the guarantee in plain words
+      MODEL_CARD.md                  what the model is, how to sample it, its limits
+      privacy.json                   ε, δ, accountant, every mechanism's parameters
+      model/model.json               architecture and sampling settings (allow-listed keys)
+      model/denoiser.safetensors     weights, re-serialised without metadata
+      model/autoencoder.safetensors
+      synthetic/synth_NNNNN.nii.gz   the synthetic volumes, headers written afresh
+      synthetic/attributes.csv       their conditions
+      synthetic/provenance.json      model digest, conditioning source, file digests
+      SHA256SUMS                     SHA-256 of every other file (`sha256sum -c SHA256SUMS`)
+
+`release` refuses (one line, exit 2) when the ledger's composed ε is above the budget the
+user set, a stage without DP learned from data a DP entry marks private, the synthetic set
+was not sampled from this run, or its conditions were real private attributes.
+`verify` re-checks a bundle anywhere: the file list and digests, and ε recomputed from the
+mechanisms by the accountant named.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpsynth.attributes import ATTRIBUTES
+from dpsynth.config import Config, DenoiserConfig, DiffusionConfig, SamplingConfig, load_config
+from dpsynth.errors import DpsynthError, ReleaseRefusedError
+from dpsynth.io import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    read_nifti,
+    sha256_file,
+    write_nifti,
+)
+from dpsynth.privacy.accounting import (
+    DEFAULT_ACCOUNTANT,
+    PRV_EPS_ERROR,
+    Mechanism,
+    check_epsilon,
+    epsilon_for,
+)
+from dpsynth.privacy.ledger import Ledger
+from dpsynth.sampling.api import (
+    CONDITIONING,
+    PROVENANCE_FILE,
+    RELEASABLE_CONDITIONING,
+    WEIGHT_FILES,
+    model_digest,
+    read_conditions_csv,
+    write_attributes_csv,
+)
+
+FORMAT_VERSION = 1
+MANIFEST = "SHA256SUMS"
+PRIVACY_JSON = "privacy.json"
+PRIVACY_MD = "PRIVACY.md"
+MODEL_CARD = "MODEL_CARD.md"
+MODEL_DIR = "model"
+SYNTHETIC_DIR = "synthetic"
+VOLUME_NAME = re.compile(r"synth_\d{5,}\.nii\.gz")
+# Every path a bundle may hold (relative, '/'-separated). verify and the tests enforce it.
+ALLOWED = (
+    re.compile(re.escape(PRIVACY_MD)),
+    re.compile(re.escape(MODEL_CARD)),
+    re.compile(re.escape(PRIVACY_JSON)),
+    re.compile(re.escape(MANIFEST)),
+    re.compile(f"{MODEL_DIR}/model\\.json"),
+    *(re.compile(f"{MODEL_DIR}/{re.escape(name)}") for name in WEIGHT_FILES),
+    re.compile(f"{SYNTHETIC_DIR}/{VOLUME_NAME.pattern}"),
+    re.compile(f"{SYNTHETIC_DIR}/attributes\\.csv"),
+    re.compile(f"{SYNTHETIC_DIR}/{re.escape(PROVENANCE_FILE)}"),
+)
+# The architecture keys a sampler needs; the autoencoder's training settings (loss weights,
+# a local perceptual-network path) stay behind.
+AUTOENCODER_KEYS = (
+    "kind", "channels", "channel_multipliers", "num_res_blocks", "latent_channels",
+    "norm_groups", "codebook_size", "code_dim",
+)  # fmt: skip
+MODEL_SECTIONS = {
+    "autoencoder": AUTOENCODER_KEYS,
+    "denoiser": tuple(f.name for f in dataclasses.fields(DenoiserConfig)),
+    "diffusion": tuple(f.name for f in dataclasses.fields(DiffusionConfig)),
+    "sampling": tuple(f.name for f in dataclasses.fields(SamplingConfig)),
+}
+# Non-private ledger uses whose outputs never reach the weights (their results stay in the
+# run folder and are not released). Any other non-private use is presumed to have shaped
+# the model, and a release is refused.
+EVALUATION_USES = ("ldm-validation",)
+# verify: the recomputed ε must match the stated one (the same accountant on the same
+# history is deterministic; this only absorbs floating-point noise across machines).
+EPSILON_RTOL = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# release
+
+
+def release(
+    run: str | os.PathLike,
+    synthetic: str | os.PathLike,
+    out: str | os.PathLike,
+    max_epsilon: float | None = None,
+) -> Path:
+    """Write the allow-listed release bundle of DP run `run` and its synthetic set to `out`.
+
+    `max_epsilon` is the steward's own limit on the composed ε, checked together with the
+    run's (``privacy.max_total_epsilon``, else its planned ε). Raises
+    :class:`ReleaseRefusedError` before writing anything when a check fails.
+    """
+    run, synthetic, out = Path(run), Path(synthetic), Path(out)
+    meta = _run_model(run)
+    ledger = Ledger.load(run, missing_ok=True)
+    if not [e for e in ledger if not e.non_private and e.steps > 0]:
+        _refuse(f"{run}: the ledger records no DP mechanism; only DP runs are released")
+    config = _run_config(run, max_epsilon)
+    accountant = config.privacy.accountant if config else DEFAULT_ACCOUNTANT
+    delta = ledger.default_delta()
+    epsilon = ledger.total_epsilon(delta, accountant)
+    limits = _budget_limits(config, ledger, delta, accountant, max_epsilon)
+    for limit, source in limits:
+        if not epsilon <= limit:  # also refuses an unbounded (inf/NaN) ε
+            hint = "" if max_epsilon is not None else "; a steward may state a limit: --max-epsilon"
+            _refuse(
+                f"{run}: composed ε = {epsilon:.4g} at δ = {delta:g} ({accountant}) is over "
+                f"{source} ({limit:g}){hint}"
+            )
+    _check_non_private_training(run, meta, ledger)
+    provenance = _check_synthetic(run, synthetic)
+    if out.exists() and not (out / MANIFEST).is_file():
+        raise DpsynthError(f"{out}: exists and is not a release bundle; choose a new --out")
+
+    privacy = {
+        "format_version": FORMAT_VERSION,
+        "unit": "patient",
+        "epsilon": epsilon,
+        "delta": delta,
+        "accountant": accountant,
+        "budget": [{"limit": limit, "source": source} for limit, source in limits],
+        "mechanisms": [_mechanism(e) for e in ledger if not e.non_private and e.steps > 0],
+        "evaluation_uses": [{"stage": e.stage, "note": e.note} for e in ledger if e.non_private],
+        "conditioning": provenance["conditioning"],
+    }
+    with atomic_dir(out) as tmp:
+        _write_model(run, meta, tmp / MODEL_DIR)
+        _write_synthetic(synthetic, provenance, meta, tmp / SYNTHETIC_DIR)
+        atomic_write_json(tmp / PRIVACY_JSON, privacy)
+        atomic_write_text(tmp / PRIVACY_MD, privacy_markdown(privacy))
+        atomic_write_text(tmp / MODEL_CARD, model_card(read_json(tmp / MODEL_DIR / "model.json"),
+                                                       privacy, provenance))  # fmt: skip
+        _write_manifest(tmp)
+    return out
+
+
+def _refuse(message: str) -> None:
+    raise ReleaseRefusedError(f"release refused: {message}")
+
+
+def _run_model(run: Path) -> dict:
+    meta = read_json(run / "model.json")
+    if meta.get("kind") != "ldm":
+        raise DpsynthError(
+            f"{run}: not a latent diffusion run (model.json kind={meta.get('kind')!r})"
+        )
+    return meta
+
+
+def _run_config(run: Path, max_epsilon: float | None) -> Config | None:
+    path = run / "config.yaml"
+    if path.exists():
+        return load_config(path=path)
+    if max_epsilon is None:
+        _refuse(f"{run}: no config.yaml to read the run's budget from; give --max-epsilon")
+    return None
+
+
+def _budget_limits(
+    config: Config | None, ledger: Ledger, delta: float, accountant: str, max_epsilon: float | None
+) -> list[tuple[float, str]]:
+    """The budgets the composed ε must respect: the steward's and the run's total budget;
+    with neither, the run's plan (its planned ε, or every entry at its planned steps)."""
+    limits = []
+    if max_epsilon is not None:
+        limits.append((check_epsilon(max_epsilon, key="--max-epsilon"), "--max-epsilon"))
+    p = config.privacy if config is not None else None
+    if p is not None and p.max_total_epsilon is not None:
+        limits.append((p.max_total_epsilon, "the run's budget privacy.max_total_epsilon"))
+    if limits or p is None:
+        return limits
+    if p.epsilon is not None:
+        return [(p.epsilon, "the run's planned ε privacy.epsilon")]
+    planned = [  # a fixed noise multiplier: every entry at its budget-checked steps
+        Mechanism(e.noise_multiplier, e.sample_rate, e.planned_steps)
+        for e in ledger
+        if not e.non_private and e.planned_steps > 0
+    ]
+    return [(epsilon_for(planned, delta, accountant), "the run's planned spending")]
+
+
+def _check_non_private_training(run: Path, meta: dict, ledger: Ledger) -> None:
+    """Refuse weights that learned from private data without DP.
+
+    Private data = any cache a DP entry of the ledger names. A lineage stage that trained
+    on it without DP (model.json ``trained_on``), or a non-private ledger use other than an
+    evaluation, would put un-noised private information into the weights.
+    """
+    for e in ledger:
+        if e.non_private and e.stage not in EVALUATION_USES:
+            _refuse(f"{run}: the ledger records a non-private use '{e.stage}' ({e.note})")
+    private = {
+        getattr(e, "cache_id", e.fingerprint) for e in ledger if not e.non_private
+    }  # TODO(rebase)
+    for item in meta.get("trained_on", []):
+        if not item.get("dp") and item.get("cache_id") in private:
+            _refuse(f"{run}: a stage of its lineage trained without DP on private data")
+
+
+def _check_synthetic(run: Path, synthetic: Path) -> dict:
+    """The synthetic folder's provenance, after checking it was sampled from `run` as is."""
+    path = synthetic / PROVENANCE_FILE
+    if not path.is_file():
+        _refuse(f"{synthetic}: no {PROVENANCE_FILE}; sample it with `dpsynth sample {run}`")
+    provenance = read_json(path)
+    if not isinstance(provenance, dict) or not isinstance(provenance.get("files"), dict):
+        _refuse(f"{path}: not a dpsynth provenance file")
+    if provenance.get("model_digest") != model_digest(run):
+        _refuse(f"{synthetic}: not sampled from {run} (model digest differs)")
+    source = provenance.get("conditioning")
+    if source not in RELEASABLE_CONDITIONING:
+        meaning = CONDITIONING.get(source, repr(source))
+        _refuse(f"{synthetic}: conditioned on {meaning}, not a releasable source")
+    files = provenance["files"]
+    present = {p.name for p in synthetic.iterdir()} - {PROVENANCE_FILE}
+    volumes = [name for name in files if VOLUME_NAME.fullmatch(name)]
+    if present != set(files) or set(files) != {*volumes, "attributes.csv"} or not volumes:
+        extra, missing = sorted(present - set(files)), sorted(set(files) - present)
+        _refuse(f"{synthetic}: files differ from those sampled (extra {extra}, missing {missing})")
+    for name, digest in files.items():
+        if sha256_file(synthetic / name) != digest:
+            _refuse(f"{synthetic / name}: changed since it was sampled")
+    return provenance
+
+
+def _mechanism(entry) -> dict:
+    """A ledger entry's accounting parameters only: no data id, no record count, no date."""
+    return {
+        "stage": entry.stage,
+        "mechanism": entry.mechanism,
+        "noise_multiplier": entry.noise_multiplier,
+        "sample_rate": entry.sample_rate,
+        "steps": entry.steps,
+        "delta": entry.delta,
+        "note": entry.note,
+    }
+
+
+def released_model_json(meta: dict) -> dict:
+    """The run's model.json reduced to allow-listed keys, each value checked."""
+    out: dict[str, Any] = {"kind": "ldm"}
+    for section, keys in MODEL_SECTIONS.items():
+        out[section] = {k: _plain(meta[section][k], f"{section}.{k}") for k in keys}
+    out["latent_scale"] = _finite(meta["latent_scale"], "latent_scale")
+    out["latent_scale_source"] = str(meta.get("latent_scale_source", ""))
+    out["shape"] = [int(v) for v in meta["shape"]]
+    out["spacing"] = [_finite(v, "spacing") for v in meta["spacing"]]
+    # DP runs take their ranges from the public --init run or the fixed clinical ranges
+    # (training.ldm._attribute_ranges); runs without DP on private data are refused above.
+    ranges = meta["attribute_ranges"]
+    out["attribute_ranges"] = {
+        a: [_finite(v, f"attribute_ranges.{a}") for v in ranges[a]] for a in ATTRIBUTES
+    }
+    out["private"] = bool(meta["private"])
+    return out
+
+
+def _plain(value: Any, key: str) -> Any:
+    if isinstance(value, list):
+        return [_plain(v, key) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str) and len(value) <= 32:  # a setting's name, not free text
+        return value
+    raise DpsynthError(f"model.json: {key}: unexpected value {value!r}")
+
+
+def _finite(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DpsynthError(f"model.json: {key}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _write_model(run: Path, meta: dict, folder: Path) -> None:
+    from safetensors.torch import save as safetensors_bytes
+
+    from dpsynth.training.checkpoint import load_weights
+
+    folder.mkdir()
+    atomic_write_json(folder / "model.json", released_model_json(meta))
+    for name in WEIGHT_FILES:  # tensors only: whatever metadata the file held stays behind
+        atomic_write_bytes(folder / name, safetensors_bytes(load_weights(run / name)))
+
+
+def _write_synthetic(synthetic: Path, provenance: dict, meta: dict, folder: Path) -> None:
+    """Volumes with fresh headers (spacing from the model), conditions as parsed numbers."""
+    folder.mkdir()
+    names = sorted(n for n in provenance["files"] if VOLUME_NAME.fullmatch(n))
+    shape, spacing = tuple(meta["shape"]), tuple(meta["spacing"])
+    for name in names:
+        volume, _, _ = read_nifti(synthetic / name)
+        if volume.shape != shape:
+            _refuse(f"{synthetic / name}: shape {volume.shape} is not the model's {shape}")
+        write_nifti(folder / name, volume, spacing)
+    table, files = _read_attributes(synthetic / "attributes.csv")
+    if files != names:
+        _refuse(f"{synthetic / 'attributes.csv'}: its rows do not list the volumes in order")
+    write_attributes_csv(folder / "attributes.csv", names, table)
+    kept = {k: provenance.get(k) for k in ("model_digest", "conditioning", "sampler", "steps",
+                                           "guidance", "seed")}  # fmt: skip
+    kept["conditioning_meaning"] = CONDITIONING[kept["conditioning"]]
+    kept["files"] = {n: sha256_file(folder / n) for n in [*names, "attributes.csv"]}
+    atomic_write_json(folder / PROVENANCE_FILE, kept)
+
+
+def _read_attributes(path: Path) -> tuple[np.ndarray, list[str]]:
+    with path.open(newline="") as f:
+        files = [row.get("file", "") for row in csv.DictReader(f)]
+    return read_conditions_csv(path, None), files
+
+
+def _write_manifest(folder: Path) -> None:
+    lines = [f"{sha256_file(folder / rel)}  {rel}" for rel in _bundle_files(folder)]
+    atomic_write_text(folder / MANIFEST, "\n".join(lines) + "\n")
+
+
+def _bundle_files(folder: Path) -> list[str]:
+    """Every file under `folder` except the manifest, as sorted '/'-separated paths."""
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()]
+    return sorted(f for f in files if f != MANIFEST)
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+
+
+def verify(bundle: str | os.PathLike) -> dict:
+    """Check a bundle: allow-listed names, manifest digests, ε recomputed from the mechanisms.
+
+    Returns a summary; raises :class:`DpsynthError` naming the first problem.
+    """
+    bundle = Path(bundle)
+    manifest = bundle / MANIFEST
+    if not manifest.is_file():
+        raise DpsynthError(f"{bundle}: no {MANIFEST}; not a release bundle")
+    listed = _read_manifest(manifest)
+    present = _bundle_files(bundle)
+    for rel in present:
+        if not any(p.fullmatch(rel) for p in ALLOWED):
+            raise DpsynthError(f"{bundle / rel}: not a file a release may hold")
+    extra, missing = sorted(set(present) - set(listed)), sorted(set(listed) - set(present))
+    if extra or missing:
+        raise DpsynthError(f"{manifest}: files differ (not listed {extra}, missing {missing})")
+    for rel, digest in listed.items():
+        if sha256_file(bundle / rel) != digest:
+            raise DpsynthError(f"{bundle / rel}: SHA-256 does not match {MANIFEST}")
+
+    privacy = read_json(bundle / PRIVACY_JSON)
+    epsilon = recompute_epsilon(privacy, str(bundle / PRIVACY_JSON))
+    stated = privacy["epsilon"]
+    if not math.isclose(epsilon, stated, rel_tol=EPSILON_RTOL):
+        raise DpsynthError(
+            f"{bundle / PRIVACY_JSON}: states ε = {stated!r} but its mechanisms compose to "
+            f"{epsilon!r} ({privacy['accountant']})"
+        )
+    if _headline(privacy) not in (bundle / PRIVACY_MD).read_text():
+        raise DpsynthError(f"{bundle / PRIVACY_MD}: does not state ε = {stated:.4g}")
+    provenance = read_json(bundle / SYNTHETIC_DIR / PROVENANCE_FILE)
+    if provenance.get("model_digest") != model_digest(bundle / MODEL_DIR):
+        raise DpsynthError(f"{bundle}: the synthetic set's model digest is not the bundle's model")
+    if provenance.get("conditioning") not in RELEASABLE_CONDITIONING:
+        raise DpsynthError(f"{bundle}: the synthetic set's conditioning is not releasable")
+    return {
+        "epsilon": epsilon,
+        "delta": privacy["delta"],
+        "accountant": privacy["accountant"],
+        "files": len(listed) + 1,
+        "volumes": sum(1 for rel in listed if rel.endswith(".nii.gz")),
+    }
+
+
+def _read_manifest(path: Path) -> dict[str, str]:
+    listed = {}
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        digest, sep, rel = line.partition("  ")
+        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest) or rel in listed:
+            raise DpsynthError(f"{path}: line {n} is not '<sha256>  <path>' (or repeats a path)")
+        listed[rel] = digest
+    return listed
+
+
+def recompute_epsilon(privacy: dict, source: str = PRIVACY_JSON) -> float:
+    """ε of privacy.json's mechanisms composed by the accountant it names, at its δ."""
+    try:
+        history = [
+            Mechanism(m["noise_multiplier"], m["sample_rate"], m["steps"])
+            for m in privacy["mechanisms"]
+        ]
+        return epsilon_for(history, privacy["delta"], privacy["accountant"])
+    except (KeyError, TypeError) as e:
+        raise DpsynthError(f"{source}: malformed ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# documents
+
+
+def _headline(privacy: dict) -> str:
+    return f"(ε = {privacy['epsilon']:.4g}, δ = {privacy['delta']:g})"
+
+
+ACCOUNTANT_WORDS = {
+    "prv": (
+        "the PRV accountant (Gopi, Lee and Wutschitz, 2021, as implemented in Opacus), read "
+        f"as its upper bound: the stated ε includes its numerical error of {PRV_EPS_ERROR}"
+    ),
+    "rdp": "the Rényi-DP accountant (Mironov 2017, as implemented in Opacus), a valid upper bound",
+}
+
+
+def privacy_markdown(privacy: dict) -> str:
+    """PRIVACY.md: the guarantee, its mechanisms and its limits, for a reader who is no expert."""
+    eps, delta = privacy["epsilon"], privacy["delta"]
+    rows = [
+        f"| {m['stage']} | {m['mechanism']} | {m['noise_multiplier']:.6g} | "
+        f"{m['sample_rate']:.6g} | {m['steps']} | {m['delta']:g} | {m['note']} |"
+        for m in privacy["mechanisms"]
+    ]
+    budget = "; ".join(f"{b['source']}: {b['limit']:g}" for b in privacy["budget"])
+    uses = privacy["evaluation_uses"]
+    uses_text = (
+        "".join(f"\n  - `{u['stage']}`: {u['note']}" for u in uses)
+        if uses
+        else " none were recorded."
+    )
+    source = CONDITIONING[privacy["conditioning"]]
+    return f"""# Privacy of this release
+
+**Guarantee: {_headline(privacy)}-differential privacy per patient.**
+
+## What is protected
+
+The unit of privacy is **one patient** of the private training set: all of that
+patient's volumes (end-diastole and end-systole) and attributes together form one record.
+For any one patient, everything in this folder (the model weights, the synthetic volumes
+and their attributes) is almost equally likely to have come out whether or not that
+patient was in the data: the probability of any outcome changes by at most a factor
+e^ε = {math.exp(min(eps, 700)):.4g}, except with probability δ = {delta:g}.
+
+## How
+
+Every computation on the private data that can reach this folder is a differentially
+private mechanism, and all of them are composed into the one ε above by
+{ACCOUNTANT_WORDS.get(privacy["accountant"], privacy["accountant"])}.
+
+| stage | mechanism | noise multiplier σ | sample rate q | steps | δ | details |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+"dp-sgd" is patient-level DP-SGD: each step samples patients independently with
+probability q, clips each patient's gradient to a fixed norm and adds Gaussian noise of
+standard deviation σ times that norm. "gaussian" is a one-shot Gaussian mechanism on
+the whole private set (q = 1), e.g. the DP model of the attribute table. The synthetic
+data are produced from the model afterwards, which costs no further privacy.
+`dpsynth verify` recomputes ε from this table (`privacy.json`).
+
+Budget checked before release: {budget}.
+
+Conditions of the synthetic volumes (`synthetic/attributes.csv`): {source}.
+
+## What is not covered
+
+- Uses of the private data without differential privacy whose results are **not** in
+  this folder (they stay with the data steward):{uses_text}
+  Evaluation of the model on private data (fidelity, controllability, membership
+  inference) is likewise not part of this release and not covered by ε.
+- The sample rates and step counts above were set from the number of training patients,
+  which they therefore reveal; as usual for DP-SGD that number is treated as public.
+- Public data used for pre-training is not protected (it is public).
+- Differential privacy limits what anyone can learn about one patient; it does not hide
+  facts about the population that the data were meant to show.
+- The guarantee assumes the noise was secret: the training checkpoints (which hold the
+  noise seeds) must never be released, and are not in this folder.
+- It covers only what the ledger of this run recorded; uses of the same patients outside
+  dpsynth are not counted.
+"""
+
+
+def model_card(model: dict, privacy: dict, provenance: dict) -> str:
+    """MODEL_CARD.md: what the released model is and how to use it."""
+    ae, den, diff = model["autoencoder"], model["denoiser"], model["diffusion"]
+    n = sum(1 for name in provenance["files"] if VOLUME_NAME.fullmatch(name))
+    s, h, w = model["shape"]
+    dz, dy, dx = model["spacing"]
+    attention = [i + 1 for i, on in enumerate(den["attention_levels"]) if on]
+    return f"""# Model card
+
+**Conditional latent diffusion model of 3D short-axis cardiac MRI, trained with
+differential privacy {_headline(privacy)} per patient (see PRIVACY.md).**
+
+## Model
+
+- Output: volumes of {s} slices × {h} × {w} pixels (base to apex), voxel
+  {dx:g} × {dy:g} × {dz:g} mm, intensities in [0, 1]; one cardiac phase per volume.
+- Conditions: the 14 attributes {", ".join(ATTRIBUTES)}; an empty value means unknown.
+- Autoencoder: {ae["kind"].upper()}, {ae["channels"]} channels, multipliers
+  {_listed(ae["channel_multipliers"])}; latent scale {model["latent_scale"]:.6g}
+  ({model["latent_scale_source"]}).
+- Denoiser: UNet, {den["channels"]} channels, multipliers {_listed(den["channel_multipliers"])},
+  attention at level(s) {_listed(attention) or "none"} (in-plane, across slices, and
+  cross-attention to the attributes).
+- Diffusion: DDPM, T = {diff["timesteps"]}, {diff["schedule"]} β from {diff["beta_start"]:g}
+  to {diff["beta_end"]:g}, ε-prediction.
+- Trained with dpsynth; every stage that learned from private data is listed in PRIVACY.md.
+
+## Use
+
+```bash
+dpsynth sample model --n 16 --set LVEDV=150 --set ESED=1 --out my_samples
+dpsynth sample model --n 16 --attributes my_conditions.csv --out my_samples
+```
+
+`synthetic/` holds {n} volumes sampled by the data steward (sampler
+{provenance.get("sampler")}, {provenance.get("steps")} steps, guidance
+{provenance.get("guidance")}); their conditions: {CONDITIONING[provenance["conditioning"]]}.
+
+## Limits
+
+- Synthetic images are not real patients: do not use them for diagnosis, and check any
+  finding on real data.
+- The model was evaluated by the data steward on private data; those results are
+  evaluation outputs and are not included.
+- Attribute values outside the ranges in `model/model.json` (`attribute_ranges`) ask the
+  model to extrapolate.
+"""
+
+
+def _listed(values: list) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def describe(summary: dict) -> str:
+    """One line for the CLI."""
+    return (
+        f"ok: {summary['files']} files match SHA256SUMS ({summary['volumes']} volumes); "
+        f"ε = {summary['epsilon']:.4g} at δ = {summary['delta']:g} ({summary['accountant']})"
+    )

@@ -1,0 +1,288 @@
+"""`dpsynth release` / `dpsynth verify` on a tiny DP run: the allow-list, every refusal, and
+that no released byte names the private data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+from test_training import _cache, tiny
+
+from dpsynth.cli import main
+from dpsynth.data.cache import Cache
+from dpsynth.errors import DpsynthError, ReleaseRefusedError
+from dpsynth.io import read_json
+from dpsynth.privacy.attribute_fit import fit_attributes
+from dpsynth.privacy.ledger import Ledger, LedgerEntry
+from dpsynth.release import ALLOWED, MANIFEST, release, verify
+from dpsynth.report.html import write_report
+from dpsynth.sampling.api import load, sample_to_folder
+from dpsynth.training.autoencoder import train_autoencoder
+from dpsynth.training.ldm import train_ldm
+
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+BUDGET = 10.0  # privacy.max_total_epsilon of the DP run: 6 (LDM) + 2 (attributes) fit in it
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A public autoencoder + LDM, a DP fine-tune with a DP attribute model, and samples."""
+    root = tmp_path_factory.mktemp("release")
+    torch.manual_seed(0)
+    public = _cache(root, "acdc", 1, 10)
+    private = _cache(root, "ukbb", 2, 20)
+    ae = train_autoencoder(public, root / "ae", tiny())
+    ldm = train_ldm(public, ae, root / "ldm", tiny())
+    config = tiny(**{"privacy.epsilon": 6.0, "privacy.max_total_epsilon": BUDGET})
+    dp = train_ldm(private, ae, root / "dp", config, init=ldm, dp=True)
+    fit_attributes(private, dp, epsilon=2.0, seed=0, max_total_epsilon=BUDGET)
+    synthetic = sample_to_folder(dp, root / "synthetic", n=3, attributes="dp", steps=2)
+    bundle = release(dp, synthetic, root / "bundle")
+    return {"root": root, "public": public, "private": private, "ae": ae, "ldm": ldm, "dp": dp,
+            "synthetic": synthetic, "bundle": bundle}  # fmt: skip
+
+
+def _files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _readable_bytes(path):
+    """A file's bytes, and for gzip files also the decompressed bytes (NIfTI headers)."""
+    data = path.read_bytes()
+    return data + gzip.decompress(data) if path.name.endswith(".gz") else data
+
+
+def _private_needles(world) -> dict[str, bytes]:
+    meta = Cache(world["private"]).meta
+    needles = {"cache path": str(world["private"]).encode()}
+    for key in ("cache_id", "content_digest", "fingerprint"):  # whichever the cache holds
+        if key in meta:
+            needles[key] = meta[key].removeprefix("sha256:").encode()
+    for patient in np.unique(Cache(world["private"]).patients):
+        needles[f"patient {patient}"] = str(patient).encode()
+    return needles
+
+
+def _leaks(folder, needles) -> list[str]:
+    return [
+        f"{rel}: {name}"
+        for rel in _files(folder)
+        for name, needle in needles.items()
+        if needle in _readable_bytes(folder / rel)
+    ]
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: ")
+    return err
+
+
+# --- a bundle and its verification -------------------------------------------------------------
+
+
+def test_sample_records_provenance(world):
+    prov = read_json(world["synthetic"] / "provenance.json")
+    assert prov["conditioning"] == "dp" and prov["model_digest"].startswith("sha256:")
+    assert sorted(prov["files"]) == ["attributes.csv", *(f"synth_{i:05d}.nii.gz" for i in range(3))]
+    with pytest.raises(DpsynthError, match="--conditions-source"):
+        sample_to_folder(world["dp"], world["root"] / "x", n=1, conditions_source="secret")
+
+
+def test_bundle_holds_only_allow_listed_files(world):
+    files = _files(world["bundle"])
+    assert files == sorted(
+        ["PRIVACY.md", "MODEL_CARD.md", "privacy.json", MANIFEST, "model/model.json",
+         "model/denoiser.safetensors", "model/autoencoder.safetensors",
+         "synthetic/attributes.csv", "synthetic/provenance.json",
+         *(f"synthetic/synth_{i:05d}.nii.gz" for i in range(3))]
+    )  # fmt: skip
+    assert all(any(p.fullmatch(f) for p in ALLOWED) for f in files)
+    # The run folder holds what must stay behind: the allow-list, not luck, keeps it out.
+    assert (world["dp"] / "checkpoint").is_dir() and (world["dp"] / "metrics.jsonl").exists()
+
+
+def test_verify_recomputes_the_ledgers_epsilon(world, capsys):
+    summary = verify(world["bundle"])
+    ledger = Ledger.load(world["dp"])
+    assert summary["epsilon"] == pytest.approx(ledger.total_epsilon(1e-5, "rdp"), rel=1e-9)
+    assert 6.0 < summary["epsilon"] <= BUDGET and summary["volumes"] == 3
+    privacy = read_json(world["bundle"] / "privacy.json")
+    assert [m["stage"] for m in privacy["mechanisms"]] == [e.stage for e in ledger]
+    assert main(["verify", str(world["bundle"])]) == 0
+    assert f"ε = {summary['epsilon']:.4g}" in capsys.readouterr().out
+    text = (world["bundle"] / "PRIVACY.md").read_text()
+    for words in ("one patient", f"ε = {summary['epsilon']:.4g}", "δ = 1e-05", "Rényi-DP",
+                  "What is not covered", "ldm-dp-sgd", "attribute", "DP attribute model"):  # fmt: skip
+        assert words in text
+
+
+def test_bundle_model_samples_like_the_run(world):
+    pipe_run, pipe_bundle = load(world["dp"]), load(world["bundle"] / "model")
+    a = pipe_run.sample(1, steps=2, seed=3, progress=False)
+    b = pipe_bundle.sample(1, steps=2, seed=3, progress=False)
+    np.testing.assert_array_equal(a, b)
+    released = read_json(world["bundle"] / "model" / "model.json")
+    assert "trained_on" not in released and "data_fingerprint" not in released
+    assert (
+        released["attribute_ranges"] == read_json(world["ldm"] / "model.json")["attribute_ranges"]
+    )
+
+
+def test_bundle_bytes_name_no_private_data(world):
+    needles = _private_needles(world)
+    assert len(needles) > 20  # cache path, its id / digest, 20 patients
+    # The scan finds what a careless copy would leak: the run's ledger names the cache.
+    assert _leaks(world["dp"], needles)
+    assert _leaks(world["bundle"], needles) == []
+    for name in ("denoiser", "autoencoder"):  # no safetensors metadata block at all
+        raw = (world["bundle"] / "model" / f"{name}.safetensors").read_bytes()
+        header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])
+        assert "__metadata__" not in header
+    privacy = read_json(world["bundle"] / "privacy.json")
+    assert all(set(m) == {"stage", "mechanism", "noise_multiplier", "sample_rate", "steps",
+                          "delta", "note"} for m in privacy["mechanisms"])  # fmt: skip
+
+
+@pytest.mark.parametrize("tamper", ["volume", "extra", "missing", "epsilon"])
+def test_tampered_bundle_fails_verify(world, tmp_path, capsys, tamper):
+    bundle = shutil.copytree(world["bundle"], tmp_path / "bundle")
+    volume = bundle / "synthetic" / "synth_00001.nii.gz"
+    if tamper == "volume":
+        data = bytearray(volume.read_bytes())
+        data[-5] ^= 1
+        volume.write_bytes(bytes(data))
+        message = "SHA-256 does not match"
+    elif tamper == "extra":
+        (bundle / "synthetic" / "notes.txt").write_text("x")
+        message = "not a file a release may hold"
+    elif tamper == "missing":
+        volume.unlink()
+        message = "missing"
+    else:  # a lower ε stated, with the manifest updated to match: the recomputation catches it
+        from dpsynth.release import _write_manifest
+
+        privacy = read_json(bundle / "privacy.json")
+        privacy["epsilon"] /= 2
+        (bundle / "privacy.json").write_text(json.dumps(privacy))
+        (bundle / MANIFEST).unlink()
+        _write_manifest(bundle)
+        message = "compose to"
+    with pytest.raises(DpsynthError, match=message):
+        verify(bundle)
+    assert message in _one_line_error(capsys, ["verify", str(bundle)])
+
+
+# --- refusals: nothing is written -------------------------------------------------------------
+
+
+def _refused(world, out, match, run=None, synthetic=None, **kwargs):
+    with pytest.raises(ReleaseRefusedError, match=match):
+        release(run or world["dp"], synthetic or world["synthetic"], out, **kwargs)
+    assert not out.exists()
+
+
+def test_refuses_over_the_stewards_limit(world, tmp_path, capsys):
+    _refused(world, tmp_path / "b", r"over --max-epsilon \(1\)", max_epsilon=1.0)
+    argv = ["release", str(world["dp"]), "--synthetic", str(world["synthetic"]),
+            "--out", str(tmp_path / "b"), "--max-epsilon", "1"]  # fmt: skip
+    assert "release refused" in _one_line_error(capsys, argv)
+    assert not (tmp_path / "b").exists()
+
+
+def test_refuses_over_the_runs_planned_epsilon(world, tmp_path):
+    # Without privacy.max_total_epsilon the budget is the planned ε of the DP stage (6):
+    # the attribute model's ε on top of it exceeds it unless the steward states a limit.
+    run = shutil.copytree(world["dp"], tmp_path / "run")
+    config = (
+        (run / "config.yaml")
+        .read_text()
+        .replace("max_total_epsilon: 10.0", "max_total_epsilon: null")
+    )
+    (run / "config.yaml").write_text(config)
+    _refused(world, tmp_path / "b", r"over the run's planned ε privacy.epsilon \(6\)", run=run)
+    assert release(run, world["synthetic"], tmp_path / "ok", max_epsilon=BUDGET).exists()
+
+
+def test_refuses_a_non_private_training_use(world, tmp_path):
+    run = shutil.copytree(world["dp"], tmp_path / "run")
+    ledger = Ledger.load(run)
+    ledger.add(LedgerEntry.non_private_use("ldm-training", 12, note="trained without DP"))
+    ledger.save(run)
+    _refused(world, tmp_path / "b", "non-private use 'ldm-training'", run=run)
+
+
+def test_refuses_a_non_dp_stage_on_private_data(world, tmp_path):
+    # A model fine-tuned WITHOUT DP on the private cache, starting from the DP run: it
+    # inherits the DP ledger, but its own stage learned from the same patients un-noised.
+    run = train_ldm(world["private"], world["ae"], tmp_path / "nodp", tiny(), init=world["dp"])
+    synthetic = sample_to_folder(run, tmp_path / "synthetic", n=1, steps=2)
+    _refused(world, tmp_path / "b", "trained without DP on private data", run=run,
+             synthetic=synthetic, max_epsilon=BUDGET)  # fmt: skip
+
+
+def test_refuses_a_run_without_dp(world, tmp_path):
+    synthetic = sample_to_folder(world["ldm"], tmp_path / "s", n=1, steps=2)
+    _refused(
+        world, tmp_path / "b", "records no DP mechanism", run=world["ldm"], synthetic=synthetic
+    )
+
+
+def test_refuses_samples_of_another_model(world, tmp_path):
+    synthetic = sample_to_folder(world["ldm"], tmp_path / "s", n=1, steps=2)
+    _refused(world, tmp_path / "b", "not sampled from", synthetic=synthetic)
+
+
+@pytest.mark.parametrize("change", ["extra", "attributes", "no provenance"])
+def test_refuses_a_changed_synthetic_set(world, tmp_path, change):
+    synthetic = shutil.copytree(world["synthetic"], tmp_path / "s")
+    if change == "extra":  # e.g. a real volume slipped into the folder
+        shutil.copy(synthetic / "synth_00000.nii.gz", synthetic / "synth_00003.nii.gz")
+        match = "files differ"
+    elif change == "attributes":
+        with (synthetic / "attributes.csv").open("a") as f:
+            f.write("synth_00000.nii.gz,150\n")
+        match = "changed since it was sampled"
+    else:
+        (synthetic / "provenance.json").unlink()
+        match = "no provenance.json"
+    _refused(world, tmp_path / "b", match, synthetic=synthetic)
+
+
+def test_refuses_real_private_conditions(world, tmp_path, capsys):
+    cache = Cache(world["private"])
+    conditions = tmp_path / "real.csv"
+    conditions.write_text("LVEDV,ESED\n" + "".join(f"{v:.6g},1\n" for v in cache.attributes[:2, 0]))
+    argv = ["sample", str(world["dp"]), "--n", "2", "--attributes", str(conditions),
+            "--conditions-source", "private", "--steps", "2", "--out", str(tmp_path / "s")]  # fmt: skip
+    assert main(argv) == 0
+    assert read_json(tmp_path / "s" / "provenance.json")["conditioning"] == "private"
+    _refused(world, tmp_path / "b", r"real private attributes \(evaluation only\)",
+             synthetic=tmp_path / "s")  # fmt: skip
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_bundle(world, tmp_path):
+    with pytest.raises(DpsynthError, match="not a release bundle"):
+        release(world["dp"], world["synthetic"], world["dp"])
+    assert (world["dp"] / "model.json").exists()
+
+
+# --- the demo's last step: release, then a report that links it --------------------------------
+
+
+def test_report_links_and_verifies_the_release(world, tmp_path):
+    bundle = release(world["dp"], world["synthetic"], tmp_path / "demo" / "release")
+    text = write_report(world["dp"], tmp_path / "demo" / "report", release=bundle).read_text()
+    section = text[text.index('<section id="release">') :]
+    assert 'href="../release/PRIVACY.md"' in section and "intact" in section
+    assert f"{verify(bundle)['epsilon']:.4g}"[:4] in section
+    (bundle / "PRIVACY.md").write_text("tampered")
+    text = write_report(world["dp"], tmp_path / "demo" / "report", release=bundle).read_text()
+    assert "does not verify" in text[text.index('<section id="release">') :]
