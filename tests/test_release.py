@@ -19,7 +19,7 @@ from dpsynth.errors import DpsynthError, ReleaseRefusedError
 from dpsynth.io import read_json
 from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
-from dpsynth.release import ALLOWED, MANIFEST, release, verify
+from dpsynth.release import ALLOWED, MANIFEST, release, verify, write_manifest
 from dpsynth.report.html import write_report
 from dpsynth.sampling.api import load, sample_to_folder
 from dpsynth.training.autoencoder import train_autoencoder
@@ -151,7 +151,7 @@ def test_bundle_bytes_name_no_private_data(world):
                           "delta", "note"} for m in privacy["mechanisms"])  # fmt: skip
 
 
-@pytest.mark.parametrize("tamper", ["volume", "extra", "missing", "epsilon"])
+@pytest.mark.parametrize("tamper", ["volume", "extra", "missing", "epsilon", "no privacy.md"])
 def test_tampered_bundle_fails_verify(world, tmp_path, capsys, tamper):
     bundle = shutil.copytree(world["bundle"], tmp_path / "bundle")
     volume = bundle / "synthetic" / "synth_00001.nii.gz"
@@ -166,14 +166,17 @@ def test_tampered_bundle_fails_verify(world, tmp_path, capsys, tamper):
     elif tamper == "missing":
         volume.unlink()
         message = "missing"
+    elif tamper == "no privacy.md":  # removed with its manifest line
+        (bundle / "PRIVACY.md").unlink()
+        (bundle / MANIFEST).unlink()
+        write_manifest(bundle)
+        message = "incomplete bundle"
     else:  # a lower ε stated, with the manifest updated to match: the recomputation catches it
-        from dpsynth.release import _write_manifest
-
         privacy = read_json(bundle / "privacy.json")
         privacy["epsilon"] /= 2
         (bundle / "privacy.json").write_text(json.dumps(privacy))
         (bundle / MANIFEST).unlink()
-        _write_manifest(bundle)
+        write_manifest(bundle)
         message = "compose to"
     with pytest.raises(DpsynthError, match=message):
         verify(bundle)

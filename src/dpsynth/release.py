@@ -87,6 +87,11 @@ ALLOWED = (
     re.compile(f"{SYNTHETIC_DIR}/attributes\\.csv"),
     re.compile(f"{SYNTHETIC_DIR}/{re.escape(PROVENANCE_FILE)}"),
 )
+REQUIRED = (
+    PRIVACY_MD, MODEL_CARD, PRIVACY_JSON, f"{MODEL_DIR}/model.json",
+    *(f"{MODEL_DIR}/{name}" for name in WEIGHT_FILES), f"{SYNTHETIC_DIR}/attributes.csv",
+    f"{SYNTHETIC_DIR}/{PROVENANCE_FILE}",
+)  # fmt: skip
 # The architecture keys a sampler needs; the autoencoder's training settings (loss weights,
 # a local perceptual-network path) stay behind.
 AUTOENCODER_KEYS = (
@@ -164,7 +169,7 @@ def release(
         atomic_write_text(tmp / PRIVACY_MD, privacy_markdown(privacy))
         atomic_write_text(tmp / MODEL_CARD, model_card(read_json(tmp / MODEL_DIR / "model.json"),
                                                        privacy, provenance))  # fmt: skip
-        _write_manifest(tmp)
+        write_manifest(tmp)
     return out
 
 
@@ -319,7 +324,7 @@ def _write_model(run: Path, meta: dict, folder: Path) -> None:
 def _write_synthetic(synthetic: Path, provenance: dict, meta: dict, folder: Path) -> None:
     """Volumes with fresh headers (spacing from the model), conditions as parsed numbers."""
     folder.mkdir()
-    names = sorted(n for n in provenance["files"] if VOLUME_NAME.fullmatch(n))
+    names = [n for n in provenance["files"] if VOLUME_NAME.fullmatch(n)]  # sampling order
     shape, spacing = tuple(meta["shape"]), tuple(meta["spacing"])
     for name in names:
         volume, _, _ = read_nifti(synthetic / name)
@@ -343,7 +348,8 @@ def _read_attributes(path: Path) -> tuple[np.ndarray, list[str]]:
     return read_conditions_csv(path, None), files
 
 
-def _write_manifest(folder: Path) -> None:
+def write_manifest(folder: Path) -> None:
+    """SHA256SUMS over every other file of `folder` (the format `sha256sum -c` reads)."""
     lines = [f"{sha256_file(folder / rel)}  {rel}" for rel in _bundle_files(folder)]
     atomic_write_text(folder / MANIFEST, "\n".join(lines) + "\n")
 
@@ -378,6 +384,10 @@ def verify(bundle: str | os.PathLike) -> dict:
     for rel, digest in listed.items():
         if sha256_file(bundle / rel) != digest:
             raise DpsynthError(f"{bundle / rel}: SHA-256 does not match {MANIFEST}")
+
+    absent = [rel for rel in REQUIRED if rel not in listed]
+    if absent or not any(VOLUME_NAME.fullmatch(rel.split("/")[-1]) for rel in listed):
+        raise DpsynthError(f"{bundle}: incomplete bundle (no {absent or 'synthetic volume'})")
 
     privacy = read_json(bundle / PRIVACY_JSON)
     epsilon = recompute_epsilon(privacy, str(bundle / PRIVACY_JSON))
@@ -420,6 +430,8 @@ def recompute_epsilon(privacy: dict, source: str = PRIVACY_JSON) -> float:
             Mechanism(m["noise_multiplier"], m["sample_rate"], m["steps"])
             for m in privacy["mechanisms"]
         ]
+        if not isinstance(privacy["epsilon"], (int, float)):
+            raise TypeError("epsilon is not a number")
         return epsilon_for(history, privacy["delta"], privacy["accountant"])
     except (KeyError, TypeError) as e:
         raise DpsynthError(f"{source}: malformed ({type(e).__name__}: {e})") from None
