@@ -112,7 +112,12 @@ def test_bundle_holds_only_allow_listed_files(world):
 def test_verify_recomputes_the_ledgers_epsilon(world, capsys):
     summary = verify(world["bundle"])
     ledger = Ledger.load(world["dp"])
-    assert summary["epsilon"] == pytest.approx(ledger.total_epsilon(1e-5, "rdp"), rel=1e-9)
+    # The DP-SGD stage planned with RDP, the attribute model with PRV: the larger bound is stated.
+    assert {e.accountant for e in ledger} == {"rdp", "prv"}
+    totals = {name: ledger.total_epsilon(1e-5, name) for name in ("rdp", "prv")}
+    assert summary["accountant"] == max(totals, key=totals.get) == "rdp"
+    assert summary["epsilon"] == pytest.approx(totals["rdp"], rel=1e-9)
+    assert totals["rdp"] > totals["prv"]
     assert 6.0 < summary["epsilon"] <= BUDGET and summary["volumes"] == 3
     privacy = read_json(world["bundle"] / "privacy.json")
     assert [m["stage"] for m in privacy["mechanisms"]] == [e.stage for e in ledger]
@@ -289,3 +294,26 @@ def test_report_links_and_verifies_the_release(world, tmp_path):
     (bundle / "PRIVACY.md").write_text("tampered")
     text = write_report(world["dp"], tmp_path / "demo" / "report", release=bundle).read_text()
     assert "does not verify" in text[text.index('<section id="release">') :]
+
+
+def test_demo_ends_with_a_verified_release(world, tmp_path, monkeypatch):
+    """`dpsynth demo --keep` over finished tiny stages: its last steps write demo/release and
+    a report that verifies and links it (the expensive stages are kept, not re-run)."""
+    from dpsynth import demo
+
+    out = tmp_path / "demo"
+    (out / "data" / "ukbb_raw").mkdir(parents=True)
+    shutil.copytree(world["private"], out / "data" / "ukbb_cache")
+    shutil.copytree(world["dp"], out / "ldm_dp")  # DP fine-tune + DP attribute model
+    shutil.copytree(world["synthetic"], out / "synthetic")
+    (out / "referee").mkdir()
+    (out / "ldm_dp" / "eval").mkdir()
+    (out / "ldm_dp" / "eval" / "metrics.json").write_text("{}")
+    monkeypatch.setattr(demo, "demo_assets", lambda: world["root"])
+    monkeypatch.setattr(demo, "load_config", lambda *a, **k: tiny())
+    assert demo.run_demo(out, fresh=False)["release"] == str(out / "release")
+    summary = verify(out / "release")
+    ledger = Ledger.load(out / "ldm_dp")
+    assert summary["epsilon"] == ledger.total_epsilon(accountant=summary["accountant"]) <= BUDGET
+    text = (out / "report" / "index.html").read_text()
+    assert 'href="../release/PRIVACY.md"' in text

@@ -50,7 +50,6 @@ from dpsynth.io import (
     write_nifti,
 )
 from dpsynth.privacy.accounting import (
-    DEFAULT_ACCOUNTANT,
     PRV_EPS_ERROR,
     Mechanism,
     check_epsilon,
@@ -132,12 +131,14 @@ def release(
     run, synthetic, out = Path(run), Path(synthetic), Path(out)
     meta = _run_model(run)
     ledger = Ledger.load(run, missing_ok=True)
-    if not [e for e in ledger if not e.non_private and e.steps > 0]:
+    dp = [e for e in ledger if not e.non_private and e.steps > 0]
+    if not dp:
         _refuse(f"{run}: the ledger records no DP mechanism; only DP runs are released")
     config = _run_config(run, max_epsilon)
-    accountant = config.privacy.accountant if config else DEFAULT_ACCOUNTANT
     delta = ledger.default_delta()
-    epsilon = ledger.total_epsilon(delta, accountant)
+    epsilon, accountant = max(
+        (ledger.total_epsilon(delta, name), name) for name in {e.accountant for e in dp}
+    )  # the stages' own accountant; if they differ, the larger (more cautious) bound
     limits = _budget_limits(config, ledger, delta, accountant, max_epsilon)
     for limit, source in limits:
         if not epsilon <= limit:  # also refuses an unbounded (inf/NaN) ε
@@ -158,7 +159,7 @@ def release(
         "delta": delta,
         "accountant": accountant,
         "budget": [{"limit": limit, "source": source} for limit, source in limits],
-        "mechanisms": [_mechanism(e) for e in ledger if not e.non_private and e.steps > 0],
+        "mechanisms": [_mechanism(e) for e in dp],
         "evaluation_uses": [{"stage": e.stage, "note": e.note} for e in ledger if e.non_private],
         "conditioning": provenance["conditioning"],
     }
