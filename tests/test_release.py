@@ -19,6 +19,7 @@ from dpsynth.errors import DpsynthError, ReleaseRefusedError
 from dpsynth.io import read_json
 from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
+from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
 from dpsynth.release import ALLOWED, MANIFEST, release, verify, write_manifest
 from dpsynth.report.html import write_report
 from dpsynth.sampling.api import load, sample_to_folder
@@ -61,11 +62,11 @@ def _readable_bytes(path):
 def _private_needles(world) -> dict[str, bytes]:
     meta = Cache(world["private"]).meta
     needles = {"cache path": str(world["private"]).encode()}
-    for key in ("cache_id", "content_digest", "fingerprint"):  # whichever the cache holds
-        if key in meta:
-            needles[key] = meta[key].removeprefix("sha256:").encode()
+    for key in ("cache_id", "content_digest"):
+        needles[key] = meta[key].removeprefix("sha256:").encode()
     for patient in np.unique(Cache(world["private"]).patients):
         needles[f"patient {patient}"] = str(patient).encode()
+    needles["evaluation-only label"] = EVALUATION_ONLY_LABEL.encode()  # e.g. metrics.jsonl
     return needles
 
 
@@ -143,7 +144,7 @@ def test_bundle_model_samples_like_the_run(world):
 
 def test_bundle_bytes_name_no_private_data(world):
     needles = _private_needles(world)
-    assert len(needles) > 20  # cache path, its id / digest, 20 patients
+    assert len(needles) > 20  # cache path, its id and digest, 20 patients, the label
     # The scan finds what a careless copy would leak: the run's ledger names the cache.
     assert _leaks(world["dp"], needles)
     assert _leaks(world["bundle"], needles) == []

@@ -23,9 +23,9 @@ from dpsynth.data.simulate import simulate_cohort
 from dpsynth.errors import BudgetExceededError, DpsynthError
 from dpsynth.io import read_json
 from dpsynth.privacy.accounting import epsilon_for
+from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.ledger import Ledger, format_ledger
 from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
-from dpsynth.privacy.release import fit_attributes
 from dpsynth.privacy.statistics import gaussian_noise_multiplier
 from dpsynth.sampling.api import load, sample_to_folder
 from dpsynth.training import checkpoint as ckpt
@@ -492,7 +492,7 @@ def test_train_then_fit_attributes_then_resume_keep_both(world, tmp_path, monkey
 def test_fit_attributes_checks_then_records_then_draws(world, tmp_path, monkeypatch):
     """Regression: fit-attributes drew its noisy releases before the budget check and wrote
     the model before the ledger recorded it."""
-    import dpsynth.privacy.release as release
+    import dpsynth.privacy.attribute_fit as release
 
     run, seen = tmp_path / "run", []
     fit = release.fit_attribute_model

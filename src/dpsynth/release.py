@@ -222,16 +222,15 @@ def _budget_limits(
 def _check_non_private_training(run: Path, meta: dict, ledger: Ledger) -> None:
     """Refuse weights that learned from private data without DP.
 
-    Private data = any cache a DP entry of the ledger names. A lineage stage that trained
+    Private data = any cache the ledger names (its entries record uses of private data).
+    A lineage stage that trained
     on it without DP (model.json ``trained_on``), or a non-private ledger use other than an
     evaluation, would put un-noised private information into the weights.
     """
     for e in ledger:
         if e.non_private and e.stage not in EVALUATION_USES:
             _refuse(f"{run}: the ledger records a non-private use '{e.stage}' ({e.note})")
-    private = {
-        getattr(e, "cache_id", e.fingerprint) for e in ledger if not e.non_private
-    }  # TODO(rebase)
+    private = {e.cache_id for e in ledger if e.cache_id}
     for item in meta.get("trained_on", []):
         if not item.get("dp") and item.get("cache_id") in private:
             _refuse(f"{run}: a stage of its lineage trained without DP on private data")
