@@ -142,7 +142,8 @@ def release(
     limits = _budget_limits(config, ledger, delta, accountant, max_epsilon)
     for limit, source in limits:
         if not epsilon <= limit:  # also refuses an unbounded (inf/NaN) ε
-            hint = "" if max_epsilon is not None else "; a steward may state a limit: --max-epsilon"
+            planned = source.startswith("the run's planned")
+            hint = "; a steward may state the limit instead: --max-epsilon" if planned else ""
             _refuse(
                 f"{run}: composed ε = {epsilon:.4g} at δ = {delta:g} ({accountant}) is over "
                 f"{source} ({limit:g}){hint}"
