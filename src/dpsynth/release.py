@@ -2,7 +2,7 @@
 
 A release bundle is built by allow-list. Nothing is copied from the run folder by name or
 pattern: every file is rebuilt from parsed, checked values, so a file dpsynth does not know
-(checkpoints with the secret noise seeds, training losses, evaluation on private data, the
+(checkpoints with the secret sampling seed, training losses, evaluation on private data, the
 private cache's id) cannot slip in::
 
     BUNDLE/
@@ -516,8 +516,8 @@ Conditions of the synthetic volumes (`synthetic/attributes.csv`): {source}.
 - Public data used for pre-training is not protected (it is public).
 - Differential privacy limits what anyone can learn about one patient; it does not hide
   facts about the population that the data were meant to show.
-- The guarantee assumes the noise was secret: the training checkpoints (which hold the
-  noise seeds) must never be released, and are not in this folder.
+- The guarantee assumes the noise and the patient sampling were secret: the training
+  checkpoints (which hold the sampling seed) must never be released, and are not here.
 - It covers only what the ledger of this run recorded; uses of the same patients outside
   dpsynth are not counted.
 """
