@@ -48,7 +48,7 @@
     });
   }
 
-  // The report's gallery: <div class="dpsynth-gallery"> holding a JSON <script> with
+  // The report's gallery: <div class="dpsynth-gallery"> holding a JSON script element with
   // {"volumes": [{"label", "group", "shape", "data"}]}; one slider scrolls them all together.
   function mountGallery(root) {
     const spec = JSON.parse(root.querySelector("script[type='application/json']").textContent);
