@@ -69,8 +69,8 @@ def create_app(explorer: Explorer) -> FastAPI:
         return fail(400, f"{where}: {first.get('msg', 'invalid request')}")
 
     def static(name: str) -> Response:
-        return Response(files[name], media_type=media[name.rsplit(".", 1)[1]],
-                        headers={"Cache-Control": "no-cache"})  # fmt: skip
+        kind = media[name.rsplit(".", 1)[1]]
+        return Response(files[name], media_type=kind, headers={"Cache-Control": "no-cache"})
 
     @app.get("/")
     def index() -> Response:

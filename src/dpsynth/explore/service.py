@@ -88,6 +88,7 @@ class Explorer:
             a: tuple(float(v) for v in ranges.get(a, CLINICAL_RANGES[a])) for a in ATTRIBUTES
         }
         self.guidance = float(meta.get("sampling", {}).get("guidance", 1.0))
+        self.max_guidance = max(self.defaults.max_guidance, self.guidance)
         self.max_steps = min(self.defaults.max_steps, self.pipe.num_train_timesteps)
         self.attribute_model = self._attribute_model()
         self.referee = self._referee(referee)
@@ -140,7 +141,7 @@ class Explorer:
                 "guidance": self.guidance,
                 "seed": 0,
             },
-            "limits": {"max_steps": self.max_steps, "max_guidance": self.defaults.max_guidance},
+            "limits": {"max_steps": self.max_steps, "max_guidance": self.max_guidance},
             "attribute_model": self.attribute_model is not None,
             "referee": REFEREE_NOTE if self.referee is not None else None,
         }
@@ -173,21 +174,13 @@ class Explorer:
         sampler = payload.get("sampler", self.defaults.sampler)
         if sampler not in ("ddim", "dpm++"):
             raise DpsynthError(f"sampler: expected 'ddim' or 'dpm++', got {sampler!r}")
+        guidance = payload.get("guidance", self.guidance)
+        steps = payload.get("steps", self.defaults.steps)
         return Request(
             attributes=table,
             seed=int(_number(payload.get("seed", 0), "seed", 0, 2**31 - 1, integer=True)),
-            guidance=_number(
-                payload.get("guidance", self.guidance), "guidance", 0.0, self.defaults.max_guidance
-            ),  # fmt: skip
-            steps=int(
-                _number(
-                    payload.get("steps", self.defaults.steps),
-                    "steps",
-                    1,
-                    self.max_steps,
-                    integer=True,
-                )
-            ),  # fmt: skip
+            guidance=_number(guidance, "guidance", 0.0, self.max_guidance),
+            steps=int(_number(steps, "steps", 1, self.max_steps, integer=True)),
             sampler=sampler,
         )
 
