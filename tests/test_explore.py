@@ -24,6 +24,18 @@ pytest.importorskip("fastapi", reason="the explore extra (fastapi, uvicorn) is n
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Small tensors: one thread avoids OpenMP spin-waits on a shared, loaded CPU (the
+    server subprocess gets passive waiting from `dpsynth explore` itself)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _demo_ldm() -> Path:
     from dpsynth.demo import demo_assets
 
