@@ -114,7 +114,7 @@ class ExploreDefaults:
     """`dpsynth explore`: where it listens and what the page starts with.
 
     dpm++ at 10 steps matches DDIM-25's quality on the demo model at 0.4x the model calls
-    (BENCHMARKS.md, Samplers), which is what keeps one volume under 2 s on 2 CPU cores.
+    (BENCHMARKS.md, Samplers); the page aims at one volume in 2 s on 2 CPU cores.
     """
 
     host: str = "127.0.0.1"  # loopback only: the model is not shared with the network by default

@@ -9,6 +9,7 @@ or caches, and never writes anywhere: generated volumes live in memory only.
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import threading
@@ -262,8 +263,6 @@ class Explorer:
 
 def response(result: Generated) -> dict[str, Any]:
     """What the page shows of a generated volume: 8-bit slices (every pixel) and measurements."""
-    import base64
-
     data = np.rint(result.volume * 255.0).astype(np.uint8)
     phase = result.request.attributes[INDEX["ESED"]]
     requested = {}
