@@ -210,7 +210,8 @@ def test_report_is_complete_and_self_contained(report):
         img = _decode(src)
         assert img.shape[0] > 50 and img.shape[1] > 50
         assert img[..., :3].std() > 0.01  # not blank
-    assert "script" not in page.tags
+    # scripts: only the slice viewer's data and its inline code (a script src would be a link)
+    assert text.count("<script") == 2 and "script" in page.tags
     external = [u for u in page.links if re.match(r"\s*(https?:)?//", u)]
     assert external == []
     assert all(u.startswith(("data:image/png", "#")) for u in page.links)
@@ -250,6 +251,25 @@ def test_report_numbers_and_privacy_statements(report):
     assert "non-private" in comparison and "∞" in comparison and "eps-small" in comparison
     # escaped, never executed
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text
+
+
+def test_slice_viewer_holds_every_slice_of_a_few_volumes(report, cache):
+    from dpsynth.data.cache import Cache
+
+    _, text = report
+    section = text[text.index('<section id="viewer">') :]
+    spec = json.loads(
+        re.search(r'<script type="application/json">(.*?)</script>', section, re.S)[1]
+    )
+    groups = [v["group"] for v in spec["volumes"]]
+    c = Cache(cache)
+    n_real = min(4, len(c.volume_indices("test")))
+    assert groups == ["real"] * n_real + ["synthetic"] * 4
+    first = spec["volumes"][0]
+    pixels = np.frombuffer(base64.b64decode(first["data"]), np.uint8).reshape(first["shape"])
+    real = np.asarray(c.images[c.volume_indices("test")[0]], np.float32)
+    np.testing.assert_array_equal(pixels, np.rint(np.clip(real, 0, 1) * 255))
+    assert "mountGallery" in text and "<script src" not in text  # inline, nothing fetched
 
 
 def test_attack_bound_in_plain_words():
@@ -334,6 +354,9 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = _Page(dom.stdout)
     assert page.headings == TITLES
+    # the slice viewer's script ran: one canvas per volume it holds
+    gallery = dom.stdout[dom.stdout.index('<section id="viewer">') :]
+    assert gallery.count("<canvas") == len(re.findall('"group": "', gallery)) > 0
     assert len(page.images) == N_IMAGES
     for src in page.images:
         assert _decode(src).size > 0

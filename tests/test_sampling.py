@@ -370,3 +370,23 @@ def test_tiny_denoiser_overfits_one_latent():
         opt.step()
     after = eval_loss()
     assert after < 0.5 * before, (before, after)
+
+
+def test_one_volume_decodes_on_the_fast_convolution_path():
+    """A batch of one took PyTorch's slow im2col 3D convolution (its oneDNN heuristic is written
+    for 2D): `decode` runs it as a pair, same result, on the oneDNN path."""
+    from torch.profiler import profile
+
+    import dpsynth
+    from dpsynth.demo import demo_assets
+
+    pipe = dpsynth.load(demo_assets() / "ldm")
+    torch.set_num_threads(2)  # the heuristic also depends on the thread count
+    latent = torch.randn(1, *pipe.latent_shape, generator=torch.Generator().manual_seed(0))
+    with profile() as prof:
+        volume = pipe.decode(latent)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::slow_conv3d_forward" not in ops and "aten::mkldnn_convolution" in ops
+    pair = pipe.autoencoder.decode_latent(torch.cat([latent, latent]) / pipe.latent_scale)
+    assert volume.shape == (1, 1, *pipe.volume_shape)
+    torch.testing.assert_close(volume, pair[:1], atol=1e-5, rtol=0)

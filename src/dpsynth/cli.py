@@ -237,6 +237,12 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report -> {path}")
 
 
+def cmd_explore(args: argparse.Namespace) -> None:
+    from dpsynth.explore.server import serve
+
+    serve(args.run, host=args.host, port=args.port, referee=args.referee)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from dpsynth.demo import run_demo
 
@@ -458,6 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--release", type=Path, help="release bundle to verify and link")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("explore", help="a local web page to steer a run's sampler")
+    p.add_argument("run", type=Path)
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="port (default 8765)")
+    p.add_argument(
+        "--referee", type=Path, help="referee folder to measure volumes (default: RUN/referee)"
+    )
+    p.set_defaults(func=cmd_explore)
 
     p = sub.add_parser("demo", help="the whole pipeline on embedded phantoms (make demo)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -109,6 +109,24 @@ class SamplingConfig:
     batch_size: int = 16
 
 
+@dataclass(frozen=True)
+class ExploreDefaults:
+    """`dpsynth explore`: where it listens and what the page starts with.
+
+    dpm++ at 10 steps matches DDIM-25's quality on the demo model at 0.4x the model calls
+    (BENCHMARKS.md, Samplers); the page aims at one volume in 2 s on 2 CPU cores.
+    """
+
+    host: str = "127.0.0.1"  # loopback only: the model is not shared with the network by default
+    port: int = 8765
+    sampler: Literal["ddim", "dpm++"] = "dpm++"
+    steps: int = 10
+    max_steps: int = 50  # the page's slider end; more steps would hold the single worker long
+    max_guidance: float = 8.0
+    max_pending: int = 8  # queued generations before the server answers 503
+    kept_volumes: int = 32  # generated volumes kept in memory for download
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)

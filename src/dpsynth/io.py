@@ -130,6 +130,18 @@ def write_nifti(
 
     `label=True` marks a segmentation (NIfTI intent "label").
     """
+    gz = str(path).endswith(".gz")
+    atomic_write_bytes(path, nifti_bytes(volume, spacing, dtype, label, gz), fsync=False)
+
+
+def nifti_bytes(
+    volume: np.ndarray,
+    spacing: tuple[float, float, float],
+    dtype: type = np.float32,
+    label: bool = False,
+    gz: bool = True,
+) -> bytes:
+    """The bytes of :func:`write_nifti`'s file (gzipped with `gz`), for serving without a file."""
     dz, dy, dx = (float(s) for s in spacing)
     data = np.asarray(volume).transpose(2, 1, 0).astype(dtype)
     img = nib.Nifti1Image(data, np.diag([dx, dy, dz, 1.0]))
@@ -138,7 +150,7 @@ def write_nifti(
     if label:
         img.header.set_intent("label")
     raw = img.to_bytes()
-    atomic_write_bytes(path, _gzip(raw) if str(path).endswith(".gz") else raw, fsync=False)
+    return _gzip(raw) if gz else raw
 
 
 def _gzip(raw: bytes) -> bytes:

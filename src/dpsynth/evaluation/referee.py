@@ -23,6 +23,7 @@ from dpsynth.attributes import INDEX
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.volumes import VolumeSet, load_volume_set
 from dpsynth.io import atomic_dir, atomic_write_json, read_json
+from dpsynth.models.blocks import single_as_pair
 
 N_CLASSES = 4  # background, LV blood pool, LV myocardium, RV blood pool
 FORMAT_VERSION = 1
@@ -119,7 +120,9 @@ class Referee:
             masks, prob_ed, features = [], [], []
             for start in range(0, len(volumes), batch_size):
                 batch = np.ascontiguousarray(volumes[start : start + batch_size], dtype=np.float32)
-                logits, phase_logit, pooled = self.net(torch.from_numpy(batch).unsqueeze(1))
+                logits, phase_logit, pooled = single_as_pair(
+                    self.net, torch.from_numpy(batch).unsqueeze(1)
+                )
                 masks.append(logits.argmax(1).to(torch.uint8).numpy())
                 prob_ed.append(torch.sigmoid(phase_logit).numpy())
                 features.append(pooled.double().numpy())

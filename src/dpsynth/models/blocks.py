@@ -25,7 +25,23 @@ __all__ = [
     "attention",
     "check_norm_groups",
     "group_norm",
+    "single_as_pair",
 ]
+
+
+def single_as_pair(fn, *tensors: torch.Tensor):
+    """``fn(*tensors)``, but a CPU batch of one runs as two copies and the first is returned.
+
+    PyTorch takes its oneDNN 3D convolution for one input only when N*C*D*H > 20480 (a
+    heuristic written for 2D, `use_mkldnn` in aten/src/ATen/native/Convolution.cpp); a single
+    13 x 48 x 48 volume falls on the im2col path, which runs a batch of one slower than
+    oneDNN runs two (BENCHMARKS.md, Explorer). Per-sample modules only (GroupNorm, no
+    batch statistics), so the copy cannot change the result beyond rounding.
+    """
+    if tensors[0].shape[0] != 1 or tensors[0].device.type != "cpu":
+        return fn(*tensors)
+    out = fn(*(torch.cat([t, t]) for t in tensors))
+    return tuple(o[:1] for o in out) if isinstance(out, tuple) else out[:1]
 
 
 def check_norm_groups(num_groups: int, *widths: int) -> None:

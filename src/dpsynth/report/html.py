@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,11 @@ pre{background:#f6f8fa;padding:8px;overflow:auto;font-size:12px;max-height:420px
 .missing{color:#8a6d00;background:#fff8db;border-left:4px solid #e0b000;padding:6px 10px}
 .warn{color:#7a1010;background:#fdecec;border-left:4px solid #c62828;padding:6px 10px}
 .note{color:#0d3c61;background:#eaf3fb;border-left:4px solid #2a7ab8;padding:6px 10px}
+.dpsynth-gallery{outline:none}.dpsynth-gallery .volumes{display:grid;grid-template-columns:repeat(4,max-content);gap:6px 12px}
+.dpsynth-gallery canvas{image-rendering:pixelated;display:block;background:#000}
+.dpsynth-gallery figcaption{white-space:pre-line}.dpsynth-gallery input{width:300px;vertical-align:middle}
 """
+N_VIEWER = 4  # volumes per set in the slice viewer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,6 +486,35 @@ def _section_samples(ctx: _Context) -> str:
     )
 
 
+def _section_viewer(ctx: _Context) -> str:
+    """Every slice of a few real and synthetic volumes, scrolled together (report/viewer.js)."""
+    volumes = []
+    for group, pair in (("real", ctx.real), ("synthetic", ctx.synthetic)):
+        if pair is None:
+            continue
+        images, attributes = pair
+        for i in range(min(N_VIEWER, len(images))):
+            volume = np.rint(np.clip(np.asarray(images[i], np.float32), 0.0, 1.0) * 255.0)
+            caption = figures.attribute_caption(None if attributes is None else attributes[i])
+            volumes.append(
+                {
+                    "label": f"{group} {i + 1}\n{caption}".strip(),
+                    "group": group,
+                    "shape": list(volume.shape),
+                    "data": base64.b64encode(volume.astype(np.uint8).tobytes()).decode("ascii"),
+                }
+            )
+    if not volumes:
+        return _missing("no real or synthetic volumes given")
+    spec = json.dumps({"volumes": volumes}).replace("</", "<\\/")  # cannot close the script
+    return (
+        '<div class="dpsynth-gallery" tabindex="0"><p><input type="range" min="0" value="0" '
+        'aria-label="slice"> <span class="slice-label"></span> · wheel or arrow keys over the '
+        "images scroll through the slices, base to apex; real on the first row.</p>"
+        f'<div class="volumes"></div><script type="application/json">{spec}</script></div>'
+    )
+
+
 def _head(attributes: np.ndarray | None) -> np.ndarray | None:
     return None if attributes is None else attributes[:N_SHOWN]
 
@@ -855,6 +889,7 @@ SECTIONS: tuple[tuple[str, str, Callable[[_Context], str]], ...] = (
     ("config", "Configuration", _section_config),
     ("ledger", "Privacy ledger", _section_ledger),
     ("samples", "Real vs synthetic", _section_samples),
+    ("viewer", "Slice viewer", _section_viewer),
     ("attributes", "Conditioning attributes", _section_attributes),
     ("controllability", "Controllability", _section_controllability),
     ("metrics", "Metrics", _section_metrics),
@@ -926,12 +961,16 @@ def write_report(
             "show real images: it is an evaluation output (BRIEF section 3 (c)). Share it only "
             "with people allowed to see the private data.</p>"
         )
+    script = ""
+    if "dpsynth-gallery" in body:  # the viewer's script, inline: the report fetches nothing
+        viewer = (resources.files("dpsynth") / "report" / "viewer.js").read_text()
+        script = f"<script>{viewer}</script>"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>dpsynth report: {_e(run.label)}</title><style>{CSS}</style></head>
 <body><header><h1>dpsynth report: {_e(run.label)}</h1><nav>{nav}</nav></header>
-<main>{banner}{body}</main></body></html>
+<main>{banner}{body}</main>{script}</body></html>
 """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:

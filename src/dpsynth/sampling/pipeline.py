@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from dpsynth.attributes import N_ATTRIBUTES, normalize
 from dpsynth.errors import DpsynthError
+from dpsynth.models.blocks import single_as_pair
 from dpsynth.sampling.schedulers import SamplerName, add_noise, make_scheduler
 
 __all__ = ["LatentDiffusion", "estimate_latent_scale"]
@@ -81,7 +82,7 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents to volumes (B, 1, S, H, W), not clipped."""
-        return self.autoencoder.decode_latent(latents / self.latent_scale)
+        return single_as_pair(self.autoencoder.decode_latent, latents / self.latent_scale)
 
     def denoising_loss(
         self,
@@ -107,9 +108,9 @@ class LatentDiffusion(nn.Module):
         """Classifier-free guidance: ε_u + w (ε_c − ε_u), where ε_u conditions on all-unknown."""
         uncond = torch.full_like(cond, float("nan"))
         if guidance == 1.0:
-            return self.denoiser(x, t, cond)
+            return single_as_pair(self.denoiser, x, t, cond)
         if guidance == 0.0:
-            return self.denoiser(x, t, uncond)
+            return single_as_pair(self.denoiser, x, t, uncond)
         eps_c, eps_u = self.denoiser(
             torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond])
         ).chunk(2)

@@ -1,0 +1,1 @@
+"""`dpsynth explore`: a local web page to steer one run's sampler and look at the volumes."""

@@ -1,0 +1,309 @@
+"""The explorer's engine: validate a request, generate one volume, measure it, keep it in memory.
+
+No web code here (the server in `dpsynth.explore.server` is a thin layer over this), so the
+same checks run from Python and from HTTP. What it reads from the run folder is fixed:
+model.json and the weights (through `dpsynth.sampling.api.load`), attribute_model.json,
+and an optional referee folder. It never reads `checkpoint/` (secret noise seeds), `eval/`
+or caches, and never writes anywhere: generated volumes live in memory only.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpsynth.attributes import ATTRIBUTES, CATEGORICAL, CLINICAL_RANGES, INDEX, UNITS
+from dpsynth.config import ExploreDefaults
+from dpsynth.errors import DpsynthError
+
+REFEREE_SUBDIR = "referee"  # a referee inside the run folder is picked up without --referee
+REFEREE_NOTE = (
+    "Measured by an evaluation-only referee: a segmenter trained on real images without DP. "
+    "These numbers are for exploring the model; do not release them with it."
+)
+# Which requested attribute each referee measurement answers, per phase (ESED 1 = ED).
+MEASURED = {
+    "LV_ML": {1.0: "LVEDV", 0.0: "LVESV"},
+    "RV_ML": {1.0: "RVEDV", 0.0: "RVESV"},
+    "MYO_THICK": {1.0: "MYOEDTHICK", 0.0: "MYOESTHICK"},
+}
+REQUEST_KEYS = ("attributes", "seed", "guidance", "steps", "sampler")
+
+
+class NotFoundError(DpsynthError):
+    """A request for something the run does not have (HTTP 404)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated generation request: raw attributes (14,), NaN = unknown."""
+
+    attributes: np.ndarray
+    seed: int
+    guidance: float
+    steps: int
+    sampler: str
+
+
+@dataclass(frozen=True)
+class Generated:
+    id: str
+    volume: np.ndarray  # (S, H, W) float32 in [0, 1]
+    request: Request
+    measured: dict[str, float] | None
+    seconds: float
+
+
+class Explorer:
+    """One loaded run, generating one volume at a time (a lock: CPU generations never overlap)."""
+
+    def __init__(
+        self,
+        run: str | os.PathLike,
+        referee: str | os.PathLike | None = None,
+        device: str | None = None,
+        defaults: ExploreDefaults | None = None,
+    ) -> None:
+        from dpsynth.sampling.api import load
+
+        self.run = Path(run)
+        if not (self.run / "model.json").is_file():
+            raise DpsynthError(
+                f"{self.run}: no model.json here: not a trained latent diffusion run"
+            )
+        self.defaults = defaults or ExploreDefaults()
+        self.pipe = load(self.run, device)
+        meta = self.pipe.run_meta
+        ranges = meta.get("attribute_ranges") or {}
+        self.ranges = {
+            a: tuple(float(v) for v in ranges.get(a, CLINICAL_RANGES[a])) for a in ATTRIBUTES
+        }
+        self.guidance = float(meta.get("sampling", {}).get("guidance", 1.0))
+        self.max_guidance = max(self.defaults.max_guidance, self.guidance)
+        self.max_steps = min(self.defaults.max_steps, self.pipe.num_train_timesteps)
+        self.attribute_model = self._attribute_model()
+        self.referee = self._referee(referee)
+        self._lock = threading.Lock()
+        self._kept: OrderedDict[str, Generated] = OrderedDict()
+
+    def _attribute_model(self):
+        from dpsynth.privacy.release import MODEL_FILE, load_attribute_model
+
+        return load_attribute_model(self.run) if (self.run / MODEL_FILE).is_file() else None
+
+    def _referee(self, path: str | os.PathLike | None):
+        from dpsynth.evaluation.referee import META_FILE, Referee
+
+        if path is None:
+            path = self.run / REFEREE_SUBDIR
+            if not (path / META_FILE).is_file():
+                return None
+        referee = Referee.load(path)
+        shape = referee.meta.get("shape")
+        if shape is not None and tuple(shape) != self.pipe.volume_shape:
+            raise DpsynthError(
+                f"{path}: referee trained on volumes of shape {tuple(shape)}, the model makes "
+                f"{self.pipe.volume_shape}"
+            )
+        return referee
+
+    # ------------------------------------------------------------------ what the page needs
+
+    def info(self) -> dict[str, Any]:
+        """Attributes with their slider ranges, the volume grid and the sampling defaults."""
+        return {
+            "run": self.run.name,
+            "private": bool(self.pipe.run_meta.get("private", False)),
+            "shape": list(self.pipe.volume_shape),
+            "spacing": list(self.pipe.spacing),
+            "attributes": [
+                {
+                    "name": a,
+                    "unit": UNITS[a],
+                    "min": self.ranges[a][0],
+                    "max": self.ranges[a][1],
+                    "categorical": a in CATEGORICAL,
+                }
+                for a in ATTRIBUTES
+            ],
+            "defaults": {
+                "sampler": self.defaults.sampler,
+                "steps": min(self.defaults.steps, self.max_steps),
+                "guidance": self.guidance,
+                "seed": 0,
+            },
+            "limits": {"max_steps": self.max_steps, "max_guidance": self.max_guidance},
+            "attribute_model": self.attribute_model is not None,
+            "referee": REFEREE_NOTE if self.referee is not None else None,
+        }
+
+    def parse(self, payload: Any) -> Request:
+        """A request body as a `Request`; a DpsynthError names the first bad field."""
+        if not isinstance(payload, dict):
+            raise DpsynthError("request: expected a JSON object")
+        for key in payload:
+            if key not in REQUEST_KEYS:
+                raise DpsynthError(
+                    f"request: unknown field '{key}' (known: {', '.join(REQUEST_KEYS)})"
+                )
+        values = payload.get("attributes") or {}
+        if not isinstance(values, dict):
+            raise DpsynthError("attributes: expected an object {NAME: value or null}")
+        table = np.full(len(ATTRIBUTES), np.nan, dtype=np.float32)
+        for name, value in values.items():
+            if name not in INDEX:
+                raise DpsynthError(f"unknown attribute '{name}' (known: {', '.join(ATTRIBUTES)})")
+            if value is None:
+                continue  # unknown: the model conditions on "unknown"
+            x = _number(value, name)
+            lo, hi = self.ranges[name]
+            if not lo <= x <= hi:
+                raise DpsynthError(f"{name}={x:g} is outside the model's range [{lo:g}, {hi:g}]")
+            if name in CATEGORICAL and x not in CATEGORICAL[name]:
+                raise DpsynthError(f"{name}={x:g}: expected one of {CATEGORICAL[name]}")
+            table[INDEX[name]] = x
+        sampler = payload.get("sampler", self.defaults.sampler)
+        if sampler not in ("ddim", "dpm++"):
+            raise DpsynthError(f"sampler: expected 'ddim' or 'dpm++', got {sampler!r}")
+        guidance = payload.get("guidance", self.guidance)
+        steps = payload.get("steps", self.defaults.steps)
+        return Request(
+            attributes=table,
+            seed=int(_number(payload.get("seed", 0), "seed", 0, 2**31 - 1, integer=True)),
+            guidance=_number(guidance, "guidance", 0.0, self.max_guidance),
+            steps=int(_number(steps, "steps", 1, self.max_steps, integer=True)),
+            sampler=sampler,
+        )
+
+    def draw(self, seed: int, phase: float | None) -> dict[str, Any]:
+        """One patient's attributes from the run's DP attribute model (post-processing of a
+        DP output), the row of `phase` (1 ED, 0 ES; None: ED). Values outside the sliders'
+        ranges are clipped to them and listed in `clipped`."""
+        if self.attribute_model is None:
+            raise NotFoundError(f"{self.run.name}: this run has no DP attribute model")
+        seed = int(_number(seed, "seed", 0, 2**31 - 1, integer=True))
+        rows = self.attribute_model.sample(1, np.random.default_rng(seed))
+        row = rows[0] if phase in (None, 1.0) else rows[1]
+        values, clipped = {}, []
+        for name, x in zip(ATTRIBUTES, row, strict=True):
+            if not np.isfinite(x):
+                values[name] = None
+                continue
+            lo, hi = self.ranges[name]
+            if not lo <= x <= hi:
+                clipped.append(name)
+            values[name] = float(min(max(x, lo), hi))
+        return {"attributes": values, "clipped": clipped}
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, request: Request) -> Generated:
+        """Generate and measure one volume; calls wait for each other (one at a time)."""
+        with self._lock:
+            start = time.perf_counter()
+            volume = self.pipe.sample(
+                1,
+                attributes=request.attributes[None],
+                sampler=request.sampler,
+                steps=request.steps,
+                guidance=request.guidance,
+                seed=request.seed,
+                progress=False,
+            )[0]
+            measured = self._measure(volume)
+            result = Generated(
+                id=uuid.uuid4().hex,
+                volume=volume,
+                request=request,
+                measured=measured,
+                seconds=time.perf_counter() - start,
+            )
+            self._kept[result.id] = result
+            while len(self._kept) > self.defaults.kept_volumes:
+                self._kept.popitem(last=False)
+            return result
+
+    def _measure(self, volume: np.ndarray) -> dict[str, float] | None:
+        if self.referee is None:
+            return None
+        from dpsynth.data.measure import measure_volume
+
+        out = self.referee.analyse(volume[None])
+        m = measure_volume(out.masks[0], self.pipe.spacing)
+        return {
+            "LV_ML": m["LV_ML"],
+            "RV_ML": m["RV_ML"],
+            "MYO_THICK": m["MYO_THICK"],
+            "P_ED": float(out.prob_ed[0]),
+        }
+
+    def get(self, volume_id: str) -> Generated:
+        """A kept volume by the id `generate` gave it (ids are never paths)."""
+        try:
+            return self._kept[volume_id]
+        except KeyError:
+            raise NotFoundError(f"volume {volume_id}: unknown or no longer kept") from None
+
+    def nifti(self, volume_id: str) -> bytes:
+        """A kept volume as .nii.gz bytes with the run's true voxel spacing."""
+        from dpsynth.io import nifti_bytes
+
+        return nifti_bytes(self.get(volume_id).volume, self.pipe.spacing)
+
+
+def response(result: Generated) -> dict[str, Any]:
+    """What the page shows of a generated volume: 8-bit slices (every pixel) and measurements."""
+    data = np.rint(result.volume * 255.0).astype(np.uint8)
+    phase = result.request.attributes[INDEX["ESED"]]
+    requested = {}
+    for key, by_phase in MEASURED.items():
+        name = by_phase.get(float(phase)) if np.isfinite(phase) else None
+        value = result.request.attributes[INDEX[name]] if name else np.nan
+        requested[key] = {"attribute": name, "value": _json_number(value)}
+    return {
+        "id": result.id,
+        "shape": list(result.volume.shape),
+        "data": base64.b64encode(data.tobytes()).decode("ascii"),
+        "seconds": round(result.seconds, 3),
+        "measured": (
+            None
+            if result.measured is None
+            else {k: _json_number(v) for k, v in result.measured.items()}
+        ),
+        "requested": requested,
+        "nifti": f"/api/volume/{result.id}.nii.gz",
+    }
+
+
+def _json_number(x: float) -> float | None:
+    return float(x) if math.isfinite(float(x)) else None
+
+
+def _number(
+    value: Any,
+    name: str,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+    integer: bool = False,
+) -> float:
+    # bool is an int in Python; a JSON true for a number is a client bug, not a 1.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DpsynthError(f"{name}: expected a number, got {value!r}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise DpsynthError(f"{name}: expected a finite number, got {value!r}")
+    if integer and x != int(x):
+        raise DpsynthError(f"{name}: expected an integer, got {value!r}")
+    if not lo <= x <= hi:
+        raise DpsynthError(f"{name}={x:g} is outside [{lo:g}, {hi:g}]")
+    return x

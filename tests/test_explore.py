@@ -1,0 +1,437 @@
+"""`dpsynth explore`: request checks, the single worker, what it reads, and the page in Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpsynth.errors import DpsynthError
+
+pytest.importorskip("fastapi", reason="the explore extra (fastapi, uvicorn) is not installed")
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Small tensors: one thread avoids OpenMP spin-waits on a shared, loaded CPU (the
+    server subprocess gets passive waiting from `dpsynth explore` itself)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _demo_ldm() -> Path:
+    from dpsynth.demo import demo_assets
+
+    return demo_assets() / "ldm"
+
+
+@pytest.fixture(scope="module")
+def demo_explorer():
+    from dpsynth.explore.service import Explorer
+
+    return Explorer(_demo_ldm())
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """The shipped demo LDM with a DP attribute model and a referee, both fitted on a small
+    simulated public cohort, plus checkpoint/ and eval/ folders the explorer must not read."""
+    from dpsynth.config import load_config
+    from dpsynth.demo import simulate_and_prepare
+    from dpsynth.evaluation.referee import train_referee
+    from dpsynth.privacy.release import fit_attributes
+
+    root = tmp_path_factory.mktemp("explore")
+    cache = simulate_and_prepare(
+        root / "data", {"patients": 24, "cohort": "acdc", "seed": 7}, load_config("demo")
+    )
+    run = root / "run"
+    shutil.copytree(_demo_ldm(), run)
+    fit_attributes(cache, run, epsilon=2.0, seed=0)
+    train_referee(cache, run / "referee", epochs=5, lr=3e-3, channels=(8, 16), seed=0)
+    for secret in ("checkpoint", "eval"):
+        (run / secret).mkdir()
+        (run / secret / "secret.json").write_text("{}")
+    return run
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    """`dpsynth explore RUN` in a subprocess, as a user starts it."""
+
+    def __init__(self, run: Path):
+        self.port = _free_port()
+        env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dpsynth", "explore", str(run), "--port", str(self.port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        self.banner = self.proc.stdout.readline()
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                self.get("/api/info")
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"explorer did not start: {self.banner}") from None
+                time.sleep(0.2)
+
+    def request(self, path: str, body=None, raw: bytes | None = None) -> tuple[int, bytes]:
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.url + path, data=data, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=300) as reply:
+                return reply.status, reply.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def get(self, path: str) -> dict:
+        status, body = self.request(path)
+        assert status == 200, body
+        return json.loads(body)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    before = _snapshot(run_dir)
+    srv = _Server(run_dir)
+    yield srv
+    srv.stop()
+    assert _snapshot(run_dir) == before, "the explorer wrote into the run folder"
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ({"attributes": {"FOO": 1}}, "unknown attribute 'FOO'"),
+        ({"attributes": {"LVEDV": 5000}}, "LVEDV=5000 is outside the model's range"),
+        ({"attributes": {"SEX": 0.5}}, "SEX=0.5: expected one of (0, 1)"),
+        ({"attributes": {"AGE": "old"}}, "AGE: expected a number"),
+        ({"attributes": [1, 2]}, "attributes: expected an object"),
+        ({"path": "/etc/passwd"}, "request: unknown field 'path'"),
+        ({"steps": 0}, "steps=0 is outside [1, 50]"),
+        ({"steps": 2.5}, "steps: expected an integer"),
+        ({"seed": True}, "seed: expected a number"),
+        ({"guidance": -1}, "guidance=-1 is outside"),
+        ({"sampler": "ddpm"}, "sampler: expected 'ddim' or 'dpm++'"),
+        ([1], "request: expected a JSON object"),
+    ],
+)
+def test_bad_requests_name_the_field(demo_explorer, payload, message):
+    with pytest.raises(DpsynthError) as e:
+        demo_explorer.parse(payload)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_request_defaults_and_unknowns(demo_explorer):
+    r = demo_explorer.parse({"attributes": {"LVEDV": 150, "ESED": 0, "AGE": None}})
+    assert r.attributes[0] == 150 and r.attributes[11] == 0
+    assert np.isnan(r.attributes).sum() == 12  # AGE null and the 11 not given are unknown
+    info = demo_explorer.info()
+    assert (r.steps, r.sampler, r.guidance) == (10, "dpm++", info["defaults"]["guidance"])
+    lvedv = info["attributes"][0]
+    assert lvedv["name"] == "LVEDV" and lvedv["min"] < 150 < lvedv["max"]
+    assert info["shape"] == list(demo_explorer.pipe.volume_shape)
+    assert info["attribute_model"] is False and info["referee"] is None
+
+
+def test_a_run_folder_without_a_model_is_refused(tmp_path, capsys):
+    from dpsynth.cli import main
+    from dpsynth.explore.service import Explorer
+
+    with pytest.raises(DpsynthError, match="no model.json"):
+        Explorer(tmp_path)
+    assert main(["explore", str(tmp_path), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no model.json" in err and "\n" not in err
+
+
+def test_generation_is_the_pipelines(demo_explorer):
+    """Same seed and settings as `pipe.sample`: no second copy of the sampling logic."""
+    from dpsynth.explore.service import response
+
+    request = demo_explorer.parse({"attributes": {"LVEDV": 200, "ESED": 1}, "steps": 2, "seed": 3})
+    result = demo_explorer.generate(request)
+    expected = demo_explorer.pipe.sample(
+        1, request.attributes[None], sampler="dpm++", steps=2,
+        guidance=request.guidance, seed=3, progress=False,
+    )[0]  # fmt: skip
+    np.testing.assert_allclose(result.volume, expected, atol=1e-5)
+    shown = response(result)
+    import base64
+
+    pixels = np.frombuffer(base64.b64decode(shown["data"]), np.uint8).reshape(shown["shape"])
+    np.testing.assert_array_equal(pixels, np.rint(expected * 255).astype(np.uint8))
+    assert shown["requested"]["LV_ML"] == {"attribute": "LVEDV", "value": 200.0}
+    assert shown["measured"] is None  # no referee in the shipped run
+
+
+def test_generations_never_overlap(demo_explorer, monkeypatch):
+    """Three concurrent HTTP requests run one after another on the single worker."""
+    import uvicorn
+
+    from dpsynth.explore.server import create_app
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def slow_sample(n, attributes, **kwargs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        return np.zeros((n, *demo_explorer.pipe.volume_shape), np.float32)
+
+    monkeypatch.setattr(demo_explorer.pipe, "sample", slow_sample)
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(demo_explorer), port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    statuses = []
+
+    def post():
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/generate", data=b"{}",
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(req, timeout=60) as reply:
+            statuses.append(reply.status)
+
+    try:
+        clients = [threading.Thread(target=post) for _ in range(3)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert statuses == [200, 200, 200]
+    assert peak[0] == 1
+
+
+def test_reads_only_the_model_attribute_model_and_referee(run_dir):
+    """checkpoint/ (secret noise seeds), eval/ and caches are never opened."""
+    from dpsynth.explore.service import Explorer
+
+    opened: list[str] = []
+    recording = [True]
+
+    def hook(event, args):
+        if recording[0] and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            opened.append(os.fsdecode(args[0]))
+
+    sys.addaudithook(hook)  # hooks cannot be removed; `recording` switches this one off
+    try:
+        explorer = Explorer(run_dir)
+        result = explorer.generate(explorer.parse({"steps": 1}))
+        explorer.draw(0, 1.0)
+        explorer.nifti(result.id)
+    finally:
+        recording[0] = False
+    inside = {os.path.relpath(p, run_dir) for p in opened if p.startswith(str(run_dir))}
+    assert "model.json" in inside and "attribute_model.json" in inside
+    assert any(p.startswith("referee") for p in inside)
+    assert not [p for p in inside if p.split(os.sep)[0] in ("checkpoint", "eval")], inside
+    assert not [p for p in opened if str(run_dir.parent / "data") in p]
+
+
+# ---------------------------------------------------------------------------- over HTTP
+
+
+def test_server_prints_its_local_url(server):
+    assert f"http://127.0.0.1:{server.port}/" in server.banner
+
+
+def test_http_errors_are_4xx_with_one_line(server):
+    status, body = server.request("/api/generate", {"attributes": {"NOPE": 1}})
+    assert status == 400 and json.loads(body)["detail"].startswith("unknown attribute 'NOPE'")
+    status, body = server.request("/api/generate", raw=b"{not json")
+    assert status == 400 and "\n" not in json.loads(body)["detail"]
+    status, body = server.request(f"/api/volume/{'a' * 32}.nii.gz")
+    assert status == 404 and "no longer kept" in json.loads(body)["detail"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/../../cli.py",
+        "/static/..%2F..%2Fcli.py",
+        "/static/%2e%2e/model.json",
+        "/model.json",
+        "/referee/referee.json",
+        "/api/volume/..%2Fmodel.json.nii.gz",
+        "/checkpoint/secret.json",
+    ],
+)
+def test_nothing_is_served_from_outside_the_page(server, path):
+    status, body = server.request(path)
+    assert status in (400, 404), (status, body[:200])
+
+
+def test_download_is_a_nifti_with_true_spacing(server, tmp_path):
+    from dpsynth.io import read_nifti
+
+    info = server.get("/api/info")
+    status, body = server.request("/api/generate", {"attributes": {"ESED": 0}, "steps": 2})
+    assert status == 200
+    shown = json.loads(body)
+    status, nifti = server.request(shown["nifti"])
+    assert status == 200
+    (tmp_path / "v.nii.gz").write_bytes(nifti)
+    volume, spacing, _ = read_nifti(tmp_path / "v.nii.gz")
+    assert list(volume.shape) == info["shape"] == shown["shape"]
+    np.testing.assert_allclose(spacing, info["spacing"], rtol=1e-6)
+    assert 0.0 <= volume.min() and volume.max() <= 1.0 and volume.std() > 0.01
+
+
+def test_draw_from_the_dp_attribute_model(server):
+    info = server.get("/api/info")
+    assert info["attribute_model"] is True and "evaluation-only" in info["referee"]
+    drawn = server.get("/api/draw?seed=5&phase=0")
+    values = drawn["attributes"]
+    assert values["ESED"] == 0.0 and set(values) == {a["name"] for a in info["attributes"]}
+    for a in info["attributes"]:
+        v = values[a["name"]]
+        assert v is None or a["min"] <= v <= a["max"]
+    assert server.get("/api/draw?seed=5&phase=0") == drawn  # a seed gives one patient
+
+
+# ---------------------------------------------------------------------------- in Chromium
+
+
+def _browser(download_dir: Path):
+    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+        pytest.skip("chromium and chromium-driver are not installed")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
+                 "--disable-dev-shm-usage"):  # fmt: skip
+        options.add_argument(flag)
+    options.binary_location = shutil.which("chromium")
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(download_dir),
+                  "download.prompt_for_download": False},
+    )  # fmt: skip
+    return webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+
+
+def test_page_in_headless_chromium(server, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from dpsynth.io import read_nifti
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    driver = _browser(downloads)
+    wait = WebDriverWait(driver, 300)
+    body = lambda: driver.find_element(By.TAG_NAME, "body")  # noqa: E731
+
+    def generate(count: int) -> tuple[str, float]:
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: body().get_attribute("data-generation") == str(count))
+        assert driver.find_element(By.ID, "error").text == ""
+        pixels = driver.execute_script("return document.getElementById('slice').toDataURL()")
+        return pixels, float(driver.find_element(By.ID, "measured-LV_ML").text.split()[0])
+
+    try:
+        driver.get(server.url)
+        wait.until(lambda d: body().get_attribute("data-state") == "idle")
+        assert driver.find_element(By.ID, "draw").is_displayed()
+        driver.find_element(By.ID, "known-LVEDV").click()
+        slider = driver.find_element(By.ID, "attr-LVEDV")
+        slider.send_keys(Keys.HOME)  # the slider's low end
+        low_value = float(driver.find_element(By.ID, "value-LVEDV").text)
+        small, lv_small = generate(1)
+        slider.send_keys(Keys.END)  # the high end
+        assert float(driver.find_element(By.ID, "value-LVEDV").text) > low_value + 100
+        large, lv_large = generate(2)
+        assert large != small  # the shown slice changed
+        assert lv_large > lv_small  # the measured LV follows the request
+
+        shape = driver.execute_script("return window.dpsynthExplore.volume.shape")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#strip canvas")) == shape[0]
+        width = driver.execute_script("return document.getElementById('slice').width")
+        assert width == shape[2]  # drawn pixel for pixel, scaled by CSS only
+        canvas = driver.find_element(By.ID, "slice")
+        start = int(body().get_attribute("data-slice"))
+        assert start == shape[0] // 2
+        canvas.send_keys(Keys.ARROW_DOWN)
+        assert int(body().get_attribute("data-slice")) == start + 1
+        before = driver.execute_script("return document.getElementById('slice').toDataURL()")
+        ActionChains(driver).scroll_from_origin(ScrollOrigin.from_element(canvas), 0, 120).perform()
+        wait.until(lambda d: int(body().get_attribute("data-slice")) == start + 2)
+        after = driver.execute_script("return document.getElementById('slice').toDataURL()")
+        assert after != before
+        canvas.send_keys(Keys.END)
+        assert int(body().get_attribute("data-slice")) == shape[0] - 1
+
+        driver.find_element(By.ID, "download").click()
+        wait.until(lambda d: list(downloads.glob("*.nii.gz")))
+        time.sleep(0.5)  # Chromium renames the .crdownload when complete
+        files = list(downloads.glob("*.nii.gz"))
+        volume, spacing, _ = read_nifti(files[0])
+        info = server.get("/api/info")
+        assert list(volume.shape) == info["shape"]
+        np.testing.assert_allclose(spacing, info["spacing"], rtol=1e-6)
+
+        driver.find_element(By.ID, "draw").click()
+        wait.until(lambda d: body().get_attribute("data-generation") == "3")
+        assert driver.find_element(By.ID, "drawn").is_displayed()
+        driver.save_screenshot(str(tmp_path / "explore.png"))
+    finally:
+        driver.quit()
