@@ -56,7 +56,7 @@ def run_dir(tmp_path_factory):
     from dpsynth.config import load_config
     from dpsynth.demo import simulate_and_prepare
     from dpsynth.evaluation.referee import train_referee
-    from dpsynth.privacy.release import fit_attributes
+    from dpsynth.privacy.attribute_fit import fit_attributes
 
     root = tmp_path_factory.mktemp("explore")
     cache = simulate_and_prepare(

@@ -97,7 +97,7 @@ class Explorer:
         self._kept: OrderedDict[str, Generated] = OrderedDict()
 
     def _attribute_model(self):
-        from dpsynth.privacy.release import MODEL_FILE, load_attribute_model
+        from dpsynth.privacy.attribute_fit import MODEL_FILE, load_attribute_model
 
         return load_attribute_model(self.run) if (self.run / MODEL_FILE).is_file() else None
 
