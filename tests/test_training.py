@@ -543,6 +543,32 @@ def test_dp_stage_refuses_a_parent_trained_without_dp_on_its_data(world, tmp_pat
     # A parent trained on public data, or with DP on this cache, is accepted (tests above).
 
 
+def test_non_dp_stage_refuses_data_a_parent_trained_on_with_dp(world, tmp_path, capsys):
+    """Regression: a non-DP LDM on the private cache of its DP autoencoder ran silently,
+    recorded "private": false and a finite ε that covered only the autoencoder."""
+    import shutil
+
+    private = Cache(world["private"])
+    ae = _dp_ae(world, tmp_path / "ae_dp")
+    with pytest.raises(DpsynthError, match=f"{ae}: trained with DP on the private cache"):
+        train_ldm(world["private"], ae, tmp_path / "ldm", tiny())
+    with pytest.raises(DpsynthError, match=f"{ae}: trained with DP on the private cache"):
+        train_autoencoder(world["private"], tmp_path / "ae2", tiny(), init=ae)
+    assert not (tmp_path / "ldm").exists() and not (tmp_path / "ae2").exists()
+    # A run made so before this check (or by hand): `budget` says it is not DP.
+    old = tmp_path / "old"
+    shutil.copytree(ae, old)
+    meta = read_json(old / "model.json")
+    meta["trained_on"].insert(0, {"cache_id": private.cache_id, "dp": False})
+    (old / "model.json").write_text(json.dumps(meta))
+    out = _budget_total(old, capsys)
+    assert f"NOT DP: trained without DP on cache {private.cache_id}" in out
+    assert main(["budget", str(old), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["epsilon"] is None and summary["not_dp"] == [private.cache_id]
+    assert "NOT DP" not in _budget_total(ae, capsys)
+
+
 def test_workflow_refuses_public_equal_to_private(world, tmp_path, capsys):
     """Regression: `workflow --public P --private P` pre-trained on private data silently."""
     private = world["private"]

@@ -192,15 +192,22 @@ def cmd_budget(args: argparse.Namespace) -> None:
         )  # fmt: skip
         print(json.dumps(result.to_json()) if args.json else format_plan(result))
         return
+    from dpsynth.io import read_json
     from dpsynth.privacy.ledger import Ledger, format_ledger
 
     ledger = Ledger.load(Path(args.target))
+    model = Path(args.target) / "model.json"
+    not_dp = ledger.not_dp(read_json(model).get("trained_on", [])) if model.exists() else []
     if args.json:
         delta = ledger.default_delta()
-        summary = {"epsilon": ledger.total_epsilon(delta), "delta": delta, **ledger.to_json()}
+        epsilon = None if not_dp else ledger.total_epsilon(delta)
+        summary = {"epsilon": epsilon, "delta": delta, "not_dp": not_dp, **ledger.to_json()}
         print(json.dumps(summary, indent=2))
     else:
         print(format_ledger(ledger))
+        for cache_id in not_dp:
+            print(f"NOT DP: trained without DP on cache {cache_id}, which the ledger names as "
+                  "private; the epsilon above does not cover this model")  # fmt: skip
 
 
 def cmd_train_referee(args: argparse.Namespace) -> None:

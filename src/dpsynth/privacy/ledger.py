@@ -290,6 +290,16 @@ class Ledger:
         ]
         return [m for m in spent if m is not None]
 
+    def not_dp(self, trained_on: Iterable[dict]) -> list[str]:
+        """Cache ids a model's ``trained_on`` says it learned WITHOUT DP that this ledger
+        names as private: ε then does not cover those weights at all."""
+        private = {e.cache_id for e in self if e.cache_id}
+        return [
+            item["cache_id"]
+            for item in trained_on
+            if not item.get("dp") and item.get("cache_id") in private
+        ]
+
     def default_delta(self) -> float:
         """The largest δ any DP entry was planned with (the default δ for totals)."""
         deltas = [e.delta for e in self if not e.non_private]

@@ -34,6 +34,7 @@ from dpsynth.training.common import (
     load_volumes,
     pick_device,
     prepare_run_dir,
+    refuse_mixed_lineage,
     seed_everything,
     trained_on,
     warmup_factor,
@@ -62,6 +63,7 @@ def train_autoencoder(
     init_meta = read_json(Path(init) / "model.json") if init else None
     if init_meta is not None:
         config = adopt_architecture(config, init_meta, ("autoencoder",))
+    refuse_mixed_lineage(cache.cache_id, cache.path, dp, [Path(init)] if init else [])
     run = prepare_run_dir(out, config, resume) if rank == 0 else Path(out)
     barrier()
     device = pick_device()

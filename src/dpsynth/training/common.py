@@ -127,19 +127,30 @@ def trained_on(cache_id: str, dp: bool, parents: Sequence[Path]) -> list[dict]:
     return items
 
 
-def refuse_non_dp_parents(cache_id: str, cache: Path, parents: Sequence[Path]) -> None:
-    """A DP stage on `cache` must not build on a run trained on it without DP.
+def refuse_mixed_lineage(cache_id: str, cache: Path, dp: bool, parents: Sequence[Path]) -> None:
+    """Refuse a stage on `cache` whose parents learned from it the other way (DP or not).
 
-    Such a parent already holds the private data without a guarantee, and the DP stage's
-    ledger would show only its own spending.
+    A DP stage must not build on a parent trained on its data without DP: that parent holds
+    the data without a guarantee. A non-DP stage must not train on data a parent learned
+    with DP (its ``trained_on`` or its lineage's ledger): the data is private, and the new
+    weights would carry it with no guarantee while the ledger shows a finite ε.
     """
+    from dpsynth.privacy.ledger import Ledger
+
     for parent in parents:
+        ledger = {e.cache_id for e in Ledger.load(parent, missing_ok=True)}  # its lineage too
         for item in _model_meta(parent).get("trained_on", []):
-            if item.get("cache_id") == cache_id and not item.get("dp"):
+            if item.get("cache_id") == cache_id and bool(item.get("dp")) != dp:
                 raise DpsynthError(
-                    f"{parent}: trained without DP on the private cache {cache} "
-                    f"(cache id {cache_id}); a DP stage cannot build on it"
+                    f"{parent}: trained {'with' if item.get('dp') else 'without'} DP on the "
+                    f"private cache {cache} (cache id {cache_id}); a "
+                    f"{'DP' if dp else 'non-DP'} stage cannot build on it"
                 )
+        if not dp and cache_id in ledger:
+            raise DpsynthError(
+                f"{parent}: trained with DP on the private cache {cache} (its ledger names "
+                f"cache id {cache_id}); train on it with --dp"
+            )
 
 
 def _model_meta(run: Path) -> dict:

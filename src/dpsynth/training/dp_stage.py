@@ -24,7 +24,6 @@ from dpsynth.errors import DpsynthError
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.outputs import labelled
 from dpsynth.training import checkpoint as ckpt
-from dpsynth.training.common import refuse_non_dp_parents
 from dpsynth.training.monitor import append_metrics
 
 
@@ -65,7 +64,6 @@ class DPStage:
 
         self.stage, self.cache, self.privacy, self.run = stage, cache, privacy, run
         self.parents, self.extra_entries, self.main = list(parents), list(extra_entries), main
-        refuse_non_dp_parents(cache.cache_id, cache.path, self.parents)
         self.patient_rows = cache.patient_rows("train")
         n = len(self.patient_rows)
         if privacy.batch_size > n:

@@ -37,6 +37,7 @@ from dpsynth.training.common import (
     load_volumes,
     pick_device,
     prepare_run_dir,
+    refuse_mixed_lineage,
     seed_everything,
     trained_on,
     warmup_factor,
@@ -159,6 +160,8 @@ def train_ldm(
     init_meta = read_json(Path(init) / "model.json") if init else None
     if init_meta is not None:
         config = adopt_architecture(config, init_meta, ("denoiser", "diffusion"))
+    parents = [p for p in (Path(autoencoder), init and Path(init)) if p]
+    refuse_mixed_lineage(cache.cache_id, cache.path, dp, parents)
     run = prepare_run_dir(out, config, resume) if rank == 0 else Path(out)
     barrier()
     tcfg = config.ldm_training
@@ -185,7 +188,7 @@ def train_ldm(
     trainer = trainer_cls(
         run=run, cache=cache, autoencoder=ae, latent_scale=latent_scale, denoiser=denoiser,
         objective=objective, config=config, device=device, rng=rng, generator=gen,
-        parents=[p for p in (Path(autoencoder), init and Path(init)) if p],
+        parents=parents,
     )  # fmt: skip
     validation = Cache(validation_data) if validation_data else None
     if dp and validation is not None:
