@@ -109,6 +109,12 @@ def test_ukbb_attributes_measured_and_from_csv(ukbb, tmp_path):
     again = _prepare("ukbb", src, tmp_path / "again", attributes_csv=csv_path)
     assert again.cache_id != report.cache_id and len(again.cache_id) == 32
     assert Cache(tmp_path / "again").same_data(cache)
+    # Regression: the digest covered the split column, so another split seed made the same
+    # data look new and bypassed the same-data refusal.
+    _prepare("ukbb", src, tmp_path / "reseeded", attributes_csv=csv_path, seed=7,
+             split=(0.0, 0.0, 1.0))  # fmt: skip
+    assert Cache(tmp_path / "reseeded").same_data(cache)
+    assert list(Cache(tmp_path / "reseeded").splits) != list(cache.splits)
     _prepare("ukbb", src, tmp_path / "pref", attributes_csv=csv_path, prefer_csv_attributes=True)
     b = Cache(tmp_path / "pref").attributes
     assert b[0, INDEX["LVEDV"]] == 999 and b[2, INDEX["LVEDV"]] == a[2, INDEX["LVEDV"]]

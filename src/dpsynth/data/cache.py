@@ -8,8 +8,9 @@ Layout (written by :mod:`dpsynth.data.prepare`, see docs/ARCHITECTURE.md)::
     CACHE/meta.json       shape, spacing, counts, cache_id, content_digest, skipped, ...
 
 ``cache_id`` is random (drawn once by prepare): runs and ledgers name their data by it.
-``content_digest`` (SHA-256 of images + table) stays inside the cache, which is private and
-never released; it only tells whether two caches at hand hold the same data.
+``content_digest`` (SHA-256 of images + table without its split column) stays inside the
+cache, which is private and never released; it only tells whether two caches at hand hold
+the same data, however they were split.
 
 Every patient has two consecutive rows, ED then ES. Arrays are opened with
 ``np.load(mmap_mode="r")`` so cohorts larger than RAM are read lazily, page by page.

@@ -322,7 +322,9 @@ class CacheWriter:
         digest = hashlib.sha256()
         for start in range(0, n, 256):  # chunked: the images may not fit in RAM
             digest.update(np.ascontiguousarray(images[start : start + 256]).tobytes())
-        digest.update(table.encode())
+        # The data without the split column: the split depends on the seed, and a new seed
+        # must not make the same data look new to `Cache.same_data`.
+        digest.update(self._table(dict.fromkeys(self.patients, "")).encode())
         split_counts = {s: sum(1 for p in self.patients if splits[p] == s) for s in SPLITS}
         meta = {
             "format_version": FORMAT_VERSION,
