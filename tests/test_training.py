@@ -122,6 +122,17 @@ def test_existing_run_is_not_overwritten(world):
         train_autoencoder(world["public"], world["ae"], tiny())
 
 
+def test_a_complete_run_is_not_resumed(world):
+    """Regression: --resume of a finished run trained nothing but wrote the model again (a
+    DP autoencoder drew its DP latent scale a second time, charged once)."""
+    before = (world["ae"] / "model.json").read_bytes()
+    with pytest.raises(DpsynthError, match="this run is complete"):
+        train_autoencoder(world["public"], world["ae"], tiny(), resume=True)
+    with pytest.raises(DpsynthError, match="this run is complete"):
+        train_ldm(world["public"], world["ae"], world["ldm"], tiny(), resume=True)
+    assert (world["ae"] / "model.json").read_bytes() == before
+
+
 def test_sample_api_and_cli_write_nifti_with_spacing(world, tmp_path):
     pipe = load(world["ldm"])
     table = np.full((3, len(ATTRIBUTES)), np.nan, np.float32)
@@ -594,7 +605,8 @@ def _grid_steps(run) -> list[int]:
 
 
 def _files(run) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in [*(run / "checkpoint").iterdir(), run / "ledger.json"]}
+    files = [*(run / "checkpoint").iterdir(), run / "ledger.json", run / "config.yaml"]
+    return {p.name: p.read_bytes() for p in files}
 
 
 def test_dp_crash_leaves_no_grid_ahead_of_the_ledger_and_resume_refuses_a_new_plan(
@@ -609,24 +621,78 @@ def test_dp_crash_leaves_no_grid_ahead_of_the_ledger_and_resume_refuses_a_new_pl
         return train_ldm(world["private"], world["ae"], tmp_path / "dp", config,
                          init=world["ldm"], dp=True, resume=resume)  # fmt: skip
 
-    _crash_at(monkeypatch, 4)  # 6 steps; a grid is due at 3, checkpoints at 2, 4, 6
+    _crash_at(monkeypatch, 4)  # a grid is due at 3, checkpoints at 2, 4, ...
     with pytest.raises(KeyboardInterrupt):
         dp(2.0)
     monkeypatch.undo()
     run = tmp_path / "dp"
     (entry,) = [e for e in Ledger.load(run) if e.mechanism == "dp-sgd"]
-    assert entry.steps == 2 and entry.planned_steps == 6
+    planned = int(np.ceil(2.0 * _n_train(world) / 4))  # ceil(epochs / q)
+    assert entry.steps == 2 and entry.planned_steps == planned
     assert all(step <= entry.steps for step in _grid_steps(run))
 
     before = _files(run)
-    with pytest.raises(DpsynthError, match="changed privacy plan: planned_steps is 9 .* but 6"):
+    more = int(np.ceil(3.0 * _n_train(world) / 4))
+    with pytest.raises(DpsynthError, match=f"planned_steps is {more} .* but {planned}"):
         dp(3.0, resume=True)
-    assert _files(run) == before  # no step ran: weights, checkpoint ledger, ledger unchanged
+    # No step ran: weights, checkpoint ledger, ledger unchanged, and the config the run was
+    # trained with kept (a refused config was written over it before).
+    assert _files(run) == before
 
     dp(2.0, resume=True)
     (entry,) = [e for e in Ledger.load(run) if e.mechanism == "dp-sgd"]
-    assert entry.steps == entry.planned_steps == 6
-    assert _grid_steps(run)[-1] == 6
+    assert entry.steps == entry.planned_steps == planned
+    assert _grid_steps(run)[-1] == planned
+
+
+def test_resume_refuses_an_older_checkpoint_and_a_second_process(world, tmp_path, monkeypatch):
+    """Regression: a resume from an older checkpoint (or two resumes at once) retrained the
+    steps after it with fresh noise and landed on the ledger's count again, so the repeat
+    was never charged; fit-attributes beside a running stage checked the budget without the
+    steps the stage was still taking, and ignored the run's recorded budget."""
+    import shutil
+
+    from dpsynth.io import hold_run
+
+    fixed = {"privacy.epsilon": None, "privacy.noise_multiplier": 1.0, "privacy.epochs": 2.0}
+    run = tmp_path / "dp"
+    q = 4 / _n_train(world)
+    planned = int(np.ceil(2.0 / q))  # 5 or more: checkpoints at 2, 4, ...
+    alone = epsilon_for([(1.0, q, planned)], 1e-5, "rdp")
+    config = tiny(**{**fixed, "privacy.max_total_epsilon": alone + 0.1})
+
+    def dp(resume=False):
+        return train_ldm(world["private"], world["ae"], run, config, init=world["ldm"],
+                         dp=True, resume=resume)  # fmt: skip
+
+    _crash_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        dp()
+    monkeypatch.undo()
+    shutil.copytree(run / "checkpoint", tmp_path / "old")
+    # The run's recorded budget (σ fixed: ε alone + 0.1) has no room for an attribute model.
+    with pytest.raises(BudgetExceededError, match="above --max-total-epsilon"):
+        fit_attributes(world["private"], run, epsilon=2.0, seed=0)
+    with hold_run(run):  # as another process training in this run
+        for attempt in (
+            lambda: dp(resume=True),
+            lambda: fit_attributes(world["private"], run, 2.0),
+        ):
+            with pytest.raises(DpsynthError, match="another dpsynth process"):
+                attempt()
+    assert not (run / "attribute_model.json").exists()
+
+    _crash_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        dp(resume=True)
+    monkeypatch.undo()
+    (entry,) = Ledger.load(run)
+    assert entry.steps == 4
+    shutil.rmtree(run / "checkpoint")
+    shutil.copytree(tmp_path / "old", run / "checkpoint")  # the checkpoint at step 2
+    with pytest.raises(DpsynthError, match="holds 2 steps .* ledger records 4; resume from"):
+        dp(resume=True)
+    assert Ledger.load(run)[entry.id].steps == 4
 
 
 def test_public_autoencoder_crash_leaves_no_grid_ahead_of_the_checkpoint(
@@ -708,11 +774,12 @@ def test_torchrun_two_processes_dp_autoencoder(world, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     (entry,) = list(Ledger.load(out))
-    assert entry.stage == "autoencoder-dp-sgd" and entry.records == 12
-    assert entry.sample_rate == pytest.approx(4 / 12) and entry.steps == entry.planned_steps
+    assert entry.stage == "autoencoder-dp-sgd" and entry.records == _n_train(world)
+    assert entry.sample_rate == pytest.approx(4 / entry.records)
+    assert entry.steps == entry.planned_steps
     assert (out / "model.json").exists() and (out / "reconstruction.json").exists()
     notes = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert sum("note" in m for m in notes) == 1  # one job, not one per rank
+    assert sum("label" in m for m in notes) == 1  # one job, not one per rank
 
 
 def test_dp_autoencoder_resume_refuses_a_changed_latent_scale_mechanism(

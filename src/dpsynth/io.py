@@ -42,6 +42,39 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, out)
 
 
+RUN_LOCK = "run.lock"
+
+
+@contextlib.contextmanager
+def hold_run(run: str | os.PathLike) -> Iterator[Path]:
+    """Hold `run` (created if absent) for this process while it trains or writes into it.
+
+    A second holder fails at once with one line: two resumes of one run would both retrain
+    the steps after their checkpoint with fresh noise while the ledger counts them once,
+    and a budget check beside a running stage would not see the steps it is still taking.
+    An advisory ``flock`` on ``RUN/run.lock`` (POSIX; elsewhere no lock), released on exit.
+    """
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield run
+        return
+    fd = os.open(run / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DpsynthError(
+                f"{run}: another dpsynth process is training or writing in this run; "
+                "wait for it to finish"
+            ) from None
+        yield run
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
     """Write `data` to a temporary file in the same folder, fsync, then rename over `path`.
 

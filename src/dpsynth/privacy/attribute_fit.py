@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dpsynth.config import PrivacyConfig, load_config
 from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
-from dpsynth.io import atomic_write_json
+from dpsynth.io import atomic_write_json, hold_run
 from dpsynth.privacy.attribute_model import (
     AttributeModel,
     attribute_fidelity,
@@ -45,6 +46,9 @@ def fit_attributes(
     is recorded (merged into the run's ledger), and only then is the noise drawn and the
     model written. A crash in between over-reports spending, never under-reports it.
 
+    Without `max_total_epsilon`, the run's recorded ``privacy.max_total_epsilon`` applies;
+    the budget is composed with the run's recorded accountant.
+
     `seed` makes the noise reproducible and is for tests only: whoever knows it can remove
     the noise. By default the noise comes from OS entropy.
     """
@@ -63,20 +67,33 @@ def fit_attributes(
         len(patient_records(table, patients)), epsilon=epsilon, delta=delta,
         cache_id=cache.cache_id,
     )  # fmt: skip
-    ledger = Ledger.of_run(out)
-    if max_total_epsilon is not None:
-        ledger.check_budget(entry, max_total_epsilon)
-    ledger.add(entry)
-    ledger.save(out)  # recorded before anything is drawn or written
+    # Held throughout: a training stage still running in `out` would take steps this
+    # budget check cannot see, so fit-attributes waits for it (one-line refusal).
+    with hold_run(out):
+        recorded = _recorded_privacy(out)
+        if max_total_epsilon is None:  # the budget the user set when training this run
+            max_total_epsilon = recorded.max_total_epsilon
+        ledger = Ledger.of_run(out)
+        if max_total_epsilon is not None:
+            ledger.check_budget(entry, max_total_epsilon, accountant=recorded.accountant)
+        ledger.add(entry)
+        ledger.save(out)  # recorded before anything is drawn or written
 
-    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
-    model, _ = fit_attribute_model(  # its entry is `entry`: both from attribute_model_entry
-        table, rng=rng, epsilon=epsilon, delta=delta, patients=patients, cache_id=cache.cache_id
-    )
-    model.save(out / MODEL_FILE)
-    synthetic = model.sample(len(rows) // 2, np.random.default_rng(0))
-    atomic_write_json(out / FIDELITY_FILE, labelled(attribute_fidelity(table, synthetic)))
+        rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
+        model, _ = fit_attribute_model(  # its entry is `entry`: both from attribute_model_entry
+            table, rng=rng, epsilon=epsilon, delta=delta, patients=patients,
+            cache_id=cache.cache_id,
+        )  # fmt: skip
+        model.save(out / MODEL_FILE)
+        synthetic = model.sample(len(rows) // 2, np.random.default_rng(0))
+        atomic_write_json(out / FIDELITY_FILE, labelled(attribute_fidelity(table, synthetic)))
     return out
+
+
+def _recorded_privacy(run: Path) -> PrivacyConfig:
+    """The `privacy` settings `run` was trained with (its config.yaml), else the defaults."""
+    saved = run / "config.yaml"
+    return load_config(path=saved).privacy if saved.exists() else PrivacyConfig()
 
 
 def load_attribute_model(run: str | os.PathLike) -> AttributeModel:

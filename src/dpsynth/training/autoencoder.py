@@ -8,6 +8,7 @@ a Gaussian-mechanism estimate charged to the ledger.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import warnings
@@ -18,7 +19,7 @@ import torch
 
 from dpsynth.config import Config
 from dpsynth.data.cache import Cache
-from dpsynth.io import atomic_write_json, read_json
+from dpsynth.io import atomic_write_json, hold_run, read_json
 from dpsynth.models.build import build_autoencoder
 from dpsynth.privacy.ledger import LedgerEntry
 from dpsynth.privacy.outputs import RECONSTRUCTION_FILE, labelled
@@ -35,6 +36,7 @@ from dpsynth.training.common import (
     pick_device,
     prepare_run_dir,
     refuse_mixed_lineage,
+    save_config,
     seed_everything,
     trained_on,
     warmup_factor,
@@ -64,28 +66,32 @@ def train_autoencoder(
     if init_meta is not None:
         config = adopt_architecture(config, init_meta, ("autoencoder",))
     refuse_mixed_lineage(cache.cache_id, cache.path, dp, [Path(init)] if init else [])
-    run = prepare_run_dir(out, config, resume) if rank == 0 else Path(out)
-    barrier()
-    device = pick_device()
-    rng = seed_everything(config.autoencoder_training.seed)
-    model = build_autoencoder(config.autoencoder).to(device)
-    if init is not None:
-        model.load_state_dict(ckpt.load_weights(Path(init) / "autoencoder.safetensors"))
-    losses = _VolumeLosses(config.autoencoder, device)
-    if dp:
-        fit = _PrivateFit(run, model, cache, config, rng, losses, init, init_meta)
-    else:
-        fit = _PublicFit(run, model, cache, config, rng, losses)
-    fit.fit(resume)
-    model.load_state_dict(fit.ema.state_dict(model))
-    model.eval()
-    if rank == 0:  # under torchrun every rank holds the same weights; one writes them
-        parents = [Path(init)] if init else []
-        _finish(run, model, cache, config, fit.latent_scale(model), private=dp, parents=parents)
-        if not dp and init is not None:  # a public stage still carries what its parents spent
-            carry_lineage(run, [Path(init)])
-    barrier()
-    return run
+    # Held until the model is written: a second process on this run is refused.
+    with hold_run(out) if rank == 0 else contextlib.nullcontext():
+        run = prepare_run_dir(out, resume) if rank == 0 else Path(out)
+        barrier()
+        device = pick_device()
+        rng = seed_everything(config.autoencoder_training.seed)
+        model = build_autoencoder(config.autoencoder).to(device)
+        if init is not None:
+            model.load_state_dict(ckpt.load_weights(Path(init) / "autoencoder.safetensors"))
+        losses = _VolumeLosses(config.autoencoder, device)
+        if dp:
+            fit = _PrivateFit(run, model, cache, config, rng, losses, init, init_meta)
+        else:
+            fit = _PublicFit(run, model, cache, config, rng, losses)
+        fit.start(resume)
+        save_config(run, config)
+        fit.fit()
+        model.load_state_dict(fit.ema.state_dict(model))
+        model.eval()
+        if rank == 0:  # under torchrun every rank holds the same weights; one writes them
+            parents = [Path(init)] if init else []
+            _finish(run, model, cache, config, fit.latent_scale(model), private=dp, parents=parents)
+            if not dp and init is not None:  # a public stage still carries what its parents spent
+                carry_lineage(run, [Path(init)])
+        barrier()
+    return Path(out)
 
 
 class _VolumeLosses:
@@ -135,11 +141,14 @@ class _PublicFit:
     warmup_steps = property(lambda self: self.tcfg.warmup_steps)
     total_steps = property(lambda self: self.tcfg.steps)
 
-    def fit(self, resume: bool) -> None:
+    def start(self, resume: bool) -> None:
+        """Restore the checkpoint, or open a new stage (under DP: the budget check)."""
         if resume:
             self.restore(*ckpt.load_checkpoint(self.run / "checkpoint"))
         else:
             self.open()
+
+    def fit(self) -> None:
         main = is_main()  # under torchrun (DP only) rank 0 writes
         monitor = Monitor(self.run, self.total_steps, self.step, "autoencoder") if main else None
         self.model.train()

@@ -15,17 +15,27 @@ from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_text, read_json
 
 
-def prepare_run_dir(out: str | os.PathLike, config: Config, resume: bool) -> Path:
-    """Create the run folder; refuse to silently overwrite a previous run."""
+def prepare_run_dir(out: str | os.PathLike, resume: bool) -> Path:
+    """Create the run folder; refuse to silently overwrite a previous run, and to resume a
+    finished one (its one-shot releases, e.g. a DP latent scale, would be drawn again)."""
     out = Path(out)
     has_checkpoint = (out / "checkpoint" / "state.json").exists()
+    if resume and (out / "model.json").exists():
+        raise DpsynthError(f"{out}: this run is complete (model.json); --resume continues an "
+                           "interrupted run only")  # fmt: skip
     if resume and not has_checkpoint:
         raise DpsynthError(f"{out}: --resume given but there is no checkpoint in this run")
     if not resume and (has_checkpoint or (out / "model.json").exists()):
         raise DpsynthError(f"{out}: a run already exists here (use --resume or a new --out)")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", config.to_yaml())
     return out
+
+
+def save_config(run: Path, config: Config) -> None:
+    """Record the run's config; called once the stage's checks (budget, plan) have passed,
+    so a refused --resume leaves the config the run was trained with."""
+    if is_main():
+        atomic_write_text(run / "config.yaml", config.to_yaml())
 
 
 def init_distributed(dp: bool) -> int:

@@ -167,7 +167,9 @@ class DPStage:
         checkpointed = Ledger.load(self.run / "checkpoint" / "ledger.json")
         self._check_plan(checkpointed, state["ledger_entry"], state["opt"])
         self.entry_id = state["ledger_entry"]
-        self.ledger = Ledger.inherit(checkpointed, Ledger.of_run(self.run))
+        recorded = Ledger.of_run(self.run)
+        self._check_latest(checkpointed[self.entry_id], recorded)
+        self.ledger = Ledger.inherit(checkpointed, recorded)
         p = self.privacy
         if p.max_total_epsilon is not None:
             self.ledger.check_budget(
@@ -175,6 +177,22 @@ class DPStage:
             )
         if self.main:
             self.ledger.save(self.run / "ledger.json")
+
+    def _check_latest(self, checkpointed: LedgerEntry, recorded: Ledger) -> None:
+        """Refuse a checkpoint older than the steps the run's ledger records.
+
+        Training would restart at its k steps and, with fresh noise, retrain k+1..K that the
+        ledger already counts, ending on K again: the repeat would never be charged. (A
+        ledger behind the checkpoint is fine: a crash between the two writes; see
+        `save_checkpoint`.)
+        """
+        if checkpointed.id in recorded and recorded[checkpointed.id].steps > checkpointed.steps:
+            raise DpsynthError(
+                f"{self.run}: the checkpoint holds {checkpointed.steps} steps of stage "
+                f"{checkpointed.stage!r} but the run's ledger records "
+                f"{recorded[checkpointed.id].steps}; resume from the latest checkpoint, "
+                "not an older one"
+            )
 
     def _check_plan(self, ledger: Ledger, entry_id: str, engine_meta: dict[str, Any]) -> None:
         entry, p = ledger[entry_id], self.privacy

@@ -10,6 +10,7 @@ private data.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from dpsynth.attributes import ATTRIBUTES, CLINICAL_RANGES, INDEX, normalize
 from dpsynth.config import Config
 from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
-from dpsynth.io import atomic_write_json, read_json
+from dpsynth.io import atomic_write_json, hold_run, read_json
 from dpsynth.models.build import build_autoencoder, build_denoiser
 from dpsynth.sampling.schedulers import add_noise, make_scheduler
 from dpsynth.training import checkpoint as ckpt
@@ -38,6 +39,7 @@ from dpsynth.training.common import (
     pick_device,
     prepare_run_dir,
     refuse_mixed_lineage,
+    save_config,
     seed_everything,
     trained_on,
     warmup_factor,
@@ -162,47 +164,50 @@ def train_ldm(
         config = adopt_architecture(config, init_meta, ("denoiser", "diffusion"))
     parents = [p for p in (Path(autoencoder), init and Path(init)) if p]
     refuse_mixed_lineage(cache.cache_id, cache.path, dp, parents)
-    run = prepare_run_dir(out, config, resume) if rank == 0 else Path(out)
-    barrier()
-    tcfg = config.ldm_training
-    rng = seed_everything(tcfg.seed)
-    latent_scale = float(ae_meta["latent_scale"])
+    # Held until the model is written: a second process on this run is refused.
+    with hold_run(out) if rank == 0 else contextlib.nullcontext():
+        run = prepare_run_dir(out, resume) if rank == 0 else Path(out)
+        barrier()
+        tcfg = config.ldm_training
+        rng = seed_everything(tcfg.seed)
+        latent_scale = float(ae_meta["latent_scale"])
 
-    denoiser = build_denoiser(config.denoiser, cache.shape[0], ae.latent_channels)
-    if init is not None:
-        denoiser.load_state_dict(ckpt.load_weights(Path(init) / "denoiser.safetensors"))
-    _select_trainable(denoiser, tcfg.finetune)
-    denoiser.to(device).train()
+        denoiser = build_denoiser(config.denoiser, cache.shape[0], ae.latent_channels)
+        if init is not None:
+            denoiser.load_state_dict(ckpt.load_weights(Path(init) / "denoiser.safetensors"))
+        _select_trainable(denoiser, tcfg.finetune)
+        denoiser.to(device).train()
 
-    scheduler = make_scheduler(
-        "ddpm",
-        num_train_timesteps=config.diffusion.timesteps,
-        beta_start=config.diffusion.beta_start,
-        beta_end=config.diffusion.beta_end,
-        schedule=config.diffusion.schedule,
-    )
-    objective = DenoisingObjective(scheduler, config.diffusion.condition_dropout)
-    # Each rank draws its own diffusion noise for its share of the patients.
-    gen = torch.Generator().manual_seed(int(rng.integers(2**62)) + rank)
-    trainer_cls = _DPTrainer if dp else _Trainer
-    trainer = trainer_cls(
-        run=run, cache=cache, autoencoder=ae, latent_scale=latent_scale, denoiser=denoiser,
-        objective=objective, config=config, device=device, rng=rng, generator=gen,
-        parents=parents,
-    )  # fmt: skip
-    validation = Cache(validation_data) if validation_data else None
-    if dp and validation is not None:
-        trainer.dp.extra_entries += _private_validation(validation, cache, private_validation)
-    trainer.start(resume)
-    trainer.fit(validation=validation)
+        scheduler = make_scheduler(
+            "ddpm",
+            num_train_timesteps=config.diffusion.timesteps,
+            beta_start=config.diffusion.beta_start,
+            beta_end=config.diffusion.beta_end,
+            schedule=config.diffusion.schedule,
+        )
+        objective = DenoisingObjective(scheduler, config.diffusion.condition_dropout)
+        # Each rank draws its own diffusion noise for its share of the patients.
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)) + rank)
+        trainer_cls = _DPTrainer if dp else _Trainer
+        trainer = trainer_cls(
+            run=run, cache=cache, autoencoder=ae, latent_scale=latent_scale, denoiser=denoiser,
+            objective=objective, config=config, device=device, rng=rng, generator=gen,
+            parents=parents,
+        )  # fmt: skip
+        validation = Cache(validation_data) if validation_data else None
+        if dp and validation is not None:
+            trainer.dp.extra_entries += _private_validation(validation, cache, private_validation)
+        trainer.start(resume)
+        save_config(run, config)
+        trainer.fit(validation=validation)
 
-    denoiser.load_state_dict(trainer.ema.state_dict(denoiser))
-    if rank == 0:
-        _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, trainer.parents)
-        if not dp:  # a public stage still carries what its parents spent
-            carry_lineage(run, trainer.parents)
-    barrier()
-    return run
+        denoiser.load_state_dict(trainer.ema.state_dict(denoiser))
+        if rank == 0:
+            _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, trainer.parents)
+            if not dp:  # a public stage still carries what its parents spent
+                carry_lineage(run, trainer.parents)
+        barrier()
+    return Path(out)
 
 
 def _private_validation(validation: Cache, data: Cache, declared: bool) -> list:
