@@ -231,7 +231,13 @@ def test_refuses_a_non_private_training_use(world, tmp_path):
 def test_refuses_a_non_dp_stage_on_private_data(world, tmp_path):
     # A model fine-tuned WITHOUT DP on the private cache, starting from the DP run: it
     # inherits the DP ledger, but its own stage learned from the same patients un-noised.
-    run = train_ldm(world["private"], world["ae"], tmp_path / "nodp", tiny(), init=world["dp"])
+    # Training refuses to make it now (test_training); one made before, or by hand:
+    with pytest.raises(DpsynthError, match="a non-DP stage cannot build on it"):
+        train_ldm(world["private"], world["ae"], tmp_path / "nodp", tiny(), init=world["dp"])
+    run = shutil.copytree(world["dp"], tmp_path / "nodp_old")
+    meta = read_json(run / "model.json")
+    meta["trained_on"].insert(0, {"cache_id": Cache(world["private"]).cache_id, "dp": False})
+    (run / "model.json").write_text(json.dumps(meta))
     synthetic = sample_to_folder(run, tmp_path / "synthetic", n=1, steps=2)
     _refused(world, tmp_path / "b", "trained without DP on private data", run=run,
              synthetic=synthetic, max_epsilon=BUDGET)  # fmt: skip
