@@ -12,19 +12,19 @@ def make_phantom(
     slices: int = 6,
     size: int = 40,
     phase: str = "ED",
-    centre: tuple[float, float] = (20.0, 18.0),
+    centre: tuple[float, float] = (20.0, 22.0),
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(image float32, mask uint8) of shape (slices, size, size), base -> apex.
 
     Labels 1 LV blood (a disc), 2 LV myocardium (a ring around it), 3 RV blood (a crescent
-    to the right of the LV). The LV narrows towards the apex; the last slice holds only
+    to the left of the LV: ANGLE 0 in dpsynth's assumed array orientation). The LV narrows towards the apex; the last slice holds only
     myocardium (the apical cap). ES has a smaller cavity and a thicker wall.
     """
     rng = np.random.default_rng(seed)
     r, c = np.mgrid[:size, :size].astype(np.float64)
     d_lv = np.hypot(r - centre[0], c - centre[1])
-    d_rv = np.hypot(r - centre[0], c - centre[1] - 6.0)
+    d_rv = np.hypot(r - centre[0], c - centre[1] + 6.0)
     outer0, wall = (9.0, 2.0) if phase == "ED" else (8.0, 3.0)
     mask = np.zeros((slices, size, size), np.uint8)
     for k in range(slices):

@@ -75,6 +75,17 @@ def test_cache_without_an_id_asks_to_prepare_again(tmp_path):
         Cache(tmp_path / "old")
 
 
+def test_cache_of_the_old_attribute_format_asks_to_prepare_again(tmp_path):
+    _write_cache(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "meta.json").read_text())
+    meta["format_version"] = 1  # ANGLE in [0, 360) of the stored array, DEPTH = myocardium
+    (tmp_path / "old" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        DpsynthError, match=r"^[^\n]*cache format 1 is not 2 .*re-run `dpsynth prepare`$"
+    ):
+        Cache(tmp_path / "old")
+
+
 def test_datasets_shapes_dtypes_and_batched_path(tmp_path):
     images, attributes = _write_cache(tmp_path / "c", with_masks=False)
     cache = Cache(tmp_path / "c")

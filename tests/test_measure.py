@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dpsynth.data.measure import measure_patient, measure_volume, wall_thickness
+from dpsynth.data.measure import heart_depth, measure_patient, measure_volume, wall_thickness
 from dpsynth.errors import DpsynthError
 
 SPACING = (10.0, 1.5, 1.5)
@@ -69,13 +69,15 @@ def test_volumes_are_voxel_counts_times_voxel_volume():
 
 
 @pytest.mark.parametrize(
-    "offset,expected", [((0.0, 30.0), 0.0), ((30.0, 0.0), 90.0), ((-20.0, -20.0), 225.0)]
+    "offset,expected",
+    [((0.0, -30.0), 0.0), ((-30.0, 0.0), 90.0), ((20.0, 20.0), -135.0), ((-20.0, 20.0), 135.0)],
 )
 def test_angle_points_from_lv_to_rv(offset, expected):
-    # RV discs that do not overlap the LV (radius 24), so the centroids are exact
+    # (row, column) offsets of RV discs that do not overlap the LV (radius 24), so the
+    # centroids are exact. Arrays without an affine are in the assumed orientation: ANGLE 0
+    # with the RV to the left (-columns), +90 towards the top (-rows, the anterior wall).
     mask = _heart(18.0, 6.0, rv_offset=(offset[0] * 1.5, offset[1] * 1.5), rv_radius=8.0)
-    got = measure_volume(mask, SPACING)["ANGLE"]
-    assert abs((got - expected + 180) % 360 - 180) < 1.0
+    assert measure_volume(mask, SPACING)["ANGLE"] == pytest.approx(expected, abs=1.0)
 
 
 def test_angle_uses_millimetres_with_anisotropic_pixels():
@@ -83,7 +85,16 @@ def test_angle_uses_millimetres_with_anisotropic_pixels():
     mask[0, 5, 5] = 1
     mask[0, 6, 6] = 3  # one row and one column away; rows are 2x larger in mm
     got = measure_volume(mask, (10.0, 2.0, 1.0))["ANGLE"]
-    assert got == pytest.approx(math.degrees(math.atan2(2.0, 1.0)))
+    assert got == pytest.approx(math.degrees(math.atan2(-2.0, -1.0)))
+
+
+def test_depth_counts_the_slices_the_heart_spans():
+    mask = np.zeros((8, 6, 6), np.uint8)
+    mask[1, 2, 2] = 3  # the RV reaches one slice above the LV
+    mask[2:5, 3, 3] = 2
+    mask[2:4, 3, 4] = 1
+    mask[6, 3, 3] = 1  # a slice without labels inside the span still counts
+    assert heart_depth(mask) == 6 and measure_volume(mask, SPACING)["DEPTH"] == 6
 
 
 def test_missing_structures_are_nan():
@@ -107,7 +118,7 @@ def test_measure_patient_ejection_fractions_and_phases():
     assert p["RVEF"] == pytest.approx(100 * (ved["RV_ML"] - ves["RV_ML"]) / ved["RV_ML"])
     assert p["MYOESTHICK"] > p["MYOEDTHICK"] + 2.0
     assert p["DEPTH"] == 5
-    assert abs((p["ANGLE"] - 180 + 180) % 360 - 180) < 1.0
+    assert p["ANGLE"] == pytest.approx(0.0, abs=1.0)
     missing_rv = measure_patient(ed, np.where(es == 3, 0, es), SPACING)
     assert math.isnan(missing_rv["RVESV"]) and math.isnan(missing_rv["RVEF"])
 

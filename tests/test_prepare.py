@@ -164,9 +164,9 @@ def test_acdc_layout_converts_labels_and_reads_info_cfg(tmp_path):
     assert a[1, INDEX["RVESV"]] == pytest.approx(_expected("ES")["RV"], rel=1e-5)
     assert a[0, INDEX["BMI"]] == pytest.approx(95 / 1.84**2, rel=1e-5)
     assert np.isnan(a[:, INDEX["AGE"]]).all() and np.isnan(a[:, INDEX["SEX"]]).all()
-    # dpsynth labels in the cache: LV blood (1) inside the ring, RV (3) beside it.
+    # dpsynth labels in the cache: LV blood (1) inside the ring, RV (3) to its left.
     base = cache.masks[0][1]
-    assert base[16, 16] == 1 and np.nonzero(base == 3)[1].mean() > 16
+    assert base[16, 16] == 1 and np.nonzero(base == 3)[1].mean() < 16
 
 
 def test_mnms_layout_reads_4d_frames(tmp_path):
@@ -374,6 +374,9 @@ def test_simulated_cohort_round_trips_through_prepare(tmp_path):
     with open(src / "attributes.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     for i, row in enumerate(rows):  # the simulator measures its masks with the same code
-        for name in ("LVEDV", "LVESV", "RVEF", "MYOEDTHICK", "ANGLE", "DEPTH", "BMI"):
+        for name in ("LVEDV", "LVESV", "RVEF", "MYOEDTHICK", "ANGLE", "BMI"):
             assert cache.attributes[2 * i, INDEX[name]] == pytest.approx(float(row[name]), rel=1e-4)
+        # DEPTH is counted in the prepared volume: the 13-slice phantoms are cropped to 8.
+        assert cache.attributes[2 * i, INDEX["DEPTH"]] == min(float(row["DEPTH"]), SHAPE[0])
+    assert max(float(row["DEPTH"]) for row in rows) > SHAPE[0]  # the crop was exercised
     assert np.isnan(cache.attributes[:, INDEX["AGE"]]).all()  # acdc cohort: AGE missing

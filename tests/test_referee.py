@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dpsynth.attributes import ATTRIBUTES, INDEX, N_ATTRIBUTES
+from dpsynth.data.cache import FORMAT_VERSION
 from dpsynth.data.measure import measure_volume
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.referee import Referee, fit_referee, train_referee
@@ -69,7 +70,7 @@ def write_cache(path, vols, splits):
             values = ["" if np.isnan(x) else x for x in row]
             w.writerow([f"p{i // 2}", "ED" if i % 2 == 0 else "ES", splits[i // 2], *values])
     meta = {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "shape": list(vols.shape),
         "spacing": list(SPACING),
         "has_masks": True,

@@ -14,13 +14,10 @@ from dpsynth.data.simulate import (
     simulate_patient,
 )
 from dpsynth.errors import DpsynthError
+from dpsynth.orientation import array_affine
 
 SHAPE = (13, 96, 96)
 VOLUMES = ("LVEDV", "LVESV", "RVEDV", "RVESV")
-
-
-def _angle_diff(a, b):
-    return abs((a - b + 180.0) % 360.0 - 180.0)
 
 
 @pytest.mark.parametrize("cohort,seeds", [("ukbb", range(4)), ("acdc", range(6))])
@@ -34,7 +31,9 @@ def test_masks_follow_the_requested_attributes(cohort, seeds):
         assert abs(m["MYOESTHICK"] - t["MYOESTHICK"]) < 0.3
         assert m["MYOESTHICK"] > m["MYOEDTHICK"]
         assert abs(m["DEPTH"] - t["DEPTH"]) <= 1
-        assert _angle_diff(m["ANGLE"], t["ANGLE"]) < 10.0
+        assert abs(m["ANGLE"] - t["ANGLE"]) < 10.0  # signed, never near the wrap
+        assert -45.0 < m["ANGLE"] < 70.0  # where the study's grid (-45..45) puts real hearts
+        assert 3 <= m["DEPTH"] <= 13
         # ground truth = what the masks show
         assert m == {**m, **measure_patient(p.masks["ED"], p.masks["ES"], p.spacing)}
 
@@ -50,7 +49,7 @@ def test_render_follows_explicit_extreme_targets():
         "MYOEDTHICK": 16.0,
         "MYOESTHICK": 21.0,
         "LVEF": 72.0,
-        "ANGLE": 150.0,
+        "ANGLE": -40.0,
         "DEPTH": 7.0,
     }
     spacing = (10.0, 1.8269, 1.8269)
@@ -59,7 +58,7 @@ def test_render_follows_explicit_extreme_targets():
     for key in VOLUMES:
         assert abs(m[key] / targets[key] - 1) < 0.03
     assert abs(m["MYOEDTHICK"] - 16.0) < 0.5 and abs(m["MYOESTHICK"] - 21.0) < 0.5
-    assert m["DEPTH"] == 7 and _angle_diff(m["ANGLE"], 150.0) < 10.0
+    assert m["DEPTH"] == 7 and abs(m["ANGLE"] + 40.0) < 10.0
     assert images["ED"].dtype == np.int16 and masks["ED"].dtype == np.uint8
 
 
@@ -122,7 +121,8 @@ def test_cohort_layout_csv_and_nifti(tmp_path):
             img = nib.load(folder / f"{name}.nii.gz")
             assert img.shape == (96, 96, 13)  # NIfTI (x, y, z)
             assert img.header.get_zooms() == pytest.approx((1.8269, 1.8269, 10.0))
-            assert np.diag(img.affine)[:3] == pytest.approx([1.8269, 1.8269, 10.0])
+            # the assumed array orientation, so the files are prepared back to the same ANGLE
+            assert img.affine == pytest.approx(array_affine((10.0, 1.8269, 1.8269)))
             assert img.get_data_dtype() == (np.uint8 if name.startswith("seg") else np.int16)
         ed = np.asarray(nib.load(folder / "seg_sa_ED.nii.gz").dataobj).transpose(2, 1, 0)
         es = np.asarray(nib.load(folder / "seg_sa_ES.nii.gz").dataobj).transpose(2, 1, 0)

@@ -40,7 +40,7 @@ UNITS = {
     "SEX": "0 female, 1 male",
     "BMI": "kg/m2",
     "ESED": "0 ES, 1 ED",
-    "ANGLE": "degrees",
+    "ANGLE": "degrees, signed",
     "DEPTH": "slices",
 }
 
@@ -62,7 +62,9 @@ CLINICAL_RANGES: dict[str, tuple[float, float]] = {
     "SEX": (0.0, 1.0),
     "BMI": (12.0, 50.0),
     "ESED": (0.0, 1.0),
-    "ANGLE": (0.0, 360.0),
+    # ANGLE: the whole signed domain (dpsynth.orientation); real hearts lie within about
+    # +-45 (the study's grid), so the wrap at +-180 is never reached.
+    "ANGLE": (-180.0, 180.0),
     "DEPTH": (0.0, 20.0),
 }
 

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from dpsynth.errors import DpsynthError
+from dpsynth.orientation import array_affine
 
 
 @contextlib.contextmanager
@@ -159,7 +160,10 @@ def write_nifti(
     dtype: type = np.float32,
     label: bool = False,
 ) -> None:
-    """Write a (slices, H, W) volume with spacing (dz, dy, dx) mm in the affine, atomically.
+    """Write a (slices, H, W) volume with spacing (dz, dy, dx) mm, atomically.
+
+    The affine is :func:`dpsynth.orientation.array_affine`: the orientation dpsynth assumes
+    for its arrays, so a written volume reads back (and is prepared) with the same ANGLE.
 
     `label=True` marks a segmentation (NIfTI intent "label").
     """
@@ -177,7 +181,7 @@ def nifti_bytes(
     """The bytes of :func:`write_nifti`'s file (gzipped with `gz`), for serving without a file."""
     dz, dy, dx = (float(s) for s in spacing)
     data = np.asarray(volume).transpose(2, 1, 0).astype(dtype)
-    img = nib.Nifti1Image(data, np.diag([dx, dy, dz, 1.0]))
+    img = nib.Nifti1Image(data, array_affine((dz, dy, dx)))
     img.header.set_zooms((dx, dy, dz))
     img.header.set_xyzt_units("mm")
     if label:

@@ -30,7 +30,9 @@ from dpsynth.attributes import ATTRIBUTES, N_ATTRIBUTES
 from dpsynth.errors import DpsynthError
 from dpsynth.io import read_json
 
-FORMAT_VERSION = 1
+# 2: ANGLE signed in patient coordinates, DEPTH = slices the heart spans, arrays in the
+# canonical in-plane orientation (dpsynth.orientation). 1: ANGLE in [0, 360) of the array.
+FORMAT_VERSION = 2
 IMAGES_FILE = "images.npy"
 MASKS_FILE = "masks.npy"
 ATTRIBUTES_FILE = "attributes.csv"
@@ -50,7 +52,7 @@ class Cache:
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise DpsynthError(
                 f"{self.path / META_FILE}: cache format {self.meta.get('format_version')!r} is not "
-                f"{FORMAT_VERSION}; prepare the data again"
+                f"{FORMAT_VERSION} (attribute definitions changed); re-run `dpsynth prepare`"
             )
         if not isinstance(self.meta.get("cache_id"), str) or not self.meta["cache_id"]:
             raise DpsynthError(

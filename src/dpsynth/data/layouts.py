@@ -80,11 +80,14 @@ class PatientRecord:
 
 @dataclass
 class Volume:
-    """One loaded, validated phase: (slices, H, W) float32 image, uint8 mask in dpsynth labels."""
+    """One loaded, validated phase: (slices, H, W) float32 image, uint8 mask in dpsynth labels,
+    and the image's NIfTI affine (voxel (column, row, slice) -> patient mm), which defines
+    ANGLE (:mod:`dpsynth.orientation`); None means dpsynth's assumed array orientation."""
 
     image: np.ndarray
     mask: np.ndarray | None
     spacing: tuple[float, float, float]
+    affine: np.ndarray | None = None
 
 
 def read_layout(
@@ -120,24 +123,27 @@ def load_patient(record: PatientRecord) -> dict[str, Volume]:
     """Read and validate the ED and ES volumes of `record`; errors name the offending file."""
     if record.error:
         raise DpsynthError(record.error)
-    files: dict[Path, tuple[np.ndarray, tuple[float, float, float]]] = {}
+    files: dict[Path, tuple[np.ndarray, tuple[float, float, float], np.ndarray]] = {}
 
-    def read(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    def read(path: Path) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
         if path not in files:  # ED and ES of a 4D file share one read
-            data, spacing, _ = read_nifti(path)
-            files[path] = data, spacing
+            files[path] = read_nifti(path)
         return files[path]
 
     return {phase: _load_volume(record.volumes[phase], read) for phase in PHASES}
 
 
 def _load_volume(source: VolumeSource, read: Callable) -> Volume:
-    image, spacing = _frame(source.image, *read(source.image), source.frame)
+    data, spacing, affine = read(source.image)
+    image, spacing = _frame(source.image, data, spacing, source.frame)
     if not np.isfinite(image).all():
         raise DpsynthError(f"{source.image}: image has non-finite voxels (NaN or inf)")
+    if not np.isfinite(affine).all():
+        raise DpsynthError(f"{source.image}: affine has non-finite entries")
     if source.mask is None:
-        return Volume(image, None, spacing)
-    mask, mask_spacing = _frame(source.mask, *read(source.mask), source.frame)
+        return Volume(image, None, spacing, affine)
+    data, mask_spacing, _ = read(source.mask)
+    mask, mask_spacing = _frame(source.mask, data, mask_spacing, source.frame)
     if mask.shape != image.shape:
         raise DpsynthError(
             f"{source.mask}: mask shape {mask.shape} differs from image shape {image.shape}"
@@ -155,7 +161,7 @@ def _load_volume(source: VolumeSource, read: Callable) -> Volume:
     mask = labels[mask.astype(np.uint8)]
     if not mask.any():
         raise DpsynthError(f"{source.mask}: empty mask (no labelled voxels)")
-    return Volume(image, mask, spacing)
+    return Volume(image, mask, spacing, affine)
 
 
 def _frame(path: Path, data: np.ndarray, spacing, frame: int | None) -> tuple[np.ndarray, tuple]:

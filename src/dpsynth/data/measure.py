@@ -14,6 +14,7 @@ import numpy as np
 
 from dpsynth.attributes import ejection_fraction
 from dpsynth.errors import DpsynthError
+from dpsynth.orientation import angle_degrees, array_affine
 
 LV_BLOOD, LV_MYO, RV_BLOOD = 1, 2, 3
 
@@ -57,12 +58,32 @@ def wall_thickness(mask: np.ndarray, spacing: Sequence[float]) -> float:
     return float(per_slice @ myo / myo.sum())
 
 
-def measure_volume(mask: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
+def heart_depth(mask: np.ndarray) -> int:
+    """DEPTH: slices from the most basal to the most apical one holding any heart label
+    (LV blood pool, LV myocardium, RV blood pool), inclusive; 0 for an empty mask.
+
+    The study conditions on DEPTH 7..13 for 13-slice volumes, next to a "rotation"
+    (ANGLE), as its "slice conditioning" (compai-lab/2024-miccai-dgm-daum,
+    projects/cardiac_diffusion/Trainer.py, the hand-made test context), and its evaluator
+    blanks the near-constant padding slices (DownstreamEvaluator.py): DEPTH is how many
+    slices of the stack the heart occupies.
+    """
+    heart = np.isin(mask, (LV_BLOOD, LV_MYO, RV_BLOOD)).any(axis=(1, 2))
+    index = np.flatnonzero(heart)
+    return int(index[-1] - index[0] + 1) if index.size else 0
+
+
+def measure_volume(
+    mask: np.ndarray, spacing: Sequence[float], affine: np.ndarray | None = None
+) -> dict[str, float]:
     """Measure one (slices, H, W) mask with spacing (dz, dy, dx) mm.
 
     Returns LV_ML and RV_ML (blood-pool volumes, mL), MYO_THICK (mean LV wall thickness, mm),
-    ANGLE (degrees in [0, 360): direction LV centre -> RV centre, atan2(d_row, d_col) in mm,
-    LV centre = centroid of cavity and myocardium) and DEPTH (slices containing myocardium).
+    ANGLE and DEPTH (:func:`heart_depth`). ANGLE (degrees, (-180, 180]) is the direction
+    LV centroid -> RV centroid (LV = cavity and myocardium) in patient coordinates, relative
+    to the canonical orientation of :mod:`dpsynth.orientation`; `affine` is the NIfTI
+    voxel -> world matrix of the array as stored (column, row, slice = NIfTI i, j, k), or
+    None for an array in dpsynth's assumed orientation (:func:`orientation.array_affine`).
     """
     mask, (dz, dy, dx) = _check(mask, spacing)
     voxel_ml = dz * dy * dx / 1000.0
@@ -74,36 +95,47 @@ def measure_volume(mask: np.ndarray, spacing: Sequence[float]) -> dict[str, floa
     lv = (mask == LV_BLOOD) | (mask == LV_MYO)
     rv = mask == RV_BLOOD
     if lv.any() and rv.any():
-        # Centroids from row/column projections: no coordinate grids needed.
-        (lv_r, lv_c), (rv_r, rv_c) = _centroid(lv), _centroid(rv)
-        angle = math.degrees(math.atan2((rv_r - lv_r) * dy, (rv_c - lv_c) * dx)) % 360.0
+        if affine is None:
+            affine = array_affine((dz, dy, dx))
+        elif np.shape(affine) not in ((4, 4), (3, 3)) or not np.isfinite(affine).all():
+            raise DpsynthError(f"affine: expected a finite 4x4 matrix, got {np.shape(affine)}")
+        offset = np.subtract(_centroid(rv), _centroid(lv))  # (slice, row, column) voxels
+        direction = np.asarray(affine, dtype=np.float64)[:3, :3] @ offset[::-1]
+        angle = angle_degrees(direction, affine)
 
     return {
         "LV_ML": float(lv_ml),
         "RV_ML": float(rv_ml),
         "MYO_THICK": wall_thickness(mask, (dz, dy, dx)),
         "ANGLE": angle,
-        "DEPTH": int((mask == LV_MYO).any(axis=(1, 2)).sum()),
+        "DEPTH": heart_depth(mask),
     }
 
 
-def _centroid(region: np.ndarray) -> tuple[float, float]:
-    rows = region.sum(axis=(0, 2))
-    cols = region.sum(axis=(0, 1))
-    n = rows.sum()
-    return float(rows @ np.arange(rows.size)) / n, float(cols @ np.arange(cols.size)) / n
+def _centroid(region: np.ndarray) -> np.ndarray:
+    """(slice, row, column) centroid from the axis projections: no coordinate grids needed."""
+    n = region.sum()
+    return np.array(
+        [
+            float(region.sum(axis=tuple(a for a in range(3) if a != axis)) @ np.arange(size)) / n
+            for axis, size in enumerate(region.shape)
+        ]
+    )
 
 
 def measure_patient(
-    mask_ed: np.ndarray, mask_es: np.ndarray, spacing: Sequence[float]
+    mask_ed: np.ndarray,
+    mask_es: np.ndarray,
+    spacing: Sequence[float],
+    affine: np.ndarray | None = None,
 ) -> dict[str, float]:
     """The ten cardiac attributes of one patient from its ED and ES masks.
 
     Keys: LVEDV LVESV LVEF RVEDV RVESV RVEF MYOESTHICK MYOEDTHICK ANGLE DEPTH; ANGLE and
     DEPTH are those of the ED mask.
     """
-    ed = measure_volume(mask_ed, spacing)
-    es = measure_volume(mask_es, spacing)
+    ed = measure_volume(mask_ed, spacing, affine)
+    es = measure_volume(mask_es, spacing, affine)
     return {
         "LVEDV": ed["LV_ML"],
         "LVESV": es["LV_ML"],

@@ -1,8 +1,10 @@
 """Preparation: read a dataset layout, derive attributes, preprocess, write the cache.
 
 Each volume is oriented base -> apex, resampled in-plane to the target spacing (slices are
-kept, not resampled), intensity-normalised to [0, 1] and cropped or padded to (S, H, W)
-around the heart. Volumes stream into memory-mapped ``.npy`` files one patient at a time,
+kept, not resampled), turned in-plane into the canonical orientation of
+:mod:`dpsynth.orientation` (from its NIfTI affine: however the scanner stored the array, the
+cached array shows the heart the same way, so the ANGLE it is conditioned on is the one it
+shows), intensity-normalised to [0, 1] and cropped or padded to (S, H, W) around the heart. Volumes stream into memory-mapped ``.npy`` files one patient at a time,
 so cohorts larger than RAM can be prepared. The cache is built in a temporary directory
 and renamed on success: a failure leaves nothing at ``out``.
 """
@@ -34,9 +36,10 @@ from dpsynth.data.cache import (
     TABLE_COLUMNS,
 )
 from dpsynth.data.layouts import Volume, load_patient, read_layout
-from dpsynth.data.measure import measure_volume
+from dpsynth.data.measure import heart_depth, measure_volume
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_dir, atomic_write_json, atomic_write_text
+from dpsynth.orientation import frame
 
 NORMALISATION = {"method": "percentile", "low": 0.5, "high": 99.5, "clip": [0.0, 1.0]}
 
@@ -94,8 +97,13 @@ def prepare(
         for record in tqdm(records, desc="prepare", unit="patient", disable=None):
             try:
                 volumes = load_patient(record)
-                attributes = patient_attributes(volumes, record.attributes, prefer_csv_attributes)
                 prepared = [preprocess_volume(volumes[p], shape, spacing) for p in PHASES]
+                attributes = patient_attributes(
+                    volumes,
+                    record.attributes,
+                    prefer_csv_attributes,
+                    prepared_masks={p: m for p, (_, m) in zip(PHASES, prepared, strict=True)},
+                )
             except DpsynthError as e:
                 if not skip_bad:
                     raise
@@ -129,16 +137,22 @@ def patient_attributes(
     volumes: Mapping[str, Volume],
     given: Mapping[str, Mapping[str, float]],
     prefer_given: bool = False,
+    prepared_masks: Mapping[str, np.ndarray | None] | None = None,
 ) -> np.ndarray:
     """(2, 14) raw attributes, rows ED then ES: measured from masks, merged with `given`.
 
     Measured values win unless `prefer_given`; either way a value missing on one side is
-    taken from the other, and anything missing on both stays NaN.
+    taken from the other, and anything missing on both stays NaN. ANGLE is measured in
+    patient coordinates (each volume's affine); DEPTH on `prepared_masks` where given (the
+    slices the heart spans in the volume the model sees, which cropping may shorten).
     """
     m = {
-        p: measure_volume(v.mask, v.spacing) if v.mask is not None else {}
+        p: measure_volume(v.mask, v.spacing, v.affine) if v.mask is not None else {}
         for p, v in volumes.items()
     }
+    for p, mask in (prepared_masks or {}).items():
+        if mask is not None and m.get(p):
+            m[p]["DEPTH"] = heart_depth(mask)
     nan = float("nan")
     ed, es = m["ED"], m["ES"]
     measured = {
@@ -151,7 +165,7 @@ def patient_attributes(
     }
     rows = np.full((len(PHASES), N_ATTRIBUTES), np.nan)
     for i, phase in enumerate(PHASES):
-        # ANGLE and DEPTH describe each volume; an empty-of-myocardium mask has DEPTH 0.
+        # ANGLE and DEPTH describe each volume; a mask without heart labels has DEPTH 0.
         own = {**measured, "ANGLE": m[phase].get("ANGLE", nan), "DEPTH": m[phase].get("DEPTH", nan)}
         for name, value in own.items():
             rows[i, INDEX[name]] = value
@@ -188,6 +202,8 @@ def preprocess_volume(
         if mask is not None:
             mask = ndimage.zoom(mask, zoom, order=0, mode="nearest", grid_mode=True)
     image = _normalise(image)
+    if volume.affine is not None:
+        image, mask = to_canonical(image, mask, volume.affine, spacing)
     if mask is not None and (mask > 0).any():
         # Centre on the LV: its slice extent, and its in-plane centroid.
         lv = np.isin(mask, (1, 2))
@@ -207,6 +223,51 @@ def preprocess_volume(
     out_mask = np.zeros(shape, dtype=np.uint8)
     out_mask[dst] = mask[src]
     return out_image, out_mask
+
+
+def to_canonical(
+    image: np.ndarray, mask: np.ndarray | None, affine: np.ndarray, spacing: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Turn (slices, H, W) arrays in-plane into dpsynth's assumed orientation.
+
+    `affine` gives the stored axes' directions (its scale is ignored: the arrays are already
+    at the in-plane `spacing` (dz, dy, dx)). Output columns run along -u and rows along -v of
+    :func:`dpsynth.orientation.frame`; the grid grows to hold the turned slice, the new
+    corners are 0. Flips and transposes are exact (nearest neighbour on the integer grid);
+    other turns interpolate the image linearly and the mask by nearest neighbour.
+    """
+    axes = frame(affine)
+    if axes is None:  # no defined orientation (ANGLE is NaN too): keep the array as stored
+        return image, mask
+    u, v, _ = axes
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    dy, dx = float(spacing[1]), float(spacing[2])
+    # Stored (row, column) steps and wanted ones, as world vectors in mm.
+    stored = np.column_stack(
+        [a[:, 1] / np.linalg.norm(a[:, 1]) * dy, a[:, 0] / np.linalg.norm(a[:, 0]) * dx]
+    )
+    wanted = np.column_stack([-v * dy, -u * dx])
+    turn = np.linalg.lstsq(stored, wanted, rcond=None)[0]  # wanted (row, col) -> stored index
+    if np.allclose(turn, np.eye(2), atol=1e-6):
+        return image, mask
+    exact = np.allclose(np.abs(turn), np.round(np.abs(turn)), atol=1e-6)
+    if exact:
+        turn = np.round(turn)
+    size = np.array(image.shape[1:], dtype=np.float64)
+    half = np.abs(np.linalg.inv(turn)) @ ((size - 1) / 2)
+    out = np.ceil(2 * half - 1e-6).astype(int) + 1
+    matrix = np.eye(3)
+    matrix[1:, 1:] = turn
+    offset = np.concatenate([[0.0], (size - 1) / 2 - turn @ ((out - 1) / 2)])
+    shape = (image.shape[0], *out)
+
+    def resample(array: np.ndarray, order: int) -> np.ndarray:
+        return ndimage.affine_transform(
+            array, matrix, offset, output_shape=shape, order=order, mode="constant", cval=0
+        )
+
+    image = resample(image, 0 if exact else 1)
+    return image, None if mask is None else resample(mask, 0)
 
 
 def _apex_first(mask: np.ndarray) -> bool:

@@ -106,7 +106,7 @@ def draw_targets(rng: np.random.Generator, cohort: str, n_slices: int, dz: float
     rvef = lvef - 3.0 + 4.0 * e()
     thick_ed = (6.0 if male else 5.1) + 0.35 * size + 0.015 * da + 0.5 * e()
     thickening = 0.5 + 0.012 * (lvef - 61.0) + 0.07 * e()  # ES wall / ED wall - 1
-    angle = 200.0 + 10.0 * e()
+    angle = 20.0 + 10.0 * e()  # degrees from the canonical LV -> RV direction (orientation.py)
     group = "NOR"
 
     if cohort == "acdc":
@@ -124,7 +124,7 @@ def draw_targets(rng: np.random.Generator, cohort: str, n_slices: int, dz: float
             rv_ratio, rvef = 1.8 * math.exp(0.15 * e()), 33.0 + 9.0 * e()
         if group in ("DCM", "MINF"):
             rv_ratio, rvef = 0.75 * math.exp(0.15 * e()), lvef + 10.0 + 8.0 * e()
-        angle = 190.0 + 18.0 * e()
+        angle = 10.0 + 18.0 * e()
 
     lvedv = float(np.clip(lvedv, 60.0, 420.0))
     lvef = float(np.clip(lvef, 8.0, 82.0))
@@ -147,7 +147,7 @@ def draw_targets(rng: np.random.Generator, cohort: str, n_slices: int, dz: float
         "RVEF": rvef,
         "MYOESTHICK": thick_ed * (1 + max(thickening, 0.05)),
         "MYOEDTHICK": thick_ed,
-        "ANGLE": angle % 360.0,
+        "ANGLE": float(np.clip(angle, -179.0, 179.0)),  # never near the wrap
         "DEPTH": float(depth),
     }
 
@@ -199,7 +199,10 @@ def _frame(targets: dict, shape, spacing, rng: np.random.Generator) -> _Frame:
     x = (cols[None, None, :] - shift[:, 1, None, None]).astype(np.float32)
     y, x = np.broadcast_arrays(y, x)
 
-    theta = math.radians(targets["ANGLE"])
+    # The arrays are in dpsynth's assumed orientation (orientation.array_affine): ANGLE 0
+    # puts the RV towards -columns (image left), positive ANGLE turns it towards -rows (the
+    # anterior wall, image top). theta is the LV -> RV direction as atan2(row, column).
+    theta = math.radians(targets["ANGLE"] + 180.0)
     # Put the LV a bit opposite the RV so the whole heart sits near the image centre.
     cy, cx = -14.0 * math.sin(theta), -14.0 * math.cos(theta)
     u = (x - cx) * math.cos(theta) + (y - cy) * math.sin(theta)

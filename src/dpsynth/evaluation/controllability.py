@@ -29,6 +29,8 @@ MEASURED_ATTRIBUTES: dict[str, tuple[str, float | None]] = {
     "MYOEDTHICK": ("MYO_THICK", 1.0),
     "MYOESTHICK": ("MYO_THICK", 0.0),
     "DEPTH": ("DEPTH", None),
+    # Signed, so requested and measured ANGLE correlate linearly (no wrap near real hearts).
+    "ANGLE": ("ANGLE", None),
 }
 # LV cavity volume pooled over both phases: the headline controllability figure.
 POOLED = {"LV_VOLUME": ("LVEDV", "LVESV")}

@@ -3,7 +3,7 @@
 Model: a Gaussian copula. Each of the twelve modelled variables (:data:`VARIABLES`: EDV
 and EF of both ventricles, wall thicknesses, AGE, BMI, ANGLE, DEPTH at ED and at ES, SEX)
 has a histogram marginal over FIXED bins of its clinical range (:mod:`dpsynth.attributes`,
-public; one bin per integer for SEX and DEPTH) and a missingness rate; a latent Gaussian with
+public; ANGLE over :data:`MODEL_RANGES`; one bin per integer for SEX and DEPTH) and a missingness rate; a latent Gaussian with
 correlation matrix R ties them together. Sampling draws the latent Gaussian, maps each
 coordinate through its marginal's inverse CDF (uniform within a bin), blanks values at
 the missingness rates (missing completely at random), and derives the rest
@@ -78,7 +78,7 @@ VARIABLES = (
     "DEPTH_ES",
     "SEX",
 )
-# DEPTH (slices holding LV myocardium) differs by phase (the heart shortens at ES, about 1.5
+# DEPTH (slices the heart spans) differs by phase (the heart shortens at ES, about 1.5
 # slices on the demo cohort): one variable per phase -> (column, ESED code of its rows).
 PER_PHASE = {"DEPTH_ED": ("DEPTH", 1.0), "DEPTH_ES": ("DEPTH", 0.0)}
 INTEGER = ("DEPTH_ED", "DEPTH_ES", "SEX")  # one bin per integer value; sampled as integers
@@ -87,7 +87,7 @@ BINS = 16  # per continuous variable, over its clinical range
 SHARES = {"histograms": 0.5, "signs": 0.5}
 KEEP_BIN_SIGMAS = 2.5
 CORRELATION_FLOOR = 1e-3  # smallest eigenvalue kept when projecting R to positive definite
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: signed ANGLE binned over MODEL_RANGES (2: ANGLE in [0, 360))
 
 _V = len(VARIABLES)
 _PAIRS = np.triu_indices(_V, k=1)
@@ -98,8 +98,15 @@ def column(name: str) -> str:
     return PER_PHASE.get(name, (name, None))[0]
 
 
+# Bin ranges narrower than the clinical (normalisation) range, where that range is the whole
+# domain: ANGLE is signed about the canonical orientation and real hearts lie within about
+# +-45 degrees, so 16 bins over +-90 (11.25 degrees) resolve it; values beyond fall in the
+# end bins.
+MODEL_RANGES = {"ANGLE": (-90.0, 90.0)}
+
+
 def _edges(name: str) -> np.ndarray:
-    lo, hi = CLINICAL_RANGES[column(name)]
+    lo, hi = MODEL_RANGES.get(column(name), CLINICAL_RANGES[column(name)])
     if name in INTEGER:
         return np.arange(lo - 0.5, hi + 1.0)
     return np.linspace(lo, hi, BINS + 1)
@@ -261,7 +268,7 @@ class AttributeModel:
 def patient_records(table: np.ndarray, patients: np.ndarray | None) -> np.ndarray:
     """(P, V) one record per patient in VARIABLES order.
 
-    A patient's rows are averaged (ANGLE on the circle); a per-phase variable averages the
+    A patient's rows are averaged; a per-phase variable averages the
     rows of its phase (rows of unknown phase count for both) and is missing without one."""
     table = np.asarray(table, dtype=np.float64)
     if table.ndim != 2 or table.shape[1] != N_ATTRIBUTES:
@@ -278,10 +285,7 @@ def patient_records(table: np.ndarray, patients: np.ndarray | None) -> np.ndarra
         raise DpsynthError(
             "table: rows hold both phases (ESED 0 and 1): pass patients=<id per row>"
         )
-    angle = np.deg2rad(table[:, INDEX["ANGLE"]])
-    per_patient = group_mean(np.column_stack([table, np.cos(angle), np.sin(angle)]), patients)
-    cos, sin = per_patient[:, -2], per_patient[:, -1]
-    per_patient[:, INDEX["ANGLE"]] = np.rad2deg(np.arctan2(sin, cos)) % 360.0
+    per_patient = group_mean(table, patients)  # ANGLE is signed, not circular: a plain mean
     records = per_patient[:, [INDEX[column(a)] for a in VARIABLES]]
     for name, (col, code) in PER_PHASE.items():
         own = (phases == code) | np.isnan(phases)
