@@ -148,9 +148,22 @@ def test_vq_gradients_reach_encoder_and_codebook():
     assert ae.codebook.grad.abs().sum() > 0
 
 
-def test_vq_latent_channels_must_match_code_dim():
+def test_vq_diffuses_the_studys_one_channel_latent_and_quantises_4_dim_codes():
+    torch.manual_seed(0)
+    ae = VQAutoencoder(**TINY_AE, latent_channels=1, code_dim=4, codebook_size=16)
+    x = torch.rand(2, 1, 5, 16, 16)
+    z = ae.encode_latent(x)
+    assert z.shape == (2, 1, 5, 4, 4)  # what the denoiser sees
+    q = ae.quantize(z)
+    assert q.quantized.shape == (2, 4, 5, 4, 4)
+    # every position is exactly one codebook entry (4-dim), reached through the 1x1 conv
+    assert torch.equal(q.quantized.detach().movedim(1, -1), ae.codebook.detach()[q.indices])
+    assert ae.decode_latent(z).shape == x.shape
+    out = ae(x)
+    (out.reconstruction.square().mean() + out.regularization_loss.mean()).backward()
+    assert ae.to_code.weight.grad.abs().sum() > 0
     with pytest.raises(DpsynthError, match="latent_channels"):
-        VQAutoencoder(**TINY_AE, latent_channels=1, code_dim=4)
+        VQAutoencoder(**TINY_AE, latent_channels=5, code_dim=4)
 
 
 def test_bad_norm_groups_is_a_user_error():

@@ -310,7 +310,9 @@ def cmd_workflow(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from dpsynth.sweep import run_sweep
 
-    run_sweep(args.out, epsilons=args.epsilons, pretrain=args.pretrain, bench_md=args.bench_md)
+    grid = {"epsilons": args.epsilons} if args.epsilons else {}  # else the sweep's default
+    run_sweep(args.out, preset=args.preset, public=args.public, private=args.private,
+              pretrain=args.pretrain, bench_md=args.bench_md, **grid)  # fmt: skip
 
 
 # ---------------------------------------------------------------- parser
@@ -531,7 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="the study's grid: ε × pre-training")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"))
-    p.add_argument("--epsilons", default="1,10,inf")
+    p.add_argument("--preset", choices=("demo", "paper"), default="demo")
+    p.add_argument("--public", type=Path, help="public cache (default: demo models / phantoms)")
+    p.add_argument("--private", type=Path, help="private cache (default: simulated phantoms)")
+    p.add_argument(
+        "--epsilons", help="comma-separated, inf = no DP (default: the study's 0.1,1,10,inf)"
+    )
     p.add_argument("--pretrain", choices=("both", "on", "off"), default="both")
     p.add_argument("--bench-md", type=Path)
     p.set_defaults(func=cmd_sweep)

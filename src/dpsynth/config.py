@@ -37,11 +37,20 @@ class AutoencoderConfig:
     codebook_size: int = 4000
     code_dim: int = 4
     reconstruction_loss: Literal["l1", "l2"] = "l2"
+    reconstruction_weight: float = 1.0  # the study: L2 x 1000
     kl_weight: float = 1e-6
+    # Capacity-annealed KL (Burgess et al. 2018; the study's KLDLoss): with a capacity C_max
+    # the KL term is kl_weight * |KL - C(step)|, KL per latent position (summed over channels,
+    # averaged over positions), C rising linearly from 0 to C_max over kl_capacity_steps.
+    # None: the plain kl_weight * KL summed over the latent.
+    kl_capacity: float | None = None
+    kl_capacity_steps: int = 100_000
     commitment_weight: float = 0.25
     adversarial_weight: float = 0.01
     adversarial_start: int = 1000
+    adversarial_loss: Literal["hinge", "lsgan", "bce"] = "hinge"
     discriminator_channels: int = 32
+    discriminator_lr: float | None = None  # None: the autoencoder's lr
     perceptual_weights: str | None = None
     perceptual_weight: float = 0.1
 
@@ -71,10 +80,17 @@ class DiffusionConfig:
 @dataclass
 class TrainingConfig:
     steps: int = 1000
+    # When set, the stage runs this many passes over its training volumes instead of
+    # `steps` (ceil(epochs x volumes / (batch_size x grad_accumulation)) steps).
+    epochs: float | None = None
     batch_size: int = 8
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 100
+    # Step decay (the study's LDM: x0.9 every 25 epochs): lr x lr_decay_factor after each
+    # lr_decay_epochs epochs. None: constant after the warm-up.
+    lr_decay_epochs: float | None = None
+    lr_decay_factor: float = 0.9
     grad_accumulation: int = 1
     ema_decay: float = 0.999
     checkpoint_every: int = 500
@@ -98,6 +114,8 @@ class PrivacyConfig:
     max_total_epsilon: float | None = None
     lr: float = 1e-5
     warmup_steps: int = 0
+    lr_decay_epochs: float | None = None  # as TrainingConfig; an epoch = 1 / sampling rate
+    lr_decay_factor: float = 0.9
     latent_scale_epsilon: float = 1.0  # a DP autoencoder with no public --init run
 
 
@@ -302,6 +320,16 @@ def _check_consistency(c: Config) -> None:
     for key, v in (("channels", ae.channels), ("latent_channels", ae.latent_channels)):
         need(v >= 1, f"autoencoder.{key}", "must be >= 1")
     need(ae.channels % ae.norm_groups == 0, "autoencoder.norm_groups", "must divide channels")
+    if ae.kind == "vq":
+        need(
+            ae.latent_channels <= ae.code_dim, "autoencoder.latent_channels", "must be <= code_dim"
+        )
+    need(ae.reconstruction_weight > 0, "autoencoder.reconstruction_weight", "must be > 0")
+    if ae.kl_capacity is not None:
+        need(ae.kl_capacity >= 0, "autoencoder.kl_capacity", "must be >= 0")
+    need(ae.kl_capacity_steps >= 1, "autoencoder.kl_capacity_steps", "must be >= 1")
+    if ae.discriminator_lr is not None:
+        need(ae.discriminator_lr > 0, "autoencoder.discriminator_lr", "must be > 0")
     dn = c.denoiser
     need(
         len(dn.attention_levels) == len(dn.channel_multipliers),
@@ -331,6 +359,9 @@ def _check_consistency(c: Config) -> None:
         need(t.steps >= 1, f"{name}.steps", "must be >= 1")
         need(t.batch_size >= 1, f"{name}.batch_size", "must be >= 1")
         need(t.lr > 0, f"{name}.lr", "must be > 0")
+        if t.epochs is not None:
+            need(t.epochs > 0, f"{name}.epochs", "must be > 0")
+        _check_decay(need, name, t)
         need(t.grad_accumulation >= 1, f"{name}.grad_accumulation", "must be >= 1")
         need(0.0 <= t.ema_decay < 1.0, f"{name}.ema_decay", "must be in [0, 1)")
         for k in ("checkpoint_every", "sample_every", "log_every"):
@@ -347,6 +378,7 @@ def _check_consistency(c: Config) -> None:
     need(p.physical_batch_size >= 1, "privacy.physical_batch_size", "must be >= 1")
     need(p.lr > 0, "privacy.lr", "must be > 0")
     need(p.warmup_steps >= 0, "privacy.warmup_steps", "must be >= 0")
+    _check_decay(need, "privacy", p)
     need(p.latent_scale_epsilon > 0, "privacy.latent_scale_epsilon", "must be > 0")
     if p.max_total_epsilon is not None:
         need(p.max_total_epsilon > 0, "privacy.max_total_epsilon", "must be > 0")
@@ -358,6 +390,12 @@ def _check_consistency(c: Config) -> None:
         f"must be <= diffusion.timesteps ({df.timesteps})",
     )
     need(sm.guidance >= 0, "sampling.guidance", "must be >= 0")
+
+
+def _check_decay(need, name: str, section: TrainingConfig | PrivacyConfig) -> None:
+    if section.lr_decay_epochs is not None:
+        need(section.lr_decay_epochs > 0, f"{name}.lr_decay_epochs", "must be > 0")
+    need(0 < section.lr_decay_factor <= 1, f"{name}.lr_decay_factor", "must be in (0, 1]")
 
 
 def _to_plain(obj: Any) -> Any:

@@ -1,9 +1,15 @@
 """The study's experiment: ε × (with, without public pre-training), one table.
 
-Every cell DP fine-tunes (or, at ε = ∞, trains non-privately) an LDM on the same private
-phantom cohort for the same number of steps, samples volumes conditioned on the private
-TEST split's attributes (evaluation only: these volumes are never released), and
-evaluates them against the real test split with one shared referee.
+`run_sweep` takes a preset (`demo` or `paper`) and optionally the user's own caches: the
+public autoencoder and LDM are pre-trained on `public` (or, without it, the shipped demo
+models / simulated public phantoms), and every cell DP fine-tunes (or, at ε = ∞, trains
+non-privately) an LDM on the `private` cache (or a simulated private cohort). Every cell,
+pre-trained or from scratch, runs the same number of optimiser steps: the DP plan's
+ceil(privacy.epochs × patients / privacy.batch_size), which depends on neither ε nor the
+initialisation; the ε = ∞ cells take those steps with 2 × privacy.batch_size volumes (both
+phases of privacy.batch_size patients). Each cell samples volumes conditioned on the
+private TEST split's attributes (evaluation only: these volumes are never released), and
+is evaluated against the real test split with one shared referee.
 """
 
 from __future__ import annotations
@@ -11,15 +17,17 @@ from __future__ import annotations
 import csv
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dpsynth.attributes import ATTRIBUTES
-from dpsynth.config import load_config
+from dpsynth.config import Config, load_config
 from dpsynth.io import atomic_write_json, atomic_write_text, read_json
 
 N_SAMPLES = 80
+DEFAULT_EPSILONS = "0.1,1,10,inf"  # the study's grid starts at 0.1
 TABLE_START, TABLE_END = "<!-- sweep-table:start -->", "<!-- sweep-table:end -->"
 
 
@@ -27,48 +35,84 @@ def parse_epsilons(text: str) -> list[float]:
     return [math.inf if v.strip().lower() in ("inf", "∞") else float(v) for v in text.split(",")]
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+
+    name: str
+    epsilon: float
+    pretrain: bool
+    steps: int
+
+
+def plan_cells(config: Config, private: str | Path, epsilons: str, pretrain: str) -> list[Cell]:
+    """The grid's cells, each with its number of optimiser steps (the same for all)."""
+    from dpsynth.data.cache import Cache
+    from dpsynth.privacy.planner import plan
+
+    p = config.privacy
+    n = len(Cache(private).patient_rows("train"))
+    # The step count depends on epochs, patients and batch only (not on ε): the same for
+    # every cell, and given to the ε = ∞ cells explicitly.
+    steps = plan(records=n, batch_size=p.batch_size, epochs=p.epochs, noise_multiplier=1.0).steps
+    modes = {"both": (True, False), "on": (True,), "off": (False,)}[pretrain]
+    return [
+        Cell(f"eps{eps:g}_{'pretrain' if with_pretrain else 'scratch'}", eps, with_pretrain, steps)
+        for eps in parse_epsilons(epsilons)
+        for with_pretrain in modes
+    ]
+
+
 def run_sweep(
     out: str | Path,
-    epsilons: str = "1,10,inf",
+    preset: str = "demo",
+    public: str | Path | None = None,
+    private: str | Path | None = None,
+    epsilons: str = DEFAULT_EPSILONS,
     pretrain: str = "both",
     bench_md: str | Path | None = None,
+    config: Config | None = None,
 ) -> list[dict]:
-    from dpsynth.demo import REFEREE_EPOCHS, demo_assets, pretrain_public, simulate_and_prepare
+    """Run (or continue) the grid in `out`; returns the table's rows.
+
+    `config` replaces the preset (tests use a tiny one). With `public`, the public models
+    are trained into OUT/public from that cache; `public` and `private` must hold
+    different data.
+    """
+    from dpsynth.demo import REFEREE_EPOCHS, simulate_and_prepare
     from dpsynth.evaluation.evaluate import evaluate
     from dpsynth.evaluation.referee import train_referee
     from dpsynth.privacy.ledger import Ledger
     from dpsynth.sampling.api import sample_to_folder
+    from dpsynth.workflow import refuse_same_data
 
     out = Path(out)
-    config = load_config("demo")
-    public = demo_assets()
-    if not (public / "ldm" / "model.json").exists():
-        public = pretrain_public(out / "public", config)
-    private = simulate_and_prepare(out / "data", _private_spec(), config, split=(0.7, 0.1, 0.2))
+    config = config or load_config(preset)
+    if private is None:
+        private = simulate_and_prepare(out / "data", _private_spec(), config, split=(0.7, 0.1, 0.2))
+    if public is not None:
+        refuse_same_data(public, private)  # the public stages have no DP
+    out.mkdir(parents=True, exist_ok=True)
+    models = _public_models(out, preset, public, config)
     referee = out / "referee"
     if not referee.exists():
         train_referee(private, referee, epochs=REFEREE_EPOCHS, channels=(8, 16, 32), seed=0)
     conditions = _test_conditions(private, out / "conditions.csv")
 
     rows = []
-    modes = {"both": (True, False), "on": (True,), "off": (False,)}[pretrain]
-    for eps in parse_epsilons(epsilons):
-        for with_pretrain in modes:
-            name = f"eps{eps:g}_{'pretrain' if with_pretrain else 'scratch'}"
-            run = out / name
-            if not (run / "model.json").exists():
-                _train_cell(private, public, run, config, eps, with_pretrain)
-            synthetic = out / f"{name}_synthetic"
-            if not synthetic.exists():
-                sample_to_folder(run, synthetic, n=N_SAMPLES, attributes=conditions, seed=0,
-                                 conditions_source="private")  # fmt: skip
-            if not (run / "eval" / "metrics.json").exists():
-                evaluate(private, synthetic, run / "eval", referee=referee, model_run=run,
-                         metrics=("frd", "fd_referee", "ms_ssim", "controllability", "audit"))  # fmt: skip
-            ledger = Ledger.load(run, missing_ok=True)
-            rows.append(
-                _row(name, eps, with_pretrain, ledger, read_json(run / "eval" / "metrics.json"))
-            )
+    for cell in plan_cells(config, private, epsilons, pretrain):
+        run = out / cell.name
+        if not (run / "model.json").exists():
+            _train_cell(private, models, run, config, cell)
+        synthetic = out / f"{cell.name}_synthetic"
+        if not synthetic.exists():
+            sample_to_folder(run, synthetic, n=N_SAMPLES, attributes=conditions, seed=0,
+                             conditions_source="private")  # fmt: skip
+        if not (run / "eval" / "metrics.json").exists():
+            evaluate(private, synthetic, run / "eval", referee=referee, model_run=run,
+                     metrics=("frd", "fd_referee", "ms_ssim", "controllability", "audit"))  # fmt: skip
+        ledger = Ledger.load(run, missing_ok=True)
+        rows.append(_row(cell, ledger, read_json(run / "eval" / "metrics.json")))
     atomic_write_json(out / "sweep.json", rows)
     table = format_table(rows)
     print(table)
@@ -77,33 +121,43 @@ def run_sweep(
     return rows
 
 
+def _public_models(out: Path, preset: str, public, config: Config) -> Path:
+    """A folder with the public `autoencoder` and `ldm` runs."""
+    from dpsynth.demo import demo_assets, pretrain_public
+    from dpsynth.workflow import pretrain_public_models
+
+    if public is not None:
+        pretrain_public_models(public, out / "public", config)
+        return out / "public"
+    shipped = demo_assets()
+    if preset == "demo" and (shipped / "ldm" / "model.json").exists():
+        return shipped
+    return pretrain_public(out / "public", config)  # simulated public phantoms
+
+
 def _private_spec() -> dict:
     from dpsynth.demo import PRIVATE
 
     return PRIVATE
 
 
-def _train_cell(private, public, run, config, eps, with_pretrain) -> None:
+def _train_cell(private, models: Path, run: Path, config: Config, cell: Cell) -> None:
     from dpsynth.demo import _with
-    from dpsynth.privacy.planner import plan
     from dpsynth.training.ldm import train_ldm
 
-    init = public / "ldm" if with_pretrain else None  # all parameters fine-tuned, as in the demo
-    if math.isinf(eps):  # non-private: same data, same number of steps and batch
-        from dpsynth.data.cache import Cache
-
-        n = len(Cache(private).patient_rows("train"))
+    init = models / "ldm" if cell.pretrain else None  # all parameters fine-tuned, as in the demo
+    if math.isinf(cell.epsilon):  # non-private: same data, steps, batch and lr schedule
         p = config.privacy
-        steps = plan(
-            records=n, batch_size=p.batch_size, epochs=p.epochs, noise_multiplier=1.0
-        ).steps
-        cfg = _with(config, **{"ldm_training.steps": steps, "ldm_training.lr": p.lr,
+        cfg = _with(config, **{"ldm_training.steps": cell.steps, "ldm_training.epochs": None,
+                               "ldm_training.lr": p.lr,
                                "ldm_training.warmup_steps": p.warmup_steps,
+                               "ldm_training.lr_decay_epochs": p.lr_decay_epochs,
+                               "ldm_training.lr_decay_factor": p.lr_decay_factor,
                                "ldm_training.batch_size": 2 * p.batch_size})  # fmt: skip
-        train_ldm(private, public / "autoencoder", run, cfg, init=init)
+        train_ldm(private, models / "autoencoder", run, cfg, init=init)
     else:
-        cfg = _with(config, **{"privacy.epsilon": eps})
-        train_ldm(private, public / "autoencoder", run, cfg, init=init, dp=True)
+        cfg = _with(config, **{"privacy.epsilon": cell.epsilon})
+        train_ldm(private, models / "autoencoder", run, cfg, init=init, dp=True)
 
 
 def _test_conditions(private: Path, path: Path) -> Path:
@@ -126,14 +180,15 @@ def _metric(result: dict, name: str) -> float:
     return math.nan if value is None else float(value)
 
 
-def _row(name, eps, with_pretrain, ledger, result) -> dict:
+def _row(cell: Cell, ledger, result) -> dict:
     ctrl = result.get("controllability", {})
     mia = (result.get("privacy_audit") or {}).get("membership_inference", {}).get("patient", {})
     return {
-        "cell": name,
-        "epsilon_target": eps,
+        "cell": cell.name,
+        "epsilon_target": cell.epsilon,
         "epsilon_spent": ledger.total_epsilon() if len(ledger) else math.inf,
-        "pretrain": with_pretrain,
+        "pretrain": cell.pretrain,
+        "steps": cell.steps,
         "frd": _metric(result, "frd"),
         "frd_baseline": result.get("metrics", {}).get("frd", {}).get("baseline"),
         "fd_referee": _metric(result, "fd_referee"),
@@ -153,12 +208,13 @@ def _fmt(value, digits=3) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| ε target | ε spent | pre-training | FRD | FD-referee | MS-SSIM | LV volume r | ES/ED acc. | MIA AUC (patient) |"
-    lines = [head, "|" + "---|" * 9]
+    head = "| ε target | ε spent | pre-training | steps | FRD | FD-referee | MS-SSIM | LV volume r | ES/ED acc. | MIA AUC (patient) |"
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {_fmt(r['epsilon_target'])} | {_fmt(r['epsilon_spent'])} | "
-            f"{'yes' if r['pretrain'] else 'no'} | {_fmt(r['frd'])} | {_fmt(r['fd_referee'])} | "
+            f"{'yes' if r['pretrain'] else 'no'} | {_fmt(r.get('steps'))} | "
+            f"{_fmt(r['frd'])} | {_fmt(r['fd_referee'])} | "
             f"{_fmt(r['ms_ssim'])} | {_fmt(r['lv_volume_r'])} | {_fmt(r['esed_accuracy'])} | "
             f"{_fmt(r['mia_auc'])} |"
         )

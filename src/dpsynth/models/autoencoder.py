@@ -142,6 +142,7 @@ class _Autoencoder(nn.Module):
         encoder_out_channels: int,
         norm_groups: int,
         attention: bool,
+        decoder_in_channels: int | None = None,
     ) -> None:
         super().__init__()
         self.latent_channels = latent_channels
@@ -154,7 +155,9 @@ class _Autoencoder(nn.Module):
             attention=attention,
         )
         self.encoder = Encoder(in_channels, out_channels=encoder_out_channels, **shared)
-        self.decoder = Decoder(latent_channels, out_channels=in_channels, **shared)
+        self.decoder = Decoder(
+            decoder_in_channels or latent_channels, out_channels=in_channels, **shared
+        )
 
     @property
     def downsample_factor(self) -> int:
@@ -221,8 +224,11 @@ class VQAutoencoder(_Autoencoder):
     The codebook is learned by gradient (codebook + commitment loss, straight-through
     estimator), not by MONAI's EMA quantiser: an EMA update reads the batch outside the
     gradient, which DP-SGD cannot clip or noise, and it mutates buffers inside forward.
-    The latent therefore has ``code_dim`` channels; ``latent_channels`` only exists for a
-    common signature with :class:`KLAutoencoder` and must be None or equal ``code_dim``.
+    The diffused latent is the encoder's output before quantisation, ``latent_channels``
+    channels (None: ``code_dim``). With fewer channels than ``code_dim`` a 1x1x1 convolution
+    maps it to the codes, as the study's VQ-VAE does: it diffuses a 1-channel latent and
+    quantises 4-dim codes (model_zoo/autoencoder.py, ``quant_conv``, in
+    compai-lab/2024-miccai-dgm-daum).
     """
 
     def __init__(
@@ -238,27 +244,36 @@ class VQAutoencoder(_Autoencoder):
         code_dim: int = 4,
         commitment_weight: float = 0.25,
     ) -> None:
-        if latent_channels is not None and latent_channels != code_dim:
+        latent_channels = latent_channels or code_dim
+        if latent_channels > code_dim:
             raise DpsynthError(
-                f"latent_channels: a VQ latent has code_dim={code_dim} channels, got {latent_channels}"
+                f"latent_channels: a VQ latent has at most code_dim={code_dim} channels, "
+                f"got {latent_channels}"
             )
         super().__init__(
             in_channels,
             channels,
             channel_multipliers,
             num_res_blocks,
-            code_dim,
-            encoder_out_channels=code_dim,
+            latent_channels,
+            encoder_out_channels=latent_channels,
             norm_groups=norm_groups,
             attention=attention,
+            decoder_in_channels=code_dim,
+        )
+        self.to_code = (
+            nn.Identity()
+            if latent_channels == code_dim
+            else nn.Conv3d(latent_channels, code_dim, 1)
         )
         self.commitment_weight = commitment_weight
         self.codebook = nn.Parameter(
             torch.empty(codebook_size, code_dim).uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
         )
 
-    def quantize(self, z: torch.Tensor) -> Quantization:
-        """Nearest-code quantisation of a latent (B, code_dim, S, h, w)."""
+    def quantize(self, latent: torch.Tensor) -> Quantization:
+        """Nearest-code quantisation of a latent (B, latent_channels, S, h, w)."""
+        z = self.to_code(latent)
         flat = z.movedim(1, -1)
         codebook = self.codebook.detach()  # the code choice (argmin) carries no gradient
         distances = (

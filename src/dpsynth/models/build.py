@@ -17,9 +17,10 @@ def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
         num_res_blocks=cfg.num_res_blocks,
         norm_groups=cfg.norm_groups,
     )
-    if cfg.kind == "vq":  # a VQ latent has code_dim channels
+    if cfg.kind == "vq":  # diffuses latent_channels, quantises code_dim (the study: 1 and 4)
         return VQAutoencoder(
             **common,
+            latent_channels=cfg.latent_channels,
             codebook_size=cfg.codebook_size,
             code_dim=cfg.code_dim,
             commitment_weight=cfg.commitment_weight,

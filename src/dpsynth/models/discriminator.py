@@ -16,7 +16,7 @@ from dpsynth.models.blocks import group_norm
 
 __all__ = ["PatchDiscriminator3D", "PerceptualLoss", "discriminator_loss", "generator_loss"]
 
-AdversarialKind = Literal["hinge", "lsgan"]
+AdversarialKind = Literal["hinge", "lsgan", "bce"]
 
 
 class PatchDiscriminator3D(nn.Module):
@@ -54,8 +54,10 @@ class PatchDiscriminator3D(nn.Module):
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in ("hinge", "lsgan"):
-        raise DpsynthError(f"adversarial_loss: unknown kind {kind!r} (use 'hinge' or 'lsgan')")
+    if kind not in ("hinge", "lsgan", "bce"):
+        raise DpsynthError(
+            f"adversarial_loss: unknown kind {kind!r} (use 'hinge', 'lsgan' or 'bce')"
+        )
 
 
 def discriminator_loss(
@@ -65,6 +67,8 @@ def discriminator_loss(
     _check_kind(kind)
     if kind == "hinge":
         return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+    if kind == "bce":  # the study's PatchGAN: BCE with logits, real 1 / fake 0
+        return 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
     return 0.5 * ((real_logits - 1.0).square().mean() + fake_logits.square().mean())
 
 
@@ -73,6 +77,8 @@ def generator_loss(fake_logits: torch.Tensor, kind: AdversarialKind = "hinge") -
     _check_kind(kind)
     if kind == "hinge":
         return -fake_logits.mean()
+    if kind == "bce":  # non-saturating: BCE of the fakes against the "real" label
+        return F.softplus(-fake_logits).mean()
     return (fake_logits - 1.0).square().mean()
 
 

@@ -29,19 +29,22 @@ from dpsynth.training.common import (
     autocast,
     barrier,
     carry_lineage,
+    decay_steps,
     init_distributed,
     is_distributed,
     is_main,
     load_volumes,
+    lr_factor,
     pick_device,
     prepare_run_dir,
+    public_steps_per_epoch,
+    public_total_steps,
     refuse_mixed_lineage,
     save_config,
     seed_everything,
     trained_on,
-    warmup_factor,
 )
-from dpsynth.training.dp_stage import DPCheckpoints, DPStage
+from dpsynth.training.dp_stage import DPCheckpoints, DPStage, dp_steps_per_epoch
 from dpsynth.training.ema import EMA
 from dpsynth.training.monitor import Monitor
 
@@ -95,7 +98,11 @@ def train_autoencoder(
 
 
 class _VolumeLosses:
-    """Reconstruction + β·regulariser (+ perceptual) per volume: shape (B,)."""
+    """w·reconstruction + regulariser (+ perceptual) per volume: shape (B,).
+
+    The study's weighting (projects/cardiac_autoencoder/TrainerKL.py and TrainerVQ.py in
+    compai-lab/2024-miccai-dgm-daum): L2 x 1000, perceptual x 100, capacity-annealed KL.
+    """
 
     def __init__(self, cfg, device: torch.device) -> None:
         from dpsynth.models.discriminator import PerceptualLoss
@@ -105,16 +112,36 @@ class _VolumeLosses:
             PerceptualLoss(cfg.perceptual_weights).to(device) if cfg.perceptual_weights else None
         )
 
-    def __call__(self, output, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(total, reconstruction) losses per volume."""
+    def __call__(self, output, x: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total, reconstruction) losses per volume after `step` optimiser steps."""
+        cfg = self.cfg
         recon = output.reconstruction.float()
         diff = recon - x
-        per_voxel = diff.abs() if self.cfg.reconstruction_loss == "l1" else diff.square()
+        per_voxel = diff.abs() if cfg.reconstruction_loss == "l1" else diff.square()
         rec = per_voxel.flatten(1).mean(1)
-        loss = rec + _regularization_weight(self.cfg) * output.regularization_loss
+        loss = cfg.reconstruction_weight * rec + self.regularizer(output, x, step)
         if self.perceptual is not None:
-            loss = loss + self.cfg.perceptual_weight * self.perceptual(recon, x)
+            loss = loss + cfg.perceptual_weight * self.perceptual(recon, x)
         return loss, rec
+
+    def regularizer(self, output, x: torch.Tensor, step: int) -> torch.Tensor:
+        cfg, reg = self.cfg, output.regularization_loss
+        if cfg.kind == "vq":  # codebook + commitment: already weighted inside the model
+            return reg
+        if cfg.kl_capacity is None:
+            return cfg.kl_weight * reg
+        # The study's KL is per latent position (summed over channels): divide the summed
+        # KL by the number of positions, S x H/f x W/f.
+        factor = 2 ** (len(cfg.channel_multipliers) - 1)
+        positions = x.shape[-3] * (x.shape[-2] // factor) * (x.shape[-1] // factor)
+        return cfg.kl_weight * (reg / positions - kl_capacity_at(cfg, step)).abs()
+
+
+def kl_capacity_at(cfg, step: int) -> float:
+    """The KL capacity C after `step` optimiser steps: C_max x min(1, step / ramp)."""
+    if cfg.kl_capacity is None:
+        return 0.0
+    return cfg.kl_capacity * min(1.0, step / cfg.kl_capacity_steps)
 
 
 class _PublicFit:
@@ -131,15 +158,28 @@ class _PublicFit:
         tcfg = self.tcfg
         self.opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=tcfg.weight_decay)
         self.opt_d = torch.optim.AdamW(
-            self.disc.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay
+            self.disc.parameters(),
+            lr=self.cfg.discriminator_lr or tcfg.lr,  # the study: 5e-6, 20x below the AE's
+            weight_decay=tcfg.weight_decay,
         )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_factor(self.warmup_steps))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_factor(self.warmup_steps, *self.decay)
+        )
         self.ema = EMA(model, tcfg.ema_decay)
         self.step = 0
 
     lr = property(lambda self: self.tcfg.lr)
     warmup_steps = property(lambda self: self.tcfg.warmup_steps)
-    total_steps = property(lambda self: self.tcfg.steps)
+    total_steps = property(
+        lambda self: public_total_steps(self.tcfg, len(self.cache.volume_indices("train")))
+    )
+
+    @property
+    def decay(self) -> tuple[float | None, float]:
+        """(steps between lr decays, factor) for :func:`lr_factor`."""
+        volumes = len(self.cache.volume_indices("train"))
+        per_epoch = public_steps_per_epoch(self.tcfg, volumes)
+        return decay_steps(self.tcfg, per_epoch), self.tcfg.lr_decay_factor
 
     def start(self, resume: bool) -> None:
         """Restore the checkpoint, or open a new stage (under DP: the budget check)."""
@@ -187,10 +227,10 @@ class _PublicFit:
             x = x.to(self.device)
             with autocast(self.device, tcfg.bf16):
                 output = self.model(x)
-                loss, rec = (v.mean() for v in self.losses(output, x))
+                loss, rec = (v.mean() for v in self.losses(output, x, self.step))
                 if adv_on:
                     loss = loss + cfg.adversarial_weight * generator_loss(
-                        self.disc(output.reconstruction)
+                        self.disc(output.reconstruction), cfg.adversarial_loss
                     )
             (loss / tcfg.grad_accumulation).backward()
             logs = {"loss": float(loss.detach()), "reconstruction": float(rec.detach())}
@@ -198,10 +238,10 @@ class _PublicFit:
                 self.opt_d.zero_grad(set_to_none=True)
                 with autocast(self.device, tcfg.bf16):
                     fake = self.disc(output.reconstruction.detach())
-                    d_loss = discriminator_loss(self.disc(x), fake)
+                    d_loss = discriminator_loss(self.disc(x), fake, cfg.adversarial_loss)
                 d_loss.backward()
                 self.opt_d.step()
-                logs["discriminator"] = float(d_loss)
+                logs["discriminator"] = float(d_loss.detach())
         self.opt.step()
         return tcfg.batch_size * tcfg.grad_accumulation, logs
 
@@ -278,6 +318,11 @@ class _PrivateFit(DPCheckpoints, _PublicFit):
     warmup_steps = property(lambda self: self.config.privacy.warmup_steps)
     total_steps = property(lambda self: self.dp.total_steps)
 
+    @property
+    def decay(self) -> tuple[float | None, float]:
+        p = self.config.privacy
+        return decay_steps(p, dp_steps_per_epoch(self.cache, p)), p.lr_decay_factor
+
     def _reserve_latent_scale(self, privacy) -> LedgerEntry:
         """Without a public run to inherit it from, the latent scale is a DP statistic."""
         from dpsynth.privacy.statistics import gaussian_noise_multiplier
@@ -310,7 +355,7 @@ class _PrivateFit(DPCheckpoints, _PublicFit):
         x = record["volumes"]
         with autocast(self.device, self.tcfg.bf16):
             output = model_fn(x)
-        return self.losses(output, x)[0].sum()
+        return self.losses(output, x, self.step)[0].sum()
 
     def save_grid(self, step: int) -> None:
         pass
@@ -334,11 +379,6 @@ class _PrivateFit(DPCheckpoints, _PublicFit):
             accountant=self.scale_entry.accountant,
         )  # fmt: skip
         return scale, "DP estimate on the private training data (ledger: latent-scale)"
-
-
-def _regularization_weight(cfg) -> float:
-    # The VQ term (codebook + commitment) is already weighted inside the model.
-    return cfg.kl_weight if cfg.kind == "kl" else 1.0
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,13 +89,39 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def warmup_factor(warmup_steps: int):
-    """LambdaLR multiplier: linear warm-up, then constant."""
+def lr_factor(warmup_steps: int, decay_every: float | None = None, decay_factor: float = 1.0):
+    """LambdaLR multiplier: linear warm-up, then x `decay_factor` every `decay_every` steps.
+
+    The step decay follows the study's LDM trainer (projects/cardiac_diffusion/Trainer.py
+    in compai-lab/2024-miccai-dgm-daum: StepLR, x0.9 every 25 epochs).
+    """
 
     def factor(step: int) -> float:
-        return min(1.0, (step + 1) / max(1, warmup_steps))
+        warm = min(1.0, (step + 1) / max(1, warmup_steps))
+        if decay_every is None:
+            return warm
+        return warm * decay_factor ** math.floor(step / decay_every)
 
     return factor
+
+
+def decay_steps(section, steps_per_epoch: float) -> float | None:
+    """`lr_decay_epochs` of a TrainingConfig or PrivacyConfig, in optimiser steps."""
+    if section.lr_decay_epochs is None:
+        return None
+    return section.lr_decay_epochs * steps_per_epoch
+
+
+def public_steps_per_epoch(tcfg, volumes: int) -> float:
+    """Steps per pass over `volumes` training volumes in a non-private stage."""
+    return volumes / (tcfg.batch_size * tcfg.grad_accumulation)
+
+
+def public_total_steps(tcfg, volumes: int) -> int:
+    """`steps`, or `epochs` passes over the training volumes when `epochs` is set."""
+    if tcfg.epochs is None:
+        return tcfg.steps
+    return max(1, math.ceil(tcfg.epochs * public_steps_per_epoch(tcfg, volumes)))
 
 
 def load_volumes(images: np.ndarray, rows: np.ndarray) -> torch.Tensor:

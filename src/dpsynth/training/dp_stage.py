@@ -223,6 +223,12 @@ class DPStage:
             )
 
 
+def dp_steps_per_epoch(cache: Cache, privacy: PrivacyConfig) -> float:
+    """Expected steps per epoch of patient-level Poisson sampling: records / batch_size
+    (the planner's epochs = steps x sample_rate)."""
+    return len(cache.patient_rows("train")) / privacy.batch_size
+
+
 def _same_mechanism(a: LedgerEntry, b: LedgerEntry) -> bool:
     return dataclasses.replace(a, id=b.id, created=b.created, note=b.note) == b
 

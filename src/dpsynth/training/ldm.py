@@ -32,19 +32,22 @@ from dpsynth.training.common import (
     autocast,
     barrier,
     carry_lineage,
+    decay_steps,
     init_distributed,
     is_distributed,
     is_main,
     load_volumes,
+    lr_factor,
     pick_device,
     prepare_run_dir,
+    public_steps_per_epoch,
+    public_total_steps,
     refuse_mixed_lineage,
     save_config,
     seed_everything,
     trained_on,
-    warmup_factor,
 )
-from dpsynth.training.dp_stage import DPCheckpoints, DPStage
+from dpsynth.training.dp_stage import DPCheckpoints, DPStage, dp_steps_per_epoch
 from dpsynth.training.ema import EMA
 from dpsynth.training.monitor import Monitor
 
@@ -253,7 +256,7 @@ class _Trainer:
         params = [p for p in denoiser.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.tcfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_factor(self.warmup_steps)
+            self.optimizer, lr_factor(self.warmup_steps, *self.decay)
         )
         self.ema = EMA(denoiser, self.tcfg.ema_decay)
 
@@ -267,7 +270,13 @@ class _Trainer:
 
     @property
     def total_steps(self) -> int:
-        return self.tcfg.steps
+        return public_total_steps(self.tcfg, len(self.rows))
+
+    @property
+    def decay(self) -> tuple[float | None, float]:
+        """(steps between lr decays, factor) for :func:`lr_factor`."""
+        per_epoch = public_steps_per_epoch(self.tcfg, len(self.rows))
+        return decay_steps(self.tcfg, per_epoch), self.tcfg.lr_decay_factor
 
     def model_fn(self, *args):
         with autocast(self.device, self.tcfg.bf16):
@@ -427,6 +436,11 @@ class _DPTrainer(DPCheckpoints, _Trainer):
     @property
     def total_steps(self) -> int:
         return self.dp.total_steps
+
+    @property
+    def decay(self) -> tuple[float | None, float]:
+        p = self.config.privacy
+        return decay_steps(p, dp_steps_per_epoch(self.cache, p)), p.lr_decay_factor
 
     def _patient_latents(self):
         """(P, 2, C, S, h, w) latents and (P, 2, 14) attributes, rows [ED, ES]."""

@@ -1,0 +1,121 @@
+"""`dpsynth sweep` on any preset and caches: where the caches go, equal steps per arm."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import pytest
+from test_training import SHAPE, SPACING, _cache, tiny
+
+from dpsynth import sweep
+from dpsynth.cli import main
+from dpsynth.data.cache import Cache
+from dpsynth.data.prepare import prepare
+from dpsynth.errors import DpsynthError
+from dpsynth.io import atomic_write_json
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    return {
+        "root": root,
+        "public": _cache(root, "acdc", 1, 10),
+        "private": _cache(root, "ukbb", 2, 20),
+    }
+
+
+def test_default_grid_includes_the_studys_0_1():
+    assert 0.1 in sweep.parse_epsilons(sweep.DEFAULT_EPSILONS)
+    assert sweep.parse_epsilons(sweep.DEFAULT_EPSILONS)[-1] == float("inf")
+
+
+def test_cli_passes_preset_and_caches_and_keeps_the_default_grid(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(sweep, "run_sweep", lambda out, **kw: seen.update(out=out, **kw))
+    argv = ["sweep", "--preset", "paper", "--public", "pub", "--private", "priv",
+            "--out", str(tmp_path / "s"), "--pretrain", "off"]  # fmt: skip
+    assert main(argv) == 0
+    assert seen["preset"] == "paper" and seen["pretrain"] == "off"
+    assert (str(seen["public"]), str(seen["private"])) == ("pub", "priv")
+    assert "epsilons" not in seen  # the sweep's default grid, 0.1,1,10,inf
+    assert main([*argv, "--epsilons", "0.1,inf"]) == 0
+    assert seen["epsilons"] == "0.1,inf"
+
+
+def test_sweep_refuses_public_equal_to_private(caches, tmp_path):
+    private = caches["private"]
+    again = tmp_path / "again"  # the same data prepared again: a new id, the same digest
+    raw = caches["root"] / "ukbb_raw"
+    prepare("ukbb", raw, again, seed=2, shape=SHAPE, spacing=SPACING,
+            attributes_csv=raw / "attributes.csv", split=(0.6, 0.2, 0.2))  # fmt: skip
+    for public in (private, again):
+        with pytest.raises(DpsynthError, match="hold the same data"):
+            sweep.run_sweep(tmp_path / "s", public=public, private=private, config=tiny())
+    assert not (tmp_path / "s" / "public").exists()  # refused before any training
+
+
+def _fake_evaluation(monkeypatch):
+    """Sampling, the referee and evaluation are the demo's, tested elsewhere; stub them."""
+    evaluate_mod = importlib.import_module("dpsynth.evaluation.evaluate")
+    referee_mod = importlib.import_module("dpsynth.evaluation.referee")
+    sampling_mod = importlib.import_module("dpsynth.sampling.api")
+
+    monkeypatch.setattr(referee_mod, "train_referee", lambda data, out, **kw: out.mkdir())
+    monkeypatch.setattr(sampling_mod, "sample_to_folder", lambda run, out, **kw: out.mkdir())
+
+    def evaluate(real, synthetic, out, **kw):
+        out.mkdir()
+        atomic_write_json(out / "metrics.json", {"metrics": {"frd": {"value": 1.0}}})
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", evaluate)
+
+
+def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_path, monkeypatch):
+    """Training is recorded, not run (the stages are tested in test_training): what each
+    cell trains on, from what, and how many steps its trainer will take."""
+    from dpsynth.privacy.planner import plan
+    from dpsynth.training.common import public_total_steps
+
+    _fake_evaluation(monkeypatch)
+    workflow = importlib.import_module("dpsynth.workflow")
+    ldm = importlib.import_module("dpsynth.training.ldm")
+    public_runs, cells = [], {}
+    monkeypatch.setattr(workflow, "pretrain_public_models",
+                        lambda data, out, config: public_runs.append((data, out)))  # fmt: skip
+
+    def train_ldm(data, autoencoder, run, config, init=None, dp=False):
+        cells[run.name] = dict(data=data, autoencoder=autoencoder, init=init, dp=dp, cfg=config)
+        run.mkdir()
+        atomic_write_json(run / "model.json", {})
+
+    monkeypatch.setattr(ldm, "train_ldm", train_ldm)
+    # The paper preset's schedule (epochs + decay) must not leak into the ε = ∞ arms.
+    config = tiny(**{"ldm_training.epochs": 150.0, "ldm_training.lr_decay_epochs": 25.0,
+                     "privacy.lr_decay_epochs": 0.5})  # fmt: skip
+    out, public, private = tmp_path / "s", caches["public"], caches["private"]
+    rows = sweep.run_sweep(out, public=public, private=private, epsilons="0.1,inf", config=config)
+    assert public_runs == [(public, out / "public")]
+    assert list(cells) == [r["cell"] for r in rows] == [
+        "eps0.1_pretrain", "eps0.1_scratch", "epsinf_pretrain", "epsinf_scratch",
+    ]  # fmt: skip
+    cache = Cache(private)
+    p = config.privacy
+    expected = plan(records=len(cache.patient_rows("train")), batch_size=p.batch_size,
+                    epochs=p.epochs, noise_multiplier=1.0).steps  # fmt: skip
+    for row in rows:
+        cell = cells[row["cell"]]
+        assert cell["data"] == private and cell["autoencoder"] == out / "public" / "autoencoder"
+        assert cell["init"] == (out / "public" / "ldm" if row["pretrain"] else None)
+        if cell["dp"]:  # DP arms: the planner's steps, from the privacy section alone
+            assert cell["cfg"].privacy == dataclasses.replace(p, epsilon=row["epsilon_target"])
+        else:  # ε = ∞: the same steps, batch (both phases) and lr schedule, set explicitly
+            t = cell["cfg"].ldm_training
+            volumes = len(cache.volume_indices("train"))
+            assert public_total_steps(t, volumes) == expected
+            assert (t.batch_size, t.lr, t.warmup_steps) == (2 * p.batch_size, p.lr, p.warmup_steps)
+            assert (t.lr_decay_epochs, t.lr_decay_factor) == (0.5, p.lr_decay_factor)
+        assert row["steps"] == expected
+    assert not (out / "data").exists()  # no phantoms simulated when --private is given
+    assert "| steps |" in sweep.format_table(rows)
