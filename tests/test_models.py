@@ -201,6 +201,8 @@ def test_autoencoder_per_sample_grads_match_single_sample():
     assert per_sample_grads_match(kl, kl_loss, x) < 1e-5
     vq = VQAutoencoder(**TINY_AE, codebook_size=16)
     assert per_sample_grads_match(vq, vq_loss, x) < 1e-5
+    study_vq = VQAutoencoder(**TINY_AE, codebook_size=16, latent_channels=1)  # paper's VQ
+    assert per_sample_grads_match(study_vq, vq_loss, x) < 1e-5
 
 
 # --- discriminator ----------------------------------------------------------------------------
