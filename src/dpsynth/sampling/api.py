@@ -174,6 +174,8 @@ def sample_to_folder(
     Conditioning: a CSV, `attributes="dp"` (the run's DP attribute model), `--set` values
     applied to every row, or nothing (all unknown). `conditions_source` says where a CSV's
     rows came from (a key of `CONDITIONING`); `dpsynth release` refuses "private".
+    Under torchrun each rank samples its share (`pipeline.shard`) on its own GPU; the
+    folder equals the one-process folder for the same seed.
     """
     if n < 1:
         raise DpsynthError(f"--n: must be >= 1, got {n}")
