@@ -46,6 +46,18 @@ PRESETS = {  # denoiser kwargs, latent shape (C, S, h, w)
         ),
         (1, 13, 24, 24),
     ),
+    "smoke": (  # tiny, for gpu_check.py --smoke (a CPU test of the code paths)
+        dict(
+            channels=8,
+            channel_multipliers=(1, 2),
+            attention_levels=(False, True),
+            num_res_blocks=1,
+            num_heads=2,
+            norm_groups=4,
+            time_embed_dim=16,
+        ),
+        (2, 5, 4, 4),
+    ),
 }
 NUM_TIMESTEPS = 150
 

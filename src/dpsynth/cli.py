@@ -143,13 +143,15 @@ def cmd_train_ldm(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from dpsynth.sampling.api import sample_to_folder
+    from dpsynth.training.common import is_main
 
     out = sample_to_folder(
         args.run, args.out, n=args.n, attributes=args.attributes, settings=args.set,
         sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
         conditions_source=args.conditions_source,
     )  # fmt: skip
-    print(f"{args.n} volumes -> {out}")
+    if is_main():  # under torchrun, rank 0 speaks for the job
+        print(f"{args.n} volumes -> {out}")
 
 
 def cmd_release(args: argparse.Namespace) -> None:

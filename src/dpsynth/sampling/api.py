@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import math
@@ -173,6 +174,8 @@ def sample_to_folder(
     Conditioning: a CSV, `attributes="dp"` (the run's DP attribute model), `--set` values
     applied to every row, or nothing (all unknown). `conditions_source` says where a CSV's
     rows came from (a key of `CONDITIONING`); `dpsynth release` refuses "private".
+    Under torchrun each rank samples its share (`pipeline.shard`) on its own GPU; the
+    folder equals the one-process folder for the same seed.
     """
     if n < 1:
         raise DpsynthError(f"--n: must be >= 1, got {n}")
@@ -184,8 +187,11 @@ def sample_to_folder(
         conditions_source = "dp"
     elif conditions_source == "dp":
         raise DpsynthError("--conditions-source dp: use --attributes dp")
+    from dpsynth.training.common import barrier, is_main, join_process_group, pick_device
+
+    join_process_group()  # under torchrun: each rank samples its own share (see `_shards`)
     run = Path(run)
-    pipe = load(run)
+    pipe = load(run, device=pick_device())
     if attributes == "dp":
         table = _dp_conditions(run, n, seed)
     elif attributes is not None:
@@ -194,38 +200,85 @@ def sample_to_folder(
         table = np.full((n, len(ATTRIBUTES)), np.nan, dtype=np.float32)
     overrides = parse_settings(settings, n)
     table = np.where(np.isfinite(overrides), overrides, table)
-    warn_out_of_range(table, pipe.run_meta.get("attribute_ranges", {}))
+    if is_main():
+        warn_out_of_range(table, pipe.run_meta.get("attribute_ranges", {}))
     defaults = pipe.run_meta.get("sampling", {})
     sampler = sampler or defaults.get("sampler", "ddim")
     if steps is None and sampler != "ddpm":  # DDPM always runs all T steps
         steps = defaults.get("steps")
     if guidance is None:
         guidance = defaults.get("guidance", 1.0)
-    volumes = pipe.sample(
-        n,
-        attributes=table,
-        sampler=sampler,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-    )
-    with atomic_dir(out) as tmp:
-        names = [f"synth_{i:05d}.nii.gz" for i in range(n)]
-        for name, volume in zip(names, volumes, strict=True):
-            write_nifti(tmp / name, volume, pipe.spacing)
-        write_attributes_csv(tmp / "attributes.csv", names, table)
-        provenance = {
-            "model_digest": model_digest(run),
-            "conditioning": conditions_source,
-            "conditioning_meaning": CONDITIONING[conditions_source],
-            "sampler": sampler,
-            "steps": steps,
-            "guidance": guidance,
-            "seed": seed,
-            "files": {p: sha256_file(tmp / p) for p in [*names, "attributes.csv"]},
-        }
-        atomic_write_json(tmp / PROVENANCE_FILE, provenance)
+    names = [f"synth_{i:05d}.nii.gz" for i in range(n)]
+    with atomic_dir(out) if is_main() else contextlib.nullcontext() as tmp:
+        tmp, part, ranks = _shards(tmp, n)
+        try:
+            count = part.stop - part.start  # 0 on a rank left without a whole batch
+            volumes = pipe.sample(
+                count,
+                attributes=table[part],
+                sampler=sampler,
+                steps=steps,
+                guidance=guidance,
+                seed=seed,
+                progress=is_main(),
+                start=part.start,
+            ) if count else []  # fmt: skip
+            for name, volume in zip(names[part], volumes, strict=True):
+                write_nifti(tmp / name, volume, pipe.spacing)
+            outcome = {name: sha256_file(tmp / name) for name in names[part]}
+        except Exception as e:  # every rank must reach the gather below, or the job hangs
+            if ranks == 1:
+                raise
+            outcome = f"{type(e).__name__}: {e}"
+        digests = _gather_digests(outcome, ranks)
+        if is_main():
+            write_attributes_csv(tmp / "attributes.csv", names, table)
+            digests["attributes.csv"] = sha256_file(tmp / "attributes.csv")
+            provenance = {
+                "model_digest": model_digest(run),
+                "conditioning": conditions_source,
+                "conditioning_meaning": CONDITIONING[conditions_source],
+                "sampler": sampler,
+                "steps": steps,
+                "guidance": guidance,
+                "seed": seed,
+                "files": {p: digests[p] for p in [*names, "attributes.csv"]},
+            }
+            atomic_write_json(tmp / PROVENANCE_FILE, provenance)
+    barrier()  # no rank returns before rank 0 has renamed the finished folder into place
     return Path(out)
+
+
+def _shards(tmp: Path | None, n: int) -> tuple[Path, slice, int]:
+    """The shared staging folder (rank 0's), this rank's slice of the cohort, the world size.
+
+    torchrun ranks are assumed to share a filesystem (one node, or `out` on shared storage).
+    """
+    import torch.distributed as dist
+
+    from dpsynth.sampling.pipeline import shard
+    from dpsynth.training.common import is_distributed
+
+    if not is_distributed():
+        return tmp, slice(0, n), 1
+    box = [str(tmp) if tmp is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    return Path(box[0]), shard(n, rank, ranks), ranks
+
+
+def _gather_digests(outcome: dict[str, str] | str, ranks: int) -> dict[str, str]:
+    """All ranks' {file: SHA-256}; a rank's error string fails every rank with one line."""
+    import torch.distributed as dist
+
+    if ranks == 1:
+        return dict(outcome)
+    outcomes: list = [None] * ranks
+    dist.all_gather_object(outcomes, outcome)
+    for rank, o in enumerate(outcomes):
+        if isinstance(o, str):
+            raise DpsynthError(f"sample: rank {rank} of {ranks} failed ({o}); nothing written")
+    return {name: digest for o in outcomes for name, digest in o.items()}
 
 
 def write_attributes_csv(path: str | os.PathLike, names: Sequence[str], table: np.ndarray) -> None:

@@ -14,7 +14,28 @@ from dpsynth.errors import DpsynthError
 from dpsynth.models.blocks import single_as_pair
 from dpsynth.sampling.schedulers import SamplerName, add_noise, make_scheduler
 
-__all__ = ["LatentDiffusion", "estimate_latent_scale"]
+__all__ = ["SAMPLE_BATCH", "LatentDiffusion", "batch_seed", "estimate_latent_scale", "shard"]
+
+SAMPLE_BATCH = 16  # volumes per denoiser call when sampling; part of what a seed means
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The noise seed of one sampling batch: a pure function of (seed, batch index), so any
+    process can draw any batch of a cohort and get the volumes one process would."""
+    return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def shard(n: int, rank: int, world_size: int, batch_size: int = SAMPLE_BATCH) -> slice:
+    """Rank `rank`'s contiguous, batch-aligned share of volumes 0..n-1 (may be empty).
+
+    Whole batches are split between ranks so each rank's volumes equal the single-process
+    ones: a batch's noise comes from `batch_seed` and the batch's composition is the same.
+    """
+    if not 0 <= rank < world_size:
+        raise DpsynthError(f"shard: rank {rank} is not in 0..{world_size - 1}")
+    batches = -(-n // batch_size)
+    lo, hi = rank * batches // world_size, (rank + 1) * batches // world_size
+    return slice(min(lo * batch_size, n), min(hi * batch_size, n))
 
 
 class LatentDiffusion(nn.Module):
@@ -125,8 +146,9 @@ class LatentDiffusion(nn.Module):
         steps: int | None = None,
         guidance: float = 1.0,
         seed: int = 0,
-        batch_size: int = 16,
+        batch_size: int = SAMPLE_BATCH,
         progress: bool = True,
+        start: int = 0,
     ) -> np.ndarray:
         """Generate ``n`` volumes (n, S, H, W) in [0, 1].
 
@@ -136,10 +158,16 @@ class LatentDiffusion(nn.Module):
         ``steps``: model calls per sample; default all T for DDPM, else 25 (at most T).
         ``guidance``: 1 = conditional only, 0 = unconditional, > 1 amplifies the attributes.
         Results depend on ``seed`` and ``batch_size`` only, not on earlier calls.
+        ``start``: these are volumes start..start+n-1 of a larger cohort drawn with the same
+        seed (a multiple of ``batch_size``; see `shard`): each batch has its own seed.
         """
         if n < 1 or batch_size < 1:
             raise DpsynthError(
                 f"sample: n and batch_size must be positive, got {n} and {batch_size}"
+            )
+        if start < 0 or start % batch_size:
+            raise DpsynthError(
+                f"sample: start must be a multiple of batch_size {batch_size}, got {start}"
             )
         if attributes is None:
             attributes = np.full((n, N_ATTRIBUTES), np.nan, dtype=np.float32)
@@ -155,16 +183,17 @@ class LatentDiffusion(nn.Module):
         scheduler = make_scheduler(sampler, steps=steps, **self.schedule_config)
 
         device = next(self.denoiser.parameters()).device
-        generator = torch.Generator(device).manual_seed(seed)
         cond_all = self.normalize_attributes(torch.from_numpy(attributes).to(device))
         was_training = self.training
         self.eval()
         out = np.empty((n, *self.volume_shape), dtype=np.float32)
         bar = tqdm(total=n * steps, desc=f"sampling ({sampler})", unit="step", disable=not progress)
         try:
-            for start in range(0, n, batch_size):
-                cond = cond_all[start : start + batch_size]
+            for offset in range(0, n, batch_size):
+                cond = cond_all[offset : offset + batch_size]
                 b = cond.shape[0]
+                batch_index = (start + offset) // batch_size
+                generator = torch.Generator(device).manual_seed(batch_seed(seed, batch_index))
                 x = torch.randn((b, *self.latent_shape), generator=generator, device=device)
                 scheduler.set_timesteps(steps)  # multistep solvers keep per-trajectory state
                 for t in scheduler.timesteps:
@@ -173,7 +202,7 @@ class LatentDiffusion(nn.Module):
                     x = scheduler.step(eps, int(t), x, generator=generator)[0]
                     bar.update(b)
                 volumes = self.decode(x).clamp(0.0, 1.0)
-                out[start : start + b] = volumes[:, 0].cpu().numpy()
+                out[offset : offset + b] = volumes[:, 0].cpu().numpy()
         finally:
             bar.close()
             self.train(was_training)

@@ -41,15 +41,27 @@ def save_config(run: Path, config: Config) -> None:
 
 def init_distributed(dp: bool) -> int:
     """Join the torchrun process group (DP runs only); return this process's rank."""
-    import torch.distributed as dist
-
     from dpsynth.privacy.distributed import launched_world_size
 
     if launched_world_size() <= 1:
         return 0
     if not dp:
         raise DpsynthError("torchrun: multi-process training is supported for --dp runs only")
+    return join_process_group()
+
+
+def join_process_group() -> int:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) if launched under
+    torchrun and not yet joined; return this process's rank (0 without torchrun)."""
+    import torch.distributed as dist
+
+    from dpsynth.privacy.distributed import launched_world_size
+
+    if launched_world_size() <= 1:
+        return 0
     if not dist.is_initialized():
+        if torch.cuda.is_available():  # NCCL's object collectives use the current device
+            torch.cuda.set_device(pick_device())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank()
 
