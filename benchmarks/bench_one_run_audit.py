@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from dpsynth.demo import demo_dp_recipe
+from dpsynth.app.demo import demo_dp_recipe
 from dpsynth.privacy import one_run_audit as ora
 
 

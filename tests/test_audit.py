@@ -238,8 +238,8 @@ def test_privacy_audit_combines_both_and_is_json():
 
 def test_audit_runs_on_the_real_latent_diffusion_pipeline():
     """Contract check against dpsynth's own pipeline (tiny autoencoder and denoiser)."""
+    from dpsynth.diffusion import LatentDiffusion
     from dpsynth.models import KLAutoencoder, LatentDenoiser
-    from dpsynth.sampling import LatentDiffusion
 
     torch.manual_seed(0)
     ae = KLAutoencoder(channels=8, channel_multipliers=(1, 2, 2), num_res_blocks=1, norm_groups=4)

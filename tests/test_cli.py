@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from dpsynth.cli import main
-from dpsynth.sweep import format_table, parse_epsilons, pretrain_ratio, write_table
+from dpsynth.app.cli import main
+from dpsynth.app.sweep import format_table, parse_epsilons, pretrain_ratio, write_table
 
 
 def test_budget_plan_json_keys_and_consistency(capsys):

@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
+from dpsynth.app.demo import demo_assets
 from dpsynth.attributes import ATTRIBUTES
-from dpsynth.demo import demo_assets
+from dpsynth.diffusion.pipeline import SAMPLE_BATCH, shard
 from dpsynth.io import read_json, read_nifti
-from dpsynth.sampling.pipeline import SAMPLE_BATCH, shard
 
 N = SAMPLE_BATCH + 5  # two batches: one per rank, the second one partial
 
@@ -73,9 +73,9 @@ def _worker(rank: int, init_file: str, out: str, fail_rank: int, result: str) ->
     import torch
     import torch.distributed as dist
 
+    from dpsynth.app.sample import sample_to_folder
+    from dpsynth.diffusion.pipeline import LatentDiffusion
     from dpsynth.errors import DpsynthError
-    from dpsynth.sampling.api import sample_to_folder
-    from dpsynth.sampling.pipeline import LatentDiffusion
 
     os.environ["WORLD_SIZE"] = "2"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)

@@ -37,14 +37,14 @@ def single_thread():
 
 
 def _demo_ldm() -> Path:
-    from dpsynth.demo import demo_assets
+    from dpsynth.app.demo import demo_assets
 
     return demo_assets() / "ldm"
 
 
 @pytest.fixture(scope="module")
 def demo_explorer():
-    from dpsynth.explore.service import Explorer
+    from dpsynth.app.explore.service import Explorer
 
     return Explorer(_demo_ldm())
 
@@ -53,8 +53,8 @@ def demo_explorer():
 def run_dir(tmp_path_factory):
     """The shipped demo LDM with a DP attribute model and a referee, both fitted on a small
     simulated public cohort, plus checkpoint/ and eval/ folders the explorer must not read."""
+    from dpsynth.app.demo import simulate_and_prepare
     from dpsynth.config import load_config
-    from dpsynth.demo import simulate_and_prepare
     from dpsynth.evaluation.referee import train_referee
     from dpsynth.privacy.attribute_fit import fit_attributes
 
@@ -179,8 +179,8 @@ def test_request_defaults_and_unknowns(demo_explorer):
 
 
 def test_a_run_folder_without_a_model_is_refused(tmp_path, capsys):
-    from dpsynth.cli import main
-    from dpsynth.explore.service import Explorer
+    from dpsynth.app.cli import main
+    from dpsynth.app.explore.service import Explorer
 
     with pytest.raises(DpsynthError, match="no model.json"):
         Explorer(tmp_path)
@@ -191,7 +191,7 @@ def test_a_run_folder_without_a_model_is_refused(tmp_path, capsys):
 
 def test_generation_is_the_pipelines(demo_explorer):
     """Same seed and settings as `pipe.sample`: no second copy of the sampling logic."""
-    from dpsynth.explore.service import response
+    from dpsynth.app.explore.service import response
 
     request = demo_explorer.parse({"attributes": {"LVEDV": 200, "ESED": 1}, "steps": 2, "seed": 3})
     result = demo_explorer.generate(request)
@@ -213,7 +213,7 @@ def test_generations_never_overlap(demo_explorer, monkeypatch):
     """Three concurrent HTTP requests run one after another on the single worker."""
     import uvicorn
 
-    from dpsynth.explore.server import create_app
+    from dpsynth.app.explore.server import create_app
 
     running, peak, lock = [0], [0], threading.Lock()
 
@@ -260,7 +260,7 @@ def test_generations_never_overlap(demo_explorer, monkeypatch):
 
 def test_reads_only_the_model_attribute_model_and_referee(run_dir):
     """checkpoint/ (secret noise seeds), eval/ and caches are never opened."""
-    from dpsynth.explore.service import Explorer
+    from dpsynth.app.explore.service import Explorer
 
     opened: list[str] = []
     recording = [True]

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from dpsynth.cli import main
+from dpsynth.app.cli import main
 from dpsynth.privacy import one_run_audit as ora
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 

@@ -209,7 +209,7 @@ def test_prepare_shows_and_measures_the_same_heart_however_stored(tmp_path):
 def test_the_shipped_demo_model_uses_the_signed_angle():
     import json
 
-    from dpsynth.demo import demo_assets
+    from dpsynth.app.demo import demo_assets
 
     meta = json.loads((demo_assets() / "ldm" / "model.json").read_text())
     lo, hi = meta["attribute_ranges"]["ANGLE"]

@@ -174,8 +174,8 @@ def test_ldm_loop_decays_by_epoch_and_runs_its_epochs(public_cache, tmp_path):
     import numpy as np
 
     from dpsynth.data.cache import Cache
+    from dpsynth.diffusion.schedulers import make_scheduler
     from dpsynth.models.build import build_denoiser
-    from dpsynth.sampling.schedulers import make_scheduler
     from dpsynth.training.dp_stage import dp_steps_per_epoch
     from dpsynth.training.ldm import DenoisingObjective, _Trainer
 

@@ -13,16 +13,16 @@ import pytest
 import torch
 from test_training import _cache, tiny
 
-from dpsynth.cli import main
+from dpsynth.app.cli import main
+from dpsynth.app.sample import load, sample_to_folder
 from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError, ReleaseRefusedError
 from dpsynth.io import read_json
 from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
-from dpsynth.release import ALLOWED, MANIFEST, release, verify, write_manifest
 from dpsynth.report.html import write_report
-from dpsynth.sampling.api import load, sample_to_folder
+from dpsynth.report.release import ALLOWED, MANIFEST, release, verify, write_manifest
 from dpsynth.training.autoencoder import train_autoencoder
 from dpsynth.training.ldm import train_ldm
 

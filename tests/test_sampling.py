@@ -10,9 +10,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dpsynth.attributes import N_ATTRIBUTES, denormalize, normalize
+from dpsynth.diffusion import LatentDiffusion, add_noise, estimate_latent_scale, make_scheduler
 from dpsynth.errors import DpsynthError
 from dpsynth.models import KLAutoencoder, LatentDenoiser
-from dpsynth.sampling import LatentDiffusion, add_noise, estimate_latent_scale, make_scheduler
 
 # PyTorch notes that CPU flash attention has no vmap batching rule (a speed note only).
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -378,7 +378,7 @@ def test_one_volume_decodes_on_the_fast_convolution_path():
     from torch.profiler import profile
 
     import dpsynth
-    from dpsynth.demo import demo_assets
+    from dpsynth.app.demo import demo_assets
 
     pipe = dpsynth.load(demo_assets() / "ldm")
     torch.set_num_threads(2)  # the heuristic also depends on the thread count

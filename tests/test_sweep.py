@@ -9,7 +9,7 @@ import pytest
 from test_training import SHAPE, SPACING, _cache, tiny
 
 from dpsynth import sweep
-from dpsynth.cli import main
+from dpsynth.app.cli import main
 from dpsynth.data.cache import Cache
 from dpsynth.data.prepare import prepare
 from dpsynth.errors import DpsynthError
@@ -60,7 +60,7 @@ def _fake_evaluation(monkeypatch):
     """Sampling, the referee and evaluation are the demo's, tested elsewhere; stub them."""
     evaluate_mod = importlib.import_module("dpsynth.evaluation.evaluate")
     referee_mod = importlib.import_module("dpsynth.evaluation.referee")
-    sampling_mod = importlib.import_module("dpsynth.sampling.api")
+    sampling_mod = importlib.import_module("dpsynth.app.sample")
 
     monkeypatch.setattr(referee_mod, "train_referee", lambda data, out, **kw: out.mkdir())
     monkeypatch.setattr(sampling_mod, "sample_to_folder", lambda run, out, **kw: out.mkdir())
@@ -79,7 +79,7 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
     from dpsynth.training.common import public_total_steps
 
     _fake_evaluation(monkeypatch)
-    workflow = importlib.import_module("dpsynth.workflow")
+    workflow = importlib.import_module("dpsynth.app.workflow")
     ldm = importlib.import_module("dpsynth.training.ldm")
     public_runs, cells = [], {}
     monkeypatch.setattr(workflow, "pretrain_public_models",

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from dpsynth.app.cli import main
+from dpsynth.app.sample import load, sample_to_folder
 from dpsynth.attributes import ATTRIBUTES, CLINICAL_RANGES
-from dpsynth.cli import main
 from dpsynth.config import load_config
 from dpsynth.data.cache import Cache
 from dpsynth.data.prepare import prepare
@@ -27,7 +28,6 @@ from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.ledger import Ledger, format_ledger
 from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
 from dpsynth.privacy.statistics import gaussian_noise_multiplier
-from dpsynth.sampling.api import load, sample_to_folder
 from dpsynth.training import checkpoint as ckpt
 from dpsynth.training.autoencoder import train_autoencoder
 from dpsynth.training.ldm import train_ldm

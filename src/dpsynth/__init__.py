@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from dpsynth.attributes import ATTRIBUTES
 
 if TYPE_CHECKING:
-    from dpsynth.sampling.pipeline import LatentDiffusion
+    from dpsynth.diffusion.pipeline import LatentDiffusion
 
 __version__ = "0.1.0"
 __all__ = ["ATTRIBUTES", "__version__", "load"]
@@ -16,6 +16,6 @@ __all__ = ["ATTRIBUTES", "__version__", "load"]
 
 def load(run: str | os.PathLike, device: str | None = None) -> LatentDiffusion:
     """The sampling pipeline of a trained LDM run: ``dpsynth.load(RUN).sample(n=8)``."""
-    from dpsynth.sampling.api import load as load_run  # torch is imported only when needed
+    from dpsynth.app.sample import load as load_run  # torch is imported only when needed
 
     return load_run(run, device)

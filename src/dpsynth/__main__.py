@@ -1,3 +1,3 @@
-from dpsynth.cli import main
+from dpsynth.app.cli import main
 
 raise SystemExit(main())

@@ -848,7 +848,7 @@ def _section_comparison(ctx: _Context) -> str:
 
 
 def _section_release(ctx: _Context) -> str:
-    from dpsynth.release import MODEL_CARD, PRIVACY_MD, verify
+    from dpsynth.report.release import MODEL_CARD, PRIVACY_MD, verify
 
     if ctx.release is None:
         return _missing(

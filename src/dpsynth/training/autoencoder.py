@@ -279,7 +279,7 @@ class _PublicFit:
 
     def latent_scale(self, model) -> tuple[float, str]:
         """Estimated on this run's own training data, which is public here."""
-        from dpsynth.sampling.pipeline import estimate_latent_scale
+        from dpsynth.diffusion.pipeline import estimate_latent_scale
 
         rows = self.cache.volume_indices("train")[:256]
         batches = (

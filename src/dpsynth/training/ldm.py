@@ -22,10 +22,10 @@ from torch import Tensor
 from dpsynth.attributes import ATTRIBUTES, CLINICAL_RANGES, INDEX, normalize
 from dpsynth.config import Config
 from dpsynth.data.cache import Cache
+from dpsynth.diffusion.schedulers import add_noise, make_scheduler
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_json, hold_run, read_json
 from dpsynth.models.build import build_autoencoder, build_denoiser
-from dpsynth.sampling.schedulers import add_noise, make_scheduler
 from dpsynth.training import checkpoint as ckpt
 from dpsynth.training.common import (
     adopt_architecture,
@@ -362,7 +362,7 @@ class _Trainer:
         """A sampling pipeline over the EMA weights (a copy; training weights untouched)."""
         import copy
 
-        from dpsynth.sampling.api import make_pipeline
+        from dpsynth.app.sample import make_pipeline
 
         ema_model = copy.deepcopy(self.denoiser)
         ema_model.load_state_dict(self.ema.state_dict(self.denoiser))

@@ -79,12 +79,12 @@ def run_sweep(
     are trained into OUT/public from that cache; `public` and `private` must hold
     different data.
     """
-    from dpsynth.demo import REFEREE_EPOCHS, simulate_and_prepare
+    from dpsynth.app.demo import REFEREE_EPOCHS, simulate_and_prepare
+    from dpsynth.app.sample import sample_to_folder
+    from dpsynth.app.workflow import refuse_same_data
     from dpsynth.evaluation.evaluate import evaluate
     from dpsynth.evaluation.referee import train_referee
     from dpsynth.privacy.ledger import Ledger
-    from dpsynth.sampling.api import sample_to_folder
-    from dpsynth.workflow import refuse_same_data
 
     out = Path(out)
     config = config or load_config(preset)
@@ -123,8 +123,8 @@ def run_sweep(
 
 def _public_models(out: Path, preset: str, public, config: Config) -> Path:
     """A folder with the public `autoencoder` and `ldm` runs."""
-    from dpsynth.demo import demo_assets, pretrain_public
-    from dpsynth.workflow import pretrain_public_models
+    from dpsynth.app.demo import demo_assets, pretrain_public
+    from dpsynth.app.workflow import pretrain_public_models
 
     if public is not None:
         pretrain_public_models(public, out / "public", config)
@@ -136,13 +136,13 @@ def _public_models(out: Path, preset: str, public, config: Config) -> Path:
 
 
 def _private_spec() -> dict:
-    from dpsynth.demo import PRIVATE
+    from dpsynth.app.demo import PRIVATE
 
     return PRIVATE
 
 
 def _train_cell(private, models: Path, run: Path, config: Config, cell: Cell) -> None:
-    from dpsynth.demo import _with
+    from dpsynth.app.demo import _with
     from dpsynth.training.ldm import train_ldm
 
     init = models / "ldm" if cell.pretrain else None  # all parameters fine-tuned, as in the demo

@@ -1,8 +1,8 @@
 """The explorer's engine: validate a request, generate one volume, measure it, keep it in memory.
 
-No web code here (the server in `dpsynth.explore.server` is a thin layer over this), so the
+No web code here (the server in `dpsynth.app.explore.server` is a thin layer over this), so the
 same checks run from Python and from HTTP. What it reads from the run folder is fixed:
-model.json and the weights (through `dpsynth.sampling.api.load`), attribute_model.json,
+model.json and the weights (through `dpsynth.app.sample.load`), attribute_model.json,
 and an optional referee folder. It never reads `checkpoint/` (secret noise seeds), `eval/`
 or caches, and never writes anywhere: generated volumes live in memory only.
 """
@@ -74,7 +74,7 @@ class Explorer:
         device: str | None = None,
         defaults: ExploreDefaults | None = None,
     ) -> None:
-        from dpsynth.sampling.api import load
+        from dpsynth.app.sample import load
 
         self.run = Path(run)
         if not (self.run / "model.json").is_file():

@@ -36,6 +36,15 @@ from typing import Any
 
 import numpy as np
 
+from dpsynth.app.sample import (
+    CONDITIONING,
+    PROVENANCE_FILE,
+    RELEASABLE_CONDITIONING,
+    WEIGHT_FILES,
+    model_digest,
+    read_conditions_csv,
+    write_attributes_csv,
+)
 from dpsynth.attributes import ATTRIBUTES
 from dpsynth.config import Config, DenoiserConfig, DiffusionConfig, SamplingConfig, load_config
 from dpsynth.errors import DpsynthError, ReleaseRefusedError
@@ -56,15 +65,6 @@ from dpsynth.privacy.accounting import (
     epsilon_for,
 )
 from dpsynth.privacy.ledger import Ledger
-from dpsynth.sampling.api import (
-    CONDITIONING,
-    PROVENANCE_FILE,
-    RELEASABLE_CONDITIONING,
-    WEIGHT_FILES,
-    model_digest,
-    read_conditions_csv,
-    write_attributes_csv,
-)
 
 FORMAT_VERSION = 1
 MANIFEST = "SHA256SUMS"

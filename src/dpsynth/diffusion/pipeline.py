@@ -10,9 +10,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dpsynth.attributes import N_ATTRIBUTES, normalize
+from dpsynth.diffusion.schedulers import SamplerName, add_noise, make_scheduler
 from dpsynth.errors import DpsynthError
 from dpsynth.models.blocks import single_as_pair
-from dpsynth.sampling.schedulers import SamplerName, add_noise, make_scheduler
 
 __all__ = ["SAMPLE_BATCH", "LatentDiffusion", "batch_seed", "estimate_latent_scale", "shard"]
 

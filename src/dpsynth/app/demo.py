@@ -74,7 +74,7 @@ def pretrain_public(out: Path, config: Config | None = None) -> Path:
 
     This is the command that produced the shipped demo weights (`dpsynth pretrain-demo`).
     """
-    from dpsynth.workflow import pretrain_public_models
+    from dpsynth.app.workflow import pretrain_public_models
 
     config = config or load_config("demo")
     out = Path(out)
@@ -98,13 +98,13 @@ def demo_dp_recipe():
 
 
 def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dict:
+    from dpsynth.app.sample import sample_to_folder
     from dpsynth.evaluation.evaluate import evaluate
     from dpsynth.evaluation.referee import train_referee
     from dpsynth.privacy.attribute_fit import fit_attributes
     from dpsynth.privacy.ledger import Ledger
-    from dpsynth.release import release
     from dpsynth.report.html import write_report
-    from dpsynth.sampling.api import sample_to_folder
+    from dpsynth.report.release import release
     from dpsynth.training.ldm import train_ldm
 
     out = Path(out)

@@ -67,7 +67,7 @@ def load(run: str | os.PathLike, device: str | torch.device | None = None):
 
 def make_pipeline(autoencoder, denoiser, diffusion, latent_scale: float, shape, spacing):
     """A `LatentDiffusion` from modules and the run's diffusion settings."""
-    from dpsynth.sampling.pipeline import LatentDiffusion
+    from dpsynth.diffusion.pipeline import LatentDiffusion
 
     return LatentDiffusion(
         autoencoder=autoencoder,
@@ -256,7 +256,7 @@ def _shards(tmp: Path | None, n: int) -> tuple[Path, slice, int]:
     """
     import torch.distributed as dist
 
-    from dpsynth.sampling.pipeline import shard
+    from dpsynth.diffusion.pipeline import shard
     from dpsynth.training.common import is_distributed
 
     if not is_distributed():

@@ -30,8 +30,8 @@ except ImportError:  # the `explore` extra keeps the core install lean
         "dpsynth explore needs FastAPI and uvicorn: pip install 'dpsynth[explore]'"
     ) from None
 
+from dpsynth.app.explore.service import Explorer, NotFoundError, response
 from dpsynth.config import ExploreDefaults
-from dpsynth.explore.service import Explorer, NotFoundError, response
 
 STATIC = ("index.html", "explore.js", "explore.css")
 VOLUME_ID = r"^[0-9a-f]{32}$"
@@ -44,7 +44,7 @@ def _package_file(*parts: str) -> bytes:
 def create_app(explorer: Explorer) -> FastAPI:
     """The FastAPI application serving `explorer`."""
     # Read once at start-up: the page is package data, never a path from a request.
-    files = {name: _package_file("explore", "static", name) for name in STATIC}
+    files = {name: _package_file("app", "explore", "static", name) for name in STATIC}
     files["viewer.js"] = _package_file("report", "viewer.js")
     media = {"html": "text/html; charset=utf-8", "js": "text/javascript", "css": "text/css"}
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpsynth-generate")

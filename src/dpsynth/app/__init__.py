@@ -1,0 +1,1 @@
+"""The application layer: the CLI, stages, workflow, demo, sweep, sample I/O, explore."""

@@ -1,0 +1,566 @@
+"""`dpsynth` command line: a thin layer over the Python API.
+
+Each sub-command parses its flags, calls one API function and prints a short summary.
+User errors (DpsynthError) print one line and exit 2; nothing half-written is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from dpsynth.errors import DpsynthError
+
+
+def _triple(kind: type):
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected three comma-separated numbers, got '{text}'"
+            ) from None
+        if len(values) != 3:
+            raise argparse.ArgumentTypeError(
+                f"expected three comma-separated numbers, got '{text}'"
+            )
+        return values
+
+    return parse
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=("demo", "paper"), help="start from a named preset")
+    p.add_argument("--config", type=Path, help="YAML config file (overrides the preset)")
+    p.add_argument("--steps", type=int, help="training steps (overrides the config)")
+    p.add_argument("--seed", type=int, help="random seed (overrides the config)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its checkpoint"
+    )
+
+
+def _dp_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
+    g = p.add_argument_group("differential privacy (patient-level DP-SGD)")
+    if optional:
+        g.add_argument("--dp", action="store_true", help="train with DP-SGD; --data is private")
+    g.add_argument(
+        "--epsilon", type=float, help="target ε for this stage (noise is calibrated to it)"
+    )
+    g.add_argument(
+        "--noise-multiplier", type=float, help="fixed noise multiplier σ instead of --epsilon"
+    )
+    g.add_argument("--delta", type=float, help="δ (default 1e-5; must be well below 1/patients)")
+    g.add_argument("--max-grad-norm", type=float, help="per-patient clipping norm C")
+    g.add_argument("--epochs", type=float, help="planned epochs over the patients")
+    g.add_argument("--batch-size", type=int, help="expected patients per logical batch")
+    g.add_argument("--physical-batch-size", type=int, help="patients per forward pass")
+    g.add_argument("--accountant", choices=("prv", "rdp"), help="privacy accountant")
+    g.add_argument(
+        "--max-total-epsilon", type=float, help="refuse if the lineage total would exceed this"
+    )
+
+
+def _load_config(args: argparse.Namespace, training_section: str):
+    from dpsynth.config import load_config
+
+    overrides = {}
+    if args.steps is not None:
+        overrides[f"{training_section}.steps"] = args.steps
+    if args.seed is not None:
+        overrides[f"{training_section}.seed"] = args.seed
+    for flag, key in (
+        ("epsilon", "epsilon"),
+        ("noise_multiplier", "noise_multiplier"),
+        ("delta", "delta"),
+        ("max_grad_norm", "max_grad_norm"),
+        ("epochs", "epochs"),
+        ("batch_size", "batch_size"),
+        ("physical_batch_size", "physical_batch_size"),
+        ("accountant", "accountant"),
+        ("max_total_epsilon", "max_total_epsilon"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[f"privacy.{key}"] = value
+    if args.resume and args.config is None and args.preset is None:
+        saved = Path(args.out) / "config.yaml"
+        if saved.exists():
+            return load_config(path=saved, overrides=overrides)
+    return load_config(preset=args.preset or "demo", path=args.config, overrides=overrides)
+
+
+# ---------------------------------------------------------------- handlers
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from dpsynth.data.simulate import simulate_cohort
+
+    sx, sy, sz = args.spacing
+    out = simulate_cohort(
+        args.out, args.patients, cohort=args.cohort, seed=args.seed, shape=tuple(args.shape),
+        spacing=(sz, sy, sx), workers=args.workers,
+    )  # fmt: skip
+    print(f"simulated {args.patients} {args.cohort} patients -> {out}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from dpsynth.data.prepare import prepare
+
+    sx, sy, sz = args.spacing
+    report = prepare(
+        args.layout, args.src, args.out, attributes_csv=args.attributes, split=tuple(args.split),
+        seed=args.seed, shape=tuple(args.shape), spacing=(sz, sy, sx),
+        prefer_csv_attributes=args.prefer_csv_attributes, skip_bad=args.skip_bad,
+    )  # fmt: skip
+    print(report.summary())
+
+
+def cmd_train_autoencoder(args: argparse.Namespace) -> None:
+    from dpsynth.training.autoencoder import train_autoencoder
+
+    config = _load_config(args, "autoencoder_training")
+    run = train_autoencoder(
+        args.data, args.out, config, init=args.init, resume=args.resume, dp=args.dp
+    )
+    print(f"autoencoder run -> {run}")
+
+
+def cmd_train_ldm(args: argparse.Namespace) -> None:
+    from dpsynth.training.ldm import train_ldm
+
+    config = _load_config(args, "ldm_training")
+    run = train_ldm(
+        args.data, args.autoencoder, args.out, config, init=args.init, resume=args.resume,
+        dp=args.dp, validation_data=args.validation_data,
+        private_validation=args.private_validation,
+    )  # fmt: skip
+    print(f"latent diffusion run -> {run}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from dpsynth.app.sample import sample_to_folder
+    from dpsynth.training.common import is_main
+
+    out = sample_to_folder(
+        args.run, args.out, n=args.n, attributes=args.attributes, settings=args.set,
+        sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        conditions_source=args.conditions_source,
+    )  # fmt: skip
+    if is_main():  # under torchrun, rank 0 speaks for the job
+        print(f"{args.n} volumes -> {out}")
+
+
+def cmd_release(args: argparse.Namespace) -> None:
+    from dpsynth.report.release import release
+
+    out = release(args.run, args.synthetic, args.out, max_epsilon=args.max_epsilon)
+    print(f"release bundle -> {out} (check it anywhere with `dpsynth verify {out}`)")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from dpsynth.report.release import describe, verify
+
+    print(describe(verify(args.bundle)))
+
+
+def cmd_fit_attributes(args: argparse.Namespace) -> None:
+    from dpsynth.privacy.attribute_fit import fit_attributes
+
+    run = fit_attributes(
+        args.data, args.out, epsilon=args.epsilon, delta=args.delta,
+        max_total_epsilon=args.max_total_epsilon,
+    )  # fmt: skip
+    print(f"DP attribute model -> {run}")
+
+
+def cmd_budget(args: argparse.Namespace) -> None:
+    from dpsynth.privacy.planner import format_plan, plan
+
+    if args.target == "plan":
+        for flag in ("records", "batch_size", "epochs"):
+            if getattr(args, flag) is None:
+                raise DpsynthError(f"budget plan: --{flag.replace('_', '-')} is required")
+        if (args.epsilon is None) == (args.noise_multiplier is None):
+            raise DpsynthError("budget plan: give exactly one of --epsilon or --noise-multiplier")
+        result = plan(
+            records=args.records, batch_size=args.batch_size, epochs=args.epochs,
+            epsilon=args.epsilon, noise_multiplier=args.noise_multiplier,
+            delta=args.delta if args.delta is not None else 1e-5,
+            accountant=args.accountant or "prv",
+        )  # fmt: skip
+        print(json.dumps(result.to_json()) if args.json else format_plan(result))
+        return
+    from dpsynth.io import read_json
+    from dpsynth.privacy.ledger import Ledger, format_ledger
+
+    ledger = Ledger.load(Path(args.target))
+    model = Path(args.target) / "model.json"
+    not_dp = ledger.not_dp(read_json(model).get("trained_on", [])) if model.exists() else []
+    if args.json:
+        delta = ledger.default_delta()
+        epsilon = None if not_dp else ledger.total_epsilon(delta)
+        summary = {"epsilon": epsilon, "delta": delta, "not_dp": not_dp, **ledger.to_json()}
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_ledger(ledger))
+        for cache_id in not_dp:
+            print(f"NOT DP: trained without DP on cache {cache_id}, which the ledger names as "
+                  "private; the epsilon above does not cover this model")  # fmt: skip
+
+
+def cmd_train_referee(args: argparse.Namespace) -> None:
+    from dpsynth.evaluation.referee import train_referee
+
+    out = train_referee(args.data, args.out, epochs=args.epochs, seed=args.seed)
+    print(f"referee -> {out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from dpsynth.evaluation.evaluate import evaluate
+
+    metrics = tuple(args.metrics.split(",")) if args.metrics else None
+    kwargs = {"metrics": metrics} if metrics else {}
+    result = evaluate(
+        args.real, args.synthetic, args.out, referee=args.referee,
+        inception_weights=args.inception_weights, model_run=args.model_run, seed=args.seed,
+        study=args.study, **kwargs,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for name, m in result.get("metrics", {}).items():
+            print(f"{name:>16}: {m.get('value')}  (baseline {m.get('baseline')})")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from dpsynth.report.html import write_report
+
+    path = write_report(
+        args.run, args.out, compare=tuple(args.compare or ()), eval_dir=args.eval,
+        synthetic_dir=args.synthetic, real=args.real, release=args.release,
+    )  # fmt: skip
+    print(f"report -> {path}")
+
+
+def cmd_explore(args: argparse.Namespace) -> None:
+    from dpsynth.app.explore.server import serve
+
+    serve(args.run, host=args.host, port=args.port, referee=args.referee)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from dpsynth.app.demo import run_demo
+
+    run_demo(Path(args.out), fresh=not args.keep, retrain_public=args.retrain_public)
+
+
+def cmd_pretrain_demo(args: argparse.Namespace) -> None:
+    from dpsynth.app.demo import pretrain_public
+
+    out = pretrain_public(args.out)
+    print(f"public demo models -> {out}")
+
+
+def cmd_audit_privacy(args: argparse.Namespace) -> None:
+    from dpsynth.app.demo import demo_dp_recipe
+    from dpsynth.privacy import one_run_audit as ora
+
+    if (args.run is None) == (not args.demo_recipe):
+        raise DpsynthError("audit-privacy: give a run folder or --demo-recipe (exactly one)")
+    if args.report is not None and args.run is None:
+        raise DpsynthError("audit-privacy: --report needs a run folder")
+    out = args.out
+    if out is None:
+        # Only the run's own recipe on the shipped engine may sit in the run (the report shows it).
+        if args.run is None or args.broken or args.epsilon is not None:
+            raise DpsynthError(
+                "audit-privacy: --out is required with --demo-recipe, --broken or --epsilon"
+            )
+        out = args.run / ora.AUDIT_DIR
+    recipe = demo_dp_recipe() if args.demo_recipe else ora.recipe_from_run(args.run)
+    if args.epsilon is not None:
+        recipe = ora.recalibrate(recipe, args.epsilon)
+    canaries = ora.DEFAULT_CANARIES if args.canaries is None else args.canaries
+    say = None if args.json else (lambda msg: print(msg, flush=True))
+    result = ora.audit_privacy(
+        out, recipe, canaries=canaries, seed=args.seed, broken=args.broken,
+        public_patients=args.public_patients, progress=say,
+    )  # fmt: skip
+    if args.report is not None:
+        from dpsynth.report.html import write_report
+
+        write_report(args.run, args.report)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(ora.format_result(result))
+        print(f"audit (audit only, not releasable) -> {out / ora.AUDIT_FILE}")
+
+
+def cmd_workflow(args: argparse.Namespace) -> None:
+    from dpsynth.app.workflow import run_workflow
+
+    config = _load_config(args, "ldm_training")
+    run = run_workflow(args.public, args.private, args.out, config, pretrain=not args.no_pretrain)
+    print(f"DP latent diffusion run -> {run}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from dpsynth.app.sweep import run_sweep
+
+    grid = {"epsilons": args.epsilons} if args.epsilons else {}  # else the sweep's default
+    run_sweep(args.out, preset=args.preset, public=args.public, private=args.private,
+              pretrain=args.pretrain, bench_md=args.bench_md, **grid)  # fmt: skip
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpsynth",
+        description="Differentially private latent diffusion for 3D medical volumes.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "simulate", help="write a cohort of cardiac MRI phantoms (ukbb_cardiac layout)"
+    )
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--patients", required=True, type=int)
+    p.add_argument("--cohort", choices=("ukbb", "acdc"), default="ukbb")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=_triple(int), default=(13, 96, 96), help="slices,H,W")
+    p.add_argument(
+        "--spacing", type=_triple(float), default=(1.8269, 1.8269, 10.0), help="x,y,z mm"
+    )
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("prepare", help="ingest a dataset into a memory-mapped cache")
+    p.add_argument("--layout", required=True, help="ukbb, acdc, mnms or manifest")
+    p.add_argument("--src", required=True, type=Path)
+    p.add_argument(
+        "--attributes", type=Path, help="attributes CSV (ukbb: keyed by id; mnms: info CSV)"
+    )
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--split", type=_triple(float), default=(0.8, 0.1, 0.1), help="train,val,test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=_triple(int), default=(13, 96, 96), help="slices,H,W")
+    p.add_argument(
+        "--spacing", type=_triple(float), default=(1.8269, 1.8269, 10.0), help="x,y,z mm"
+    )
+    p.add_argument("--prefer-csv-attributes", action="store_true", help="CSV values win over masks")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad patients and list them")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train-autoencoder", help="train the compression model")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--init", type=Path, help="pre-trained autoencoder run to fine-tune from")
+    _config_args(p)
+    _dp_args(p)
+    p.set_defaults(func=cmd_train_autoencoder)
+
+    p = sub.add_parser("train-ldm", help="train the latent denoiser")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--autoencoder", required=True, type=Path, help="autoencoder run folder")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--init", type=Path, help="pre-trained LDM run to fine-tune from")
+    p.add_argument("--validation-data", type=Path, help="public cache for validation under DP")
+    p.add_argument(
+        "--private-validation",
+        action="store_true",
+        help="--validation-data is private: record it in the ledger as a non-private use",
+    )
+    _config_args(p)
+    _dp_args(p)
+    p.set_defaults(func=cmd_train_ldm)
+
+    p = sub.add_parser("sample", help="synthesise volumes as NIfTI + attributes.csv")
+    p.add_argument("run", type=Path)
+    p.add_argument("--n", required=True, type=int)
+    p.add_argument(
+        "--attributes", help="CSV of conditioning rows, or 'dp' for the DP attribute model"
+    )
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument(
+        "--conditions-source",
+        choices=("user", "public", "private"),
+        default="user",
+        help="where the --attributes CSV came from; 'private' (real patients' attributes) "
+        "marks the set evaluation-only, and `dpsynth release` refuses it",
+    )
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser(
+        "release", help="write the allow-listed release bundle of a DP run and its samples"
+    )
+    p.add_argument("run", type=Path, help="the DP latent diffusion run")
+    p.add_argument("--synthetic", required=True, type=Path, help="a folder from `dpsynth sample`")
+    p.add_argument("--out", required=True, type=Path, help="the bundle folder to write")
+    p.add_argument(
+        "--max-epsilon", type=float, help="the steward's limit on the composed ε (refuse above)"
+    )
+    p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser("verify", help="check a release bundle: file digests and recomputed ε")
+    p.add_argument("bundle", type=Path)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("fit-attributes", help="fit a DP model of the private attribute table")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--dp", action="store_true", required=True)
+    p.add_argument("--epsilon", required=True, type=float)
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--max-total-epsilon", type=float)
+    p.add_argument("--out", required=True, type=Path, help="the model run whose ledger it joins")
+    p.set_defaults(func=cmd_fit_attributes)
+
+    p = sub.add_parser("budget", help="plan a DP budget, or show a run's ledger")
+    p.add_argument("target", help="'plan' or a run folder")
+    p.add_argument("--records", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--epsilon", type=float)
+    p.add_argument("--noise-multiplier", type=float)
+    p.add_argument("--delta", type=float)
+    p.add_argument("--accountant", choices=("prv", "rdp"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_budget)
+
+    p = sub.add_parser(
+        "train-referee", help="train the referee segmenter on real volumes with masks"
+    )
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_referee)
+
+    p = sub.add_parser("evaluate", help="compare synthetic volumes with real ones")
+    p.add_argument("--real", required=True, type=Path)
+    p.add_argument("--synthetic", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--metrics", help="comma-separated subset")
+    p.add_argument("--referee", type=Path)
+    p.add_argument("--inception-weights", type=Path)
+    p.add_argument("--model-run", type=Path, help="LDM run, for the membership-inference audit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--study",
+        action="store_true",
+        help="also report the reference study's variants (*_study: its FID formula, "
+        "neighbour MS-SSIM, pooled controllability, padding clean-up); FID then expects "
+        "torchvision's Inception-v3 on ImageNet-normalised input",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="write the self-contained HTML report")
+    p.add_argument("run", type=Path)
+    p.add_argument("--compare", type=Path, action="append", help="other runs (privacy-utility)")
+    p.add_argument("--eval", type=Path, help="evaluation folder (default RUN/eval)")
+    p.add_argument("--synthetic", type=Path, help="synthetic folder (default: from metrics.json)")
+    p.add_argument("--real", type=Path, help="real cache (default: from metrics.json)")
+    p.add_argument("--release", type=Path, help="release bundle to verify and link")
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("explore", help="a local web page to steer a run's sampler")
+    p.add_argument("run", type=Path)
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="port (default 8765)")
+    p.add_argument(
+        "--referee", type=Path, help="referee folder to measure volumes (default: RUN/referee)"
+    )
+    p.set_defaults(func=cmd_explore)
+
+    p = sub.add_parser("demo", help="the whole pipeline on embedded phantoms (make demo)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--keep", action="store_true", help="reuse finished stages in --out")
+    p.add_argument("--retrain-public", action="store_true", help="train the public models too")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("pretrain-demo", help="train the public demo models (shipped weights)")
+    p.add_argument("--out", type=Path, default=Path("runs/pretrain-demo"))
+    p.set_defaults(func=cmd_pretrain_demo)
+
+    p = sub.add_parser(
+        "audit-privacy",
+        help="one-run empirical privacy audit of a run's DP-SGD recipe (simulated data only)",
+    )
+    p.add_argument(
+        "run", nargs="?", type=Path, help="DP run whose recipe (ledger, config) to audit"
+    )
+    p.add_argument("--demo-recipe", action="store_true", help="the demo preset's recipe, no run")
+    p.add_argument(
+        "--epsilon", type=float, help="recalibrate σ to this accounted ε (same q, steps)"
+    )
+    p.add_argument("--canaries", type=int, help="canary patients M (default 10000)")
+    p.add_argument("--public-patients", type=int, help="simulated phantoms (default: run's count)")
+    p.add_argument(
+        "--broken",
+        choices=("noise-quarter", "per-volume-clipping"),
+        help="audit a deliberately broken engine (shows the audit's power)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="output folder (default RUN/privacy_audit)")
+    p.add_argument("--report", type=Path, help="then re-write RUN's HTML report into this folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit_privacy)
+
+    p = sub.add_parser("workflow", help="public pre-training, then DP fine-tuning, resumable")
+    p.add_argument("--public", required=True, type=Path, help="public cache (pre-training)")
+    p.add_argument("--private", required=True, type=Path, help="private cache (DP stage)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--no-pretrain",
+        action="store_true",
+        help="ablation: DP-train the LDM from scratch under the same budget",
+    )
+    p.add_argument("--preset", choices=("demo", "paper"), help="start from a named preset")
+    p.add_argument("--config", type=Path, help="YAML config file (overrides the preset)")
+    _dp_args(p, optional=False)
+    p.set_defaults(func=cmd_workflow, steps=None, seed=None, resume=False)
+
+    p = sub.add_parser("sweep", help="the study's grid: ε × pre-training")
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"))
+    p.add_argument("--preset", choices=("demo", "paper"), default="demo")
+    p.add_argument("--public", type=Path, help="public cache (default: demo models / phantoms)")
+    p.add_argument("--private", type=Path, help="private cache (default: simulated phantoms)")
+    p.add_argument(
+        "--epsilons", help="comma-separated, inf = no DP (default: the study's 0.1,1,10,inf)"
+    )
+    p.add_argument("--pretrain", choices=("both", "on", "off"), default="both")
+    p.add_argument("--bench-md", type=Path)
+    p.set_defaults(func=cmd_sweep)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
+    try:
+        args.func(args)
+    except DpsynthError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
