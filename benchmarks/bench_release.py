@@ -22,12 +22,12 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from dpsynth.app.demo import N_SYNTHETIC, demo_assets
-from dpsynth.app.sample import PROVENANCE_FILE, model_digest, write_attributes_csv
 from dpsynth.attributes import N_ATTRIBUTES
 from dpsynth.config import load_config
 from dpsynth.io import atomic_write_json, atomic_write_text, read_json, sha256_file, write_nifti
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.report.release import release, verify
+from dpsynth.runs import PROVENANCE_FILE, model_digest, write_attributes_csv
 
 
 def stand_in(root: Path, n: int) -> tuple[Path, Path]:

@@ -20,10 +20,10 @@ import time
 import numpy as np
 import torch
 
-from dpsynth.app.sample import load
 from dpsynth.evaluation.frd import compute_frd
 from dpsynth.evaluation.frechet import feature_statistics, frechet_distance
 from dpsynth.evaluation.volumes import VolumeSet, load_volume_set
+from dpsynth.runs import load
 
 
 def latent_features(pipe, volumes: np.ndarray) -> np.ndarray:

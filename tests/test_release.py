@@ -14,7 +14,7 @@ import torch
 from test_training import _cache, tiny
 
 from dpsynth.app.cli import main
-from dpsynth.app.sample import load, sample_to_folder
+from dpsynth.app.sample import sample_to_folder
 from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError, ReleaseRefusedError
 from dpsynth.io import read_json
@@ -23,6 +23,7 @@ from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
 from dpsynth.report.html import write_report
 from dpsynth.report.release import ALLOWED, MANIFEST, release, verify, write_manifest
+from dpsynth.runs import load
 from dpsynth.training.autoencoder import train_autoencoder
 from dpsynth.training.ldm import train_ldm
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dpsynth.app.cli import main
-from dpsynth.app.sample import load, sample_to_folder
+from dpsynth.app.sample import sample_to_folder
 from dpsynth.attributes import ATTRIBUTES, CLINICAL_RANGES
 from dpsynth.config import load_config
 from dpsynth.data.cache import Cache
@@ -28,6 +28,7 @@ from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.ledger import Ledger, format_ledger
 from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
 from dpsynth.privacy.statistics import gaussian_noise_multiplier
+from dpsynth.runs import load
 from dpsynth.training import checkpoint as ckpt
 from dpsynth.training.autoencoder import train_autoencoder
 from dpsynth.training.ldm import train_ldm

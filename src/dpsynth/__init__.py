@@ -16,6 +16,6 @@ __all__ = ["ATTRIBUTES", "__version__", "load"]
 
 def load(run: str | os.PathLike, device: str | None = None) -> LatentDiffusion:
     """The sampling pipeline of a trained LDM run: ``dpsynth.load(RUN).sample(n=8)``."""
-    from dpsynth.app.sample import load as load_run  # torch is imported only when needed
+    from dpsynth.runs import load as load_run  # start-up time: torch loads only when needed
 
     return load_run(run, device)

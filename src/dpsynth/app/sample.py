@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import hashlib
 import math
 import os
 import warnings
@@ -12,74 +10,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dpsynth.attributes import ATTRIBUTES, INDEX
 from dpsynth.errors import DpsynthError
-from dpsynth.io import atomic_dir, atomic_write_json, read_json, sha256_file, write_nifti
-
-PROVENANCE_FILE = "provenance.json"
-WEIGHT_FILES = ("denoiser.safetensors", "autoencoder.safetensors")
-# Where a synthetic set's conditions came from. Only the first three may be released
-# (BRIEF section 3); real private attributes are for evaluation.
-CONDITIONING = {
-    "user": "user-specified",
-    "public": "public table",
-    "dp": "DP attribute model",
-    "private": "real private attributes (evaluation only)",
-}
-RELEASABLE_CONDITIONING = ("user", "public", "dp")
-
-
-def load(run: str | os.PathLike, device: str | torch.device | None = None):
-    """The `LatentDiffusion` pipeline of a trained LDM run (EMA weights; no unpickling)."""
-    from dpsynth.config import DenoiserConfig, DiffusionConfig
-    from dpsynth.models.build import build_denoiser
-    from dpsynth.training.checkpoint import load_weights
-    from dpsynth.training.ldm import lists_to_tuples, load_autoencoder
-
-    run = Path(run)
-    meta = read_json(run / "model.json")
-    if meta.get("kind") != "ldm":
-        raise DpsynthError(
-            f"{run}: not a latent diffusion run (model.json kind={meta.get('kind')!r})"
-        )
-    device = torch.device(device) if device else torch.device("cpu")
-    autoencoder, _ = load_autoencoder(run, device)
-    denoiser = build_denoiser(
-        DenoiserConfig(**lists_to_tuples(meta["denoiser"])),
-        num_slices=meta["shape"][0],
-        latent_channels=autoencoder.latent_channels,
-    )
-    denoiser.load_state_dict(load_weights(run / "denoiser.safetensors"))
-    denoiser.to(device).eval()
-    pipe = make_pipeline(
-        autoencoder,
-        denoiser,
-        DiffusionConfig(**meta["diffusion"]),
-        latent_scale=float(meta["latent_scale"]),
-        shape=meta["shape"],
-        spacing=meta["spacing"],
-    )
-    pipe.run_meta = meta
-    return pipe
-
-
-def make_pipeline(autoencoder, denoiser, diffusion, latent_scale: float, shape, spacing):
-    """A `LatentDiffusion` from modules and the run's diffusion settings."""
-    from dpsynth.diffusion.pipeline import LatentDiffusion
-
-    return LatentDiffusion(
-        autoencoder=autoencoder,
-        denoiser=denoiser,
-        latent_scale=latent_scale,
-        volume_shape=tuple(shape),
-        spacing=tuple(spacing),
-        num_train_timesteps=diffusion.timesteps,
-        beta_start=diffusion.beta_start,
-        beta_end=diffusion.beta_end,
-        schedule=diffusion.schedule,
-    )
+from dpsynth.io import atomic_dir, atomic_write_json, sha256_file, write_nifti
+from dpsynth.runs import (
+    CONDITIONING,
+    PROVENANCE_FILE,
+    load,
+    model_digest,
+    parse_number,
+    read_conditions_csv,
+    write_attributes_csv,
+)
 
 
 def parse_settings(settings: Sequence[str], n: int) -> np.ndarray:
@@ -94,53 +37,8 @@ def parse_settings(settings: Sequence[str], n: int) -> np.ndarray:
             raise DpsynthError(
                 f"--set {item}: unknown attribute '{name}' (known: {', '.join(ATTRIBUTES)})"
             )
-        table[:, INDEX[name]] = _number(value, f"--set {item}")
+        table[:, INDEX[name]] = parse_number(value, f"--set {item}")
     return table
-
-
-def read_conditions_csv(path: str | os.PathLike, n: int | None) -> np.ndarray:
-    """Rows of a CSV with attribute columns (names from ATTRIBUTES; empty or NaN = unknown).
-
-    A `file` column is allowed (and ignored) so a sampled cohort's attributes.csv can be
-    fed back. With `n`, the rows are cycled or cut to n.
-    """
-    path = Path(path)
-    try:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            rows = list(reader)
-    except FileNotFoundError:
-        raise DpsynthError(f"{path}: attributes CSV not found") from None
-    unknown = [c for c in columns if c.upper() not in INDEX and c not in ("file", "id")]
-    if unknown:
-        raise DpsynthError(
-            f"{path}: unknown column '{unknown[0]}' (known: {', '.join(ATTRIBUTES)})"
-        )
-    if not any(c.upper() in INDEX for c in columns):
-        raise DpsynthError(
-            f"{path}: no attribute columns (expected some of {', '.join(ATTRIBUTES)})"
-        )
-    if not rows:
-        raise DpsynthError(f"{path}: no rows")
-    table = np.full((len(rows), len(ATTRIBUTES)), np.nan, dtype=np.float32)
-    for r, row in enumerate(rows, start=2):
-        for col, value in row.items():
-            if col.upper() in INDEX and value not in ("", None):
-                table[r - 2, INDEX[col.upper()]] = _number(value, f"{path}: line {r}, column {col}")
-    if n is not None:
-        table = table[np.arange(n) % len(table)]
-    return table
-
-
-def _number(text: str, where: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise DpsynthError(f"{where}: '{text}' is not a number") from None
-    if math.isinf(value):
-        raise DpsynthError(f"{where}: '{text}' is not a finite number")
-    return value
 
 
 def warn_out_of_range(table: np.ndarray, ranges: dict[str, list[float]]) -> None:
@@ -279,27 +177,6 @@ def _gather_digests(outcome: dict[str, str] | str, ranks: int) -> dict[str, str]
         if isinstance(o, str):
             raise DpsynthError(f"sample: rank {rank} of {ranks} failed ({o}); nothing written")
     return {name: digest for o in outcomes for name, digest in o.items()}
-
-
-def write_attributes_csv(path: str | os.PathLike, names: Sequence[str], table: np.ndarray) -> None:
-    """A synthetic set's attributes.csv: `file`, then the 14 attributes (empty = unknown)."""
-    with Path(path).open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", *ATTRIBUTES])
-        for name, row in zip(names, table, strict=True):
-            writer.writerow([name, *("" if not np.isfinite(v) else f"{v:.6g}" for v in row)])
-
-
-def model_digest(run: str | os.PathLike) -> str:
-    """One SHA-256 over a run's weight files: which model a synthetic set came from.
-
-    Weights are a DP output of a DP run, so their digest may be released; model.json is
-    left out (a run's copy may hold private-side fields that a release drops).
-    """
-    h = hashlib.sha256()
-    for name in WEIGHT_FILES:
-        h.update(bytes.fromhex(sha256_file(Path(run) / name)))
-    return f"sha256:{h.hexdigest()}"
 
 
 def _dp_conditions(run: Path, n: int, seed: int) -> np.ndarray:

@@ -17,6 +17,7 @@ import torch
 
 from dpsynth.attributes import INDEX, N_ATTRIBUTES
 from dpsynth.errors import DpsynthError
+from dpsynth.runs import load
 
 EVALUATION_LABEL = (
     "Evaluation on private data (BRIEF section 3 (c)): computed on private member and "
@@ -397,9 +398,7 @@ def privacy_audit(
     if hasattr(model_run, "denoising_loss"):
         pipeline = model_run
     else:
-        import dpsynth  # lazy: loading pulls in the models
-
-        pipeline = dpsynth.load(model_run)
+        pipeline = load(model_run)
     synthetic = synthetic_set if isinstance(synthetic_set, np.ndarray) else synthetic_set[0]
     mia = membership_inference(pipeline, member_set, nonmember_set, timesteps, n_noise, seed)
     mem = memorisation(synthetic, member_set[0], nonmember_set[0], _features_fn(referee))

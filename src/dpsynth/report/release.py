@@ -36,21 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from dpsynth.app.sample import (
-    CONDITIONING,
-    PROVENANCE_FILE,
-    RELEASABLE_CONDITIONING,
-    WEIGHT_FILES,
-    model_digest,
-    read_conditions_csv,
-    write_attributes_csv,
-)
 from dpsynth.attributes import ATTRIBUTES
 from dpsynth.config import Config, DenoiserConfig, DiffusionConfig, SamplingConfig, load_config
 from dpsynth.errors import DpsynthError, ReleaseRefusedError
 from dpsynth.io import (
     atomic_dir,
-    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     read_json,
@@ -65,6 +55,18 @@ from dpsynth.privacy.accounting import (
     epsilon_for,
 )
 from dpsynth.privacy.ledger import Ledger
+from dpsynth.runs import (
+    CONDITIONING,
+    PROVENANCE_FILE,
+    RELEASABLE_CONDITIONING,
+    WEIGHT_FILES,
+    load_weights,
+    model_digest,
+    read_conditions_csv,
+    read_model_meta,
+    save_weights,
+    write_attributes_csv,
+)
 
 FORMAT_VERSION = 1
 MANIFEST = "SHA256SUMS"
@@ -129,7 +131,7 @@ def release(
     :class:`ReleaseRefusedError` before writing anything when a check fails.
     """
     run, synthetic, out = Path(run), Path(synthetic), Path(out)
-    meta = _run_model(run)
+    meta = read_model_meta(run, kind="ldm")
     ledger = Ledger.load(run, missing_ok=True)
     dp = [e for e in ledger if not e.non_private and e.steps > 0]
     if not dp:
@@ -177,15 +179,6 @@ def release(
 
 def _refuse(message: str) -> None:
     raise ReleaseRefusedError(f"release refused: {message}")
-
-
-def _run_model(run: Path) -> dict:
-    meta = read_json(run / "model.json")
-    if meta.get("kind") != "ldm":
-        raise DpsynthError(
-            f"{run}: not a latent diffusion run (model.json kind={meta.get('kind')!r})"
-        )
-    return meta
 
 
 def _run_config(run: Path, max_epsilon: float | None) -> Config | None:
@@ -312,14 +305,10 @@ def _finite(value: Any, key: str) -> float:
 
 
 def _write_model(run: Path, meta: dict, folder: Path) -> None:
-    from safetensors.torch import save as safetensors_bytes
-
-    from dpsynth.training.checkpoint import load_weights
-
     folder.mkdir()
     atomic_write_json(folder / "model.json", released_model_json(meta))
     for name in WEIGHT_FILES:  # tensors only: whatever metadata the file held stays behind
-        atomic_write_bytes(folder / name, safetensors_bytes(load_weights(run / name)))
+        save_weights(folder / name, load_weights(run / name))
 
 
 def _write_synthetic(synthetic: Path, provenance: dict, meta: dict, folder: Path) -> None:

@@ -19,10 +19,12 @@ import torch
 
 from dpsynth.config import Config
 from dpsynth.data.cache import Cache
-from dpsynth.io import atomic_write_json, hold_run, read_json
+from dpsynth.data.figures import mid_slice_grid, slice_strips
+from dpsynth.io import atomic_write_json, hold_run
 from dpsynth.models.build import build_autoencoder
 from dpsynth.privacy.ledger import LedgerEntry
 from dpsynth.privacy.outputs import RECONSTRUCTION_FILE, labelled
+from dpsynth.runs import load_weights, read_model_meta, save_weights
 from dpsynth.training import checkpoint as ckpt
 from dpsynth.training.common import (
     adopt_architecture,
@@ -65,7 +67,7 @@ def train_autoencoder(
     """
     cache = Cache(data)
     rank = init_distributed(dp)
-    init_meta = read_json(Path(init) / "model.json") if init else None
+    init_meta = read_model_meta(init) if init else None
     if init_meta is not None:
         config = adopt_architecture(config, init_meta, ("autoencoder",))
     refuse_mixed_lineage(cache.cache_id, cache.path, dp, [Path(init)] if init else [])
@@ -77,7 +79,7 @@ def train_autoencoder(
         rng = seed_everything(config.autoencoder_training.seed)
         model = build_autoencoder(config.autoencoder).to(device)
         if init is not None:
-            model.load_state_dict(ckpt.load_weights(Path(init) / "autoencoder.safetensors"))
+            model.load_state_dict(load_weights(Path(init) / "autoencoder.safetensors"))
         losses = _VolumeLosses(config.autoencoder, device)
         if dp:
             fit = _PrivateFit(run, model, cache, config, rng, losses, init, init_meta)
@@ -383,8 +385,6 @@ class _PrivateFit(DPCheckpoints, _PublicFit):
 
 @torch.no_grad()
 def _save_reconstruction_grid(run: Path, model, cache: Cache, step: int) -> None:
-    from dpsynth.report.figures import mid_slice_grid, slice_strips
-
     rows = cache.volume_indices("val")[:4]
     if len(rows) == 0:
         rows = cache.volume_indices("train")[:4]
@@ -417,7 +417,7 @@ def _finish(
     quality = reconstruction_quality(model, cache)
     if private:  # measured on the private test split without DP
         quality = labelled(quality)
-    ckpt.save_weights(run / "autoencoder.safetensors", model.state_dict())
+    save_weights(run / "autoencoder.safetensors", model.state_dict())
     scale, source = latent_scale
     atomic_write_json(
         run / "model.json",

@@ -8,27 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from dpsynth.errors import DpsynthError
-from dpsynth.io import atomic_dir, atomic_write_bytes, atomic_write_json, read_json
-
-
-def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor]) -> None:
-    """Write a flat tensor dict to a safetensors file atomically."""
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    atomic_write_bytes(path, save_safetensors_bytes(tensors))
-
-
-def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    try:
-        return load_safetensors_bytes(path.read_bytes())
-    except FileNotFoundError:
-        raise DpsynthError(f"{path}: weights file not found") from None
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise DpsynthError(f"{path}: unreadable safetensors file ({e})") from None
+from dpsynth.io import atomic_dir, atomic_write_json, read_json
+from dpsynth.runs import load_weights
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:

@@ -13,7 +13,8 @@ import torch
 
 from dpsynth.config import Config
 from dpsynth.errors import DpsynthError
-from dpsynth.io import atomic_write_text, read_json
+from dpsynth.io import atomic_write_text
+from dpsynth.runs import read_model_meta
 
 
 def prepare_run_dir(out: str | os.PathLike, resume: bool) -> Path:
@@ -203,7 +204,7 @@ def refuse_mixed_lineage(cache_id: str, cache: Path, dp: bool, parents: Sequence
 
 
 def _model_meta(run: Path) -> dict:
-    return read_json(Path(run) / "model.json")
+    return read_model_meta(run)
 
 
 def adopt_architecture(config: Config, init_meta: dict, sections: tuple[str, ...]) -> Config:

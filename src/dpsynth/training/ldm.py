@@ -11,6 +11,7 @@ private data.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,18 @@ from torch import Tensor
 from dpsynth.attributes import ATTRIBUTES, CLINICAL_RANGES, INDEX, normalize
 from dpsynth.config import Config
 from dpsynth.data.cache import Cache
+from dpsynth.data.figures import mid_slice_grid, slice_strips
 from dpsynth.diffusion.schedulers import add_noise, make_scheduler
 from dpsynth.errors import DpsynthError
-from dpsynth.io import atomic_write_json, hold_run, read_json
-from dpsynth.models.build import build_autoencoder, build_denoiser
+from dpsynth.io import atomic_write_json, hold_run
+from dpsynth.models.build import build_denoiser
+from dpsynth.runs import (
+    load_autoencoder,
+    load_weights,
+    make_pipeline,
+    read_model_meta,
+    save_weights,
+)
 from dpsynth.training import checkpoint as ckpt
 from dpsynth.training.common import (
     adopt_architecture,
@@ -67,23 +76,6 @@ def conditions_table(conditions: tuple[dict[str, float], ...]) -> np.ndarray:
         for name, value in cond.items():
             table[row, INDEX[name]] = value
     return table
-
-
-def load_autoencoder(run: str | os.PathLike, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The frozen autoencoder of a run, with its model.json (latent scale, shape, spacing)."""
-    from dpsynth.config import AutoencoderConfig
-
-    run = Path(run)
-    meta = read_json(run / "model.json")
-    model = build_autoencoder(AutoencoderConfig(**lists_to_tuples(meta["autoencoder"])))
-    model.load_state_dict(ckpt.load_weights(run / "autoencoder.safetensors"))
-    model.to(device).eval().requires_grad_(False)
-    return model, meta
-
-
-def lists_to_tuples(d: dict) -> dict:
-    """A config section read from JSON, with lists back as tuples for the dataclasses."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 @torch.no_grad()
@@ -162,7 +154,7 @@ def train_ldm(
             f"{data}: volumes are {list(cache.shape)} but the autoencoder was trained on "
             f"{ae_meta['shape']} ({autoencoder})"
         )
-    init_meta = read_json(Path(init) / "model.json") if init else None
+    init_meta = read_model_meta(init) if init else None
     if init_meta is not None:
         config = adopt_architecture(config, init_meta, ("denoiser", "diffusion"))
     parents = [p for p in (Path(autoencoder), init and Path(init)) if p]
@@ -177,7 +169,7 @@ def train_ldm(
 
         denoiser = build_denoiser(config.denoiser, cache.shape[0], ae.latent_channels)
         if init is not None:
-            denoiser.load_state_dict(ckpt.load_weights(Path(init) / "denoiser.safetensors"))
+            denoiser.load_state_dict(load_weights(Path(init) / "denoiser.safetensors"))
         _select_trainable(denoiser, tcfg.finetune)
         denoiser.to(device).train()
 
@@ -345,8 +337,6 @@ class _Trainer:
 
     @torch.no_grad()
     def _sample_grid(self, step: int) -> None:
-        from dpsynth.report.figures import mid_slice_grid, slice_strips
-
         table = conditions_table(GRID_CONDITIONS)
         volumes = self.pipeline().sample(len(table), attributes=table, steps=10, progress=False)
         sets = {"samples": (volumes, table)}
@@ -360,10 +350,6 @@ class _Trainer:
 
     def pipeline(self):
         """A sampling pipeline over the EMA weights (a copy; training weights untouched)."""
-        import copy
-
-        from dpsynth.app.sample import make_pipeline
-
         ema_model = copy.deepcopy(self.denoiser)
         ema_model.load_state_dict(self.ema.state_dict(self.denoiser))
         ema_model.eval()
@@ -493,8 +479,8 @@ def _attribute_ranges(cache: Cache, private: bool, init_meta: dict | None) -> di
 
 
 def _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, parents) -> None:
-    ckpt.save_weights(run / "denoiser.safetensors", denoiser.state_dict())
-    ckpt.save_weights(run / "autoencoder.safetensors", ae.state_dict())
+    save_weights(run / "denoiser.safetensors", denoiser.state_dict())
+    save_weights(run / "autoencoder.safetensors", ae.state_dict())
     plain = config.to_dict()
     atomic_write_json(
         run / "model.json",

@@ -74,7 +74,7 @@ class Explorer:
         device: str | None = None,
         defaults: ExploreDefaults | None = None,
     ) -> None:
-        from dpsynth.app.sample import load
+        from dpsynth.runs import load
 
         self.run = Path(run)
         if not (self.run / "model.json").is_file():
