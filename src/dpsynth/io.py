@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -58,7 +59,7 @@ def hold_run(run: str | os.PathLike) -> Iterator[Path]:
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     try:
-        import fcntl
+        import fcntl  # optional: POSIX only
     except ImportError:  # pragma: no cover - Windows
         yield run
         return
@@ -191,6 +192,4 @@ def nifti_bytes(
 
 
 def _gzip(raw: bytes) -> bytes:
-    import gzip
-
     return gzip.compress(raw, compresslevel=1, mtime=0)

@@ -1,6 +1,8 @@
 """`dpsynth` command line: a thin layer over the Python API.
 
 Each sub-command parses its flags, calls one API function and prints a short summary.
+Commands import their modules inside the function: `dpsynth --help` and light commands
+(budget, verify) start without loading torch and the models (start-up time).
 User errors (DpsynthError) print one line and exit 2; nothing half-written is left.
 """
 
@@ -13,7 +15,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from dpsynth.config import load_config
 from dpsynth.errors import DpsynthError
+from dpsynth.io import read_json
 
 
 def _triple(kind: type):
@@ -65,8 +69,6 @@ def _dp_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
 
 
 def _load_config(args: argparse.Namespace, training_section: str):
-    from dpsynth.config import load_config
-
     overrides = {}
     if args.steps is not None:
         overrides[f"{training_section}.steps"] = args.steps
@@ -97,7 +99,7 @@ def _load_config(args: argparse.Namespace, training_section: str):
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
-    from dpsynth.data.simulate import simulate_cohort
+    from dpsynth.data.simulate import simulate_cohort  # start-up time (module docstring)
 
     sx, sy, sz = args.spacing
     out = simulate_cohort(
@@ -108,7 +110,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from dpsynth.data.prepare import prepare
+    from dpsynth.data.prepare import prepare  # start-up time (module docstring)
 
     sx, sy, sz = args.spacing
     report = prepare(
@@ -120,7 +122,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train_autoencoder(args: argparse.Namespace) -> None:
-    from dpsynth.training.autoencoder import train_autoencoder
+    from dpsynth.training.autoencoder import train_autoencoder  # start-up time (module docstring)
 
     config = _load_config(args, "autoencoder_training")
     run = train_autoencoder(
@@ -130,7 +132,7 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> None:
 
 
 def cmd_train_ldm(args: argparse.Namespace) -> None:
-    from dpsynth.training.ldm import train_ldm
+    from dpsynth.training.ldm import train_ldm  # start-up time (module docstring)
 
     config = _load_config(args, "ldm_training")
     run = train_ldm(
@@ -142,7 +144,7 @@ def cmd_train_ldm(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from dpsynth.app.sample import sample_to_folder
+    from dpsynth.app.sample import sample_to_folder  # start-up time (module docstring)
     from dpsynth.training.common import is_main
 
     out = sample_to_folder(
@@ -155,20 +157,20 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_release(args: argparse.Namespace) -> None:
-    from dpsynth.report.release import release
+    from dpsynth.report.release import release  # start-up time (module docstring)
 
     out = release(args.run, args.synthetic, args.out, max_epsilon=args.max_epsilon)
     print(f"release bundle -> {out} (check it anywhere with `dpsynth verify {out}`)")
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from dpsynth.report.release import describe, verify
+    from dpsynth.report.release import describe, verify  # start-up time (module docstring)
 
     print(describe(verify(args.bundle)))
 
 
 def cmd_fit_attributes(args: argparse.Namespace) -> None:
-    from dpsynth.privacy.attribute_fit import fit_attributes
+    from dpsynth.privacy.attribute_fit import fit_attributes  # start-up time (module docstring)
 
     run = fit_attributes(
         args.data, args.out, epsilon=args.epsilon, delta=args.delta,
@@ -178,7 +180,7 @@ def cmd_fit_attributes(args: argparse.Namespace) -> None:
 
 
 def cmd_budget(args: argparse.Namespace) -> None:
-    from dpsynth.privacy.planner import format_plan, plan
+    from dpsynth.privacy.planner import format_plan, plan  # start-up time (module docstring)
 
     if args.target == "plan":
         for flag in ("records", "batch_size", "epochs"):
@@ -194,8 +196,7 @@ def cmd_budget(args: argparse.Namespace) -> None:
         )  # fmt: skip
         print(json.dumps(result.to_json()) if args.json else format_plan(result))
         return
-    from dpsynth.io import read_json
-    from dpsynth.privacy.ledger import Ledger, format_ledger
+    from dpsynth.privacy.ledger import Ledger, format_ledger  # start-up time (module docstring)
 
     ledger = Ledger.load(Path(args.target))
     model = Path(args.target) / "model.json"
@@ -213,14 +214,14 @@ def cmd_budget(args: argparse.Namespace) -> None:
 
 
 def cmd_train_referee(args: argparse.Namespace) -> None:
-    from dpsynth.evaluation.referee import train_referee
+    from dpsynth.evaluation.referee import train_referee  # start-up time (module docstring)
 
     out = train_referee(args.data, args.out, epochs=args.epochs, seed=args.seed)
     print(f"referee -> {out}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from dpsynth.evaluation.evaluate import evaluate
+    from dpsynth.evaluation.evaluate import evaluate  # start-up time (module docstring)
 
     metrics = tuple(args.metrics.split(",")) if args.metrics else None
     kwargs = {"metrics": metrics} if metrics else {}
@@ -237,7 +238,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from dpsynth.report.html import write_report
+    from dpsynth.report.html import write_report  # start-up time (module docstring)
 
     path = write_report(
         args.run, args.out, compare=tuple(args.compare or ()), eval_dir=args.eval,
@@ -247,26 +248,26 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_explore(args: argparse.Namespace) -> None:
-    from dpsynth.app.explore.server import serve
+    from dpsynth.app.explore.server import serve  # start-up time (module docstring)
 
     serve(args.run, host=args.host, port=args.port, referee=args.referee)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from dpsynth.app.demo import run_demo
+    from dpsynth.app.demo import run_demo  # start-up time (module docstring)
 
     run_demo(Path(args.out), fresh=not args.keep, retrain_public=args.retrain_public)
 
 
 def cmd_pretrain_demo(args: argparse.Namespace) -> None:
-    from dpsynth.app.demo import pretrain_public
+    from dpsynth.app.demo import pretrain_public  # start-up time (module docstring)
 
     out = pretrain_public(args.out)
     print(f"public demo models -> {out}")
 
 
 def cmd_audit_privacy(args: argparse.Namespace) -> None:
-    from dpsynth.app.demo import demo_dp_recipe
+    from dpsynth.app.demo import demo_dp_recipe  # start-up time (module docstring)
     from dpsynth.privacy import one_run_audit as ora
 
     if (args.run is None) == (not args.demo_recipe):
@@ -291,7 +292,7 @@ def cmd_audit_privacy(args: argparse.Namespace) -> None:
         public_patients=args.public_patients, progress=say,
     )  # fmt: skip
     if args.report is not None:
-        from dpsynth.report.html import write_report
+        from dpsynth.report.html import write_report  # start-up time (module docstring)
 
         write_report(args.run, args.report)
     if args.json:
@@ -302,7 +303,7 @@ def cmd_audit_privacy(args: argparse.Namespace) -> None:
 
 
 def cmd_workflow(args: argparse.Namespace) -> None:
-    from dpsynth.app.workflow import run_workflow
+    from dpsynth.app.workflow import run_workflow  # start-up time (module docstring)
 
     config = _load_config(args, "ldm_training")
     run = run_workflow(args.public, args.private, args.out, config, pretrain=not args.no_pretrain)
@@ -310,7 +311,7 @@ def cmd_workflow(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from dpsynth.app.sweep import run_sweep
+    from dpsynth.app.sweep import run_sweep  # start-up time (module docstring)
 
     grid = {"epsilons": args.epsilons} if args.epsilons else {}  # else the sweep's default
     run_sweep(args.out, preset=args.preset, public=args.public, private=args.private,

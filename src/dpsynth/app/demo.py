@@ -17,8 +17,21 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from dpsynth.config import Config, load_config
-from dpsynth.io import atomic_write_json
+from dpsynth.app.sample import sample_to_folder
+from dpsynth.app.workflow import pretrain_public_models
+from dpsynth.config import Config, config_from_dict, load_config
+from dpsynth.data.prepare import prepare
+from dpsynth.data.simulate import simulate_cohort
+from dpsynth.evaluation.evaluate import evaluate
+from dpsynth.evaluation.referee import train_referee
+from dpsynth.io import atomic_write_json, read_json
+from dpsynth.privacy.attribute_fit import fit_attributes
+from dpsynth.privacy.ledger import Ledger
+from dpsynth.privacy.one_run_audit import Recipe
+from dpsynth.privacy.planner import plan
+from dpsynth.report.html import write_report
+from dpsynth.report.release import release
+from dpsynth.training.ldm import train_ldm
 
 PUBLIC = {"patients": 240, "cohort": "acdc", "seed": 101}
 PRIVATE = {"patients": 500, "cohort": "ukbb", "seed": 202}
@@ -53,9 +66,6 @@ def demo_assets() -> Path:
 
 
 def simulate_and_prepare(out: Path, spec: dict, config: Config, split=(0.8, 0.1, 0.1)) -> Path:
-    from dpsynth.data.prepare import prepare
-    from dpsynth.data.simulate import simulate_cohort
-
     raw = out / f"{spec['cohort']}_raw"
     cache = out / f"{spec['cohort']}_cache"
     if not raw.exists():
@@ -74,7 +84,6 @@ def pretrain_public(out: Path, config: Config | None = None) -> Path:
 
     This is the command that produced the shipped demo weights (`dpsynth pretrain-demo`).
     """
-    from dpsynth.app.workflow import pretrain_public_models
 
     config = config or load_config("demo")
     out = Path(out)
@@ -86,8 +95,6 @@ def pretrain_public(out: Path, config: Config | None = None) -> Path:
 def demo_dp_recipe():
     """The demo's DP LDM recipe, planned from its preset without running it, for
     `dpsynth audit-privacy --demo-recipe` when there is no runs/demo."""
-    from dpsynth.privacy.one_run_audit import Recipe
-    from dpsynth.privacy.planner import plan
 
     p = load_config("demo").privacy
     records = round(PRIVATE["patients"] * PRIVATE_SPLIT[0])  # the split's expected size
@@ -98,15 +105,6 @@ def demo_dp_recipe():
 
 
 def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dict:
-    from dpsynth.app.sample import sample_to_folder
-    from dpsynth.evaluation.evaluate import evaluate
-    from dpsynth.evaluation.referee import train_referee
-    from dpsynth.privacy.attribute_fit import fit_attributes
-    from dpsynth.privacy.ledger import Ledger
-    from dpsynth.report.html import write_report
-    from dpsynth.report.release import release
-    from dpsynth.training.ldm import train_ldm
-
     out = Path(out)
     if fresh and out.exists():
         shutil.rmtree(out)
@@ -179,8 +177,6 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
 
 
 def _with(config: Config, **overrides) -> Config:
-    from dpsynth.config import config_from_dict
-
     plain = config.to_dict()
     for dotted, value in overrides.items():
         section, key = dotted.split(".")
@@ -189,8 +185,6 @@ def _with(config: Config, **overrides) -> Config:
 
 
 def _headline(metrics_path: Path) -> dict:
-    from dpsynth.io import read_json
-
     if not metrics_path.exists():
         return {}
     result = read_json(metrics_path)

@@ -10,10 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 
 from dpsynth.attributes import ATTRIBUTES, INDEX
+from dpsynth.diffusion.pipeline import shard
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_dir, atomic_write_json, sha256_file, write_nifti
+from dpsynth.privacy.attribute_fit import load_attribute_model
 from dpsynth.runs import (
     CONDITIONING,
     PROVENANCE_FILE,
@@ -22,6 +25,13 @@ from dpsynth.runs import (
     parse_number,
     read_conditions_csv,
     write_attributes_csv,
+)
+from dpsynth.training.common import (
+    barrier,
+    is_distributed,
+    is_main,
+    join_process_group,
+    pick_device,
 )
 
 
@@ -85,7 +95,6 @@ def sample_to_folder(
         conditions_source = "dp"
     elif conditions_source == "dp":
         raise DpsynthError("--conditions-source dp: use --attributes dp")
-    from dpsynth.training.common import barrier, is_main, join_process_group, pick_device
 
     join_process_group()  # under torchrun: each rank samples its own share (see `_shards`)
     run = Path(run)
@@ -152,10 +161,6 @@ def _shards(tmp: Path | None, n: int) -> tuple[Path, slice, int]:
 
     torchrun ranks are assumed to share a filesystem (one node, or `out` on shared storage).
     """
-    import torch.distributed as dist
-
-    from dpsynth.diffusion.pipeline import shard
-    from dpsynth.training.common import is_distributed
 
     if not is_distributed():
         return tmp, slice(0, n), 1
@@ -167,7 +172,6 @@ def _shards(tmp: Path | None, n: int) -> tuple[Path, slice, int]:
 
 def _gather_digests(outcome: dict[str, str] | str, ranks: int) -> dict[str, str]:
     """All ranks' {file: SHA-256}; a rank's error string fails every rank with one line."""
-    import torch.distributed as dist
 
     if ranks == 1:
         return dict(outcome)
@@ -181,7 +185,6 @@ def _gather_digests(outcome: dict[str, str] | str, ranks: int) -> dict[str, str]
 
 def _dp_conditions(run: Path, n: int, seed: int) -> np.ndarray:
     """Draw conditions from the DP attribute model attached to the run (post-processing)."""
-    from dpsynth.privacy.attribute_fit import load_attribute_model
 
     model = load_attribute_model(run)
     rows = model.sample((n + 1) // 2, np.random.default_rng(seed))

@@ -22,9 +22,25 @@ from pathlib import Path
 
 import numpy as np
 
+from dpsynth.app.demo import (
+    PRIVATE,
+    REFEREE_EPOCHS,
+    _with,
+    demo_assets,
+    pretrain_public,
+    simulate_and_prepare,
+)
+from dpsynth.app.sample import sample_to_folder
+from dpsynth.app.workflow import pretrain_public_models, refuse_same_data
 from dpsynth.attributes import ATTRIBUTES
 from dpsynth.config import Config, load_config
+from dpsynth.data.cache import Cache
+from dpsynth.evaluation.evaluate import evaluate
+from dpsynth.evaluation.referee import train_referee
 from dpsynth.io import atomic_write_json, atomic_write_text, read_json
+from dpsynth.privacy.ledger import Ledger
+from dpsynth.privacy.planner import plan
+from dpsynth.training.ldm import train_ldm
 
 N_SAMPLES = 80
 DEFAULT_EPSILONS = "0.1,1,10,inf"  # the study's grid starts at 0.1
@@ -47,8 +63,6 @@ class Cell:
 
 def plan_cells(config: Config, private: str | Path, epsilons: str, pretrain: str) -> list[Cell]:
     """The grid's cells, each with its number of optimiser steps (the same for all)."""
-    from dpsynth.data.cache import Cache
-    from dpsynth.privacy.planner import plan
 
     p = config.privacy
     n = len(Cache(private).patient_rows("train"))
@@ -79,12 +93,6 @@ def run_sweep(
     are trained into OUT/public from that cache; `public` and `private` must hold
     different data.
     """
-    from dpsynth.app.demo import REFEREE_EPOCHS, simulate_and_prepare
-    from dpsynth.app.sample import sample_to_folder
-    from dpsynth.app.workflow import refuse_same_data
-    from dpsynth.evaluation.evaluate import evaluate
-    from dpsynth.evaluation.referee import train_referee
-    from dpsynth.privacy.ledger import Ledger
 
     out = Path(out)
     config = config or load_config(preset)
@@ -123,8 +131,6 @@ def run_sweep(
 
 def _public_models(out: Path, preset: str, public, config: Config) -> Path:
     """A folder with the public `autoencoder` and `ldm` runs."""
-    from dpsynth.app.demo import demo_assets, pretrain_public
-    from dpsynth.app.workflow import pretrain_public_models
 
     if public is not None:
         pretrain_public_models(public, out / "public", config)
@@ -136,15 +142,10 @@ def _public_models(out: Path, preset: str, public, config: Config) -> Path:
 
 
 def _private_spec() -> dict:
-    from dpsynth.app.demo import PRIVATE
-
     return PRIVATE
 
 
 def _train_cell(private, models: Path, run: Path, config: Config, cell: Cell) -> None:
-    from dpsynth.app.demo import _with
-    from dpsynth.training.ldm import train_ldm
-
     init = models / "ldm" if cell.pretrain else None  # all parameters fine-tuned, as in the demo
     if math.isinf(cell.epsilon):  # non-private: same data, steps, batch and lr schedule
         p = config.privacy
@@ -162,7 +163,6 @@ def _train_cell(private, models: Path, run: Path, config: Config, cell: Cell) ->
 
 def _test_conditions(private: Path, path: Path) -> Path:
     """The private test split's attribute rows, cycled to N_SAMPLES (evaluation only)."""
-    from dpsynth.data.cache import Cache
 
     cache = Cache(private)
     rows = cache.attributes[cache.volume_indices("test")]

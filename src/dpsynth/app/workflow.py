@@ -17,15 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dpsynth.config import Config
+from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
+from dpsynth.training.autoencoder import train_autoencoder
+from dpsynth.training.ldm import train_ldm
 
 
 def pretrain_public_models(
     public: str | os.PathLike, out: str | os.PathLike, config: Config, ldm: bool = True
 ) -> tuple[Path, Path | None]:
     """OUT/autoencoder and (with `ldm`) OUT/ldm trained on the public cache."""
-    from dpsynth.training.autoencoder import train_autoencoder
-    from dpsynth.training.ldm import train_ldm
 
     out = Path(out)
     autoencoder = _stage(
@@ -47,7 +48,6 @@ def run_workflow(
     pretrain: bool = True,
 ) -> Path:
     """Run the chain into `out` and return the DP LDM run."""
-    from dpsynth.training.ldm import train_ldm
 
     refuse_same_data(public, private)
     out = Path(out)
@@ -63,7 +63,6 @@ def run_workflow(
 def refuse_same_data(public: str | os.PathLike, private: str | os.PathLike) -> None:
     """The public stages must not train on the private data (same cache, a copy of it, or
     the same data prepared again): they have no DP."""
-    from dpsynth.data.cache import Cache
 
     if Cache(public).same_data(Cache(private)):
         raise DpsynthError(

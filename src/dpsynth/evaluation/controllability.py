@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from dpsynth.attributes import INDEX
+from dpsynth.data.measure import measure_volume
 from dpsynth.evaluation.volumes import VolumeSet
 from dpsynth.io import atomic_write_text
 
@@ -57,7 +58,6 @@ def measurement_rows(referee: Measurer, volume_set: VolumeSet, label: str) -> li
 
 def rows_from_masks(volume_set: VolumeSet, masks: np.ndarray, label: str) -> list[tuple]:
     """`measurement_rows` from given segmentations (N, S, H, W) of the set's volumes."""
-    from dpsynth.data.measure import measure_volume
 
     rows = []
     for name, mask, requested in zip(volume_set.names, masks, volume_set.attributes, strict=True):

@@ -18,6 +18,7 @@ import numpy as np
 
 from dpsynth.attributes import INDEX
 from dpsynth.errors import DpsynthError
+from dpsynth.evaluation.audit import privacy_audit
 from dpsynth.evaluation.controllability import evaluate_controllability, write_controllability_csv
 from dpsynth.evaluation.diversity import mean_pairwise_ms_ssim
 from dpsynth.evaluation.fid import compute_fid
@@ -318,7 +319,6 @@ def _audit(x: _Inputs) -> dict[str, Any]:
     ]
     if missing:
         return {"privacy_audit": {"skipped": f"needs {' and '.join(missing)}"}}
-    from dpsynth.evaluation.audit import privacy_audit
 
     def audit_set(s: VolumeSet) -> tuple:
         return (s.volumes, s.attributes, s.patients)

@@ -43,7 +43,7 @@ class FRDConfig:
 
     def describe(self) -> str:
         """The string printed next to every FRD number."""
-        import frd_score
+        import frd_score  # start-up time (~1.5 s): loaded only where FRD is computed
 
         classes = ",".join(self.feature_classes) if self.feature_classes else "v1-default"
         grid = "resampled 2mm" if self.resample else "native grid"
@@ -71,6 +71,7 @@ def radiomics_features(
 
     frd-score extracts from image files only, so volumes go through temporary NIfTI files.
     """
+    # start-up time (~1.5 s) and pyradiomics, a separate build: loaded only where FRD runs
     import radiomics
     from frd_score import frd as frd_lib
 
@@ -124,7 +125,7 @@ def cached_radiomics_features(
 def normalise_features(real: np.ndarray, synthetic: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """frd-score v1 normalisation: drop images with NaN features, z-score both sets with the
     real set's statistics, drop feature columns that are NaN/Inf in either set."""
-    from frd_score import frd as frd_lib
+    from frd_score import frd as frd_lib  # start-up time, as in raw_features
 
     real = real[~np.isnan(real).any(axis=1)]
     synthetic = synthetic[~np.isnan(synthetic).any(axis=1)]

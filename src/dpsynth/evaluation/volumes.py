@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from dpsynth.attributes import ATTRIBUTES, N_ATTRIBUTES
+from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
 from dpsynth.io import read_nifti
 
@@ -92,8 +93,6 @@ def normalise_intensity(volume: np.ndarray, low: float = 0.5, high: float = 99.5
 
 
 def _load_cache(path: Path, split: str | None) -> VolumeSet:
-    from dpsynth.data.cache import Cache
-
     cache = Cache(path)
     rows = cache.volume_indices(split)
     if len(rows) == 0:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from dpsynth.config import AutoencoderConfig, DenoiserConfig
+from dpsynth.models.autoencoder import KLAutoencoder, VQAutoencoder
+from dpsynth.models.denoiser import LatentDenoiser
 
 
 def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
-    from dpsynth.models.autoencoder import KLAutoencoder, VQAutoencoder
-
     common = dict(
         in_channels=1,
         channels=cfg.channels,
@@ -29,8 +29,6 @@ def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
 
 
 def build_denoiser(cfg: DenoiserConfig, num_slices: int, latent_channels: int) -> nn.Module:
-    from dpsynth.models.denoiser import LatentDenoiser
-
     return LatentDenoiser(
         in_channels=latent_channels,
         channels=cfg.channels,

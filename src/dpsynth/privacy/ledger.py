@@ -383,7 +383,7 @@ def _upgrade(entry: object) -> object:
 def _locked(folder: Path) -> Iterator[None]:
     """An exclusive advisory lock on `folder` (POSIX; elsewhere no lock)."""
     try:
-        import fcntl
+        import fcntl  # optional: POSIX only
     except ImportError:  # pragma: no cover - Windows
         yield
         return

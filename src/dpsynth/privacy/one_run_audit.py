@@ -54,8 +54,12 @@ from typing import Any
 import numpy as np
 from scipy import optimize, special, stats
 
+from dpsynth.config import load_config
+from dpsynth.data.simulate import simulate_patient
 from dpsynth.errors import DpsynthError
-from dpsynth.privacy.accounting import epsilon_for, noise_for_epsilon
+from dpsynth.io import atomic_write_json, atomic_write_text
+from dpsynth.privacy.accounting import check_delta, epsilon_for, noise_for_epsilon
+from dpsynth.privacy.ledger import Ledger
 
 AUDIT_DIR = "privacy_audit"  # default output folder inside the audited run (never released)
 AUDIT_FILE = "one_run_audit.json"
@@ -249,8 +253,6 @@ class Recipe:
 
 def recipe_from_run(run: str | Path) -> Recipe:
     """The last DP-SGD stage of `run`'s ledger, with C from the run's config.yaml."""
-    from dpsynth.config import load_config
-    from dpsynth.privacy.ledger import Ledger
 
     run = Path(run)
     if not (run / "ledger.json").exists():
@@ -294,10 +296,9 @@ def recalibrate(recipe: Recipe, epsilon: float) -> Recipe:
 
 def _public_phantoms(n: int, seed: int) -> np.ndarray:
     """(n, 2, D) ED/ES phantoms of the simulator's public (acdc-like) cohort, standardised."""
+    # start-up time: the report reads this module's file names; torch loads for audits only
     import torch
     import torch.nn.functional as F
-
-    from dpsynth.data.simulate import simulate_patient
 
     out = np.empty((n, 2, int(np.prod(PHANTOM_SHAPE))), np.float32)
     for i in range(n):
@@ -314,7 +315,7 @@ def _public_phantoms(n: int, seed: int) -> np.ndarray:
 
 
 def _engine_class(broken: str | None):
-    from dpsynth.privacy.dpsgd import PatientDPSGD
+    from dpsynth.privacy.dpsgd import PatientDPSGD  # start-up time: torch, as above
 
     if broken != "per-volume-clipping":
         return PatientDPSGD
@@ -346,11 +347,10 @@ def run_canary_audit(
     "per-volume-clipping") builds a deliberately wrong engine to show the audit catches it.
     `public_patients` (default: the recipe's record count) simulated phantoms are the data.
     """
+    # start-up time: torch and opacus load for audits only (see _public_phantoms)
     import torch
     from opacus.accountants import RDPAccountant
     from torch import nn
-
-    from dpsynth.privacy.accounting import check_delta
 
     if broken is not None and broken not in BROKEN_ENGINES:
         raise DpsynthError(
@@ -480,7 +480,6 @@ def audit_privacy(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the audit and write `out`/one_run_audit.json plus its AUDIT_ONLY label."""
-    from dpsynth.io import atomic_write_json, atomic_write_text
 
     result = run_canary_audit(
         recipe,

@@ -20,11 +20,16 @@ from typing import Any
 
 import numpy as np
 
+from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
+from dpsynth.evaluation.volumes import load_volume_set
 from dpsynth.io import atomic_dir, atomic_write_text, read_json
+from dpsynth.privacy.accounting import DEFAULT_ACCOUNTANT, epsilon_for
+from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.one_run_audit import AUDIT_DIR, AUDIT_FILE
 from dpsynth.privacy.outputs import EVAL_SUBDIR, FIDELITY_FILE
 from dpsynth.report import figures
+from dpsynth.report.release import MODEL_CARD, PRIVACY_MD, verify
 
 N_SHOWN = 6  # volumes per set in the sample grids
 
@@ -145,12 +150,9 @@ def _volume_set(source: Any, split: str) -> tuple[Any, np.ndarray | None] | None
     if isinstance(source, (str, os.PathLike)):
         path = _source_path(source)
         if (path / "meta.json").exists():
-            from dpsynth.data.cache import Cache
-
             cache = Cache(path)
             rows = cache.volume_indices(split)
             return _Rows(cache.images, rows), np.asarray(cache.attributes[rows])
-        from dpsynth.evaluation.volumes import load_volume_set
 
         source = load_volume_set(path, split)
     if hasattr(source, "volumes"):
@@ -250,8 +252,6 @@ STAGE_COLUMNS = (
 
 def _read_privacy(path: Path) -> _Privacy:
     """Load RUN/ledger.json and compose it with the ledger's own accountant."""
-    from dpsynth.privacy.accounting import DEFAULT_ACCOUNTANT, epsilon_for
-    from dpsynth.privacy.ledger import Ledger
 
     ledger = Ledger.load(path)
     delta, dp = ledger.default_delta(), [e for e in ledger if not e.non_private]
@@ -848,8 +848,6 @@ def _section_comparison(ctx: _Context) -> str:
 
 
 def _section_release(ctx: _Context) -> str:
-    from dpsynth.report.release import MODEL_CARD, PRIVACY_MD, verify
-
     if ctx.release is None:
         return _missing(
             "no release bundle: `dpsynth release RUN --synthetic DIR --out BUNDLE` writes the "

@@ -16,14 +16,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.metrics import PSNRMetric, SSIMMetric
+from monai.metrics.utils import do_metric_reduction
 
 from dpsynth.config import Config
 from dpsynth.data.cache import Cache
 from dpsynth.data.figures import mid_slice_grid, slice_strips
+from dpsynth.diffusion.pipeline import estimate_latent_scale
 from dpsynth.io import atomic_write_json, hold_run
 from dpsynth.models.build import build_autoencoder
+from dpsynth.models.discriminator import (
+    PatchDiscriminator3D,
+    PerceptualLoss,
+    discriminator_loss,
+    generator_loss,
+)
 from dpsynth.privacy.ledger import LedgerEntry
 from dpsynth.privacy.outputs import RECONSTRUCTION_FILE, labelled
+from dpsynth.privacy.statistics import dp_latent_scale, gaussian_noise_multiplier
 from dpsynth.runs import load_weights, read_model_meta, save_weights
 from dpsynth.training import checkpoint as ckpt
 from dpsynth.training.common import (
@@ -48,6 +58,7 @@ from dpsynth.training.common import (
 )
 from dpsynth.training.dp_stage import DPCheckpoints, DPStage, dp_steps_per_epoch
 from dpsynth.training.ema import EMA
+from dpsynth.training.ldm import encode_split
 from dpsynth.training.monitor import Monitor
 
 
@@ -107,8 +118,6 @@ class _VolumeLosses:
     """
 
     def __init__(self, cfg, device: torch.device) -> None:
-        from dpsynth.models.discriminator import PerceptualLoss
-
         self.cfg = cfg
         self.perceptual = (
             PerceptualLoss(cfg.perceptual_weights).to(device) if cfg.perceptual_weights else None
@@ -150,8 +159,6 @@ class _PublicFit:
     """Non-private loop: random volumes, AdamW, warm-up, EMA, optional PatchGAN term."""
 
     def __init__(self, run, model, cache, config, rng, losses) -> None:
-        from dpsynth.models.discriminator import PatchDiscriminator3D
-
         self.run, self.model, self.cache, self.rng, self.losses = run, model, cache, rng, losses
         self.config, self.cfg, self.tcfg = config, config.autoencoder, config.autoencoder_training
         device = next(model.parameters()).device
@@ -217,8 +224,6 @@ class _PublicFit:
         pass
 
     def train_step(self) -> tuple[int, dict[str, float]]:
-        from dpsynth.models.discriminator import discriminator_loss, generator_loss
-
         cfg, tcfg = self.cfg, self.tcfg
         self.opt.zero_grad(set_to_none=True)
         adv_on = cfg.adversarial_weight > 0 and self.step >= cfg.adversarial_start
@@ -281,7 +286,6 @@ class _PublicFit:
 
     def latent_scale(self, model) -> tuple[float, str]:
         """Estimated on this run's own training data, which is public here."""
-        from dpsynth.diffusion.pipeline import estimate_latent_scale
 
         rows = self.cache.volume_indices("train")[:256]
         batches = (
@@ -327,7 +331,6 @@ class _PrivateFit(DPCheckpoints, _PublicFit):
 
     def _reserve_latent_scale(self, privacy) -> LedgerEntry:
         """Without a public run to inherit it from, the latent scale is a DP statistic."""
-        from dpsynth.privacy.statistics import gaussian_noise_multiplier
 
         sigma = gaussian_noise_multiplier(
             privacy.latent_scale_epsilon, None, privacy.delta, privacy.accountant
@@ -369,8 +372,6 @@ class _PrivateFit(DPCheckpoints, _PublicFit):
     def latent_scale(self, model) -> tuple[float, str]:
         if self.init_meta is not None:
             return float(self.init_meta["latent_scale"]), "public: the pre-trained --init run"
-        from dpsynth.privacy.statistics import dp_latent_scale
-        from dpsynth.training.ldm import encode_split
 
         rows = self.dp.patient_rows
         latents = encode_split(model, self.cache, rows.reshape(-1), scale=1.0, batch=8)
@@ -447,8 +448,6 @@ def reconstruction_quality(model, cache: Cache, split: str = "test", batch: int 
     Values are reduced here, not by the metrics' ``aggregate()``: that all-gathers across
     ranks whenever a process group exists, and under torchrun only rank 0 evaluates.
     """
-    from monai.metrics import PSNRMetric, SSIMMetric
-    from monai.metrics.utils import do_metric_reduction
 
     rows = cache.volume_indices(split)
     if len(rows) == 0:

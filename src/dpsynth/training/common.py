@@ -5,15 +5,19 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from dpsynth.config import Config
+from dpsynth.config import Config, config_from_dict
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_text
+from dpsynth.privacy.distributed import launched_world_size
+from dpsynth.privacy.ledger import Ledger
 from dpsynth.runs import read_model_meta
 
 
@@ -42,7 +46,6 @@ def save_config(run: Path, config: Config) -> None:
 
 def init_distributed(dp: bool) -> int:
     """Join the torchrun process group (DP runs only); return this process's rank."""
-    from dpsynth.privacy.distributed import launched_world_size
 
     if launched_world_size() <= 1:
         return 0
@@ -54,9 +57,6 @@ def init_distributed(dp: bool) -> int:
 def join_process_group() -> int:
     """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) if launched under
     torchrun and not yet joined; return this process's rank (0 without torchrun)."""
-    import torch.distributed as dist
-
-    from dpsynth.privacy.distributed import launched_world_size
 
     if launched_world_size() <= 1:
         return 0
@@ -69,21 +69,17 @@ def join_process_group() -> int:
 
 def is_distributed() -> bool:
     """Whether this process is one rank of a torchrun job (`init_distributed` joined it)."""
-    import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
 
 
 def is_main() -> bool:
     """Whether this process writes the run's files (rank 0 under torchrun)."""
-    import torch.distributed as dist
 
     return not is_distributed() or dist.get_rank() == 0
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if is_distributed():
         dist.barrier()
 
@@ -156,7 +152,6 @@ def carry_lineage(run: Path, parents: list[Path]) -> None:
     A public LDM on a DP autoencoder still releases what the autoencoder learned from
     private data; `dpsynth budget` must show it. Merged with what the run already records.
     """
-    from dpsynth.privacy.ledger import Ledger
 
     ledger = Ledger.of_lineage(parents)
     if len(ledger):
@@ -185,7 +180,6 @@ def refuse_mixed_lineage(cache_id: str, cache: Path, dp: bool, parents: Sequence
     with DP (its ``trained_on`` or its lineage's ledger): the data is private, and the new
     weights would carry it with no guarantee while the ledger shows a finite ε.
     """
-    from dpsynth.privacy.ledger import Ledger
 
     for parent in parents:
         ledger = {e.cache_id for e in Ledger.load(parent, missing_ok=True)}  # its lineage too
@@ -209,9 +203,6 @@ def _model_meta(run: Path) -> dict:
 
 def adopt_architecture(config: Config, init_meta: dict, sections: tuple[str, ...]) -> Config:
     """`config` with the architecture `sections` of the pre-trained `--init` run's model.json."""
-    import warnings
-
-    from dpsynth.config import config_from_dict
 
     merged = config.to_dict()
     for section in sections:

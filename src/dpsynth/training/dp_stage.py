@@ -21,8 +21,11 @@ from torch import nn
 from dpsynth.config import PrivacyConfig
 from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
+from dpsynth.privacy.accounting import make_accountant, warn_delta
+from dpsynth.privacy.dpsgd import PatientDPSGD
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.outputs import labelled
+from dpsynth.privacy.planner import plan
 from dpsynth.training import checkpoint as ckpt
 from dpsynth.training.monitor import append_metrics
 
@@ -58,10 +61,6 @@ class DPStage:
         distributed: bool = False,
         main: bool = True,
     ) -> None:
-        from dpsynth.privacy.accounting import make_accountant, warn_delta
-        from dpsynth.privacy.dpsgd import PatientDPSGD
-        from dpsynth.privacy.planner import plan
-
         self.stage, self.cache, self.privacy, self.run = stage, cache, privacy, run
         self.parents, self.extra_entries, self.main = list(parents), list(extra_entries), main
         self.patient_rows = cache.patient_rows("train")

@@ -28,6 +28,7 @@ from dpsynth.diffusion.schedulers import add_noise, make_scheduler
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_json, hold_run
 from dpsynth.models.build import build_denoiser
+from dpsynth.privacy.ledger import LedgerEntry
 from dpsynth.runs import (
     load_autoencoder,
     load_weights,
@@ -207,7 +208,6 @@ def train_ldm(
 
 def _private_validation(validation: Cache, data: Cache, declared: bool) -> list:
     """The ledger's non-private-use entry when a DP run validates on private data."""
-    from dpsynth.privacy.ledger import LedgerEntry
 
     if not (declared or validation.same_data(data)):
         return []

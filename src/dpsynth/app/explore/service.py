@@ -24,7 +24,12 @@ import numpy as np
 
 from dpsynth.attributes import ATTRIBUTES, CATEGORICAL, CLINICAL_RANGES, INDEX, UNITS
 from dpsynth.config import ExploreDefaults
+from dpsynth.data.measure import measure_volume
 from dpsynth.errors import DpsynthError
+from dpsynth.evaluation.referee import META_FILE, Referee
+from dpsynth.io import nifti_bytes
+from dpsynth.privacy.attribute_fit import MODEL_FILE, load_attribute_model
+from dpsynth.runs import load
 
 REFEREE_SUBDIR = "referee"  # a referee inside the run folder is picked up without --referee
 REFEREE_NOTE = (
@@ -74,8 +79,6 @@ class Explorer:
         device: str | None = None,
         defaults: ExploreDefaults | None = None,
     ) -> None:
-        from dpsynth.runs import load
-
         self.run = Path(run)
         if not (self.run / "model.json").is_file():
             raise DpsynthError(
@@ -97,13 +100,9 @@ class Explorer:
         self._kept: OrderedDict[str, Generated] = OrderedDict()
 
     def _attribute_model(self):
-        from dpsynth.privacy.attribute_fit import MODEL_FILE, load_attribute_model
-
         return load_attribute_model(self.run) if (self.run / MODEL_FILE).is_file() else None
 
     def _referee(self, path: str | os.PathLike | None):
-        from dpsynth.evaluation.referee import META_FILE, Referee
-
         if path is None:
             path = self.run / REFEREE_SUBDIR
             if not (path / META_FILE).is_file():
@@ -236,7 +235,6 @@ class Explorer:
     def _measure(self, volume: np.ndarray) -> dict[str, float] | None:
         if self.referee is None:
             return None
-        from dpsynth.data.measure import measure_volume
 
         out = self.referee.analyse(volume[None])
         m = measure_volume(out.masks[0], self.pipe.spacing)
@@ -256,7 +254,6 @@ class Explorer:
 
     def nifti(self, volume_id: str) -> bytes:
         """A kept volume as .nii.gz bytes with the run's true voxel spacing."""
-        from dpsynth.io import nifti_bytes
 
         return nifti_bytes(self.get(volume_id).volume, self.pipe.spacing)
 
