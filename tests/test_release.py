@@ -307,7 +307,7 @@ def test_report_links_and_verifies_the_release(world, tmp_path):
 def test_demo_ends_with_a_verified_release(world, tmp_path, monkeypatch):
     """`dpsynth demo --keep` over finished tiny stages: its last steps write demo/release and
     a report that verifies and links it (the expensive stages are kept, not re-run)."""
-    from dpsynth import demo
+    from dpsynth.app import demo
 
     out = tmp_path / "demo"
     (out / "data" / "ukbb_raw").mkdir(parents=True)

@@ -19,11 +19,19 @@ import yaml
 
 from dpsynth.errors import DpsynthError
 
+# The reference study's settings (BRIEF section 2): every default elsewhere reads these.
+DEFAULT_SHAPE: tuple[int, int, int] = (13, 96, 96)  # (slices, H, W)
+DEFAULT_SPACING: tuple[float, float, float] = (10.0, 1.8269, 1.8269)  # (dz, dy, dx) mm
+DEFAULT_TIMESTEPS = 150  # DDPM T
+DEFAULT_BETA_START, DEFAULT_BETA_END = 1e-4, 7e-2  # linear β schedule
+DEFAULT_DELTA = 1e-5  # δ of every DP mechanism unless the user sets one
+DEFAULT_ACCOUNTANT = "prv"
+
 
 @dataclass
 class DataConfig:
-    shape: tuple[int, int, int] = (13, 96, 96)
-    spacing: tuple[float, float, float] = (10.0, 1.8269, 1.8269)
+    shape: tuple[int, int, int] = DEFAULT_SHAPE
+    spacing: tuple[float, float, float] = DEFAULT_SPACING
 
 
 @dataclass
@@ -70,9 +78,9 @@ class DenoiserConfig:
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = 150
-    beta_start: float = 1e-4
-    beta_end: float = 7e-2
+    timesteps: int = DEFAULT_TIMESTEPS
+    beta_start: float = DEFAULT_BETA_START
+    beta_end: float = DEFAULT_BETA_END
     schedule: Literal["linear_beta", "scaled_linear_beta"] = "linear_beta"
     condition_dropout: float = 0.1
 
@@ -105,12 +113,12 @@ class TrainingConfig:
 class PrivacyConfig:
     epsilon: float | None = None
     noise_multiplier: float | None = None
-    delta: float = 1e-5
+    delta: float = DEFAULT_DELTA
     max_grad_norm: float = 1.0
     epochs: float = 150.0
     batch_size: int = 256
     physical_batch_size: int = 8
-    accountant: Literal["prv", "rdp"] = "prv"
+    accountant: Literal["prv", "rdp"] = DEFAULT_ACCOUNTANT
     max_total_epsilon: float | None = None
     lr: float = 1e-5
     warmup_steps: int = 0

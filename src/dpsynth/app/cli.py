@@ -15,7 +15,13 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from dpsynth.config import load_config
+from dpsynth.config import (
+    DEFAULT_ACCOUNTANT,
+    DEFAULT_DELTA,
+    DEFAULT_SHAPE,
+    DEFAULT_SPACING,
+    load_config,
+)
 from dpsynth.errors import DpsynthError
 from dpsynth.io import read_json
 
@@ -57,7 +63,9 @@ def _dp_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
     g.add_argument(
         "--noise-multiplier", type=float, help="fixed noise multiplier σ instead of --epsilon"
     )
-    g.add_argument("--delta", type=float, help="δ (default 1e-5; must be well below 1/patients)")
+    g.add_argument(
+        "--delta", type=float, help=f"δ (default {DEFAULT_DELTA:g}; must be well below 1/patients)"
+    )
     g.add_argument("--max-grad-norm", type=float, help="per-patient clipping norm C")
     g.add_argument("--epochs", type=float, help="planned epochs over the patients")
     g.add_argument("--batch-size", type=int, help="expected patients per logical batch")
@@ -191,8 +199,8 @@ def cmd_budget(args: argparse.Namespace) -> None:
         result = plan(
             records=args.records, batch_size=args.batch_size, epochs=args.epochs,
             epsilon=args.epsilon, noise_multiplier=args.noise_multiplier,
-            delta=args.delta if args.delta is not None else 1e-5,
-            accountant=args.accountant or "prv",
+            delta=args.delta if args.delta is not None else DEFAULT_DELTA,
+            accountant=args.accountant or DEFAULT_ACCOUNTANT,
         )  # fmt: skip
         print(json.dumps(result.to_json()) if args.json else format_plan(result))
         return
@@ -335,10 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", required=True, type=int)
     p.add_argument("--cohort", choices=("ukbb", "acdc"), default="ukbb")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", type=_triple(int), default=(13, 96, 96), help="slices,H,W")
-    p.add_argument(
-        "--spacing", type=_triple(float), default=(1.8269, 1.8269, 10.0), help="x,y,z mm"
-    )
+    p.add_argument("--shape", type=_triple(int), default=DEFAULT_SHAPE, help="slices,H,W")
+    p.add_argument("--spacing", type=_triple(float), default=DEFAULT_SPACING[::-1], help="x,y,z mm")
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_simulate)
 
@@ -351,10 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--split", type=_triple(float), default=(0.8, 0.1, 0.1), help="train,val,test")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", type=_triple(int), default=(13, 96, 96), help="slices,H,W")
-    p.add_argument(
-        "--spacing", type=_triple(float), default=(1.8269, 1.8269, 10.0), help="x,y,z mm"
-    )
+    p.add_argument("--shape", type=_triple(int), default=DEFAULT_SHAPE, help="slices,H,W")
+    p.add_argument("--spacing", type=_triple(float), default=DEFAULT_SPACING[::-1], help="x,y,z mm")
     p.add_argument("--prefer-csv-attributes", action="store_true", help="CSV values win over masks")
     p.add_argument("--skip-bad", action="store_true", help="skip bad patients and list them")
     p.set_defaults(func=cmd_prepare)
@@ -422,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--dp", action="store_true", required=True)
     p.add_argument("--epsilon", required=True, type=float)
-    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--delta", type=float, default=DEFAULT_DELTA)
     p.add_argument("--max-total-epsilon", type=float)
     p.add_argument("--out", required=True, type=Path, help="the model run whose ledger it joins")
     p.set_defaults(func=cmd_fit_attributes)

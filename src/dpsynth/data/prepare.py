@@ -26,6 +26,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from dpsynth.attributes import ESED_CODE, INDEX, N_ATTRIBUTES, PHASES, ejection_fraction
+from dpsynth.config import DEFAULT_SHAPE, DEFAULT_SPACING
 from dpsynth.data.cache import (
     ATTRIBUTES_FILE,
     FORMAT_VERSION,
@@ -72,8 +73,8 @@ def prepare(
     attributes_csv: str | os.PathLike | None = None,
     split: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
-    shape: Sequence[int] = (13, 96, 96),
-    spacing: Sequence[float] = (10.0, 1.8269, 1.8269),
+    shape: Sequence[int] = DEFAULT_SHAPE,
+    spacing: Sequence[float] = DEFAULT_SPACING,
     prefer_csv_attributes: bool = False,
     skip_bad: bool = False,
 ) -> PrepareReport:

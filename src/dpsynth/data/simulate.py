@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from dpsynth.attributes import ATTRIBUTES, PHASES
+from dpsynth.config import DEFAULT_SHAPE, DEFAULT_SPACING
 from dpsynth.data.measure import LV_BLOOD, LV_MYO, RV_BLOOD, measure_patient, wall_thickness
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_dir, atomic_write_text, write_nifti
@@ -418,8 +419,8 @@ def _acquire(signal: np.ndarray, frame: _Frame, scanner: Scanner, rng) -> np.nda
 def render_patient(
     targets: dict,
     rng: np.random.Generator,
-    shape: tuple[int, int, int] = (13, 96, 96),
-    spacing: tuple[float, float, float] = (10.0, 1.8269, 1.8269),
+    shape: tuple[int, int, int] = DEFAULT_SHAPE,
+    spacing: tuple[float, float, float] = DEFAULT_SPACING,
     cohort: str = "ukbb",
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Images (int16) and masks (uint8) at ED and ES for the requested attributes."""
@@ -446,8 +447,8 @@ def render_patient(
 def simulate_patient(
     rng: np.random.Generator | int,
     cohort: str = "ukbb",
-    shape: tuple[int, int, int] = (13, 96, 96),
-    spacing: tuple[float, float, float] = (10.0, 1.8269, 1.8269),
+    shape: tuple[int, int, int] = DEFAULT_SHAPE,
+    spacing: tuple[float, float, float] = DEFAULT_SPACING,
 ) -> SimulatedPatient:
     """Draw and render one patient; attributes are measured from the rendered masks."""
     rng = np.random.default_rng(rng)
@@ -504,8 +505,8 @@ def simulate_cohort(
     n_patients: int,
     cohort: str = "ukbb",
     seed: int = 0,
-    shape: tuple[int, int, int] = (13, 96, 96),
-    spacing: tuple[float, float, float] = (10.0, 1.8269, 1.8269),
+    shape: tuple[int, int, int] = DEFAULT_SHAPE,
+    spacing: tuple[float, float, float] = DEFAULT_SPACING,
     workers: int = 2,
 ) -> Path:
     """Write a simulated cohort in the ukbb_cardiac layout and return its folder.

@@ -10,6 +10,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dpsynth.attributes import N_ATTRIBUTES, normalize
+from dpsynth.config import (
+    DEFAULT_BETA_END,
+    DEFAULT_BETA_START,
+    DEFAULT_SHAPE,
+    DEFAULT_SPACING,
+    DEFAULT_TIMESTEPS,
+)
 from dpsynth.diffusion.schedulers import SamplerName, add_noise, make_scheduler
 from dpsynth.errors import DpsynthError
 from dpsynth.models.blocks import single_as_pair
@@ -50,11 +57,11 @@ class LatentDiffusion(nn.Module):
         autoencoder: nn.Module,
         denoiser: nn.Module,
         latent_scale: float = 1.0,
-        volume_shape: Sequence[int] = (13, 96, 96),
-        spacing: Sequence[float] = (10.0, 1.8269, 1.8269),
-        num_train_timesteps: int = 150,
-        beta_start: float = 1e-4,
-        beta_end: float = 7e-2,
+        volume_shape: Sequence[int] = DEFAULT_SHAPE,
+        spacing: Sequence[float] = DEFAULT_SPACING,
+        num_train_timesteps: int = DEFAULT_TIMESTEPS,
+        beta_start: float = DEFAULT_BETA_START,
+        beta_end: float = DEFAULT_BETA_END,
         schedule: str = "linear_beta",
     ) -> None:
         super().__init__()

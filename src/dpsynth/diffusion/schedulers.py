@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 from monai.networks.schedulers import DDPMScheduler, Scheduler
 
+from dpsynth.config import DEFAULT_BETA_END, DEFAULT_BETA_START, DEFAULT_TIMESTEPS
 from dpsynth.errors import DpsynthError
 
 __all__ = ["ODESolverScheduler", "add_noise", "make_scheduler"]
@@ -88,9 +89,9 @@ class ODESolverScheduler(Scheduler):
 
 def make_scheduler(
     name: SamplerName = "ddim",
-    num_train_timesteps: int = 150,
-    beta_start: float = 1e-4,
-    beta_end: float = 7e-2,
+    num_train_timesteps: int = DEFAULT_TIMESTEPS,
+    beta_start: float = DEFAULT_BETA_START,
+    beta_end: float = DEFAULT_BETA_END,
     schedule: str = "linear_beta",
     steps: int | None = None,
 ) -> Scheduler:

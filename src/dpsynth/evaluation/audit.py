@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dpsynth.attributes import INDEX, N_ATTRIBUTES
+from dpsynth.config import DEFAULT_TIMESTEPS
 from dpsynth.errors import DpsynthError
 from dpsynth.runs import load
 
@@ -36,7 +37,7 @@ TIMESTEP_FRACTIONS: tuple[float, ...] = (1 / 30, 0.1, 0.2, 1 / 3, 0.5, 2 / 3)
 N_NOISE = 2
 
 
-def default_timesteps(num_train_timesteps: int = 150) -> tuple[int, ...]:
+def default_timesteps(num_train_timesteps: int = DEFAULT_TIMESTEPS) -> tuple[int, ...]:
     """The audit's fixed timesteps for a schedule of `num_train_timesteps` steps."""
     return tuple(sorted({round(f * num_train_timesteps) for f in TIMESTEP_FRACTIONS}))
 
@@ -338,7 +339,7 @@ def membership_inference(
     defaults to :func:`default_timesteps` of the pipeline's ``num_train_timesteps``.
     """
     if timesteps is None:
-        timesteps = default_timesteps(getattr(pipeline, "num_train_timesteps", 150))
+        timesteps = default_timesteps(getattr(pipeline, "num_train_timesteps", DEFAULT_TIMESTEPS))
     scores: dict[str, np.ndarray] = {}
     groups: dict[str, np.ndarray | None] = {}
     for name, data in (("members", members), ("nonmembers", nonmembers)):

@@ -4,10 +4,10 @@ The patient-level DP-SGD engine lives in :mod:`dpsynth.privacy.dpsgd` (imported 
 it pulls in torch).
 """
 
+from dpsynth.config import DEFAULT_DELTA
 from dpsynth.privacy.accounting import (
     ACCOUNTANTS,
     DEFAULT_ACCOUNTANT,
-    DEFAULT_DELTA,
     Mechanism,
     epsilon_for,
     make_accountant,

@@ -24,11 +24,10 @@ from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from scipy.integrate import IntegrationWarning
 
+from dpsynth.config import DEFAULT_ACCOUNTANT
 from dpsynth.errors import DpsynthError
 
 ACCOUNTANTS = ("prv", "rdp")
-DEFAULT_ACCOUNTANT = "prv"
-DEFAULT_DELTA = 1e-5
 # Absolute error of the PRV upper bound; the reported ε is at most this much above the
 # PRV estimate. Smaller values refine the discretisation mesh (memory ~ 1 / eps_error).
 PRV_EPS_ERROR = 0.01

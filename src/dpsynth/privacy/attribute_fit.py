@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpsynth.config import PrivacyConfig, load_config
+from dpsynth.config import DEFAULT_DELTA, PrivacyConfig, load_config
 from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_json, hold_run
@@ -35,7 +35,7 @@ def fit_attributes(
     data: str | os.PathLike,
     out: str | os.PathLike,
     epsilon: float,
-    delta: float = 1e-5,
+    delta: float = DEFAULT_DELTA,
     seed: int | None = None,
     max_total_epsilon: float | None = None,
     split: str = "train",

@@ -53,11 +53,11 @@ from dpsynth.attributes import (
     ejection_fraction,
     pairwise_correlation,
 )
+from dpsynth.config import DEFAULT_DELTA
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_json, read_json
 from dpsynth.privacy.accounting import (
     DEFAULT_ACCOUNTANT,
-    DEFAULT_DELTA,
     check_delta,
     warn_delta,
 )

@@ -41,12 +41,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dpsynth.config import DEFAULT_DELTA
 from dpsynth.errors import BudgetExceededError, DpsynthError
 from dpsynth.io import atomic_write_json, read_json
 from dpsynth.privacy.accounting import (
     ACCOUNTANTS,
     DEFAULT_ACCOUNTANT,
-    DEFAULT_DELTA,
     Mechanism,
     check_delta,
     check_epsilon,

@@ -14,10 +14,10 @@ import math
 
 import numpy as np
 
+from dpsynth.config import DEFAULT_DELTA
 from dpsynth.errors import DpsynthError
 from dpsynth.privacy.accounting import (
     DEFAULT_ACCOUNTANT,
-    DEFAULT_DELTA,
     check_delta,
     check_mechanism,
     noise_for_epsilon,
