@@ -13,10 +13,10 @@ import numbers
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
+from dpsynth.config import DEFAULT_DELTA
 from dpsynth.errors import DpsynthError
 from dpsynth.privacy.accounting import (
     DEFAULT_ACCOUNTANT,
-    DEFAULT_DELTA,
     check_accountant,
     check_delta,
     check_epsilon,
