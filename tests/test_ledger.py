@@ -44,6 +44,26 @@ def test_total_composes_dp_entries_only(tmp_path):
     assert "200/200" in text and "0/500" in text
 
 
+def test_composed_epsilon_is_the_larger_bound_of_the_stages_accountants(tmp_path):
+    """budget, the report and the release state `composed_epsilon`: with stages planned by
+    different accountants it is the larger of their bounds, never the first stage's."""
+    ledger = Ledger()
+    ledger.add(dataclasses.replace(_sgd("ae-dp", sigma=0.9, steps=100), accountant="prv"))
+    ledger.add(dataclasses.replace(_sgd("ldm-dp", sigma=1.1, steps=100), accountant="rdp"))
+    by = {name: ledger.total_epsilon(1e-5, name) for name in ("prv", "rdp")}
+    assert by["rdp"] != by["prv"]
+    epsilon, delta, accountant = ledger.composed_epsilon()
+    assert (epsilon, delta) == (max(by.values()), 1e-5)
+    assert accountant == max(by, key=by.get)
+    assert f"epsilon = {epsilon:.4g} at delta = 1e-05 ({accountant} accountant" in format_ledger(
+        ledger
+    )
+    # one accountant: its own bound, whatever the default
+    only_rdp = Ledger([dataclasses.replace(_sgd(steps=100), accountant="rdp")])
+    assert only_rdp.composed_epsilon() == (only_rdp.total_epsilon(1e-5, "rdp"), 1e-5, "rdp")
+    assert Ledger().composed_epsilon() == (0.0, 1e-5, "prv")
+
+
 def test_save_load_round_trip_and_validation(tmp_path):
     ledger = Ledger([_sgd(steps=40), LedgerEntry.non_private_use("val", 10, "loss")])
     path = ledger.save(tmp_path / "run")

@@ -221,7 +221,7 @@ def test_report_is_complete_and_self_contained(report):
 def test_report_numbers_and_privacy_statements(report):
     _, text = report
     ledger = Ledger.load(Path(report[0]).parent.parent / "run")
-    eps = ledger.total_epsilon()
+    eps, delta, accountant = ledger.composed_epsilon()  # what budget and release state too
     assert 0 < eps < 50
     assert f"{eps:.3g}" in text  # the composed ε is what the accountant says
     assert "patient" in text and "ED and ES" in text

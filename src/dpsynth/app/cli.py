@@ -210,9 +210,14 @@ def cmd_budget(args: argparse.Namespace) -> None:
     model = Path(args.target) / "model.json"
     not_dp = ledger.not_dp(read_json(model).get("trained_on", [])) if model.exists() else []
     if args.json:
-        delta = ledger.default_delta()
-        epsilon = None if not_dp else ledger.total_epsilon(delta)
-        summary = {"epsilon": epsilon, "delta": delta, "not_dp": not_dp, **ledger.to_json()}
+        epsilon, delta, accountant = ledger.composed_epsilon()
+        summary = {
+            "epsilon": None if not_dp else epsilon,
+            "delta": delta,
+            "accountant": accountant,
+            "not_dp": not_dp,
+            **ledger.to_json(),
+        }
         print(json.dumps(summary, indent=2))
     else:
         print(format_ledger(ledger))

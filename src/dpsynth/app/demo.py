@@ -160,7 +160,7 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
     summary = {
         "report": str(report),
         "release": str(bundle),
-        "total_epsilon": ledger.total_epsilon(),
+        "total_epsilon": ledger.composed_epsilon()[0],
         "delta": config.privacy.delta,
         "timings_s": timings,
         "wall_s": round(time.perf_counter() - t0, 1),

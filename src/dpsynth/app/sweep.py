@@ -186,7 +186,7 @@ def _row(cell: Cell, ledger, result) -> dict:
     return {
         "cell": cell.name,
         "epsilon_target": cell.epsilon,
-        "epsilon_spent": ledger.total_epsilon() if len(ledger) else math.inf,
+        "epsilon_spent": ledger.composed_epsilon()[0] if len(ledger) else math.inf,
         "pretrain": cell.pretrain,
         "steps": cell.steps,
         "frd": _metric(result, "frd"),

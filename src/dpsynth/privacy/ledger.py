@@ -312,6 +312,19 @@ class Ledger:
         delta = self.default_delta() if delta is None else delta
         return epsilon_for(self.history(), delta, accountant)
 
+    def composed_epsilon(self, delta: float | None = None) -> tuple[float, float, str]:
+        """(ε, δ, accountant): the one privacy figure `dpsynth budget`, the report and the
+        release state for this lineage.
+
+        δ is the largest any DP entry was planned with. Each DP stage names the accountant
+        its noise was calibrated with; the lineage is composed by each of them and the
+        largest bound is stated, so ε is never under-reported when stages differ.
+        """
+        delta = self.default_delta() if delta is None else delta
+        names = sorted({e.accountant for e in self if not e.non_private}) or [DEFAULT_ACCOUNTANT]
+        epsilon, accountant = max((self.total_epsilon(delta, name), name) for name in names)
+        return epsilon, delta, accountant
+
     def check_budget(
         self,
         planned: LedgerEntry,
@@ -400,11 +413,9 @@ def _ledger_path(path: str | Path) -> Path:
     return path if path.suffix == ".json" else path / LEDGER_FILE
 
 
-def format_ledger(
-    ledger: Ledger, delta: float | None = None, accountant: str = DEFAULT_ACCOUNTANT
-) -> str:
-    """Human-readable ledger for ``dpsynth budget RUN`` and the report."""
-    delta = ledger.default_delta() if delta is None else delta
+def format_ledger(ledger: Ledger) -> str:
+    """Human-readable ledger for ``dpsynth budget RUN``: the composed ε of `composed_epsilon`."""
+    total, delta, accountant = ledger.composed_epsilon()
     dp = [e for e in ledger if not e.non_private]
     other = [e for e in ledger if e.non_private]
     lines = [f"Privacy ledger: {len(dp)} DP mechanism(s), {len(other)} non-private use(s)"]
@@ -424,7 +435,6 @@ def format_ledger(
     if other:
         lines.append("Non-private uses of private data (outputs not released, not covered by ε):")
         lines += [f"  {e.stage:<20} {e.records:>8} records  {e.note}" for e in other]
-    total = ledger.total_epsilon(delta, accountant)
     lines.append(
         f"Total: epsilon = {total:.4g} at delta = {delta:g} "
         f"({accountant} accountant, all {len(dp)} mechanism(s) composed)"

@@ -24,7 +24,7 @@ from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.volumes import load_volume_set
 from dpsynth.io import atomic_dir, atomic_write_text, read_json
-from dpsynth.privacy.accounting import DEFAULT_ACCOUNTANT, epsilon_for
+from dpsynth.privacy.accounting import epsilon_for
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.one_run_audit import AUDIT_DIR, AUDIT_FILE
 from dpsynth.privacy.outputs import EVAL_SUBDIR, FIDELITY_FILE
@@ -251,11 +251,10 @@ STAGE_COLUMNS = (
 
 
 def _read_privacy(path: Path) -> _Privacy:
-    """Load RUN/ledger.json and compose it with the ledger's own accountant."""
-
+    """Load RUN/ledger.json; its ε is `Ledger.composed_epsilon`, as budget and release state."""
     ledger = Ledger.load(path)
-    delta, dp = ledger.default_delta(), [e for e in ledger if not e.non_private]
-    accountant = dp[0].accountant if dp else DEFAULT_ACCOUNTANT
+    epsilon, delta, accountant = ledger.composed_epsilon()
+    dp = [e for e in ledger if not e.non_private]
     stages = []
     for e in dp:
         spent = e.mechanism_spent()
@@ -275,7 +274,7 @@ def _read_privacy(path: Path) -> _Privacy:
             ]
         )
     return _Privacy(
-        epsilon=ledger.total_epsilon(delta, accountant),
+        epsilon=epsilon,
         delta=delta,
         accountant=accountant,
         stages=stages,

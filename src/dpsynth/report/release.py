@@ -137,10 +137,7 @@ def release(
     if not dp:
         _refuse(f"{run}: the ledger records no DP mechanism; only DP runs are released")
     config = _run_config(run, max_epsilon)
-    delta = ledger.default_delta()
-    epsilon, accountant = max(
-        (ledger.total_epsilon(delta, name), name) for name in {e.accountant for e in dp}
-    )  # the stages' own accountant; if they differ, the larger (more cautious) bound
+    epsilon, delta, accountant = ledger.composed_epsilon()
     limits = _budget_limits(config, ledger, delta, accountant, max_epsilon)
     for limit, source in limits:
         if not epsilon <= limit:  # also refuses an unbounded (inf/NaN) ε
