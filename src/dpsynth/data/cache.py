@@ -41,6 +41,17 @@ SPLITS = ("train", "val", "test")
 TABLE_COLUMNS = ("patient", "phase", "split", *ATTRIBUTES)
 
 
+def is_cache(path: str | os.PathLike) -> bool:
+    """Whether `path` looks like a prepared cache (`Cache(path)` then checks it in full)."""
+    path = Path(path)
+    return (path / META_FILE).is_file() and (path / "images.npy").is_file()
+
+
+def load_volumes(images: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+    """Rows of a (memory-mapped) (N, S, H, W) array as a float32 (..., 1, S, H, W) tensor."""
+    return _read(images, rows).float()[..., None, :, :, :]
+
+
 class Cache:
     """Read-only view of a prepared cache; arrays are memory-mapped, never loaded whole."""
 
@@ -172,7 +183,7 @@ class _CacheDataset(Dataset):
     def __getitem__(self, i) -> dict[str, torch.Tensor]:
         rows = self.rows[i]
         item = {
-            "image": _read(self.cache.images, rows).float()[..., None, :, :, :],
+            "image": load_volumes(self.cache.images, rows),
             "attributes": torch.from_numpy(self.cache.attributes[rows]),
             "index": torch.as_tensor(rows),
         }

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dpsynth.attributes import N_ATTRIBUTES, normalize
@@ -17,11 +17,21 @@ from dpsynth.config import (
     DEFAULT_SPACING,
     DEFAULT_TIMESTEPS,
 )
+from dpsynth.data.cache import Cache, load_volumes
 from dpsynth.diffusion.schedulers import SamplerName, add_noise, make_scheduler
 from dpsynth.errors import DpsynthError
 from dpsynth.models.blocks import single_as_pair
 
-__all__ = ["SAMPLE_BATCH", "LatentDiffusion", "batch_seed", "estimate_latent_scale", "shard"]
+__all__ = [
+    "SAMPLE_BATCH",
+    "DenoisingObjective",
+    "LatentDiffusion",
+    "batch_seed",
+    "encode_scaled",
+    "encode_split",
+    "estimate_latent_scale",
+    "shard",
+]
 
 SAMPLE_BATCH = 16  # volumes per denoiser call when sampling; part of what a seed means
 
@@ -43,6 +53,63 @@ def shard(n: int, rank: int, world_size: int, batch_size: int = SAMPLE_BATCH) ->
     batches = -(-n // batch_size)
     lo, hi = rank * batches // world_size, (rank + 1) * batches // world_size
     return slice(min(lo * batch_size, n), min(hi * batch_size, n))
+
+
+def encode_scaled(autoencoder: nn.Module, volumes: torch.Tensor, scale: float) -> torch.Tensor:
+    """Volumes (B, 1, S, H, W) to the denoiser's latents: the one place latents are scaled."""
+    return autoencoder.encode_latent(volumes) * scale
+
+
+@torch.no_grad()
+def encode_split(
+    autoencoder, cache: Cache, rows: np.ndarray, scale: float, batch: int = 16
+) -> Tensor:
+    """Scaled latents of a cache's `rows`, encoded `batch` volumes at a time (on the CPU)."""
+    device = next(autoencoder.parameters()).device
+    out = [
+        encode_scaled(
+            autoencoder, load_volumes(cache.images, rows[i : i + batch]).to(device), scale
+        )
+        for i in range(0, len(rows), batch)
+    ]
+    return torch.cat([z.cpu() for z in out])
+
+
+class DenoisingObjective:
+    """ε-prediction MSE on noisy latents; the random draws happen outside the model call.
+
+    Drawing timesteps, noise and condition dropout outside keeps the per-patient function
+    deterministic, which `torch.func.vmap` under DP needs.
+    """
+
+    def __init__(self, scheduler, condition_dropout: float) -> None:
+        self.scheduler = scheduler
+        self.condition_dropout = condition_dropout
+
+    def draw(self, latents: Tensor, attributes: np.ndarray, generator: torch.Generator) -> dict:
+        """Noisy inputs and targets for a batch of latents (any leading batch shape)."""
+        lead = latents.shape[: latents.dim() - 4]
+        flat = latents.reshape(-1, *latents.shape[-4:])
+        n = flat.shape[0]
+        t = torch.randint(0, self.scheduler.num_train_timesteps, (n,), generator=generator)
+        noise = torch.randn(flat.shape, generator=generator)
+        noisy = add_noise(self.scheduler, flat, noise, t)  # shared with LatentDiffusion's loss
+        attrs = torch.from_numpy(normalize(attributes)).reshape(n, N_ATTRIBUTES)
+        drop_all = torch.rand(n, 1, generator=generator) < self.condition_dropout
+        drop_one = torch.rand(attrs.shape, generator=generator) < self.condition_dropout
+        attrs = torch.where(drop_all | drop_one, torch.full_like(attrs, float("nan")), attrs)
+        batch = {"noisy": noisy, "timesteps": t, "attributes": attrs, "noise": noise}
+        return {k: v.reshape(*lead, *v.shape[1:]) for k, v in batch.items()}
+
+    @staticmethod
+    def per_volume_loss(model_fn, batch: dict) -> Tensor:
+        pred = model_fn(batch["noisy"], batch["timesteps"], batch["attributes"])
+        return (pred.float() - batch["noise"]).pow(2).flatten(1).mean(1)
+
+    @classmethod
+    def patient_loss(cls, model_fn, record: dict) -> Tensor:
+        """One DP record's loss: the SUM over that patient's volumes (clipped as one)."""
+        return cls.per_volume_loss(model_fn, record).sum()
 
 
 class LatentDiffusion(nn.Module):
@@ -105,7 +172,7 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def encode(self, volumes: torch.Tensor) -> torch.Tensor:
         """Volumes (B, 1, S, H, W) to scaled latents (the autoencoder is frozen here)."""
-        return self.autoencoder.encode_latent(volumes) * self.latent_scale
+        return encode_scaled(self.autoencoder, volumes, self.latent_scale)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -124,9 +191,13 @@ class LatentDiffusion(nn.Module):
             raise DpsynthError(
                 f"attributes: expected {N_ATTRIBUTES} values per sample, got {attributes_raw.shape[-1]}"
             )
-        noisy = add_noise(self.noise_schedule, latents, noise, timesteps)
-        eps = self.denoiser(noisy, timesteps, self.normalize_attributes(attributes_raw))
-        return (eps - noise).square().flatten(1).mean(1)
+        batch = {
+            "noisy": add_noise(self.noise_schedule, latents, noise, timesteps),
+            "timesteps": timesteps,
+            "attributes": self.normalize_attributes(attributes_raw),
+            "noise": noise,
+        }
+        return DenoisingObjective.per_volume_loss(self.denoiser, batch)
 
     forward = denoising_loss
 

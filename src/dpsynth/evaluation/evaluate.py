@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from dpsynth.attributes import INDEX
+from dpsynth.data.cache import is_cache
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.audit import privacy_audit
 from dpsynth.evaluation.controllability import evaluate_controllability, write_controllability_csv
@@ -381,7 +382,7 @@ def _as_set(source: str | Path | VolumeSet, split: str | None) -> VolumeSet:
 def _is_cache(source: str | Path | VolumeSet) -> bool:
     if isinstance(source, VolumeSet):
         return False
-    return (Path(source) / "meta.json").exists() and (Path(source) / "images.npy").exists()
+    return is_cache(source)
 
 
 def _default_cache_dir() -> Path:

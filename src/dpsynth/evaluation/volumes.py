@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from dpsynth.attributes import ATTRIBUTES, N_ATTRIBUTES
-from dpsynth.data.cache import Cache
+from dpsynth.data.cache import Cache, is_cache
 from dpsynth.errors import DpsynthError
 from dpsynth.io import read_nifti
 
@@ -66,7 +66,7 @@ def load_volume_set(path: str | Path, split: str | None = "test") -> VolumeSet:
     path = Path(path)
     if not path.exists():
         raise DpsynthError(f"{path}: not found")
-    if (path / "meta.json").exists() and (path / "images.npy").exists():
+    if is_cache(path):
         return _load_cache(path, split)
     if path.is_dir():
         return _load_nifti_folder(path)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dpsynth.data.cache import Cache
+from dpsynth.data.cache import Cache, is_cache
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.volumes import load_volume_set
 from dpsynth.io import atomic_dir, atomic_write_text, read_json
@@ -149,7 +149,7 @@ def _volume_set(source: Any, split: str) -> tuple[Any, np.ndarray | None] | None
         return None
     if isinstance(source, (str, os.PathLike)):
         path = _source_path(source)
-        if (path / "meta.json").exists():
+        if is_cache(path):
             cache = Cache(path)
             rows = cache.volume_indices(split)
             return _Rows(cache.images, rows), np.asarray(cache.attributes[rows])
@@ -933,9 +933,7 @@ def write_report(
     recorded = run.evaluation or {}
     synthetic_dir = synthetic_dir or recorded.get("synthetic")
     real = real if real is not None else recorded.get("real")
-    real_is_cache = (
-        isinstance(real, (str, os.PathLike)) and (_source_path(real) / "meta.json").exists()
-    )
+    real_is_cache = isinstance(real, (str, os.PathLike)) and is_cache(_source_path(real))
     ctx = _Context(
         run=run,
         compare=[_read_run(Path(p), None) for p in compare],

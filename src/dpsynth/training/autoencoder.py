@@ -20,9 +20,9 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from monai.metrics.utils import do_metric_reduction
 
 from dpsynth.config import Config
-from dpsynth.data.cache import Cache
+from dpsynth.data.cache import Cache, load_volumes
 from dpsynth.data.figures import mid_slice_grid, slice_strips
-from dpsynth.diffusion.pipeline import estimate_latent_scale
+from dpsynth.diffusion.pipeline import encode_split, estimate_latent_scale
 from dpsynth.io import atomic_write_json, hold_run
 from dpsynth.models.build import build_autoencoder
 from dpsynth.models.discriminator import (
@@ -45,7 +45,6 @@ from dpsynth.training.common import (
     init_distributed,
     is_distributed,
     is_main,
-    load_volumes,
     lr_factor,
     pick_device,
     prepare_run_dir,
@@ -58,7 +57,6 @@ from dpsynth.training.common import (
 )
 from dpsynth.training.dp_stage import DPCheckpoints, DPStage, dp_steps_per_epoch
 from dpsynth.training.ema import EMA
-from dpsynth.training.ldm import encode_split
 from dpsynth.training.monitor import Monitor
 
 

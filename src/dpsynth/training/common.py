@@ -133,14 +133,6 @@ def public_total_steps(tcfg, volumes: int) -> int:
     return max(1, math.ceil(tcfg.epochs * public_steps_per_epoch(tcfg, volumes)))
 
 
-def load_volumes(images: np.ndarray, rows: np.ndarray) -> torch.Tensor:
-    """Rows of a (memory-mapped) (N,S,H,W) array as a float32 (B,1,S,H,W) tensor."""
-    order = np.argsort(rows)  # sorted reads are sequential on disk
-    batch = np.empty((len(rows), *images.shape[1:]), dtype=np.float32)
-    batch[order] = images[rows[order]]
-    return torch.from_numpy(batch).unsqueeze(1)
-
-
 def seed_everything(seed: int) -> np.random.Generator:
     torch.manual_seed(seed)
     return np.random.default_rng(seed)

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from dpsynth.attributes import ATTRIBUTES, CLINICAL_RANGES, INDEX, normalize
+from dpsynth.attributes import ATTRIBUTES, CLINICAL_RANGES, INDEX
 from dpsynth.config import Config
 from dpsynth.data.cache import Cache
 from dpsynth.data.figures import mid_slice_grid, slice_strips
-from dpsynth.diffusion.schedulers import add_noise, make_scheduler
+from dpsynth.diffusion.pipeline import DenoisingObjective, encode_split
+from dpsynth.diffusion.schedulers import make_scheduler
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_json, hold_run
 from dpsynth.models.build import build_denoiser
@@ -46,7 +46,6 @@ from dpsynth.training.common import (
     init_distributed,
     is_distributed,
     is_main,
-    load_volumes,
     lr_factor,
     pick_device,
     prepare_run_dir,
@@ -77,55 +76,6 @@ def conditions_table(conditions: tuple[dict[str, float], ...]) -> np.ndarray:
         for name, value in cond.items():
             table[row, INDEX[name]] = value
     return table
-
-
-@torch.no_grad()
-def encode_split(
-    autoencoder, cache: Cache, rows: np.ndarray, scale: float, batch: int = 16
-) -> Tensor:
-    device = next(autoencoder.parameters()).device
-    out = [
-        autoencoder.encode_latent(load_volumes(cache.images, rows[i : i + batch]).to(device)).cpu()
-        for i in range(0, len(rows), batch)
-    ]
-    return torch.cat(out) * scale
-
-
-class DenoisingObjective:
-    """ε-prediction MSE on noisy latents; the random draws happen outside the model call.
-
-    Drawing timesteps, noise and condition dropout outside keeps the per-patient function
-    deterministic, which `torch.func.vmap` under DP needs.
-    """
-
-    def __init__(self, scheduler, condition_dropout: float) -> None:
-        self.scheduler = scheduler
-        self.condition_dropout = condition_dropout
-
-    def draw(self, latents: Tensor, attributes: np.ndarray, generator: torch.Generator) -> dict:
-        """Noisy inputs and targets for a batch of latents (any leading batch shape)."""
-        lead = latents.shape[: latents.dim() - 4]
-        flat = latents.reshape(-1, *latents.shape[-4:])
-        n = flat.shape[0]
-        t = torch.randint(0, self.scheduler.num_train_timesteps, (n,), generator=generator)
-        noise = torch.randn(flat.shape, generator=generator)
-        noisy = add_noise(self.scheduler, flat, noise, t)
-        attrs = torch.from_numpy(normalize(attributes)).reshape(n, len(ATTRIBUTES))
-        drop_all = torch.rand(n, 1, generator=generator) < self.condition_dropout
-        drop_one = torch.rand(attrs.shape, generator=generator) < self.condition_dropout
-        attrs = torch.where(drop_all | drop_one, torch.full_like(attrs, float("nan")), attrs)
-        batch = {"noisy": noisy, "timesteps": t, "attributes": attrs, "noise": noise}
-        return {k: v.reshape(*lead, *v.shape[1:]) for k, v in batch.items()}
-
-    @staticmethod
-    def per_volume_loss(model_fn, batch: dict) -> Tensor:
-        pred = model_fn(batch["noisy"], batch["timesteps"], batch["attributes"])
-        return (pred.float() - batch["noise"]).pow(2).flatten(1).mean(1)
-
-    @classmethod
-    def patient_loss(cls, model_fn, record: dict) -> Tensor:
-        """One DP record's loss: the SUM over that patient's volumes (clipped as one)."""
-        return cls.per_volume_loss(model_fn, record).sum()
 
 
 def train_ldm(
