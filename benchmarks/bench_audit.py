@@ -14,8 +14,8 @@ import argparse
 import time
 
 import dpsynth
+from dpsynth.data.volumes import load_volume_set
 from dpsynth.evaluation.audit import membership_inference
-from dpsynth.evaluation.volumes import load_volume_set
 
 
 def main() -> None:

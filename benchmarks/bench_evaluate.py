@@ -17,10 +17,10 @@ import time
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from dpsynth.data.volumes import VolumeSet
 from dpsynth.evaluation.evaluate import evaluate
 from dpsynth.evaluation.frd import FRDConfig
 from dpsynth.evaluation.referee import Referee
-from dpsynth.evaluation.volumes import VolumeSet
 
 SHAPE = (13, 96, 96)
 SPACING = (10.0, 1.8269, 1.8269)

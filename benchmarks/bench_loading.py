@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpsynth.data.cache import Cache, VolumeDataset
-from dpsynth.data.prepare import CacheWriter, assign_splits
+from dpsynth.data.cache import Cache, CacheWriter, VolumeDataset
+from dpsynth.data.prepare import assign_splits
 from dpsynth.io import atomic_write_json
 
 SHAPE = (13, 96, 96)

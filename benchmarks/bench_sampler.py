@@ -20,9 +20,9 @@ import time
 import numpy as np
 import torch
 
+from dpsynth.data.volumes import VolumeSet, load_volume_set
 from dpsynth.evaluation.frd import compute_frd
 from dpsynth.evaluation.frechet import feature_statistics, frechet_distance
-from dpsynth.evaluation.volumes import VolumeSet, load_volume_set
 from dpsynth.runs import load
 
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpsynth.data.cache import SPLITS, Cache, PatientDataset, VolumeDataset
-from dpsynth.data.prepare import CacheWriter
+from dpsynth.data.cache import SPLITS, Cache, CacheWriter, PatientDataset, VolumeDataset
 from dpsynth.errors import DpsynthError
 
 SHAPE = (5, 16, 16)

@@ -10,6 +10,7 @@ from scipy.ndimage import gaussian_filter
 from test_referee import SPACING, phantoms, write_cache
 
 from dpsynth.attributes import INDEX
+from dpsynth.data.volumes import check_compatible, load_volume_set, normalise_intensity
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.controllability import evaluate_controllability, write_controllability_csv
 from dpsynth.evaluation.diversity import mean_pairwise_ms_ssim, pairwise_ms_ssim
@@ -18,7 +19,6 @@ from dpsynth.evaluation.fid import compute_fid
 from dpsynth.evaluation.frd import FRDConfig, compute_frd
 from dpsynth.evaluation.referee import Referee
 from dpsynth.evaluation.utility import evaluate_utility
-from dpsynth.evaluation.volumes import check_compatible, load_volume_set, normalise_intensity
 from dpsynth.io import write_nifti
 from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
 

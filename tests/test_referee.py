@@ -10,9 +10,9 @@ import pytest
 from dpsynth.attributes import ATTRIBUTES, INDEX, N_ATTRIBUTES
 from dpsynth.data.cache import FORMAT_VERSION
 from dpsynth.data.measure import measure_volume
+from dpsynth.data.volumes import VolumeSet
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.referee import Referee, fit_referee, train_referee
-from dpsynth.evaluation.volumes import VolumeSet
 
 SPACING = (10.0, 1.8269, 1.8269)
 

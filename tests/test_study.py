@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from test_referee import SPACING, phantoms
 
 from dpsynth.attributes import INDEX, N_ATTRIBUTES
+from dpsynth.data.volumes import VolumeSet
 from dpsynth.evaluation.evaluate import evaluate
 from dpsynth.evaluation.fid import (
     IMAGENET_MEAN,
@@ -25,7 +26,6 @@ from dpsynth.evaluation.study import (
     study_controllability,
     zero_padding_masks,
 )
-from dpsynth.evaluation.volumes import VolumeSet
 
 C1 = 0.01**2  # SSIM luminance constant at data range 1
 

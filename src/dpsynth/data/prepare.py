@@ -11,12 +11,9 @@ and renamed on success: a failure leaves nothing at ``out``.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import hmac
-import io
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,18 +25,13 @@ from tqdm import tqdm
 from dpsynth.attributes import ESED_CODE, INDEX, N_ATTRIBUTES, PHASES, ejection_fraction
 from dpsynth.config import DEFAULT_SHAPE, DEFAULT_SPACING
 from dpsynth.data.cache import (
-    ATTRIBUTES_FILE,
-    FORMAT_VERSION,
-    IMAGES_FILE,
-    MASKS_FILE,
-    META_FILE,
     SPLITS,
-    TABLE_COLUMNS,
+    CacheWriter,
 )
 from dpsynth.data.layouts import Volume, load_patient, read_layout
 from dpsynth.data.measure import heart_depth, measure_volume
 from dpsynth.errors import DpsynthError
-from dpsynth.io import atomic_dir, atomic_write_json, atomic_write_text
+from dpsynth.io import atomic_dir
 from dpsynth.orientation import frame
 
 NORMALISATION = {"method": "percentile", "low": 0.5, "high": 99.5, "clip": [0.0, 1.0]}
@@ -326,107 +318,6 @@ def assign_splits(patients: Sequence[str], ratios: Sequence[float], seed: int) -
         u = int.from_bytes(digest[:8], "big") / 2.0**64
         splits[patient] = SPLITS[int(np.searchsorted(cuts, u, side="right"))]
     return splits
-
-
-class CacheWriter:
-    """Streams patients into ``images.npy``/``masks.npy`` memmaps; :meth:`finish` writes the
-    attribute table and ``meta.json``. Writes into `directory`, which must exist."""
-
-    def __init__(self, directory: str | os.PathLike, capacity: int, shape: Sequence[int]):
-        self.directory = Path(directory)
-        self.shape = tuple(int(s) for s in shape)
-        full = (capacity, *self.shape)
-        self._images = np.lib.format.open_memmap(
-            self.directory / IMAGES_FILE, mode="w+", dtype=np.float16, shape=full
-        )
-        self._masks = np.lib.format.open_memmap(
-            self.directory / MASKS_FILE, mode="w+", dtype=np.uint8, shape=full
-        )
-        self._has_masks = True
-        self.patients: list[str] = []
-        self._attributes: list[np.ndarray] = []
-
-    @property
-    def n_patients(self) -> int:
-        return len(self.patients)
-
-    def add_patient(
-        self, patient: str, images: np.ndarray, masks: np.ndarray | None, attributes: np.ndarray
-    ) -> None:
-        """Append one patient: images (2, S, H, W) in [0, 1], masks or None, attributes (2, 14)."""
-        row = 2 * self.n_patients
-        if row + 2 > len(self._images):
-            raise ValueError("CacheWriter capacity exceeded")
-        expected = (len(PHASES), *self.shape)
-        if np.shape(images) != expected or (masks is not None and np.shape(masks) != expected):
-            raise ValueError(f"images and masks must have shape {expected}")
-        self._images[row : row + 2] = images
-        if masks is None:
-            self._has_masks = False
-        elif self._has_masks:
-            self._masks[row : row + 2] = masks
-        values = np.array(attributes, dtype=np.float32).reshape(len(PHASES), N_ATTRIBUTES)
-        values[:, INDEX["ESED"]] = [ESED_CODE[p] for p in PHASES]  # always agrees with the phase
-        self.patients.append(patient)
-        self._attributes.append(values)
-
-    def finish(self, splits: Mapping[str, str], spacing: Sequence[float], **meta) -> dict:
-        """Trim the arrays to the patients written, write the table and meta; returns meta."""
-        n = 2 * self.n_patients
-        images = self._trim(IMAGES_FILE, self._images, n)
-        if self._has_masks:
-            self._trim(MASKS_FILE, self._masks, n)
-        else:
-            (self.directory / MASKS_FILE).unlink()
-        self._images = self._masks = None
-        table = self._table(splits)
-        atomic_write_text(self.directory / ATTRIBUTES_FILE, table)
-        digest = hashlib.sha256()
-        for start in range(0, n, 256):  # chunked: the images may not fit in RAM
-            digest.update(np.ascontiguousarray(images[start : start + 256]).tobytes())
-        # The data without the split column: the split depends on the seed, and a new seed
-        # must not make the same data look new to `Cache.same_data`.
-        digest.update(self._table(dict.fromkeys(self.patients, "")).encode())
-        split_counts = {s: sum(1 for p in self.patients if splits[p] == s) for s in SPLITS}
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "shape": list(self.shape),
-            "spacing": [float(s) for s in spacing],
-            **meta,
-            "counts": {"patients": self.n_patients, "volumes": n, **split_counts},
-            # A random name for runs to cite; the digest never leaves the cache (see cache.py).
-            "cache_id": uuid.uuid4().hex,
-            "content_digest": f"sha256:{digest.hexdigest()}",
-            "has_masks": self._has_masks,
-        }
-        atomic_write_json(self.directory / META_FILE, meta)
-        return meta
-
-    def _trim(self, name: str, array: np.memmap, n: int) -> np.ndarray:
-        """The first n rows of `array` as the file `name` (copied in chunks when shorter)."""
-        array.flush()
-        if len(array) == n:
-            return array
-        path = self.directory / name
-        trimmed = np.lib.format.open_memmap(
-            path.with_suffix(".tmp"), mode="w+", dtype=array.dtype, shape=(n, *array.shape[1:])
-        )
-        for start in range(0, n, 256):
-            stop = min(start + 256, n)
-            trimmed[start:stop] = array[start:stop]
-        trimmed.flush()
-        os.replace(path.with_suffix(".tmp"), path)
-        return np.load(path, mmap_mode="r")
-
-    def _table(self, splits: Mapping[str, str]) -> str:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(TABLE_COLUMNS)
-        for patient, values in zip(self.patients, self._attributes, strict=True):
-            for phase, row in zip(PHASES, values, strict=True):
-                cells = ["" if np.isnan(v) else str(v) for v in row]  # float32: shortest round-trip
-                writer.writerow([patient, phase, splits[patient], *cells])
-        return buffer.getvalue()
 
 
 # --- argument checks ----------------------------------------------------------------------

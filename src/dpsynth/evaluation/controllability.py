@@ -18,7 +18,7 @@ import numpy as np
 
 from dpsynth.attributes import INDEX
 from dpsynth.data.measure import measure_volume
-from dpsynth.evaluation.volumes import VolumeSet
+from dpsynth.data.volumes import VolumeSet
 from dpsynth.io import atomic_write_text
 
 # attribute -> (measure_volume key, phase it applies to: 1 ED, 0 ES, None both)

@@ -18,6 +18,7 @@ import numpy as np
 
 from dpsynth.attributes import INDEX
 from dpsynth.data.cache import is_cache
+from dpsynth.data.volumes import VolumeSet, check_compatible, load_volume_set
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.audit import privacy_audit
 from dpsynth.evaluation.controllability import evaluate_controllability, write_controllability_csv
@@ -28,7 +29,6 @@ from dpsynth.evaluation.frechet import feature_statistics, frechet_distance, rea
 from dpsynth.evaluation.referee import Referee
 from dpsynth.evaluation.study import clean_volume_set, neighbour_ms_ssim, study_controllability
 from dpsynth.evaluation.utility import evaluate_utility
-from dpsynth.evaluation.volumes import VolumeSet, check_compatible, load_volume_set
 from dpsynth.io import atomic_write_json
 from dpsynth.privacy.outputs import labelled
 

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dpsynth.data.volumes import VolumeSet
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.frechet import feature_statistics, frechet_distance, real_vs_real_baseline
-from dpsynth.evaluation.volumes import VolumeSet
 
 N_MIDDLE_SLICES = 7
 INPUT_SIZE = 299

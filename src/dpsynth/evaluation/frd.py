@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dpsynth.data.volumes import VolumeSet
 from dpsynth.evaluation.frechet import feature_statistics, frechet_distance, real_vs_real_baseline
-from dpsynth.evaluation.volumes import VolumeSet
 from dpsynth.io import atomic_write_bytes, write_nifti
 
 logger = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from monai.networks.nets import UNet
 from safetensors.torch import load_file, save_file
 
 from dpsynth.attributes import INDEX
+from dpsynth.data.volumes import VolumeSet, load_volume_set
 from dpsynth.errors import DpsynthError
-from dpsynth.evaluation.volumes import VolumeSet, load_volume_set
 from dpsynth.io import atomic_dir, atomic_write_json, read_json
 from dpsynth.models.blocks import single_as_pair
 

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from monai.metrics.regression import compute_ms_ssim
 
+from dpsynth.data.volumes import VolumeSet
 from dpsynth.evaluation.controllability import Measurer, rows_from_masks, summarise
 from dpsynth.evaluation.diversity import MSSSIMResult
 from dpsynth.evaluation.fid import N_MIDDLE_SLICES, middle_slices, resize_shorter_side
-from dpsynth.evaluation.volumes import VolumeSet
 
 PADDING_STD = 0.1
 # pytorch_msssim (the study's library) needs the shorter side > (11 - 1) * 2**4 for 5 scales

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from monai.networks.nets import Regressor
 
 from dpsynth.attributes import INDEX, denormalize, normalize
+from dpsynth.data.volumes import VolumeSet
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.controllability import agreement
-from dpsynth.evaluation.volumes import VolumeSet
 
 
 @dataclass

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from dpsynth.data.cache import Cache, is_cache
+from dpsynth.data.volumes import load_volume_set
 from dpsynth.errors import DpsynthError
-from dpsynth.evaluation.volumes import load_volume_set
 from dpsynth.io import atomic_dir, atomic_write_text, read_json
 from dpsynth.privacy.accounting import epsilon_for
 from dpsynth.privacy.ledger import Ledger
