@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 
-from dpsynth.app.cli import main
+from dpsynth.app import cli
+from dpsynth.app.cli import PRIVACY_FLAGS, build_parser, config_from_args, main
 from dpsynth.app.sweep import format_table, parse_epsilons, pretrain_ratio, write_table
+from dpsynth.config import load_config
 
 
 def test_budget_plan_json_keys_and_consistency(capsys):
@@ -68,3 +71,108 @@ def test_sweep_table_reports_the_pretraining_ratio(tmp_path):
     write_table(md, table)  # replaces its own section instead of appending again
     assert md.read_text().count("sweep-table:start") == 1
     assert parse_epsilons("1, 10,inf") == [1.0, 10.0, math.inf]
+
+
+DP_FLAGS = {  # flag -> (value on the command line, value expected in config.privacy)
+    "--delta": ("1e-6", 1e-6),
+    "--max-grad-norm": ("0.7", 0.7),
+    "--epochs": ("3.5", 3.5),
+    "--batch-size": ("5", 5),
+    "--physical-batch-size": ("2", 2),
+    "--accountant": ("rdp", "rdp"),
+    "--max-total-epsilon": ("9", 9.0),
+}
+
+
+def _subparser(name, parser=None):
+    sub = next(a for a in (parser or build_parser())._actions if a.dest == "command")
+    return sub.choices[name]
+
+
+@pytest.mark.parametrize(
+    ("command", "section", "extra"),
+    [
+        ("train-ldm", "ldm_training", ["--autoencoder", "ae"]),
+        ("train-autoencoder", "autoencoder_training", []),
+    ],
+)
+@pytest.mark.parametrize("budget", [("--epsilon", "2.5"), ("--noise-multiplier", "1.3")])
+def test_every_training_flag_lands_in_the_config(tmp_path, command, section, extra, budget):
+    argv = [command, "--data", "d", "--out", str(tmp_path / "run"), *extra, "--dp",
+            "--preset", "demo", "--steps", "7", "--seed", "3", *budget]  # fmt: skip
+    for flag, (text, _) in DP_FLAGS.items():
+        argv += [flag, text]
+    config = config_from_args(build_parser().parse_args(argv), section)
+    training = getattr(config, section)
+    assert (training.steps, training.seed) == (7, 3)
+    key = budget[0].lstrip("-").replace("-", "_")
+    assert getattr(config.privacy, key) == float(budget[1])
+    other = "noise_multiplier" if key == "epsilon" else "epsilon"
+    assert getattr(config.privacy, other) == getattr(load_config("demo").privacy, other)
+    for flag, (_, expected) in DP_FLAGS.items():
+        assert getattr(config.privacy, flag.lstrip("-").replace("-", "_")) == expected, flag
+    # every flag of the DP group is one of the flags above (a new flag must land too)
+    dests = {a.dest for g in _subparser(command)._action_groups for a in g._group_actions}
+    dp_dests = {a.dest for a in _subparser(command)._actions if a.dest in PRIVACY_FLAGS}
+    assert dp_dests == set(PRIVACY_FLAGS) <= dests
+    tested = {f.lstrip("-").replace("-", "_") for f in DP_FLAGS} | {"epsilon", "noise_multiplier"}
+    assert tested == set(PRIVACY_FLAGS)
+
+
+def test_resume_continues_with_the_saved_config_and_its_flags_still_apply(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = load_config("demo", overrides={"ldm_training.steps": 11, "privacy.lr": 3e-6})
+    (run / "config.yaml").write_text(saved.to_yaml())
+    argv = ["train-ldm", "--data", "d", "--autoencoder", "ae", "--out", str(run), "--resume"]
+    config = config_from_args(build_parser().parse_args([*argv, "--seed", "5"]), "ldm_training")
+    assert (config.ldm_training.steps, config.ldm_training.seed, config.privacy.lr) == (11, 5, 3e-6)
+    fresh = config_from_args(build_parser().parse_args(argv[:-1]), "ldm_training")
+    assert fresh.ldm_training.steps == load_config("demo").ldm_training.steps
+
+
+@pytest.mark.parametrize("command", ["simulate", "prepare"])
+def test_shape_and_xyz_spacing_land_as_slices_first(tmp_path, monkeypatch, command):
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        if command == "prepare":
+            return type("Report", (), {"summary": lambda self: "ok"})()
+        return tmp_path
+
+    module = "dpsynth.data.simulate" if command == "simulate" else "dpsynth.data.prepare"
+    name = "simulate_cohort" if command == "simulate" else "prepare"
+    monkeypatch.setattr(f"{module}.{name}", spy)
+    argv = [command, "--out", str(tmp_path / "x"), "--shape", "11,64,80",
+            "--spacing", "1.5,1.25,8"]  # fmt: skip
+    argv += ["--patients", "3"] if command == "simulate" else ["--layout", "ukbb", "--src", "s"]
+    assert main(argv) == 0
+    assert seen["shape"] == (11, 64, 80) and seen["spacing"] == (8.0, 1.25, 1.5)
+
+
+def test_budget_plan_flags_land_and_a_zero_delta_is_refused(capsys):
+    base = ["budget", "plan", "--records", "1000", "--batch-size", "100", "--epochs", "1",
+            "--noise-multiplier", "1.0", "--json"]  # fmt: skip
+    assert main([*base, "--delta", "1e-7", "--accountant", "rdp"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["delta"], out["accountant"], out["steps"]) == (1e-7, "rdp", 10)
+    assert main(base) == 0  # defaults from dpsynth.config
+    out = json.loads(capsys.readouterr().out)
+    assert (out["delta"], out["accountant"]) == (1e-5, "prv")
+    assert main([*base, "--delta", "0"]) == 2  # not silently replaced by the default
+    assert "delta" in capsys.readouterr().err
+
+
+def test_warnings_print_as_one_line_without_patching_the_process(capsys, monkeypatch):
+    before = (warnings.showwarning, warnings.formatwarning)
+
+    def warn(args):
+        warnings.warn("something to know", stacklevel=1)
+
+    parser = build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    _subparser("verify", parser).set_defaults(func=warn)
+    assert main(["verify", "x"]) == 0
+    assert capsys.readouterr().err == "warning: something to know\n"
+    assert (warnings.showwarning, warnings.formatwarning) == before

@@ -412,3 +412,32 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_to_plain(v) for v in obj]
     return obj
+
+
+# -- a run's config.yaml (written by a training stage once its checks pass)
+RUN_CONFIG_FILE = "config.yaml"
+
+
+def read_run_config(run: str | Path) -> Config | None:
+    """The config a run was trained with (its config.yaml, validated), or None without one."""
+    path = Path(run) / RUN_CONFIG_FILE
+    return load_config(path=path) if path.exists() else None
+
+
+def stage_config(
+    out: str | Path,
+    resume: bool = False,
+    preset: str | None = None,
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """The config of a training stage writing `out`: preset < file < `overrides`.
+
+    A resume given neither a preset nor a file continues with the config the run saved
+    (its `overrides` still apply); otherwise the preset defaults to "demo".
+    """
+    if resume and preset is None and path is None:
+        saved = Path(out) / RUN_CONFIG_FILE
+        if saved.exists():
+            return load_config(path=saved, overrides=overrides)
+    return load_config(preset=preset or "demo", path=path, overrides=overrides)

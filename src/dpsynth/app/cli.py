@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dpsynth.config import (
-    DEFAULT_ACCOUNTANT,
     DEFAULT_DELTA,
     DEFAULT_SHAPE,
     DEFAULT_SPACING,
-    load_config,
+    Config,
+    stage_config,
 )
 from dpsynth.errors import DpsynthError
 from dpsynth.io import read_json
@@ -76,31 +76,31 @@ def _dp_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
     )
 
 
-def _load_config(args: argparse.Namespace, training_section: str):
-    overrides = {}
-    if args.steps is not None:
-        overrides[f"{training_section}.steps"] = args.steps
-    if args.seed is not None:
-        overrides[f"{training_section}.seed"] = args.seed
-    for flag, key in (
-        ("epsilon", "epsilon"),
-        ("noise_multiplier", "noise_multiplier"),
-        ("delta", "delta"),
-        ("max_grad_norm", "max_grad_norm"),
-        ("epochs", "epochs"),
-        ("batch_size", "batch_size"),
-        ("physical_batch_size", "physical_batch_size"),
-        ("accountant", "accountant"),
-        ("max_total_epsilon", "max_total_epsilon"),
-    ):
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides[f"privacy.{key}"] = value
-    if args.resume and args.config is None and args.preset is None:
-        saved = Path(args.out) / "config.yaml"
-        if saved.exists():
-            return load_config(path=saved, overrides=overrides)
-    return load_config(preset=args.preset or "demo", path=args.config, overrides=overrides)
+# --dp flag -> privacy.<key>: each lands in the stage's config (tests/test_cli.py checks all)
+PRIVACY_FLAGS = (
+    "epsilon",
+    "noise_multiplier",
+    "delta",
+    "max_grad_norm",
+    "epochs",
+    "batch_size",
+    "physical_batch_size",
+    "accountant",
+    "max_total_epsilon",
+)
+
+
+def config_from_args(args: argparse.Namespace, training_section: str) -> Config:
+    """A training command's config: its flags as overrides of preset, file or saved config."""
+    overrides = {
+        f"{training_section}.{flag}": getattr(args, flag)
+        for flag in ("steps", "seed")
+        if getattr(args, flag) is not None
+    }
+    for flag in PRIVACY_FLAGS:
+        if getattr(args, flag, None) is not None:
+            overrides[f"privacy.{flag}"] = getattr(args, flag)
+    return stage_config(args.out, args.resume, args.preset, args.config, overrides)
 
 
 # ---------------------------------------------------------------- handlers
@@ -132,7 +132,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_train_autoencoder(args: argparse.Namespace) -> None:
     from dpsynth.training.autoencoder import train_autoencoder  # start-up time (module docstring)
 
-    config = _load_config(args, "autoencoder_training")
+    config = config_from_args(args, "autoencoder_training")
     run = train_autoencoder(
         args.data, args.out, config, init=args.init, resume=args.resume, dp=args.dp
     )
@@ -142,7 +142,7 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> None:
 def cmd_train_ldm(args: argparse.Namespace) -> None:
     from dpsynth.training.ldm import train_ldm  # start-up time (module docstring)
 
-    config = _load_config(args, "ldm_training")
+    config = config_from_args(args, "ldm_training")
     run = train_ldm(
         args.data, args.autoencoder, args.out, config, init=args.init, resume=args.resume,
         dp=args.dp, validation_data=args.validation_data,
@@ -194,13 +194,11 @@ def cmd_budget(args: argparse.Namespace) -> None:
         for flag in ("records", "batch_size", "epochs"):
             if getattr(args, flag) is None:
                 raise DpsynthError(f"budget plan: --{flag.replace('_', '-')} is required")
-        if (args.epsilon is None) == (args.noise_multiplier is None):
-            raise DpsynthError("budget plan: give exactly one of --epsilon or --noise-multiplier")
+        given = {k: getattr(args, k) for k in ("delta", "accountant")}
+        given = {k: v for k, v in given.items() if v is not None}  # else plan's defaults
         result = plan(
             records=args.records, batch_size=args.batch_size, epochs=args.epochs,
-            epsilon=args.epsilon, noise_multiplier=args.noise_multiplier,
-            delta=args.delta if args.delta is not None else DEFAULT_DELTA,
-            accountant=args.accountant or DEFAULT_ACCOUNTANT,
+            epsilon=args.epsilon, noise_multiplier=args.noise_multiplier, **given,
         )  # fmt: skip
         print(json.dumps(result.to_json()) if args.json else format_plan(result))
         return
@@ -318,7 +316,7 @@ def cmd_audit_privacy(args: argparse.Namespace) -> None:
 def cmd_workflow(args: argparse.Namespace) -> None:
     from dpsynth.app.workflow import run_workflow  # start-up time (module docstring)
 
-    config = _load_config(args, "ldm_training")
+    config = config_from_args(args, "ldm_training")
     run = run_workflow(args.public, args.private, args.out, config, pretrain=not args.no_pretrain)
     print(f"DP latent diffusion run -> {run}")
 
@@ -557,12 +555,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line for the command line user: `warning: <message>`."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
     try:
-        args.func(args)
+        with warnings.catch_warnings():  # restores the warning machinery on return
+            warnings.showwarning = _show_warning
+            args.func(args)
     except DpsynthError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from dpsynth.attributes import ATTRIBUTES
-from dpsynth.config import Config, DenoiserConfig, DiffusionConfig, SamplingConfig, load_config
+from dpsynth.config import Config, DenoiserConfig, DiffusionConfig, SamplingConfig, read_run_config
 from dpsynth.errors import DpsynthError, ReleaseRefusedError
 from dpsynth.io import (
     atomic_dir,
@@ -179,9 +179,9 @@ def _refuse(message: str) -> None:
 
 
 def _run_config(run: Path, max_epsilon: float | None) -> Config | None:
-    path = run / "config.yaml"
-    if path.exists():
-        return load_config(path=path)
+    config = read_run_config(run)
+    if config is not None:
+        return config
     if max_epsilon is None:
         _refuse(f"{run}: no config.yaml to read the run's budget from; give --max-epsilon")
     return None

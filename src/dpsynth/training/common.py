@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dpsynth.config import Config, config_from_dict
+from dpsynth.config import RUN_CONFIG_FILE, Config, config_from_dict
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_text
 from dpsynth.privacy.distributed import launched_world_size
@@ -41,7 +41,7 @@ def save_config(run: Path, config: Config) -> None:
     """Record the run's config; called once the stage's checks (budget, plan) have passed,
     so a refused --resume leaves the config the run was trained with."""
     if is_main():
-        atomic_write_text(run / "config.yaml", config.to_yaml())
+        atomic_write_text(run / RUN_CONFIG_FILE, config.to_yaml())
 
 
 def init_distributed(dp: bool) -> int:
