@@ -374,6 +374,10 @@ def test_dp_autoencoder_resume_neither_loses_nor_double_counts(world, tmp_path, 
     monkeypatch.undo()
     (crashed,) = list(Ledger.load(tmp_path / "ae"))
     assert crashed.steps == 2
+    # No discriminator under DP: none is built, trained or checkpointed (it would see
+    # private data without a guarantee).
+    tensors, state = ckpt.load_checkpoint(tmp_path / "ae" / "checkpoint")
+    assert not any(k.startswith(("disc.", "optd.")) for k in tensors) and "optd" not in state
     run = train_autoencoder(world["private"], tmp_path / "ae", tiny(**extra), init=world["ae"],
                             dp=True, resume=True)  # fmt: skip
     (after,) = list(Ledger.load(run))

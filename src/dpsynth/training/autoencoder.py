@@ -156,19 +156,24 @@ def kl_capacity_at(cfg, step: int) -> float:
 class _PublicFit:
     """Non-private loop: random volumes, AdamW, warm-up, EMA, optional PatchGAN term."""
 
+    adversarial = True  # builds, trains and checkpoints the PatchGAN discriminator
+
     def __init__(self, run, model, cache, config, rng, losses) -> None:
         self.run, self.model, self.cache, self.rng, self.losses = run, model, cache, rng, losses
         self.config, self.cfg, self.tcfg = config, config.autoencoder, config.autoencoder_training
         device = next(model.parameters()).device
         self.device = device
-        self.disc = PatchDiscriminator3D(1, channels=self.cfg.discriminator_channels).to(device)
         tcfg = self.tcfg
         self.opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=tcfg.weight_decay)
-        self.opt_d = torch.optim.AdamW(
-            self.disc.parameters(),
-            lr=self.cfg.discriminator_lr or tcfg.lr,  # the study: 5e-6, 20x below the AE's
-            weight_decay=tcfg.weight_decay,
-        )
+        self.disc = self.opt_d = None
+        if self.adversarial:
+            self.disc = PatchDiscriminator3D(1, channels=self.cfg.discriminator_channels)
+            self.disc.to(device)
+            self.opt_d = torch.optim.AdamW(
+                self.disc.parameters(),
+                lr=self.cfg.discriminator_lr or tcfg.lr,  # the study: 5e-6, 20x below the AE's
+                weight_decay=tcfg.weight_decay,
+            )
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_factor(self.warmup_steps, *self.decay)
         )
@@ -255,13 +260,16 @@ class _PublicFit:
 
     def checkpoint_state(self) -> tuple[dict, dict]:
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        tensors.update({f"disc.{k}": v for k, v in self.disc.state_dict().items()})
         tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
         t_opt, m_opt = self.optimizer_state()
-        t_optd, m_optd = ckpt.optimizer_state(self.opt_d, "optd")
         t_rng, m_rng = ckpt.rng_state(self.rng)
-        tensors.update(t_opt | t_optd | t_rng)
-        return tensors, {"step": self.step, "opt": m_opt, "optd": m_optd, "rng": m_rng}
+        tensors.update(t_opt | t_rng)
+        state = {"step": self.step, "opt": m_opt, "rng": m_rng}
+        if self.disc is not None:
+            tensors.update({f"disc.{k}": v for k, v in self.disc.state_dict().items()})
+            t_optd, state["optd"] = ckpt.optimizer_state(self.opt_d, "optd")
+            tensors.update(t_optd)
+        return tensors, state
 
     def optimizer_state(self) -> tuple[dict, dict]:
         return ckpt.optimizer_state(self.opt, "opt")
@@ -274,10 +282,11 @@ class _PublicFit:
 
     def restore(self, tensors: dict, state: dict) -> None:
         self.model.load_state_dict(ckpt.strip_prefix(tensors, "model."))
-        self.disc.load_state_dict(ckpt.strip_prefix(tensors, "disc."))
         self.ema.load_shadow(ckpt.strip_prefix(tensors, "ema."))
         self.load_optimizer(tensors, state["opt"])
-        ckpt.load_optimizer_state(self.opt_d, tensors, state["optd"], "optd")
+        if self.disc is not None:
+            self.disc.load_state_dict(ckpt.strip_prefix(tensors, "disc."))
+            ckpt.load_optimizer_state(self.opt_d, tensors, state["optd"], "optd")
         ckpt.restore_rng(tensors, state["rng"], self.rng)
         self.step = int(state["step"])
         self.sched.last_epoch = self.step
@@ -298,6 +307,8 @@ class _PrivateFit(DPCheckpoints, _PublicFit):
 
     Reconstruction grids are not drawn: they would put private images in the run folder.
     """
+
+    adversarial = False
 
     def __init__(self, run, model, cache, config, rng, losses, init, init_meta) -> None:
 
