@@ -167,6 +167,9 @@ def test_utility_reports_tstr_and_trtr():
     for scores in (u.tstr, u.trtr):
         assert scores["n_test"] == 6 and 0 <= scores["esed_accuracy"] <= 1
         assert 0 <= scores["lvef_mae"] < 100
+    # TSTR and TRTR are one recipe: trained on the same volumes they score the same numbers
+    same = evaluate_utility(real_train, real_test, real_train, epochs=1)
+    assert same.tstr == same.trtr == u.trtr
 
 
 def test_metrics_json_schema(tmp_path):
@@ -207,18 +210,30 @@ def test_metrics_json_schema(tmp_path):
         and "skipped" in on_disk["metrics"]["fid"]["note"]
     )
     assert on_disk["controllability"]["LV_VOLUME"]["r"] == pytest.approx(1.0)
+    metric = {name: entry["value"] for name, entry in on_disk["metrics"].items()}
+    # the referee knows every mask and phase: controllability and ES/ED accuracy are exact
+    assert metric["controllability_lv_r"] == pytest.approx(1.0)
+    assert metric["esed_accuracy"] == on_disk["metrics"]["esed_accuracy"]["baseline"] == 1.0
+    assert 0 < metric["ms_ssim"] <= 1 and metric["frd"] > 0 and metric["fd_referee"] > 0
     assert "skipped" in on_disk["privacy_audit"]
-    assert (tmp_path / "out" / "controllability.csv").exists()
+    with open(tmp_path / "out" / "controllability.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["set"] == "synthetic"]
+    lv = [r for r in rows if r["attribute"] in ("LVEDV", "LVESV")]
+    assert len(lv) == 12  # one LV row per synthetic volume (its phase's), as requested
+    assert all(float(r["requested"]) == pytest.approx(float(r["measured"]), rel=1e-5) for r in lv)
     with pytest.raises(DpsynthError, match="unknown"):
         evaluate(real, synthetic, tmp_path / "o2", metrics=("nope",))
 
 
 def test_untrained_referee_plugs_into_evaluate(tmp_path):
     real, synthetic = phantoms(8, seed=11), phantoms(8, seed=12)
-    out = evaluate(
-        real, synthetic, tmp_path, metrics=("fd_referee",), referee=Referee.create((8, 16))
-    )
+    referee = Referee.create((8, 16))
+    out = evaluate(real, synthetic, tmp_path / "a", metrics=("fd_referee",), referee=referee)
+    same = evaluate(real, real, tmp_path / "b", metrics=("fd_referee",), referee=referee)
     assert out["metrics"]["fd_referee"]["value"] > 0
+    assert (
+        abs(same["metrics"]["fd_referee"]["value"]) < 1e-6 * out["metrics"]["fd_referee"]["value"]
+    )
 
 
 def test_evaluate_from_cache_uses_its_train_split_for_trtr(tmp_path):

@@ -221,7 +221,7 @@ def test_report_is_complete_and_self_contained(report):
 def test_report_numbers_and_privacy_statements(report):
     _, text = report
     ledger = Ledger.load(Path(report[0]).parent.parent / "run")
-    eps, delta, accountant = ledger.composed_epsilon()  # what budget and release state too
+    eps, _, _ = ledger.composed_epsilon()  # what budget and release state too
     assert 0 < eps < 50
     assert f"{eps:.3g}" in text  # the composed ε is what the accountant says
     assert "patient" in text and "ED and ES" in text
@@ -276,6 +276,34 @@ def test_attack_bound_in_plain_words():
     assert _attack_bound(1.0, 1e-5) == pytest.approx(np.e * 0.01 + 1e-5)
     assert _attack_bound(10.0, 1e-5) == pytest.approx(1 - np.exp(-10) * 0.98999)  # ~vacuous
     assert _attack_bound(0.0, 0.0) == pytest.approx(0.01)  # no better than guessing
+
+
+def test_report_states_the_composed_epsilon_that_budget_states(tmp_path, capsys):
+    """Stages planned by different accountants: the report's ε is `budget`'s (the larger
+    bound), not the first stage's accountant's (regression: they printed different ε)."""
+    from dpsynth.app.cli import main
+
+    run = tmp_path / "mixed"
+    run.mkdir()
+    entry = dict(mechanism="dp-sgd", cache_id="c0ffee", records=100, sample_rate=0.1,
+                 planned_steps=50, steps=50)  # fmt: skip
+    Ledger(
+        [
+            LedgerEntry(stage="ae-dp", noise_multiplier=0.8, accountant="prv", **entry),
+            LedgerEntry(stage="ldm-dp", noise_multiplier=0.8, accountant="rdp", **entry),
+        ]
+    ).save(run)
+    ledger = Ledger.load(run)
+    first = ledger.total_epsilon(accountant="prv")
+    eps, _, accountant = ledger.composed_epsilon()
+    assert accountant == "rdp" and f"{eps:.3g}" != f"{first:.3g}"
+    assert main(["budget", str(run), "--json"]) == 0
+    stated = json.loads(capsys.readouterr().out)
+    assert (stated["epsilon"], stated["accountant"]) == (eps, "rdp")
+    text = write_report(run, tmp_path / "out").read_text()
+    for section in ("summary", "ledger"):
+        html = text.split(f'<section id="{section}">')[1].split("</section>")[0]
+        assert f"{eps:.3g}" in html and f"{first:.3g}" not in html, section
 
 
 def test_missing_pieces_render_notes(tmp_path):
