@@ -233,12 +233,14 @@ def cmd_train_referee(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from dpsynth.evaluation.evaluate import evaluate  # start-up time (module docstring)
+    from dpsynth.runs import load
 
     metrics = tuple(args.metrics.split(",")) if args.metrics else None
     kwargs = {"metrics": metrics} if metrics else {}
     result = evaluate(
         args.real, args.synthetic, args.out, referee=args.referee,
-        inception_weights=args.inception_weights, model_run=args.model_run, seed=args.seed,
+        inception_weights=args.inception_weights, seed=args.seed,
+        pipeline=load(args.model_run) if args.model_run else None,
         study=args.study, **kwargs,
     )  # fmt: skip
     if args.json:

@@ -31,6 +31,7 @@ from dpsynth.privacy.one_run_audit import Recipe
 from dpsynth.privacy.planner import plan
 from dpsynth.report.html import write_report
 from dpsynth.report.release import release
+from dpsynth.runs import load
 from dpsynth.training.ldm import train_ldm
 
 PUBLIC = {"patients": 240, "cohort": "acdc", "seed": 101}
@@ -147,7 +148,7 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
     eval_dir = ldm_run / "eval"
     with Stage("evaluate", eval_dir / "metrics.json", keep, timings) as done:
         if not done:
-            evaluate(private, synthetic, eval_dir, referee=referee, model_run=ldm_run, seed=0,
+            evaluate(private, synthetic, eval_dir, referee=referee, pipeline=load(ldm_run), seed=0,
                      utility_epochs=3)  # fmt: skip
     bundle = out / "release"
     with Stage("release (allow-listed bundle)", bundle, keep, timings) as done:

@@ -40,6 +40,7 @@ from dpsynth.evaluation.referee import train_referee
 from dpsynth.io import atomic_write_json, atomic_write_text, read_json
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.planner import plan
+from dpsynth.runs import load
 from dpsynth.training.ldm import train_ldm
 
 N_SAMPLES = 80
@@ -117,7 +118,7 @@ def run_sweep(
             sample_to_folder(run, synthetic, n=N_SAMPLES, attributes=conditions, seed=0,
                              conditions_source="private")  # fmt: skip
         if not (run / "eval" / "metrics.json").exists():
-            evaluate(private, synthetic, run / "eval", referee=referee, model_run=run,
+            evaluate(private, synthetic, run / "eval", referee=referee, pipeline=load(run),
                      metrics=("frd", "fd_referee", "ms_ssim", "controllability", "audit"))  # fmt: skip
         ledger = Ledger.load(run, missing_ok=True)
         rows.append(_row(cell, ledger, read_json(run / "eval" / "metrics.json")))

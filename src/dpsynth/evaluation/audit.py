@@ -8,7 +8,6 @@ the synthetic data. Every result carries that label.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +17,6 @@ import torch
 from dpsynth.attributes import INDEX, N_ATTRIBUTES
 from dpsynth.config import DEFAULT_TIMESTEPS
 from dpsynth.errors import DpsynthError
-from dpsynth.runs import load
 
 EVALUATION_LABEL = (
     "Evaluation on private data (BRIEF section 3 (c)): computed on private member and "
@@ -379,7 +377,7 @@ def _features_fn(referee: Any) -> Callable[[np.ndarray], np.ndarray] | None:
 
 
 def privacy_audit(
-    model_run: str | os.PathLike | Any,
+    pipeline: Any,
     member_set: AuditSet,
     nonmember_set: AuditSet,
     synthetic_set: np.ndarray | AuditSet,
@@ -390,16 +388,13 @@ def privacy_audit(
 ) -> dict[str, Any]:
     """Membership inference and memorisation in one JSON-able dict.
 
-    `model_run` is a run directory (loaded with ``dpsynth.load``) or a pipeline object.
+    `pipeline` is the model under audit (``dpsynth.load(RUN)``, or any object with
+    ``encode`` and ``denoising_loss``): evaluation takes pipelines, never run folders.
     `member_set` holds training patients' (volumes, attributes[, patient ids]), `nonmember_set`
     held-out patients'; `synthetic_set` is the synthetic volumes (or (volumes, attributes)).
     `referee` (optional) supplies features for a second memorisation test: an object with
     ``features(volumes)`` or a callable.
     """
-    if hasattr(model_run, "denoising_loss"):
-        pipeline = model_run
-    else:
-        pipeline = load(model_run)
     synthetic = synthetic_set if isinstance(synthetic_set, np.ndarray) else synthetic_set[0]
     mia = membership_inference(pipeline, member_set, nonmember_set, timesteps, n_noise, seed)
     mem = memorisation(synthetic, member_set[0], nonmember_set[0], _features_fn(referee))

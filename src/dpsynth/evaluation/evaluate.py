@@ -49,7 +49,7 @@ class _Inputs:
     real_train: VolumeSet | None
     referee: Referee | None
     inception_weights: Path | None
-    model_run: Path | None
+    pipeline: Any  # the model under audit (a LatentDiffusion), or None
     seed: int
     frd_config: FRDConfig | None
     cache_dir: Path
@@ -67,7 +67,7 @@ def evaluate(
     referee: str | Path | Referee | None = None,
     inception_weights: str | Path | None = None,
     real_train: str | Path | VolumeSet | None = None,
-    model_run: str | Path | None = None,
+    pipeline: Any = None,
     seed: int = 0,
     frd_config: FRDConfig | None = None,
     cache_dir: str | Path | None = None,
@@ -106,7 +106,7 @@ def evaluate(
         real_train=None if real_train is None else _as_set(real_train, "train"),
         referee=Referee.load(referee) if isinstance(referee, (str, Path)) else referee,
         inception_weights=None if inception_weights is None else Path(inception_weights),
-        model_run=None if model_run is None else Path(model_run),
+        pipeline=pipeline,
         seed=seed,
         frd_config=frd_config,
         cache_dir=Path(cache_dir) if cache_dir is not None else _default_cache_dir(),
@@ -315,7 +315,7 @@ def _audit(x: _Inputs) -> dict[str, Any]:
         return {"privacy_audit": {"skipped": "the privacy audit module is not installed"}}
     missing = [
         n
-        for n, v in (("a model run", x.model_run), ("a real train split", x.real_train))
+        for n, v in (("a model run (pipeline)", x.pipeline), ("a real train split", x.real_train))
         if v is None
     ]
     if missing:
@@ -325,7 +325,7 @@ def _audit(x: _Inputs) -> dict[str, Any]:
         return (s.volumes, s.attributes, s.patients)
 
     result = privacy_audit(
-        x.model_run,
+        x.pipeline,
         audit_set(x.real_train),
         audit_set(x.real),
         x.synthetic.volumes,

@@ -30,6 +30,7 @@ from dpsynth.privacy.one_run_audit import AUDIT_DIR, AUDIT_FILE
 from dpsynth.privacy.outputs import EVAL_SUBDIR, FIDELITY_FILE
 from dpsynth.report import figures
 from dpsynth.report.release import MODEL_CARD, PRIVACY_MD, verify
+from dpsynth.runs import MODEL_FILE, read_model_meta
 
 N_SHOWN = 6  # volumes per set in the sample grids
 
@@ -90,7 +91,7 @@ def _read_run(path: Path, eval_dir: Path | None) -> _Run:
     run = _Run(path=path, label=path.name, eval_dir=eval_dir or path / EVAL_SUBDIR)
     pieces: dict[str, tuple[Path, Callable[[Path], Any]]] = {
         "config": (path / "config.yaml", lambda p: p.read_text()),
-        "model": (path / "model.json", read_json),
+        "model": (path / MODEL_FILE, lambda p: read_model_meta(p.parent)),
         "privacy": (path / "ledger.json", _read_privacy),
         "training": (path / "metrics.jsonl", _read_jsonl),
         "evaluation": (run.eval_dir / "metrics.json", read_json),
