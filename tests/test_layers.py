@@ -24,6 +24,7 @@ PACKAGES: dict[str, str] = {
     "dpsynth.errors": "core",
     "dpsynth.io": "core",
     "dpsynth.config": "core",
+    "dpsynth.orientation": "core",
     "dpsynth.presets": "core",
     "dpsynth.data": "data",
     "dpsynth.models": "models",
