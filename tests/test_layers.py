@@ -35,15 +35,8 @@ PACKAGES: dict[str, str] = {
     "dpsynth.evaluation": "evaluation",
     "dpsynth.report": "report",
     "dpsynth.app": "app",
-    "dpsynth.cli": "app",
+    "dpsynth.cli": "app",  # compatibility entry point for older installs
     "dpsynth.__main__": "app",
-    "dpsynth.sampling": "diffusion",
-    "dpsynth.sampling.api": "app",
-    "dpsynth.demo": "app",
-    "dpsynth.workflow": "app",
-    "dpsynth.sweep": "app",
-    "dpsynth.release": "app",
-    "dpsynth.explore": "app",
     "dpsynth": "app",  # the package root: `dpsynth.load`, the public face
 }
 LAYERS: dict[str, int] = {
