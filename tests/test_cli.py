@@ -11,7 +11,7 @@ import pytest
 from dpsynth.app import cli
 from dpsynth.app.cli import PRIVACY_FLAGS, build_parser, config_from_args, main
 from dpsynth.app.sweep import format_table, parse_epsilons, pretrain_ratio, write_table
-from dpsynth.config import load_config
+from dpsynth.config import DEFAULT_SHAPE, DEFAULT_SPACING, load_config
 
 
 def test_budget_plan_json_keys_and_consistency(capsys):
@@ -149,6 +149,9 @@ def test_shape_and_xyz_spacing_land_as_slices_first(tmp_path, monkeypatch, comma
     argv += ["--patients", "3"] if command == "simulate" else ["--layout", "ukbb", "--src", "s"]
     assert main(argv) == 0
     assert seen["shape"] == (11, 64, 80) and seen["spacing"] == (8.0, 1.25, 1.5)
+    i = argv.index("--shape")
+    assert main(argv[:i] + argv[i + 4 :]) == 0  # without --shape/--spacing: the study's grid
+    assert (seen["shape"], seen["spacing"]) == (DEFAULT_SHAPE, DEFAULT_SPACING)
 
 
 def test_budget_plan_flags_land_and_a_zero_delta_is_refused(capsys):

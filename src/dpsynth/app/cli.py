@@ -43,6 +43,12 @@ def _triple(kind: type):
     return parse
 
 
+def _xyz_spacing(text: str) -> tuple[float, float, float]:
+    """`--spacing x,y,z` (NIfTI order, as users read it off headers) as (dz, dy, dx)."""
+    x, y, z = _triple(float)(text)
+    return (z, y, x)
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=("demo", "paper"), help="start from a named preset")
     p.add_argument("--config", type=Path, help="YAML config file (overrides the preset)")
@@ -109,10 +115,9 @@ def config_from_args(args: argparse.Namespace, training_section: str) -> Config:
 def cmd_simulate(args: argparse.Namespace) -> None:
     from dpsynth.data.simulate import simulate_cohort  # start-up time (module docstring)
 
-    sx, sy, sz = args.spacing
     out = simulate_cohort(
         args.out, args.patients, cohort=args.cohort, seed=args.seed, shape=tuple(args.shape),
-        spacing=(sz, sy, sx), workers=args.workers,
+        spacing=args.spacing, workers=args.workers,
     )  # fmt: skip
     print(f"simulated {args.patients} {args.cohort} patients -> {out}")
 
@@ -120,10 +125,9 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from dpsynth.data.prepare import prepare  # start-up time (module docstring)
 
-    sx, sy, sz = args.spacing
     report = prepare(
         args.layout, args.src, args.out, attributes_csv=args.attributes, split=tuple(args.split),
-        seed=args.seed, shape=tuple(args.shape), spacing=(sz, sy, sx),
+        seed=args.seed, shape=tuple(args.shape), spacing=args.spacing,
         prefer_csv_attributes=args.prefer_csv_attributes, skip_bad=args.skip_bad,
     )  # fmt: skip
     print(report.summary())
@@ -349,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort", choices=("ukbb", "acdc"), default="ukbb")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", type=_triple(int), default=DEFAULT_SHAPE, help="slices,H,W")
-    p.add_argument("--spacing", type=_triple(float), default=DEFAULT_SPACING[::-1], help="x,y,z mm")
+    p.add_argument(
+        "--spacing", type=_xyz_spacing, default=DEFAULT_SPACING, help="x,y,z mm (NIfTI order)"
+    )
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_simulate)
 
@@ -363,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=_triple(float), default=(0.8, 0.1, 0.1), help="train,val,test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", type=_triple(int), default=DEFAULT_SHAPE, help="slices,H,W")
-    p.add_argument("--spacing", type=_triple(float), default=DEFAULT_SPACING[::-1], help="x,y,z mm")
+    p.add_argument(
+        "--spacing", type=_xyz_spacing, default=DEFAULT_SPACING, help="x,y,z mm (NIfTI order)"
+    )
     p.add_argument("--prefer-csv-attributes", action="store_true", help="CSV values win over masks")
     p.add_argument("--skip-bad", action="store_true", help="skip bad patients and list them")
     p.set_defaults(func=cmd_prepare)
