@@ -8,7 +8,7 @@ import importlib
 import pytest
 from test_training import SHAPE, SPACING, _cache, tiny
 
-from dpsynth import sweep
+from dpsynth.app import sweep
 from dpsynth.app.cli import main
 from dpsynth.data.cache import Cache
 from dpsynth.data.prepare import prepare
