@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from bench_dp_step import Setup, machine, measure_memory_in_subprocess, median, sync, timed
 
-from dpsynth.app.sample import make_pipeline
 from dpsynth.config import Config, load_config
 from dpsynth.diffusion.schedulers import make_scheduler
 from dpsynth.io import atomic_write_json
 from dpsynth.models.build import build_autoencoder, build_denoiser
 from dpsynth.privacy.accounting import make_accountant
 from dpsynth.privacy.dpsgd import PatientDPSGD
+from dpsynth.runs import make_pipeline
 from dpsynth.training.common import autocast
 from dpsynth.training.ldm import DenoisingObjective
 
