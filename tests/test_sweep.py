@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 
 import pytest
 from test_training import SHAPE, SPACING, _cache, tiny
@@ -57,19 +56,17 @@ def test_sweep_refuses_public_equal_to_private(caches, tmp_path):
 
 
 def _fake_evaluation(monkeypatch):
-    """Sampling, the referee and evaluation are the demo's, tested elsewhere; stub them."""
-    evaluate_mod = importlib.import_module("dpsynth.evaluation.evaluate")
-    referee_mod = importlib.import_module("dpsynth.evaluation.referee")
-    sampling_mod = importlib.import_module("dpsynth.app.sample")
-
-    monkeypatch.setattr(referee_mod, "train_referee", lambda data, out, **kw: out.mkdir())
-    monkeypatch.setattr(sampling_mod, "sample_to_folder", lambda run, out, **kw: out.mkdir())
+    """Sampling, the referee and evaluation are the demo's, tested elsewhere; stub them
+    where the sweep looks them up (its module; the recorded runs are not loadable)."""
+    monkeypatch.setattr(sweep, "train_referee", lambda data, out, **kw: out.mkdir())
+    monkeypatch.setattr(sweep, "sample_to_folder", lambda run, out, **kw: out.mkdir())
+    monkeypatch.setattr(sweep, "load", lambda run: None)
 
     def evaluate(real, synthetic, out, **kw):
         out.mkdir()
         atomic_write_json(out / "metrics.json", {"metrics": {"frd": {"value": 1.0}}})
 
-    monkeypatch.setattr(evaluate_mod, "evaluate", evaluate)
+    monkeypatch.setattr(sweep, "evaluate", evaluate)
 
 
 def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_path, monkeypatch):
@@ -79,10 +76,8 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
     from dpsynth.training.common import public_total_steps
 
     _fake_evaluation(monkeypatch)
-    workflow = importlib.import_module("dpsynth.app.workflow")
-    ldm = importlib.import_module("dpsynth.training.ldm")
     public_runs, cells = [], {}
-    monkeypatch.setattr(workflow, "pretrain_public_models",
+    monkeypatch.setattr(sweep, "pretrain_public_models",
                         lambda data, out, config: public_runs.append((data, out)))  # fmt: skip
 
     def train_ldm(data, autoencoder, run, config, init=None, dp=False):
@@ -90,7 +85,7 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
         run.mkdir()
         atomic_write_json(run / "model.json", {})
 
-    monkeypatch.setattr(ldm, "train_ldm", train_ldm)
+    monkeypatch.setattr(sweep, "train_ldm", train_ldm)
     # The paper preset's schedule (epochs + decay) must not leak into the ε = ∞ arms.
     config = tiny(**{"ldm_training.epochs": 150.0, "ldm_training.lr_decay_epochs": 25.0,
                      "privacy.lr_decay_epochs": 0.5})  # fmt: skip
