@@ -35,7 +35,7 @@ PRESETS = {  # denoiser kwargs, latent shape (C, S, h, w)
             attention_levels=(False, True),
             num_res_blocks=1,
         ),
-        (4, 13, 16, 16),
+        (2, 13, 12, 12),  # demo.yaml: latent_channels 2, 48 / 4 in-plane
     ),
     "paper": (
         dict(

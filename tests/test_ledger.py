@@ -114,6 +114,25 @@ def test_entry_validation(changes, match):
         LedgerEntry(**{**_sgd().to_json(), **changes})
 
 
+def test_check_budget_uses_the_rule_of_the_stated_epsilon():
+    """Review finding: the check composed with the new stage's accountant only, so a stage
+    passed it and `dpsynth budget` (largest bound over the lineage's accountants) then
+    printed a total above --max-total-epsilon."""
+    parent = LedgerEntry(**{**_sgd("ae-dp", q=0.05, planned=300, steps=300).to_json(),
+                            "accountant": "rdp"})  # fmt: skip
+    ledger = Ledger([parent])
+    planned = LedgerEntry(**{**_sgd("ldm-dp", q=0.05, planned=300).to_json(),
+                             "accountant": "prv"})  # fmt: skip
+    history = [(1.0, 0.05, 300), (1.0, 0.05, 300)]
+    by_prv, by_rdp = epsilon_for(history, 1e-5, "prv"), epsilon_for(history, 1e-5, "rdp")
+    assert by_rdp > by_prv * 1.05
+    with pytest.raises(BudgetExceededError):
+        ledger.check_budget(planned, (by_prv + by_rdp) / 2)  # passed before the fix
+    assert ledger.check_budget(planned, by_rdp + 0.01) == pytest.approx(by_rdp)
+    ledger.add(LedgerEntry(**{**planned.to_json(), "steps": 300}))
+    assert ledger.composed_epsilon()[0] == pytest.approx(by_rdp)
+
+
 def test_check_budget_refuses_before_stage_with_numbers():
     ledger = Ledger([_sgd("autoencoder-dp", sigma=1.0, q=0.1, planned=100, steps=100)])
     spent = ledger.total_epsilon()

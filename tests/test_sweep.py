@@ -13,6 +13,8 @@ from dpsynth.data.cache import Cache
 from dpsynth.data.prepare import prepare
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_json
+from dpsynth.privacy.ledger import Ledger
+from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +116,21 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
         assert row["steps"] == expected
     assert not (out / "data").exists()  # no phantoms simulated when --private is given
     assert "| steps |" in sweep.format_table(rows)
+    # ε = ∞ cells learned the private cache without DP: recorded, so no descendant (an
+    # --init of one) can be released with a DP statement; their ε reads ∞, not 0.
+    for row in rows:
+        entries = list(Ledger.load(out / row["cell"], missing_ok=True))
+        baseline = [e for e in entries if e.stage == "sweep-nonprivate-baseline"]
+        if row["epsilon_target"] == float("inf"):
+            assert [(e.non_private, e.cache_id) for e in baseline] == [(True, cache.cache_id)]
+            assert row["epsilon_spent"] == float("inf")
+        else:
+            assert baseline == []
+    assert EVALUATION_ONLY_LABEL in (out / "EVALUATION_ONLY.txt").read_text()
+
+
+def test_sweep_refuses_bench_md_with_a_private_cache(caches, tmp_path):
+    with pytest.raises(DpsynthError, match="--bench-md would publish evaluation-only"):
+        sweep.run_sweep(tmp_path / "s", private=caches["private"], bench_md=tmp_path / "B.md",
+                        config=tiny())  # fmt: skip
+    assert not (tmp_path / "s").exists() and not (tmp_path / "B.md").exists()

@@ -157,12 +157,12 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
     with Stage("report", out / "report" / "index.html", keep, timings):
         report = write_report(ldm_run, out / "report", release=bundle)
 
-    ledger = Ledger.load(ldm_run / "ledger.json")
+    epsilon, delta, _ = Ledger.load(ldm_run / "ledger.json").composed_epsilon()
     summary = {
         "report": str(report),
         "release": str(bundle),
-        "total_epsilon": ledger.composed_epsilon()[0],
-        "delta": config.privacy.delta,
+        "total_epsilon": epsilon,
+        "delta": delta,
         "timings_s": timings,
         "wall_s": round(time.perf_counter() - t0, 1),
         "headline": _headline(eval_dir / "metrics.json"),

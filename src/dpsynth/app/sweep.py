@@ -35,10 +35,12 @@ from dpsynth.app.workflow import pretrain_public_models, refuse_same_data
 from dpsynth.attributes import ATTRIBUTES
 from dpsynth.config import Config, load_config
 from dpsynth.data.cache import Cache
+from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.evaluate import evaluate
 from dpsynth.evaluation.referee import train_referee
 from dpsynth.io import atomic_write_json, atomic_write_text, read_json
-from dpsynth.privacy.ledger import Ledger
+from dpsynth.privacy.ledger import Ledger, LedgerEntry
+from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
 from dpsynth.privacy.planner import plan
 from dpsynth.runs import load
 from dpsynth.training.ldm import train_ldm
@@ -97,11 +99,18 @@ def run_sweep(
 
     out = Path(out)
     config = config or load_config(preset)
+    if bench_md is not None and private is not None:
+        raise DpsynthError(
+            "sweep: --bench-md would publish evaluation-only figures of the private cache "
+            "(distances to its test split, its patient count); leave it out with --private"
+        )
     if private is None:
         private = simulate_and_prepare(out / "data", _private_spec(), config, split=(0.7, 0.1, 0.2))
     if public is not None:
         refuse_same_data(public, private)  # the public stages have no DP
     out.mkdir(parents=True, exist_ok=True)
+    # conditions.csv, the referee and every cell's eval/ hold exact private statistics.
+    atomic_write_text(out / "EVALUATION_ONLY.txt", f"{EVALUATION_ONLY_LABEL}\n")
     models = _public_models(out, preset, public, config)
     referee = out / "referee"
     if not referee.exists():
@@ -157,6 +166,15 @@ def _train_cell(private, models: Path, run: Path, config: Config, cell: Cell) ->
                                "ldm_training.lr_decay_factor": p.lr_decay_factor,
                                "ldm_training.batch_size": 2 * p.batch_size})  # fmt: skip
         train_ldm(private, models / "autoencoder", run, cfg, init=init)
+        # Recorded so that no descendant of this model (e.g. an --init) is ever released
+        # with a DP statement: `dpsynth release` refuses lineages with non-private uses.
+        ledger = Ledger.of_run(run)
+        ledger.add(LedgerEntry.non_private_use(
+            "sweep-nonprivate-baseline", len(Cache(private).patient_rows("train")),
+            "sweep's ε = ∞ cell: trained without DP on the private cache",
+            cache_id=Cache(private).cache_id,
+        ))  # fmt: skip
+        ledger.save(run / "ledger.json")
     else:
         cfg = _with(config, **{"privacy.epsilon": cell.epsilon})
         train_ldm(private, models / "autoencoder", run, cfg, init=init, dp=True)
@@ -187,7 +205,9 @@ def _row(cell: Cell, ledger, result) -> dict:
     return {
         "cell": cell.name,
         "epsilon_target": cell.epsilon,
-        "epsilon_spent": ledger.composed_epsilon()[0] if len(ledger) else math.inf,
+        "epsilon_spent": (
+            ledger.composed_epsilon()[0] if any(not e.non_private for e in ledger) else math.inf
+        ),
         "pretrain": cell.pretrain,
         "steps": cell.steps,
         "frd": _metric(result, "frd"),

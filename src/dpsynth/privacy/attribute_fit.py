@@ -47,7 +47,7 @@ def fit_attributes(
     model written. A crash in between over-reports spending, never under-reports it.
 
     Without `max_total_epsilon`, the run's recorded ``privacy.max_total_epsilon`` applies;
-    the budget is composed with the run's recorded accountant.
+    the budget is composed by the rule `dpsynth budget` states ε with.
 
     `seed` makes the noise reproducible and is for tests only: whoever knows it can remove
     the noise. By default the noise comes from OS entropy.
@@ -75,7 +75,7 @@ def fit_attributes(
             max_total_epsilon = recorded.max_total_epsilon
         ledger = Ledger.of_run(out)
         if max_total_epsilon is not None:
-            ledger.check_budget(entry, max_total_epsilon, accountant=recorded.accountant)
+            ledger.check_budget(entry, max_total_epsilon)
         ledger.add(entry)
         ledger.save(out)  # recorded before anything is drawn or written
 

@@ -321,25 +321,34 @@ class Ledger:
         largest bound is stated, so ε is never under-reported when stages differ.
         """
         delta = self.default_delta() if delta is None else delta
-        names = sorted({e.accountant for e in self if not e.non_private}) or [DEFAULT_ACCOUNTANT]
-        epsilon, accountant = max((self.total_epsilon(delta, name), name) for name in names)
+        epsilon, accountant = self._largest_bound(self.history(), delta)
         return epsilon, delta, accountant
+
+    def _largest_bound(
+        self, history: list, delta: float, planned: LedgerEntry | None = None
+    ) -> tuple[float, str]:
+        """(ε, accountant): `history` composed by each accountant a DP stage names, the
+        largest bound; the one rule behind every stated ε and every budget check."""
+        stages = [e for e in (*self, planned) if e is not None and not e.non_private]
+        names = sorted({e.accountant for e in stages}) or [DEFAULT_ACCOUNTANT]
+        return max((epsilon_for(history, delta, name), name) for name in names)
 
     def check_budget(
         self,
         planned: LedgerEntry,
         max_total_epsilon: float,
         delta: float | None = None,
-        accountant: str = DEFAULT_ACCOUNTANT,
     ) -> float:
         """Total ε if `planned` runs all its planned steps; raise if above the limit.
 
-        Call before the stage touches private data. Returns the projected total.
+        Call before the stage touches private data. Returns the projected total, by the
+        rule `composed_epsilon` states afterwards (so a stage within budget here is
+        within it in `dpsynth budget` too).
         """
         max_total_epsilon = check_epsilon(max_total_epsilon, key="max_total_epsilon")
         if delta is None:
             delta = max(self.default_delta(), planned.delta)
-        total = epsilon_for(self.history(planned), delta, accountant)
+        total, _ = self._largest_bound(self.history(planned), delta, planned)
         if total > max_total_epsilon:
             raise BudgetExceededError(
                 f"stage {planned.stage} would bring total ε to {total:.4g} at δ={delta:g}, "

@@ -113,7 +113,7 @@ class DPStage:
             note=f"patient-level DP-SGD, clipping norm {p.max_grad_norm}",
         )
         if p.max_total_epsilon is not None:
-            ledger.check_budget(entry, p.max_total_epsilon, accountant=p.accountant)
+            ledger.check_budget(entry, p.max_total_epsilon)
         ledger.add(entry)
         self.ledger, self.entry_id = ledger, entry.id
         if self.main:
@@ -171,9 +171,7 @@ class DPStage:
         self.ledger = Ledger.inherit(checkpointed, recorded)
         p = self.privacy
         if p.max_total_epsilon is not None:
-            self.ledger.check_budget(
-                self.ledger[self.entry_id], p.max_total_epsilon, accountant=p.accountant
-            )
+            self.ledger.check_budget(self.ledger[self.entry_id], p.max_total_epsilon)
         if self.main:
             self.ledger.save(self.run / "ledger.json")
 
