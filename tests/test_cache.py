@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dpsynth.app.workflow import refuse_same_data
 from dpsynth.data.cache import SPLITS, Cache, CacheWriter, PatientDataset, VolumeDataset
 from dpsynth.errors import DpsynthError
 
@@ -63,6 +64,23 @@ def test_cache_is_named_by_a_random_id_and_keeps_its_digest_inside(tmp_path):
     assert a.meta["content_digest"] == b.meta["content_digest"] != c.meta["content_digest"]
     assert a.same_data(b) and not a.same_data(c)
     assert "fingerprint" not in a.meta
+
+
+def test_shared_patients_finds_any_overlap_not_only_equal_data(tmp_path):
+    """Review finding: the public-vs-private refusal saw only equal caches; a cache holding
+    a subset of the private patients (or all but one) passed it."""
+    _write_cache(tmp_path / "all", n_patients=10)
+    _write_cache(tmp_path / "fewer", n_patients=4)  # same seed: the first patients' volumes
+    _write_cache(tmp_path / "other", n_patients=10, seed=1)
+    full, fewer, other = (Cache(tmp_path / n) for n in ("all", "fewer", "other"))
+    assert not full.same_data(fewer)  # not the same data...
+    assert full.shared_patients(fewer) == fewer.shared_patients(full) == 4  # ...but overlapping
+    assert full.shared_patients(other) == 0 and full.shared_patients(full) == 10
+    digests = full.meta["patient_digests"]
+    assert len(digests) == 10 and len(set(digests)) == 10 and len(digests[0]) == 32
+    with pytest.raises(DpsynthError, match=r"hold the same data \(4 patients in both\)"):
+        refuse_same_data(tmp_path / "fewer", tmp_path / "all")
+    refuse_same_data(tmp_path / "other", tmp_path / "all")  # no patient in common: allowed
 
 
 def test_cache_without_an_id_asks_to_prepare_again(tmp_path):

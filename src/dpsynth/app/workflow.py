@@ -61,13 +61,15 @@ def run_workflow(
 
 
 def refuse_same_data(public: str | os.PathLike, private: str | os.PathLike) -> None:
-    """The public stages must not train on the private data (same cache, a copy of it, or
-    the same data prepared again): they have no DP."""
+    """The public stages must not train on the private data (same cache, a copy of it, the
+    same data prepared again, or any patient of it at the same grid): they have no DP."""
 
-    if Cache(public).same_data(Cache(private)):
+    public_cache, private_cache = Cache(public), Cache(private)
+    shared = public_cache.shared_patients(private_cache)
+    if public_cache.same_data(private_cache) or shared:
         raise DpsynthError(
-            f"--public {public} and --private {private} hold the same data: the public "
-            "stages would train on private data without DP"
+            f"--public {public} and --private {private} hold the same data ({shared} patients "
+            "in both): the public stages would train on private data without DP"
         )
 
 

@@ -6,12 +6,14 @@ One format, one module: :class:`CacheWriter` writes it (for :mod:`dpsynth.data.p
     CACHE/images.npy      float16 (N, S, H, W) in [0, 1]
     CACHE/masks.npy       uint8 (N, S, H, W), only when every volume has a mask
     CACHE/attributes.csv  patient, phase, split, then the 14 attributes; row i <-> images[i]
-    CACHE/meta.json       shape, spacing, counts, cache_id, content_digest, skipped, ...
+    CACHE/meta.json       shape, spacing, counts, cache_id, content_digest, patient_digests, ...
 
 ``cache_id`` is random (drawn once by prepare): runs and ledgers name their data by it.
 ``content_digest`` (SHA-256 of images + table without its split column) stays inside the
 cache, which is private and never released; it only tells whether two caches at hand hold
-the same data, however they were split.
+the same data, however they were split. ``patient_digests`` (a SHA-256 prefix of each
+patient's two prepared volumes) stay inside too: they tell whether two caches share any
+patient (a subset, a superset, one patient skipped), for the public-vs-private refusal.
 
 Every patient has two consecutive rows, ED then ES. Arrays are opened with
 ``np.load(mmap_mode="r")`` so cohorts larger than RAM are read lazily, page by page.
@@ -63,6 +65,7 @@ class CacheWriter:
         self._has_masks = True
         self.patients: list[str] = []
         self._attributes: list[np.ndarray] = []
+        self._digests: list[str] = []
 
     @property
     def n_patients(self) -> int:
@@ -79,6 +82,8 @@ class CacheWriter:
         if np.shape(images) != expected or (masks is not None and np.shape(masks) != expected):
             raise ValueError(f"images and masks must have shape {expected}")
         self._images[row : row + 2] = images
+        stored = np.ascontiguousarray(self._images[row : row + 2])  # the bytes a reader sees
+        self._digests.append(hashlib.sha256(stored.tobytes()).hexdigest()[:32])
         if masks is None:
             self._has_masks = False
         elif self._has_masks:
@@ -115,6 +120,7 @@ class CacheWriter:
             # A random name for runs to cite; the digest never leaves the cache (see cache.py).
             "cache_id": uuid.uuid4().hex,
             "content_digest": f"sha256:{digest.hexdigest()}",
+            "patient_digests": self._digests,
             "has_masks": self._has_masks,
         }
         atomic_write_json(self.directory / META_FILE, meta)
@@ -207,6 +213,12 @@ class Cache:
         return self.cache_id == other.cache_id or (
             digest is not None and digest == other.meta.get("content_digest")
         )
+
+    def shared_patients(self, other: Cache) -> int:
+        """How many patients' prepared volumes appear in both caches (0 for caches written
+        before patient digests existed; `same_data` still covers copies of those)."""
+        mine = set(self.meta.get("patient_digests", ()))
+        return len(mine.intersection(other.meta.get("patient_digests", ())))
 
     @property
     def spacing(self) -> tuple[float, float, float]:
