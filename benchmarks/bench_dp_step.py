@@ -127,6 +127,18 @@ def median(samples: list[tuple[float, float]], which: int) -> float:
     return statistics.median(sample[which] for sample in samples)
 
 
+def step_figures(plain: list, dp: list, mem_plain: int, mem_dp: int) -> dict:
+    """Median wall times, peak memory (MiB) and the DP / plain ratios the targets name."""
+    return {
+        "plain_step_s_median": median(plain, 0),
+        "dp_step_s_median": median(dp, 0),
+        "time_ratio": median(dp, 0) / median(plain, 0),
+        "plain_step_peak_mib": mem_plain / 2**20,
+        "dp_step_peak_mib": mem_dp / 2**20,
+        "memory_ratio": mem_dp / max(mem_plain, 1),
+    }
+
+
 def peak_step_memory(args: argparse.Namespace, steps: int = 2) -> int:
     """Bytes the steps need above the resting model + optimizer + data (run in a subprocess)."""
     device = args.device
@@ -221,15 +233,10 @@ def main() -> None:
         "volumes_per_step": args.batch,
         "dp_patients_per_vmap": setup.engine.physical_batch_size,
         "parameters": sum(p.numel() for p in setup.model.parameters()),
-        "plain_step_s_median": median(plain, 0),
-        "dp_step_s_median": median(dp, 0),
-        "time_ratio": median(dp, 0) / median(plain, 0),
+        **step_figures(plain, dp, mem_plain, mem_dp),
         "plain_step_cpu_s_median": median(plain, 1),
         "dp_step_cpu_s_median": median(dp, 1),
         "cpu_time_ratio": median(dp, 1) / median(plain, 1),
-        "plain_step_peak_mib": mem_plain / 2**20,
-        "dp_step_peak_mib": mem_dp / 2**20,
-        "memory_ratio": mem_dp / max(mem_plain, 1),
     }
     print(json.dumps(results, indent=2))
     if args.out:

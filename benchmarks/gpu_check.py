@@ -31,7 +31,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from bench_dp_step import Setup, machine, measure_memory_in_subprocess, median, sync, timed
+from bench_dp_step import (
+    Setup,
+    machine,
+    measure_memory_in_subprocess,
+    step_figures,
+    sync,
+    timed,
+)
 
 from dpsynth.config import Config, load_config
 from dpsynth.diffusion.schedulers import make_scheduler
@@ -150,15 +157,7 @@ def section_dp_step(p: dict, device: torch.device) -> dict:
                                vmap_patients=None)  # fmt: skip
         mem_plain = measure_memory_in_subprocess(args, "plain")
         mem_dp = measure_memory_in_subprocess(args, "dp")
-        rows.append({
-            "volumes_per_step": batch,
-            "plain_step_s_median": median(plain, 0),
-            "dp_step_s_median": median(dp, 0),
-            "time_ratio": median(dp, 0) / median(plain, 0),
-            "plain_step_peak_mib": mem_plain / 2**20,
-            "dp_step_peak_mib": mem_dp / 2**20,
-            "memory_ratio": mem_dp / max(mem_plain, 1),
-        })  # fmt: skip
+        rows.append({"volumes_per_step": batch, **step_figures(plain, dp, mem_plain, mem_dp)})
     method = (
         "torch.cuda.max_memory_allocated above the resting model + optimizer + data"
         if device.type == "cuda"
