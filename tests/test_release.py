@@ -10,8 +10,7 @@ import struct
 
 import numpy as np
 import pytest
-import torch
-from test_training import _cache, tiny
+from test_training import public_world, tiny
 
 from dpsynth.app.cli import main
 from dpsynth.app.sample import sample_to_folder
@@ -24,7 +23,6 @@ from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
 from dpsynth.report.html import write_report
 from dpsynth.report.release import ALLOWED, MANIFEST, release, verify, write_manifest
 from dpsynth.runs import load
-from dpsynth.training.autoencoder import train_autoencoder
 from dpsynth.training.ldm import train_ldm
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -35,19 +33,14 @@ BUDGET = 10.0  # privacy.max_total_epsilon of the DP run: 6 (LDM) + 2 (attribute
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A public autoencoder + LDM, a DP fine-tune with a DP attribute model, and samples."""
-    root = tmp_path_factory.mktemp("release")
-    torch.manual_seed(0)
-    public = _cache(root, "acdc", 1, 10)
-    private = _cache(root, "ukbb", 2, 20)
-    ae = train_autoencoder(public, root / "ae", tiny())
-    ldm = train_ldm(public, ae, root / "ldm", tiny())
+    world = public_world(tmp_path_factory.mktemp("release"))
+    root, private, ae, ldm = world["root"], world["private"], world["ae"], world["ldm"]
     config = tiny(**{"privacy.epsilon": 6.0, "privacy.max_total_epsilon": BUDGET})
     dp = train_ldm(private, ae, root / "dp", config, init=ldm, dp=True)
     fit_attributes(private, dp, epsilon=2.0, seed=0, max_total_epsilon=BUDGET)
     synthetic = sample_to_folder(dp, root / "synthetic", n=3, attributes="dp", steps=2)
     bundle = release(dp, synthetic, root / "bundle")
-    return {"root": root, "public": public, "private": private, "ae": ae, "ldm": ldm, "dp": dp,
-            "synthetic": synthetic, "bundle": bundle}  # fmt: skip
+    return {**world, "dp": dp, "synthetic": synthetic, "bundle": bundle}
 
 
 def _files(folder):

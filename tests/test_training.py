@@ -81,16 +81,19 @@ def _cache(root, cohort, seed, n):
     return out
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Public and private caches, a public autoencoder and a public LDM."""
-    root = tmp_path_factory.mktemp("world")
+def public_world(root) -> dict:
+    """Public and private caches, a public autoencoder and a public LDM, under `root`."""
     torch.manual_seed(0)
     public = _cache(root, "acdc", 1, 10)
     private = _cache(root, "ukbb", 2, 20)
     ae = train_autoencoder(public, root / "ae", tiny())
     ldm = train_ldm(public, ae, root / "ldm", tiny())
     return {"root": root, "public": public, "private": private, "ae": ae, "ldm": ldm}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return public_world(tmp_path_factory.mktemp("world"))
 
 
 def test_autoencoder_run_has_public_latent_scale_and_quality(world):

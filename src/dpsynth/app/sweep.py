@@ -168,11 +168,11 @@ def _train_cell(private, models: Path, run: Path, config: Config, cell: Cell) ->
         train_ldm(private, models / "autoencoder", run, cfg, init=init)
         # Recorded so that no descendant of this model (e.g. an --init) is ever released
         # with a DP statement: `dpsynth release` refuses lineages with non-private uses.
-        ledger = Ledger.of_run(run)
+        cache, ledger = Cache(private), Ledger.of_run(run)
         ledger.add(LedgerEntry.non_private_use(
-            "sweep-nonprivate-baseline", len(Cache(private).patient_rows("train")),
+            "sweep-nonprivate-baseline", len(cache.patient_rows("train")),
             "sweep's ε = ∞ cell: trained without DP on the private cache",
-            cache_id=Cache(private).cache_id,
+            cache_id=cache.cache_id,
         ))  # fmt: skip
         ledger.save(run / "ledger.json")
     else:

@@ -201,31 +201,25 @@ def _fid(x: _Inputs) -> dict[str, Any]:
 
 
 def _ms_ssim(x: _Inputs) -> dict[str, Any]:
-    synthetic = mean_pairwise_ms_ssim(x.synthetic.volumes, x.ms_ssim_pairs, x.seed)
-    real = mean_pairwise_ms_ssim(x.real.volumes, x.ms_ssim_pairs, x.seed)
-    note = "diversity: closer to the real baseline is better; higher means less diverse"
-    entry = _entry(
-        synthetic.value,
-        real.value,
-        baseline_label="real pairs",
-        lower_is_better=None,
-        config=synthetic.config,
-        n_real=len(x.real),
-        n_synthetic=len(x.synthetic),
-        note=note,
-    )
-    metrics = {"ms_ssim": entry}
+    def diversity(synthetic, real, baseline_label: str, note: str) -> dict[str, Any]:
+        return _entry(synthetic.value, real.value, baseline_label=baseline_label,
+                      lower_is_better=None, config=synthetic.config, n_real=len(x.real),
+                      n_synthetic=len(x.synthetic), note=note)  # fmt: skip
+
+    metrics = {
+        "ms_ssim": diversity(
+            mean_pairwise_ms_ssim(x.synthetic.volumes, x.ms_ssim_pairs, x.seed),
+            mean_pairwise_ms_ssim(x.real.volumes, x.ms_ssim_pairs, x.seed),
+            "real pairs",
+            "diversity: closer to the real baseline is better; higher means less diverse",
+        )
+    }
     if x.study:
-        synthetic_study = neighbour_ms_ssim(x.synthetic_study.volumes)
-        metrics["ms_ssim_study"] = _entry(
-            synthetic_study.value,
-            neighbour_ms_ssim(x.real.volumes).value,
-            baseline_label="real neighbouring pairs",
-            lower_is_better=None,
-            config=synthetic_study.config,
-            n_real=len(x.real),
-            n_synthetic=len(x.synthetic),
-            note=STUDY_NOTE,
+        metrics["ms_ssim_study"] = diversity(
+            neighbour_ms_ssim(x.synthetic_study.volumes),
+            neighbour_ms_ssim(x.real.volumes),
+            "real neighbouring pairs",
+            STUDY_NOTE,
         )
     return {"metrics": metrics}
 
