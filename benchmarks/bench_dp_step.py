@@ -21,7 +21,6 @@ import sys
 import time
 
 import torch
-from opacus.accountants import RDPAccountant
 
 from dpsynth.io import atomic_write_json
 from dpsynth.models.denoiser import LatentDenoiser
@@ -96,7 +95,6 @@ class Setup:
             max_grad_norm=1.0,
             sample_rate=self.patients / 1000,  # expected batch = this batch
             num_records=1000,
-            accountant=RDPAccountant(),
             physical_batch_size=vmap_patients or self.patients,
         )
 

@@ -44,7 +44,6 @@ from dpsynth.config import Config, load_config
 from dpsynth.diffusion.schedulers import make_scheduler
 from dpsynth.io import atomic_write_json
 from dpsynth.models.build import build_autoencoder, build_denoiser
-from dpsynth.privacy.accounting import make_accountant
 from dpsynth.privacy.dpsgd import PatientDPSGD
 from dpsynth.runs import make_pipeline
 from dpsynth.training.common import autocast
@@ -182,8 +181,7 @@ def section_finetune(cfg: Config, p: dict, device: torch.device) -> dict:
     engine = PatientDPSGD(
         model, torch.optim.AdamW(model.parameters(), lr=privacy.lr), noise_multiplier=1.0,
         max_grad_norm=privacy.max_grad_norm, sample_rate=p["finetune_patients"] / records,
-        num_records=records, accountant=make_accountant(privacy.accountant),
-        physical_batch_size=privacy.physical_batch_size,
+        num_records=records, physical_batch_size=privacy.physical_batch_size,
     )  # fmt: skip
     d = cfg.diffusion
     scheduler = make_scheduler("ddpm", num_train_timesteps=d.timesteps, beta_start=d.beta_start,

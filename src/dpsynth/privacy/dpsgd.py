@@ -1,8 +1,10 @@
 """Patient-level DP-SGD: one DP record is one patient holding several volumes (ED and ES).
 
 Per-patient gradients come from ``torch.func`` (``vmap`` over patients of ``grad`` of the
-patient's summed loss); Opacus' ``DPOptimizer`` then clips them, adds Gaussian noise,
-averages by the expected batch size and drives the accountant.
+patient's summed loss); Opacus' ``DPOptimizer`` then clips them, adds Gaussian noise and
+averages by the expected batch size. The engine only counts its noisy steps
+(`steps_taken`); privacy spent is the ledger's: a DP stage sets its ledger entry's steps
+from this count at every checkpoint, and the ledger composes ε (no accountant here).
 
 Why not Opacus' ``GradSampleModule``: its hooks treat dim 0 of every layer input as the
 DP record, so with a patient's two volumes in the batch it would clip *per volume* and
@@ -12,7 +14,7 @@ it differentiates any layer (attention, custom blocks) without per-layer grad sa
 
 Noise on the averaged gradient has std ``noise_multiplier * max_grad_norm / B`` with
 ``B = sample_rate * num_records`` (the expected, not the realised, batch size). An empty
-Poisson batch still takes a noise-only step that the accountant counts.
+Poisson batch still takes a noise-only step, and it is counted.
 
 A patient whose gradient holds a NaN or inf contributes a zero gradient (norm 0 <= C, so
 within the sensitivity) instead of poisoning the whole update; the engine counts them.
@@ -97,8 +99,6 @@ class PatientDPSGD:
         max_grad_norm: C, the L2 bound on each patient's gradient.
         sample_rate: q, the Poisson probability that a patient joins a logical batch.
         num_records: N, the number of private patients.
-        accountant: an Opacus accountant (or one with its interface); it is stepped once
-            per logical batch with (σ, q).
         physical_batch_size: patients per vmap chunk; a logical batch is split into such
             chunks and gives one noisy step (virtual steps).
         generator: noise generator. It MUST be secret: whoever knows its seed can remove
@@ -122,7 +122,6 @@ class PatientDPSGD:
         max_grad_norm: float,
         sample_rate: float,
         num_records: int,
-        accountant: Any,
         physical_batch_size: int,
         generator: torch.Generator | None = None,
         sampling_seed: int | None = None,
@@ -148,7 +147,6 @@ class PatientDPSGD:
         self.num_records = int(num_records)
         self.expected_batch_size = self.sample_rate * self.num_records
         self.physical_batch_size = int(physical_batch_size)
-        self.accountant = accountant
         self.secure_rng = secure_rng
         self.steps_taken = 0
         self.nonfinite_records = 0  # patient-steps whose gradient was zeroed (NaN/inf)
@@ -171,12 +169,16 @@ class PatientDPSGD:
             generator=self.generator,
             secure_mode=secure_rng,
         )
-        self.optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(self.sample_rate))
+        # Counted where Opacus adds the noise: every released step, an empty batch's too.
+        self.optimizer.attach_step_hook(self._count_step)
 
         trainable = {id(p) for p in self.optimizer.params}
         self._trainable = {n: p for n, p in model.named_parameters() if id(p) in trainable}
         if len(self._trainable) != len(trainable):
             raise DpsynthError("optimizer: holds parameters that are not in the model")
+
+    def _count_step(self, optimizer: DPOptimizer) -> None:
+        self.steps_taken += 1
 
     @property
     def steps_per_epoch(self) -> int:
@@ -228,7 +230,6 @@ class PatientDPSGD:
                 p.grad_sample = p.new_zeros((0, *p.shape))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.steps_taken += 1
         self.nonfinite_records += self.group.sum(dropped, device_of(self.model))
         n = sum(_num_patients(c) for c in chunks) - dropped
         return loss_sum / n if n else float("nan")
@@ -269,8 +270,9 @@ class PatientDPSGD:
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Everything for an exact resume, as (tensors for safetensors, JSON-able dict).
 
-        Model weights and the global torch RNG (dropout) are the caller's to save. The
-        noise generator is not saved: a resumed run never reuses noise (`load_state_dict`).
+        Model weights and the global torch RNG (dropout) are the caller's to save, and so is
+        the privacy spent (the ledger, from `steps_taken`). The noise generator is not
+        saved: a resumed run never reuses noise (`load_state_dict`).
         """
         tensors: dict[str, Tensor] = {}
         meta = {
@@ -281,10 +283,6 @@ class PatientDPSGD:
             "sample_rate": self.sample_rate,
             "num_records": self.num_records,
             "sampling_seed": self._sampling_seed,
-            "accountant": {
-                "mechanism": self.accountant.mechanism(),
-                "history": [list(h) for h in self.accountant.history],
-            },
             "optimizer": _extract_tensors(self.optimizer.state_dict(), "optimizer", tensors),
         }
         return tensors, meta
@@ -307,12 +305,6 @@ class PatientDPSGD:
         self.nonfinite_records = int(meta.get("nonfinite_records", 0))
         self._sampling_seed = int(meta["sampling_seed"])
         self.generator.manual_seed(secrets.randbits(63))
-        self.accountant.load_state_dict(
-            {
-                "mechanism": meta["accountant"]["mechanism"],
-                "history": [tuple(h) for h in meta["accountant"]["history"]],
-            }
-        )
         self.optimizer.load_state_dict(_insert_tensors(meta["optimizer"], tensors))
 
 

@@ -347,9 +347,8 @@ def run_canary_audit(
     "per-volume-clipping") builds a deliberately wrong engine to show the audit catches it.
     `public_patients` (default: the recipe's record count) simulated phantoms are the data.
     """
-    # start-up time: torch and opacus load for audits only (see _public_phantoms)
+    # start-up time: torch loads for audits only (see _public_phantoms)
     import torch
-    from opacus.accountants import RDPAccountant
     from torch import nn
 
     if broken is not None and broken not in BROKEN_ENGINES:
@@ -411,7 +410,6 @@ def run_canary_audit(
         max_grad_norm=recipe.max_grad_norm,
         sample_rate=recipe.sample_rate,
         num_records=n,
-        accountant=RDPAccountant(),  # only to satisfy the engine; ε comes from the recipe
         physical_batch_size=4096,
         generator=torch.Generator().manual_seed(int(rng.integers(2**63))),
         sampling_seed=int(rng.integers(2**63)),
