@@ -44,6 +44,7 @@ from dpsynth.config import Config, load_config
 from dpsynth.diffusion.schedulers import make_scheduler
 from dpsynth.io import atomic_write_json
 from dpsynth.models.build import build_autoencoder, build_denoiser
+from dpsynth.privacy.accounting import epsilon_for
 from dpsynth.privacy.dpsgd import PatientDPSGD
 from dpsynth.runs import make_pipeline
 from dpsynth.training.common import autocast
@@ -209,7 +210,10 @@ def section_finetune(cfg: Config, p: dict, device: torch.device) -> dict:
         "expected_patients_per_step": p["finetune_patients"], "records": records,
         "physical_batch_size": privacy.physical_batch_size, "noise_multiplier": 1.0,
         "seconds": seconds, "step_s_mean": seconds / max(len(losses), 1),
-        "epsilon_spent": float(engine.accountant.get_epsilon(privacy.delta)),
+        "epsilon_spent": epsilon_for(
+            [(engine.noise_multiplier, engine.sample_rate, engine.steps_taken)],
+            privacy.delta, privacy.accountant,
+        ),
         "delta": privacy.delta, "loss_first": losses[0], "loss_last": losses[-1],
     }  # fmt: skip
 

@@ -179,3 +179,17 @@ def test_warnings_print_as_one_line_without_patching_the_process(capsys, monkeyp
     assert main(["verify", "x"]) == 0
     assert capsys.readouterr().err == "warning: something to know\n"
     assert (warnings.showwarning, warnings.formatwarning) == before
+
+
+@pytest.mark.parametrize("meta", [[], {"kind": "weights"}])
+def test_budget_reads_model_json_through_the_validated_reader(tmp_path, capsys, meta):
+    """Regression: `budget` read model.json raw, so a list crashed with a traceback and an
+    unknown kind was taken for a model."""
+    from dpsynth.privacy.ledger import Ledger, LedgerEntry
+
+    ledger = Ledger([LedgerEntry.gaussian("statistic", 2.0, records=50, cache_id="c1")])
+    ledger.save(tmp_path / "ledger.json")
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    assert main(["budget", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.json: not a dpsynth model" in err and len(err.splitlines()) == 1

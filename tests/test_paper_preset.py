@@ -148,7 +148,8 @@ def test_autoencoder_loop_takes_the_study_knobs(public_cache, tmp_path):
     import numpy as np
 
     from dpsynth.data.cache import Cache
-    from dpsynth.training.autoencoder import _PublicFit
+    from dpsynth.training.autoencoder import _AutoencoderTask
+    from dpsynth.training.trainer import PublicStrategy, Trainer
 
     cfg = tiny(**{"autoencoder.adversarial_weight": 50.0, "autoencoder.adversarial_start": 0,
                   "autoencoder.adversarial_loss": "bce", "autoencoder.discriminator_lr": 5e-6,
@@ -158,16 +159,18 @@ def test_autoencoder_loop_takes_the_study_knobs(public_cache, tmp_path):
                   "autoencoder_training.lr_decay_factor": 0.5})  # fmt: skip
     cache = Cache(public_cache)
     model = build_autoencoder(cfg.autoencoder)
-    losses = _VolumeLosses(cfg.autoencoder, torch.device("cpu"))
-    fit = _PublicFit(tmp_path, model, cache, cfg, np.random.default_rng(0), losses)
+    rng = np.random.default_rng(0)
+    task = _AutoencoderTask(model, cache, cfg, rng, adversarial=True)
     volumes = len(cache.volume_indices("train"))
+    strategy = PublicStrategy(cfg.autoencoder_training, volumes)
+    fit = Trainer(tmp_path, task, strategy, rng)
     per_epoch = volumes / 2  # batch 2
-    assert fit.total_steps == math.ceil(2 * per_epoch)  # epochs win over `steps` (4)
-    assert fit.opt_d.param_groups[0]["lr"] == 5e-6
-    _, logs = fit.train_step()  # the adversarial term is on from step 0
+    assert strategy.total_steps == math.ceil(2 * per_epoch)  # epochs win over `steps` (4)
+    assert task.opt_d.param_groups[0]["lr"] == 5e-6
+    logs = strategy.step(task, 0)  # the adversarial term is on from step 0
     assert "discriminator" in logs and math.isfinite(logs["discriminator"])
     lr = cfg.autoencoder_training.lr
-    assert _lr_after(fit.opt, fit.sched, math.ceil(per_epoch)) == pytest.approx(lr * 0.5)
+    assert _lr_after(fit.optimizer, fit.scheduler, math.ceil(per_epoch)) == pytest.approx(lr * 0.5)
 
 
 def test_ldm_loop_decays_by_epoch_and_runs_its_epochs(public_cache, tmp_path):
@@ -176,23 +179,25 @@ def test_ldm_loop_decays_by_epoch_and_runs_its_epochs(public_cache, tmp_path):
     from dpsynth.data.cache import Cache
     from dpsynth.diffusion.schedulers import make_scheduler
     from dpsynth.models.build import build_denoiser
-    from dpsynth.training.dp_stage import dp_steps_per_epoch
-    from dpsynth.training.ldm import DenoisingObjective, _Trainer
+    from dpsynth.training.ldm import DenoisingObjective, _DenoiserTask
+    from dpsynth.training.trainer import PublicStrategy, Trainer, dp_steps_per_epoch
 
     cfg = tiny(**{"ldm_training.epochs": 3.0, "ldm_training.batch_size": 3,
                   "ldm_training.lr": 1e-3, "ldm_training.warmup_steps": 0,
                   "ldm_training.lr_decay_epochs": 1.0, "ldm_training.lr_decay_factor": 0.5})  # fmt: skip
     cache = Cache(public_cache)
     ae = build_autoencoder(cfg.autoencoder).eval()
-    trainer = _Trainer(
-        run=tmp_path, cache=cache, autoencoder=ae, latent_scale=1.0,
+    rng = np.random.default_rng(0)
+    task = _DenoiserTask(
+        cache=cache, autoencoder=ae, latent_scale=1.0,
         denoiser=build_denoiser(cfg.denoiser, cache.shape[0], ae.latent_channels),
-        objective=DenoisingObjective(make_scheduler("ddpm"), 0.1), config=cfg,
-        device=torch.device("cpu"), rng=np.random.default_rng(0),
-        generator=torch.Generator().manual_seed(0), parents=[],
+        objective=DenoisingObjective(make_scheduler("ddpm"), 0.1), config=cfg, rng=rng,
+        generator=torch.Generator().manual_seed(0), validation=None,
     )  # fmt: skip
     volumes = len(cache.volume_indices("train"))
-    assert trainer.total_steps == math.ceil(3 * volumes / 3)
+    strategy = PublicStrategy(cfg.ldm_training, volumes)
+    trainer = Trainer(tmp_path, task, strategy, rng)
+    assert strategy.total_steps == math.ceil(3 * volumes / 3)
     per_epoch = volumes / 3
     opt, sched = trainer.optimizer, trainer.scheduler
     assert _lr_after(opt, sched, math.ceil(per_epoch) - 1) == pytest.approx(1e-3)

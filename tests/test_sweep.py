@@ -82,9 +82,10 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
     monkeypatch.setattr(sweep, "pretrain_public_models",
                         lambda data, out, config: public_runs.append((data, out)))  # fmt: skip
 
-    def train_ldm(data, autoencoder, run, config, init=None, dp=False):
-        cells[run.name] = dict(data=data, autoencoder=autoencoder, init=init, dp=dp, cfg=config)
-        run.mkdir()
+    def train_ldm(data, autoencoder, run, config, init=None, dp=False, resume=False):
+        cells[run.name] = dict(data=data, autoencoder=autoencoder, init=init, dp=dp, cfg=config,
+                               resume=resume)  # fmt: skip
+        run.mkdir(exist_ok=True)
         atomic_write_json(run / "model.json", {})
 
     monkeypatch.setattr(sweep, "train_ldm", train_ldm)
@@ -92,7 +93,11 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
     config = tiny(**{"ldm_training.epochs": 150.0, "ldm_training.lr_decay_epochs": 25.0,
                      "privacy.lr_decay_epochs": 0.5})  # fmt: skip
     out, public, private = tmp_path / "s", caches["public"], caches["private"]
+    # An interrupted cell (a checkpoint, no model.json) resumes instead of being refused.
+    (out / "eps0.1_scratch" / "checkpoint").mkdir(parents=True)
+    atomic_write_json(out / "eps0.1_scratch" / "checkpoint" / "state.json", {})
     rows = sweep.run_sweep(out, public=public, private=private, epsilons="0.1,inf", config=config)
+    assert [name for name, cell in cells.items() if cell["resume"]] == ["eps0.1_scratch"]
     assert public_runs == [(public, out / "public")]
     assert list(cells) == [r["cell"] for r in rows] == [
         "eps0.1_pretrain", "eps0.1_scratch", "epsinf_pretrain", "epsinf_scratch",

@@ -1,7 +1,7 @@
 """Training, sampling and the DP stage end to end on tiny phantoms.
 
-These tests protect the guarantee where the pieces meet: the accountant sees the patient
-sample rate, the ledger matches the checkpoint after an interruption, budgets are refused
+These tests protect the guarantee where the pieces meet: the DP engine runs at the patient
+sample rate the ledger records, the ledger matches the checkpoint after an interruption, budgets are refused
 before any private step, and nothing private shapes the saved model.
 """
 
@@ -231,10 +231,12 @@ def test_dp_stage_ledger_matches_patient_sample_rate(world, tmp_path):
     assert entry.sample_rate == pytest.approx(4 / n_patients)  # patients, not volumes
     assert entry.steps == entry.planned_steps == int(np.ceil(1.0 / entry.sample_rate))
     assert 7.0 < ledger.total_epsilon(1e-5, accountant="rdp") <= 8.0 + 1e-9
-    state = read_json(run / "checkpoint" / "state.json")
-    assert state["opt"]["accountant"]["history"] == [
-        [entry.noise_multiplier, entry.sample_rate, entry.steps]
-    ]
+    # The engine ran with the ledger's σ and q and took the steps the ledger records, and
+    # the checkpoint's ledger (the one resumed from) says the same.
+    engine = read_json(run / "checkpoint" / "state.json")["opt"]
+    noisy = [engine["noise_multiplier"], engine["sample_rate"], engine["steps_taken"]]
+    assert noisy == [entry.noise_multiplier, entry.sample_rate, entry.steps]
+    assert Ledger.load(run / "checkpoint" / "ledger.json")[entry.id] == entry
 
 
 def test_dp_resume_after_crash_neither_loses_nor_double_counts(world, tmp_path, monkeypatch):
@@ -245,12 +247,22 @@ def test_dp_resume_after_crash_neither_loses_nor_double_counts(world, tmp_path, 
     crashed = Ledger.load(tmp_path / "dp")
     (entry,) = [e for e in crashed if e.mechanism == "dp-sgd"]
     assert entry.steps == 2  # the last checkpoint: what a released model could have seen
+    # A checkpoint whose loop step disagrees with its ledger and engine is refused.
+    state_file = tmp_path / "dp" / "checkpoint" / "state.json"
+    good = state_file.read_text()
+    state_file.write_text(json.dumps({**json.loads(good), "step": 1}))
+    with pytest.raises(
+        DpsynthError, match="ledger records 2 steps, the DP engine 2 and the loop 1"
+    ):
+        train_ldm(world["private"], world["ae"], tmp_path / "dp",
+                  tiny(**{"privacy.epsilon": 8.0}), init=world["ldm"], dp=True, resume=True)  # fmt: skip
+    state_file.write_text(good)
     run = train_ldm(world["private"], world["ae"], tmp_path / "dp",
                     tiny(**{"privacy.epsilon": 8.0}), init=world["ldm"], dp=True, resume=True)  # fmt: skip
     (after,) = [e for e in Ledger.load(run) if e.mechanism == "dp-sgd"]
     assert after.id == entry.id and after.steps == after.planned_steps
-    history = read_json(run / "checkpoint" / "state.json")["opt"]["accountant"]["history"]
-    assert sum(h[2] for h in history) == after.planned_steps
+    state = read_json(run / "checkpoint" / "state.json")
+    assert state["opt"]["steps_taken"] == state["step"] == after.planned_steps
 
 
 def test_dp_stage_refused_before_spending(world, tmp_path):
@@ -385,8 +397,8 @@ def test_dp_autoencoder_resume_neither_loses_nor_double_counts(world, tmp_path, 
                             dp=True, resume=True)  # fmt: skip
     (after,) = list(Ledger.load(run))
     assert after.id == crashed.id and after.steps == after.planned_steps == crashed.planned_steps
-    history = read_json(run / "checkpoint" / "state.json")["opt"]["accountant"]["history"]
-    assert sum(h[2] for h in history) == after.planned_steps
+    state = read_json(run / "checkpoint" / "state.json")
+    assert state["opt"]["steps_taken"] == state["step"] == after.planned_steps
 
 
 def test_cli_train_autoencoder_dp(world, tmp_path):
@@ -724,23 +736,23 @@ def test_dp_non_finite_patient_gradients_are_zeroed_and_counted_in_metrics(
     world, tmp_path, monkeypatch
 ):
     """Every private latent is NaN: each sampled patient is dropped, updates stay finite."""
-    from dpsynth.training.dp_stage import DPStage
-    from dpsynth.training.ldm import _DPTrainer
+    from dpsynth.training.ldm import _DenoiserTask
+    from dpsynth.training.trainer import PrivateStrategy
 
-    original_latents, original_patients = _DPTrainer._patient_latents, DPStage.patients
+    original_records, original_patients = _DenoiserTask.patient_records, PrivateStrategy.patients
     sampled = []
 
-    def nan_latents(self):
-        latents, attributes = original_latents(self)
-        return torch.full_like(latents, float("nan")), attributes
+    def nan_records(self, rows):
+        record = original_records(self, rows)
+        return {**record, "noisy": torch.full_like(record["noisy"], float("nan"))}
 
     def patients(self, step):
         idx = original_patients(self, step)
         sampled.append(len(idx))
         return idx
 
-    monkeypatch.setattr(_DPTrainer, "_patient_latents", nan_latents)
-    monkeypatch.setattr(DPStage, "patients", patients)
+    monkeypatch.setattr(_DenoiserTask, "patient_records", nan_records)
+    monkeypatch.setattr(PrivateStrategy, "patients", patients)
     run = _dp(world, tmp_path / "dp")
     weights = ckpt.load_weights(run / "denoiser.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())

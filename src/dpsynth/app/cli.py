@@ -23,7 +23,6 @@ from dpsynth.config import (
     stage_config,
 )
 from dpsynth.errors import DpsynthError
-from dpsynth.io import read_json
 
 
 def _triple(kind: type):
@@ -207,10 +206,12 @@ def cmd_budget(args: argparse.Namespace) -> None:
         print(json.dumps(result.to_json()) if args.json else format_plan(result))
         return
     from dpsynth.privacy.ledger import Ledger, format_ledger  # start-up time (module docstring)
+    from dpsynth.runs import MODEL_FILE, read_model_meta  # start-up time (module docstring)
 
-    ledger = Ledger.load(Path(args.target))
-    model = Path(args.target) / "model.json"
-    not_dp = ledger.not_dp(read_json(model).get("trained_on", [])) if model.exists() else []
+    run = Path(args.target)
+    ledger = Ledger.load(run)
+    trained_on = read_model_meta(run).get("trained_on", []) if (run / MODEL_FILE).exists() else []
+    not_dp = ledger.not_dp(trained_on)
     if args.json:
         epsilon, delta, accountant = ledger.composed_epsilon()
         summary = {

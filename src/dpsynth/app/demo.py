@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from dpsynth.app.sample import sample_to_folder
-from dpsynth.app.workflow import pretrain_public_models
+from dpsynth.app.workflow import pretrain_public_models, train_stage
 from dpsynth.config import Config, config_from_dict, load_config
 from dpsynth.data.prepare import prepare
 from dpsynth.data.simulate import simulate_cohort
@@ -131,8 +131,9 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
         if not done:
             dp_config = _with(config, **{"privacy.epsilon": total_epsilon - ATTRIBUTE_EPSILON,
                                          "privacy.max_total_epsilon": total_epsilon})  # fmt: skip
-            train_ldm(private, public / "autoencoder", ldm_run, dp_config, init=public / "ldm",
-                      dp=True)  # fmt: skip
+            train_stage(ldm_run, lambda run, resume: train_ldm(
+                private, public / "autoencoder", run, dp_config, init=public / "ldm", dp=True,
+                resume=resume))  # fmt: skip
     with Stage("DP attribute model", ldm_run / "attribute_model.json", keep, timings) as done:
         if not done:
             fit_attributes(private, ldm_run, epsilon=ATTRIBUTE_EPSILON, delta=config.privacy.delta,

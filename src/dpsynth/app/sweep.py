@@ -31,7 +31,7 @@ from dpsynth.app.demo import (
     simulate_and_prepare,
 )
 from dpsynth.app.sample import sample_to_folder
-from dpsynth.app.workflow import pretrain_public_models, refuse_same_data
+from dpsynth.app.workflow import pretrain_public_models, refuse_same_data, train_stage
 from dpsynth.attributes import ATTRIBUTES
 from dpsynth.config import Config, load_config
 from dpsynth.data.cache import Cache
@@ -165,7 +165,8 @@ def _train_cell(private, models: Path, run: Path, config: Config, cell: Cell) ->
                                "ldm_training.lr_decay_epochs": p.lr_decay_epochs,
                                "ldm_training.lr_decay_factor": p.lr_decay_factor,
                                "ldm_training.batch_size": 2 * p.batch_size})  # fmt: skip
-        train_ldm(private, models / "autoencoder", run, cfg, init=init)
+        train_stage(run, lambda run, resume: train_ldm(private, models / "autoencoder", run, cfg,
+                                                       init=init, resume=resume))  # fmt: skip
         # Recorded so that no descendant of this model (e.g. an --init) is ever released
         # with a DP statement: `dpsynth release` refuses lineages with non-private uses.
         cache, ledger = Cache(private), Ledger.of_run(run)
@@ -177,7 +178,8 @@ def _train_cell(private, models: Path, run: Path, config: Config, cell: Cell) ->
         ledger.save(run / "ledger.json")
     else:
         cfg = _with(config, **{"privacy.epsilon": cell.epsilon})
-        train_ldm(private, models / "autoencoder", run, cfg, init=init, dp=True)
+        train_stage(run, lambda run, resume: train_ldm(private, models / "autoencoder", run, cfg,
+                                                       init=init, dp=True, resume=resume))  # fmt: skip
 
 
 def _test_conditions(private: Path, path: Path) -> Path:

@@ -29,13 +29,13 @@ def pretrain_public_models(
     """OUT/autoencoder and (with `ldm`) OUT/ldm trained on the public cache."""
 
     out = Path(out)
-    autoencoder = _stage(
+    autoencoder = train_stage(
         out / "autoencoder",
         lambda run, resume: train_autoencoder(public, run, config, resume=resume),
     )
     if not ldm:
         return autoencoder, None
-    return autoencoder, _stage(
+    return autoencoder, train_stage(
         out / "ldm", lambda run, resume: train_ldm(public, autoencoder, run, config, resume=resume)
     )
 
@@ -52,7 +52,7 @@ def run_workflow(
     refuse_same_data(public, private)
     out = Path(out)
     autoencoder, init = pretrain_public_models(public, out, config, ldm=pretrain)
-    return _stage(
+    return train_stage(
         out / "ldm_dp",
         lambda run, resume: train_ldm(
             private, autoencoder, run, config, init=init, resume=resume, dp=True
@@ -73,8 +73,12 @@ def refuse_same_data(public: str | os.PathLike, private: str | os.PathLike) -> N
         )
 
 
-def _stage(run: Path, train: Callable[[Path, bool], Path]) -> Path:
-    """Keep a complete stage; continue an interrupted one from its checkpoint."""
+def train_stage(run: Path, train: Callable[[Path, bool], Path]) -> Path:
+    """Keep a complete stage; continue an interrupted one from its checkpoint.
+
+    The one resumable-stage idiom of the commands that chain stages (workflow, demo, sweep):
+    `train(run, resume)` runs the stage.
+    """
     if (run / "model.json").exists():
         print(f"== {run.name}: complete, kept")
         return run

@@ -168,8 +168,8 @@ def release(
         _write_synthetic(synthetic, provenance, meta, tmp / SYNTHETIC_DIR)
         atomic_write_json(tmp / PRIVACY_JSON, privacy)
         atomic_write_text(tmp / PRIVACY_MD, privacy_markdown(privacy))
-        atomic_write_text(tmp / MODEL_CARD, model_card(read_json(tmp / MODEL_DIR / "model.json"),
-                                                       privacy, provenance))  # fmt: skip
+        atomic_write_text(tmp / MODEL_CARD, model_card(released_model_json(meta), privacy,
+                                                       provenance))  # fmt: skip
         write_manifest(tmp)
     return out
 

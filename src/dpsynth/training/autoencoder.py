@@ -41,23 +41,16 @@ from dpsynth.training.common import (
     autocast,
     barrier,
     carry_lineage,
-    decay_steps,
     init_distributed,
-    is_distributed,
-    is_main,
-    lr_factor,
     pick_device,
     prepare_run_dir,
-    public_steps_per_epoch,
-    public_total_steps,
     refuse_mixed_lineage,
     save_config,
     seed_everything,
     trained_on,
 )
-from dpsynth.training.dp_stage import DPCheckpoints, DPStage, dp_steps_per_epoch
 from dpsynth.training.ema import EMA
-from dpsynth.training.monitor import Monitor
+from dpsynth.training.trainer import PrivateStrategy, PublicStrategy, Task, Trainer
 
 
 def train_autoencoder(
@@ -79,7 +72,8 @@ def train_autoencoder(
     init_meta = read_model_meta(init) if init else None
     if init_meta is not None:
         config = adopt_architecture(config, init_meta, ("autoencoder",))
-    refuse_mixed_lineage(cache.cache_id, cache.path, dp, [Path(init)] if init else [])
+    parents = [Path(init)] if init else []
+    refuse_mixed_lineage(cache.cache_id, cache.path, dp, parents)
     # Held until the model is written: a second process on this run is refused.
     with hold_run(out) if rank == 0 else contextlib.nullcontext():
         run = prepare_run_dir(out, resume) if rank == 0 else Path(out)
@@ -89,21 +83,35 @@ def train_autoencoder(
         model = build_autoencoder(config.autoencoder).to(device)
         if init is not None:
             model.load_state_dict(load_weights(Path(init) / "autoencoder.safetensors"))
-        losses = _VolumeLosses(config.autoencoder, device)
+        # Under DP no discriminator: it would see private data without a guarantee.
+        task = _AutoencoderTask(model, cache, config, rng, adversarial=not dp)
+        scale_entry = None
         if dp:
-            fit = _PrivateFit(run, model, cache, config, rng, losses, init, init_meta)
+            if config.autoencoder.adversarial_weight > 0:
+                warnings.warn(
+                    "autoencoder.adversarial_weight: the adversarial term is off under DP "
+                    "(the discriminator would see private data without a guarantee)",
+                    stacklevel=2,
+                )
+            # Without a public run to inherit it from, the latent scale is a DP statistic.
+            scale_entry = None if init_meta else _reserve_latent_scale(cache, config.privacy)
+            strategy = PrivateStrategy(
+                stage="autoencoder-dp-sgd", cache=cache, privacy=config.privacy, run=run,
+                parents=parents, extra_entries=[scale_entry] if scale_entry else [],
+            )  # fmt: skip
         else:
-            fit = _PublicFit(run, model, cache, config, rng, losses)
-        fit.start(resume)
+            strategy = PublicStrategy(task.section, len(task.rows))
+        trainer = Trainer(run, task, strategy, rng)
+        trainer.start(resume)
         save_config(run, config)
-        fit.fit()
-        model.load_state_dict(fit.ema.state_dict(model))
+        trainer.fit()
+        model.load_state_dict(trainer.averaged_weights())
         model.eval()
         if rank == 0:  # under torchrun every rank holds the same weights; one writes them
-            parents = [Path(init)] if init else []
-            _finish(run, model, cache, config, fit.latent_scale(model), private=dp, parents=parents)
+            scale = _latent_scale(model, cache, dp, init_meta, scale_entry)
+            _finish(run, model, cache, config, scale, private=dp, parents=parents)
             if not dp and init is not None:  # a public stage still carries what its parents spent
-                carry_lineage(run, [Path(init)])
+                carry_lineage(run, parents)
         barrier()
     return Path(out)
 
@@ -153,244 +161,117 @@ def kl_capacity_at(cfg, step: int) -> float:
     return cfg.kl_capacity * min(1.0, step / cfg.kl_capacity_steps)
 
 
-class _PublicFit:
-    """Non-private loop: random volumes, AdamW, warm-up, EMA, optional PatchGAN term."""
+class _AutoencoderTask(Task):
+    """Reconstruction of training volumes, with the PatchGAN term when `adversarial`."""
 
-    adversarial = True  # builds, trains and checkpoints the PatchGAN discriminator
+    grid_shows_data = True  # reconstructions of the cache's own volumes
 
-    def __init__(self, run, model, cache, config, rng, losses) -> None:
-        self.run, self.model, self.cache, self.rng, self.losses = run, model, cache, rng, losses
-        self.config, self.cfg, self.tcfg = config, config.autoencoder, config.autoencoder_training
-        device = next(model.parameters()).device
-        self.device = device
-        tcfg = self.tcfg
-        self.opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=tcfg.weight_decay)
+    def __init__(self, model, cache: Cache, config: Config, rng, adversarial: bool) -> None:
+        self.model, self.cache, self.rng = model, cache, rng
+        self.cfg, self.section = config.autoencoder, config.autoencoder_training
+        self.device = next(model.parameters()).device
+        self.losses = _VolumeLosses(self.cfg, self.device)
+        self.rows = cache.volume_indices("train")
         self.disc = self.opt_d = None
-        if self.adversarial:
+        self._fake = None  # (real, reconstruction) of the last batch, for the discriminator
+        if adversarial:  # built even at weight 0: a public run's seeded draws stay the same
             self.disc = PatchDiscriminator3D(1, channels=self.cfg.discriminator_channels)
-            self.disc.to(device)
+            self.disc.to(self.device)
             self.opt_d = torch.optim.AdamW(
                 self.disc.parameters(),
-                lr=self.cfg.discriminator_lr or tcfg.lr,  # the study: 5e-6, 20x below the AE's
-                weight_decay=tcfg.weight_decay,
+                lr=self.cfg.discriminator_lr or self.section.lr,  # the study: 5e-6, 20x below
+                weight_decay=self.section.weight_decay,
             )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_factor(self.warmup_steps, *self.decay)
-        )
-        self.ema = EMA(model, tcfg.ema_decay)
-        self.step = 0
 
-    lr = property(lambda self: self.tcfg.lr)
-    warmup_steps = property(lambda self: self.tcfg.warmup_steps)
-    total_steps = property(
-        lambda self: public_total_steps(self.tcfg, len(self.cache.volume_indices("train")))
-    )
-
-    @property
-    def decay(self) -> tuple[float | None, float]:
-        """(steps between lr decays, factor) for :func:`lr_factor`."""
-        volumes = len(self.cache.volume_indices("train"))
-        per_epoch = public_steps_per_epoch(self.tcfg, volumes)
-        return decay_steps(self.tcfg, per_epoch), self.tcfg.lr_decay_factor
-
-    def start(self, resume: bool) -> None:
-        """Restore the checkpoint, or open a new stage (under DP: the budget check)."""
-        if resume:
-            self.restore(*ckpt.load_checkpoint(self.run / "checkpoint"))
-        else:
-            self.open()
-
-    def fit(self) -> None:
-        main = is_main()  # under torchrun (DP only) rank 0 writes
-        monitor = Monitor(self.run, self.total_steps, self.step, "autoencoder") if main else None
-        self.model.train()
-        grid_due = False
-        while self.step < self.total_steps:
-            volumes, logs = self.train_step()
-            self.sched.step()
-            self.ema.update(self.model, self.step)
-            self.step += 1
-            done, last = self.step, self.step == self.total_steps
-            if not main:
-                continue
-            monitor.step(done, volumes, logs, done % self.tcfg.log_every == 0)
-            grid_due |= done % self.tcfg.sample_every == 0 or last
-            if done % self.tcfg.checkpoint_every == 0 or last:
-                self.checkpoint()
-                if grid_due:  # after the checkpoint that records its steps (see ldm.py)
-                    self.save_grid(done)
-                    grid_due = False
-        if main:
-            monitor.close()
-
-    def open(self) -> None:
-        pass
-
-    def train_step(self) -> tuple[int, dict[str, float]]:
-        cfg, tcfg = self.cfg, self.tcfg
-        self.opt.zero_grad(set_to_none=True)
-        adv_on = cfg.adversarial_weight > 0 and self.step >= cfg.adversarial_start
-        rows = self.cache.volume_indices("train")
-        logs: dict[str, float] = {}
-        for _ in range(tcfg.grad_accumulation):
-            x = load_volumes(self.cache.images, self.rng.choice(rows, tcfg.batch_size))
-            x = x.to(self.device)
-            with autocast(self.device, tcfg.bf16):
-                output = self.model(x)
-                loss, rec = (v.mean() for v in self.losses(output, x, self.step))
-                if adv_on:
-                    loss = loss + cfg.adversarial_weight * generator_loss(
-                        self.disc(output.reconstruction), cfg.adversarial_loss
-                    )
-            (loss / tcfg.grad_accumulation).backward()
-            logs = {"loss": float(loss.detach()), "reconstruction": float(rec.detach())}
+    def batch_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        adv_on = self.disc is not None and cfg.adversarial_weight > 0
+        adv_on = adv_on and step >= cfg.adversarial_start
+        x = load_volumes(self.cache.images, self.rng.choice(self.rows, self.section.batch_size))
+        x = x.to(self.device)
+        with autocast(self.device, self.section.bf16):
+            output = self.model(x)
+            loss, rec = (v.mean() for v in self.losses(output, x, step))
             if adv_on:
-                self.opt_d.zero_grad(set_to_none=True)
-                with autocast(self.device, tcfg.bf16):
-                    fake = self.disc(output.reconstruction.detach())
-                    d_loss = discriminator_loss(self.disc(x), fake, cfg.adversarial_loss)
-                d_loss.backward()
-                self.opt_d.step()
-                logs["discriminator"] = float(d_loss.detach())
-        self.opt.step()
-        return tcfg.batch_size * tcfg.grad_accumulation, logs
+                loss = loss + cfg.adversarial_weight * generator_loss(
+                    self.disc(output.reconstruction), cfg.adversarial_loss
+                )
+        self._fake = (x, output.reconstruction.detach()) if adv_on else None
+        return loss, {"reconstruction": float(rec.detach())}
 
-    def save_grid(self, step: int) -> None:
-        _save_reconstruction_grid(self.run, self.model, self.cache, step)
+    def auxiliary_step(self) -> dict[str, float]:
+        if self._fake is None:
+            return {}
+        (x, fake), self._fake = self._fake, None
+        self.opt_d.zero_grad(set_to_none=True)
+        with autocast(self.device, self.section.bf16):
+            d_loss = discriminator_loss(self.disc(x), self.disc(fake), self.cfg.adversarial_loss)
+        d_loss.backward()
+        self.opt_d.step()
+        return {"discriminator": float(d_loss.detach())}
 
-    def checkpoint_state(self) -> tuple[dict, dict]:
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
-        t_opt, m_opt = self.optimizer_state()
-        t_rng, m_rng = ckpt.rng_state(self.rng)
-        tensors.update(t_opt | t_rng)
-        state = {"step": self.step, "opt": m_opt, "rng": m_rng}
-        if self.disc is not None:
-            tensors.update({f"disc.{k}": v for k, v in self.disc.state_dict().items()})
-            t_optd, state["optd"] = ckpt.optimizer_state(self.opt_d, "optd")
-            tensors.update(t_optd)
-        return tensors, state
+    def patient_records(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        x = load_volumes(self.cache.images, rows.reshape(-1))
+        return {"volumes": x.reshape(*rows.shape, *x.shape[1:]).to(self.device)}
 
-    def optimizer_state(self) -> tuple[dict, dict]:
-        return ckpt.optimizer_state(self.opt, "opt")
+    def patient_loss(self, step: int):
+        def loss(model_fn, record: dict) -> torch.Tensor:
+            x = record["volumes"]
+            with autocast(self.device, self.section.bf16):
+                output = model_fn(x)
+            return self.losses(output, x, step)[0].sum()
 
-    def load_optimizer(self, tensors: dict, meta: dict) -> None:
-        ckpt.load_optimizer_state(self.opt, tensors, meta, "opt")
+        return loss
 
-    def checkpoint(self) -> None:
-        ckpt.save_checkpoint(self.run / "checkpoint", *self.checkpoint_state())
+    def save_grid(self, run: Path, step: int, ema: EMA) -> None:
+        _save_reconstruction_grid(run, self.model, self.cache, step)
 
-    def restore(self, tensors: dict, state: dict) -> None:
-        self.model.load_state_dict(ckpt.strip_prefix(tensors, "model."))
-        self.ema.load_shadow(ckpt.strip_prefix(tensors, "ema."))
-        self.load_optimizer(tensors, state["opt"])
+    def extra_state(self) -> tuple[dict, dict]:
+        if self.disc is None:
+            return {}, {}
+        tensors = {f"disc.{k}": v for k, v in self.disc.state_dict().items()}
+        t_optd, m_optd = ckpt.optimizer_state(self.opt_d, "optd")
+        return tensors | t_optd, {"optd": m_optd}
+
+    def load_extra_state(self, tensors: dict, state: dict) -> None:
         if self.disc is not None:
             self.disc.load_state_dict(ckpt.strip_prefix(tensors, "disc."))
             ckpt.load_optimizer_state(self.opt_d, tensors, state["optd"], "optd")
-        ckpt.restore_rng(tensors, state["rng"], self.rng)
-        self.step = int(state["step"])
-        self.sched.last_epoch = self.step
 
-    def latent_scale(self, model) -> tuple[float, str]:
-        """Estimated on this run's own training data, which is public here."""
 
-        rows = self.cache.volume_indices("train")[:256]
+def _reserve_latent_scale(cache: Cache, privacy) -> LedgerEntry:
+    """The ledger entry of the DP latent scale, charged when the stage opens."""
+    sigma = gaussian_noise_multiplier(
+        privacy.latent_scale_epsilon, None, privacy.delta, privacy.accountant
+    )
+    return LedgerEntry.gaussian(
+        "latent-scale", sigma, records=len(cache.patient_rows("train")),
+        delta=privacy.delta, accountant=privacy.accountant, cache_id=cache.cache_id,
+        note="DP latent scale of the DP autoencoder (clipped per-patient second moment)",
+    )  # fmt: skip
+
+
+def _latent_scale(model, cache: Cache, dp: bool, init_meta, scale_entry) -> tuple[float, str]:
+    """(scale, source): on this run's own training data when it is public; under DP, the
+    pre-trained --init run's, else the DP estimate that `scale_entry` charged."""
+    if not dp:
+        rows = cache.volume_indices("train")[:256]
+        device = next(model.parameters()).device
         batches = (
-            load_volumes(self.cache.images, rows[i : i + 8]).to(self.device)
-            for i in range(0, len(rows), 8)
+            load_volumes(cache.images, rows[i : i + 8]).to(device) for i in range(0, len(rows), 8)
         )
         return float(estimate_latent_scale(model, batches)), "public training data of this run"
-
-
-class _PrivateFit(DPCheckpoints, _PublicFit):
-    """Patient-level DP-SGD fine-tuning; no discriminator (it would see private data).
-
-    Reconstruction grids are not drawn: they would put private images in the run folder.
-    """
-
-    adversarial = False
-
-    def __init__(self, run, model, cache, config, rng, losses, init, init_meta) -> None:
-
-        super().__init__(run, model, cache, config, rng, losses)
-        if self.cfg.adversarial_weight > 0:
-            warnings.warn(
-                "autoencoder.adversarial_weight: the adversarial term is off under DP "
-                "(the discriminator would see private data without a guarantee)",
-                stacklevel=3,
-            )
-        self.init_meta = init_meta
-        self.scale_entry = None if init_meta else self._reserve_latent_scale(config.privacy)
-        self.dp = DPStage(
-            stage="autoencoder-dp-sgd", cache=cache, model=model, optimizer=self.opt,
-            privacy=config.privacy, run=run, parents=[Path(init)] if init else [],
-            extra_entries=[self.scale_entry] if self.scale_entry else [],
-            distributed=is_distributed(), main=is_main(),
-        )  # fmt: skip
-
-    # The DP stage's optimisation settings live in the `privacy` section.
-    lr = property(lambda self: self.config.privacy.lr)
-    warmup_steps = property(lambda self: self.config.privacy.warmup_steps)
-    total_steps = property(lambda self: self.dp.total_steps)
-
-    @property
-    def decay(self) -> tuple[float | None, float]:
-        p = self.config.privacy
-        return decay_steps(p, dp_steps_per_epoch(self.cache, p)), p.lr_decay_factor
-
-    def _reserve_latent_scale(self, privacy) -> LedgerEntry:
-        """Without a public run to inherit it from, the latent scale is a DP statistic."""
-
-        sigma = gaussian_noise_multiplier(
-            privacy.latent_scale_epsilon, None, privacy.delta, privacy.accountant
-        )
-        return LedgerEntry.gaussian(
-            "latent-scale", sigma, records=len(self.cache.patient_rows("train")),
-            delta=privacy.delta, accountant=privacy.accountant,
-            cache_id=self.cache.cache_id,
-            note="DP latent scale of the DP autoencoder (clipped per-patient second moment)",
-        )  # fmt: skip
-
-    def open(self) -> None:
-        self.dp.open()
-
-    def train_step(self) -> tuple[int, dict[str, float]]:
-        rows = self.dp.patient_rows[self.dp.patients(self.step)]
-        x = load_volumes(self.cache.images, rows.reshape(-1))
-        x = x.reshape(len(rows), rows.shape[1], *x.shape[1:]).to(self.device)
-        loss = self.dp.engine.step({"volumes": x}, self.patient_loss)
-        return int(round(2 * self.dp.engine.expected_batch_size)), {
-            "loss": loss,
-            **self.dp.metrics(),
-        }
-
-    def patient_loss(self, model_fn, record: dict) -> torch.Tensor:
-        """One DP record's loss: the SUM over that patient's volumes (clipped as one)."""
-        x = record["volumes"]
-        with autocast(self.device, self.tcfg.bf16):
-            output = model_fn(x)
-        return self.losses(output, x, self.step)[0].sum()
-
-    def save_grid(self, step: int) -> None:
-        pass
-
-    def restore(self, tensors: dict, state: dict) -> None:
-        super().restore(tensors, state)
-        self.dp.resume(state)
-
-    def latent_scale(self, model) -> tuple[float, str]:
-        if self.init_meta is not None:
-            return float(self.init_meta["latent_scale"]), "public: the pre-trained --init run"
-
-        rows = self.dp.patient_rows
-        latents = encode_split(model, self.cache, rows.reshape(-1), scale=1.0, batch=8)
-        scale, _ = dp_latent_scale(
-            latents.float().numpy(), rng=np.random.default_rng(secrets.randbits(63)),
-            noise_multiplier=self.scale_entry.noise_multiplier, delta=self.scale_entry.delta,
-            patients=np.repeat(np.arange(len(rows)), rows.shape[1]),
-            accountant=self.scale_entry.accountant,
-        )  # fmt: skip
-        return scale, "DP estimate on the private training data (ledger: latent-scale)"
+    if init_meta is not None:
+        return float(init_meta["latent_scale"]), "public: the pre-trained --init run"
+    rows = cache.patient_rows("train")
+    latents = encode_split(model, cache, rows.reshape(-1), scale=1.0, batch=8)
+    scale, _ = dp_latent_scale(
+        latents.float().numpy(), rng=np.random.default_rng(secrets.randbits(63)),
+        noise_multiplier=scale_entry.noise_multiplier, delta=scale_entry.delta,
+        patients=np.repeat(np.arange(len(rows)), rows.shape[1]),
+        accountant=scale_entry.accountant,
+    )  # fmt: skip
+    return scale, "DP estimate on the private training data (ledger: latent-scale)"
 
 
 @torch.no_grad()

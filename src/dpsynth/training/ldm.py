@@ -14,7 +14,6 @@ import contextlib
 import copy
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,29 +35,21 @@ from dpsynth.runs import (
     read_model_meta,
     save_weights,
 )
-from dpsynth.training import checkpoint as ckpt
 from dpsynth.training.common import (
     adopt_architecture,
     autocast,
     barrier,
     carry_lineage,
-    decay_steps,
     init_distributed,
-    is_distributed,
-    is_main,
-    lr_factor,
     pick_device,
     prepare_run_dir,
-    public_steps_per_epoch,
-    public_total_steps,
     refuse_mixed_lineage,
     save_config,
     seed_everything,
     trained_on,
 )
-from dpsynth.training.dp_stage import DPCheckpoints, DPStage, dp_steps_per_epoch
 from dpsynth.training.ema import EMA
-from dpsynth.training.monitor import Monitor
+from dpsynth.training.trainer import PrivateStrategy, PublicStrategy, Task, Trainer
 
 # Public conditions for the sample grids written during training (never private rows).
 GRID_CONDITIONS: tuple[dict[str, float], ...] = (
@@ -134,32 +125,36 @@ def train_ldm(
         objective = DenoisingObjective(scheduler, config.diffusion.condition_dropout)
         # Each rank draws its own diffusion noise for its share of the patients.
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)) + rank)
-        trainer_cls = _DPTrainer if dp else _Trainer
-        trainer = trainer_cls(
-            run=run, cache=cache, autoencoder=ae, latent_scale=latent_scale, denoiser=denoiser,
-            objective=objective, config=config, device=device, rng=rng, generator=gen,
-            parents=parents,
-        )  # fmt: skip
         validation = Cache(validation_data) if validation_data else None
-        if dp and validation is not None:
-            trainer.dp.extra_entries += _private_validation(validation, cache, private_validation)
+        task = _DenoiserTask(
+            cache=cache, autoencoder=ae, latent_scale=latent_scale, denoiser=denoiser,
+            objective=objective, config=config, rng=rng, generator=gen, validation=validation,
+        )  # fmt: skip
+        if dp:
+            strategy = PrivateStrategy(
+                stage="ldm-dp-sgd", cache=cache, privacy=config.privacy, run=run, parents=parents,
+                extra_entries=_private_validation(validation, cache, private_validation),
+            )  # fmt: skip
+        else:
+            strategy = PublicStrategy(task.section, len(task.rows))
+        trainer = Trainer(run, task, strategy, rng)
         trainer.start(resume)
         save_config(run, config)
-        trainer.fit(validation=validation)
+        trainer.fit()
 
-        denoiser.load_state_dict(trainer.ema.state_dict(denoiser))
+        denoiser.load_state_dict(trainer.averaged_weights())
         if rank == 0:
-            _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, trainer.parents)
+            _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, parents)
             if not dp:  # a public stage still carries what its parents spent
-                carry_lineage(run, trainer.parents)
+                carry_lineage(run, parents)
         barrier()
     return Path(out)
 
 
-def _private_validation(validation: Cache, data: Cache, declared: bool) -> list:
+def _private_validation(validation: Cache | None, data: Cache, declared: bool) -> list:
     """The ledger's non-private-use entry when a DP run validates on private data."""
 
-    if not (declared or validation.same_data(data)):
+    if validation is None or not (declared or validation.same_data(data)):
         return []
     return [
         LedgerEntry.non_private_use(
@@ -180,94 +175,41 @@ def _select_trainable(denoiser, finetune: str) -> None:
         p.requires_grad_(name in keep)
 
 
-class _Trainer:
-    """Non-private loop: random batches of volumes, AdamW, warm-up, EMA, checkpoints."""
+class _DenoiserTask(Task):
+    """ε-prediction on the frozen autoencoder's scaled latents, encoded once."""
 
-    def __init__(self, *, run, cache, autoencoder, latent_scale, denoiser, objective, config,
-                 device, rng, generator, parents) -> None:  # fmt: skip
-        self.run, self.cache, self.denoiser, self.objective = run, cache, denoiser, objective
+    def __init__(self, *, cache, autoencoder, latent_scale, denoiser, objective, config,
+                 rng, generator, validation: Cache | None) -> None:  # fmt: skip
+        self.cache, self.model, self.objective, self.rng = cache, denoiser, objective, rng
         self.autoencoder, self.latent_scale = autoencoder, latent_scale
-        self.config, self.device, self.rng, self.generator = config, device, rng, generator
-        self.parents = parents
-        self.tcfg = config.ldm_training
-        self.step = 0
-        rows = cache.volume_indices("train")
-        self.rows = rows
-        self.latents = encode_split(autoencoder, cache, rows, latent_scale)
-        self.attributes = cache.attributes[rows]
-        params = [p for p in denoiser.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.tcfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(self.warmup_steps, *self.decay)
-        )
-        self.ema = EMA(denoiser, self.tcfg.ema_decay)
-
-    @property
-    def lr(self) -> float:
-        return self.tcfg.lr
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.tcfg.warmup_steps
-
-    @property
-    def total_steps(self) -> int:
-        return public_total_steps(self.tcfg, len(self.rows))
-
-    @property
-    def decay(self) -> tuple[float | None, float]:
-        """(steps between lr decays, factor) for :func:`lr_factor`."""
-        per_epoch = public_steps_per_epoch(self.tcfg, len(self.rows))
-        return decay_steps(self.tcfg, per_epoch), self.tcfg.lr_decay_factor
+        self.config, self.section, self.generator = config, config.ldm_training, generator
+        self.device = next(denoiser.parameters()).device
+        self.rows = cache.volume_indices("train")
+        self.latents = encode_split(autoencoder, cache, self.rows, latent_scale)
+        self.attributes = cache.attributes[self.rows]
+        self.position = np.zeros(int(self.rows.max()) + 1 if len(self.rows) else 0, np.int64)
+        self.position[self.rows] = np.arange(len(self.rows))  # cache row -> latent index
+        self.validation = self._validation_batch(validation) if validation else None
 
     def model_fn(self, *args):
-        with autocast(self.device, self.tcfg.bf16):
-            return self.denoiser(*(a.to(self.device) for a in args))
+        with autocast(self.device, self.section.bf16):
+            return self.model(*(a.to(self.device) for a in args))
 
-    def train_step(self) -> dict[str, float]:
-        self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(self.tcfg.grad_accumulation):
-            idx = self.rng.choice(len(self.rows), self.tcfg.batch_size)
-            batch = self.objective.draw(self.latents[idx], self.attributes[idx], self.generator)
-            loss = self.objective.per_volume_loss(self.model_fn, batch).mean()
-            (loss / self.tcfg.grad_accumulation).backward()
-            total += float(loss.detach()) / self.tcfg.grad_accumulation
-        self.optimizer.step()
-        return {"loss": total}
+    def batch_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        idx = self.rng.choice(len(self.rows), self.section.batch_size)
+        batch = self.objective.draw(self.latents[idx], self.attributes[idx], self.generator)
+        return self.objective.per_volume_loss(self.model_fn, batch).mean(), {}
 
-    def volumes_per_step(self) -> int:
-        return self.tcfg.batch_size * self.tcfg.grad_accumulation
+    def patient_records(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Noisy latents of (patients, [ED, ES]) rows, drawn as the public batches are."""
+        idx = self.position[rows]
+        record = self.objective.draw(
+            self.latents[torch.from_numpy(idx)], self.attributes[idx], self.generator
+        )
+        return {k: v.to(self.device) for k, v in record.items()}
 
-    def fit(self, validation: Cache | None) -> None:
-        main = is_main()  # under torchrun only rank 0 writes
-        monitor = Monitor(self.run, self.total_steps, self.step, self.run.name) if main else None
-        val = self._validation_batch(validation) if validation is not None else None
-        grid_due = False
-        while self.step < self.total_steps:
-            logs = self.train_step()
-            self.scheduler.step()
-            self.ema.update(self.denoiser, self.step)
-            self.step += 1
-            done = self.step
-            last = done == self.total_steps
-            if val is not None and (done % self.tcfg.sample_every == 0 or last):
-                logs["validation_loss"] = self._validation_loss(val)
-            if not main:
-                continue
-            log = done % self.tcfg.log_every == 0 or last
-            monitor.step(done, self.volumes_per_step(), logs, log)
-            grid_due |= done % self.tcfg.sample_every == 0 or last
-            if done % self.tcfg.checkpoint_every == 0 or last:
-                self.checkpoint()
-                # Only now: a grid shows the steps it comes from, which the checkpoint (and
-                # under DP its ledger) must record first, or a crash would leave outputs of
-                # steps that were never counted (BRIEF 3).
-                if grid_due:
-                    self._sample_grid(done)
-                    grid_due = False
-        if main:
-            monitor.close()
+    def patient_loss(self, step: int):
+        return self.objective.patient_loss
 
     # -- validation and grids use public data or fixed public conditions only
     def _validation_batch(self, cache: Cache) -> dict:
@@ -279,137 +221,38 @@ class _Trainer:
         return self.objective.draw(latents, cache.attributes[rows], gen)
 
     @torch.no_grad()
-    def _validation_loss(self, batch: dict) -> float:
-        self.denoiser.eval()
-        loss = float(self.objective.per_volume_loss(self.model_fn, batch).mean())
-        self.denoiser.train()
-        return loss
+    def validation_logs(self) -> dict[str, float]:
+        if self.validation is None:
+            return {}
+        self.model.eval()
+        loss = float(self.objective.per_volume_loss(self.model_fn, self.validation).mean())
+        self.model.train()
+        return {"validation_loss": loss}
 
     @torch.no_grad()
-    def _sample_grid(self, step: int) -> None:
+    def save_grid(self, run: Path, step: int, ema: EMA) -> None:
         table = conditions_table(GRID_CONDITIONS)
-        volumes = self.pipeline().sample(len(table), attributes=table, steps=10, progress=False)
+        volumes = self.pipeline(ema).sample(len(table), attributes=table, steps=10, progress=False)
         sets = {"samples": (volumes, table)}
-        (self.run / "samples").mkdir(exist_ok=True)
-        (self.run / "samples" / f"mid_{step:07d}.png").write_bytes(
-            mid_slice_grid(sets, n=len(table))
-        )
-        (self.run / "samples" / f"stacks_{step:07d}.png").write_bytes(
-            slice_strips(sets, n=len(table))
-        )
+        (run / "samples").mkdir(exist_ok=True)
+        (run / "samples" / f"mid_{step:07d}.png").write_bytes(mid_slice_grid(sets, n=len(table)))
+        (run / "samples" / f"stacks_{step:07d}.png").write_bytes(slice_strips(sets, n=len(table)))
 
-    def pipeline(self):
+    def pipeline(self, ema: EMA):
         """A sampling pipeline over the EMA weights (a copy; training weights untouched)."""
-        ema_model = copy.deepcopy(self.denoiser)
-        ema_model.load_state_dict(self.ema.state_dict(self.denoiser))
+        ema_model = copy.deepcopy(self.model)
+        ema_model.load_state_dict(ema.state_dict(self.model))
         ema_model.eval()
         return make_pipeline(
-            self.autoencoder,
-            ema_model,
-            self.config.diffusion,
-            self.latent_scale,
-            self.cache.shape,
-            self.cache.spacing,
-        )
-
-    # -- checkpoints
-    def start(self, resume: bool) -> None:
-        if resume:
-            self.restore()
-
-    def checkpoint_state(self) -> tuple[dict, dict]:
-        tensors = {f"model.{k}": v for k, v in self.denoiser.state_dict().items()}
-        tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
-        t_opt, m_opt = self.optimizer_state()
-        t_rng, m_rng = ckpt.rng_state(self.rng)
-        tensors.update(t_opt | t_rng)
-        tensors["rng.generator"] = self.generator.get_state()
-        return tensors, {"step": self.step, "opt": m_opt, "rng": m_rng}
-
-    def optimizer_state(self) -> tuple[dict, dict]:
-        return ckpt.optimizer_state(self.optimizer, "opt")
-
-    def load_optimizer(self, tensors: dict, meta: dict) -> None:
-        ckpt.load_optimizer_state(self.optimizer, tensors, meta, "opt")
-
-    def checkpoint(self) -> None:
-        tensors, state = self.checkpoint_state()
-        ckpt.save_checkpoint(self.run / "checkpoint", tensors, state)
-
-    def restore(self) -> dict[str, Any]:
-        tensors, state = ckpt.load_checkpoint(self.run / "checkpoint")
-        self.denoiser.load_state_dict(ckpt.strip_prefix(tensors, "model."))
-        self.ema.load_shadow(ckpt.strip_prefix(tensors, "ema."))
-        self.load_optimizer(tensors, state["opt"])
-        ckpt.restore_rng(tensors, state["rng"], self.rng)
-        self.generator.set_state(tensors["rng.generator"])
-        self.step = int(state["step"])
-        self.scheduler.last_epoch = self.step
-        return {"tensors": tensors, "state": state}
-
-
-class _DPTrainer(DPCheckpoints, _Trainer):
-    """Patient-level DP-SGD: Poisson over patients, per-patient clipping, ledger per step."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.dp = DPStage(
-            stage="ldm-dp-sgd", cache=self.cache, model=self.denoiser, optimizer=self.optimizer,
-            privacy=self.config.privacy, run=self.run, parents=self.parents,
-            distributed=is_distributed(), main=is_main(),
+            self.autoencoder, ema_model, self.config.diffusion, self.latent_scale,
+            self.cache.shape, self.cache.spacing,
         )  # fmt: skip
 
-    # The DP stage's optimisation settings live in the `privacy` section: its few noisy
-    # steps must not inherit a warm-up sized for long non-private training.
-    @property
-    def lr(self) -> float:
-        return self.config.privacy.lr
+    def extra_state(self) -> tuple[dict, dict]:
+        return {"rng.generator": self.generator.get_state()}, {}
 
-    @property
-    def warmup_steps(self) -> int:
-        return self.config.privacy.warmup_steps
-
-    @property
-    def total_steps(self) -> int:
-        return self.dp.total_steps
-
-    @property
-    def decay(self) -> tuple[float | None, float]:
-        p = self.config.privacy
-        return decay_steps(p, dp_steps_per_epoch(self.cache, p)), p.lr_decay_factor
-
-    def _patient_latents(self):
-        """(P, 2, C, S, h, w) latents and (P, 2, 14) attributes, rows [ED, ES]."""
-        position = {int(row): i for i, row in enumerate(self.rows)}
-        order = np.vectorize(position.__getitem__)(self.dp.patient_rows)
-        return self.latents[torch.from_numpy(order)], self.attributes[order]
-
-    def fit(self, validation: Cache | None) -> None:
-        self.patient_latents, self.patient_attributes = self._patient_latents()
-        super().fit(validation)
-
-    def train_step(self) -> dict[str, float]:
-        idx = self.dp.patients(self.step)
-        record = self.objective.draw(
-            self.patient_latents[idx], self.patient_attributes[idx], self.generator
-        )
-        loss = self.dp.engine.step({k: v.to(self.device) for k, v in record.items()},
-                                   self.objective.patient_loss)  # fmt: skip
-        return {"loss": loss, **self.dp.metrics()}
-
-    def volumes_per_step(self) -> int:
-        return int(round(2 * self.dp.engine.expected_batch_size))
-
-    def start(self, resume: bool) -> None:
-        if resume:
-            self.restore()
-        else:
-            self.dp.open()
-
-    def restore(self) -> dict[str, Any]:
-        restored = super().restore()
-        self.dp.resume(restored["state"])
-        return restored
+    def load_extra_state(self, tensors: dict, state: dict) -> None:
+        self.generator.set_state(tensors["rng.generator"])
 
 
 def _attribute_ranges(cache: Cache, private: bool, init_meta: dict | None) -> dict:
