@@ -263,7 +263,7 @@ class PatientDPSGD:
 
     def _patient_grads(self, chunk: Batch, loss_fn: LossFn) -> tuple[dict[str, Tensor], Tensor]:
         """Per-patient gradients {name: (P, *shape)} and losses (P,): layer taps if they
-        are exact for this model (checked once against torch.func), else torch.func."""
+        are exact for this model (checked once against plain autograd), else torch.func."""
         if self._taps is None and _num_patients(chunk) >= 2:
             self._taps = self._checked_taps(chunk, loss_fn)
         if self._taps:
@@ -277,8 +277,8 @@ class PatientDPSGD:
         return self._vmap_grads(chunk, loss_fn)
 
     def _checked_taps(self, chunk: Batch, loss_fn: LossFn) -> PatientTaps | bool:
-        """The layer taps (`grad_taps`) if they give torch.func's per-patient gradients on
-        two patients of `chunk` (dropout off), else False.
+        """The layer taps (`grad_taps`) if they give the per-patient gradients of plain
+        autograd on two patients of `chunk` (dropout off), else False.
 
         The check guards the privacy guarantee, not only the speed: a layer whose rows are
         not grouped patient-major would mix patients in one "patient" gradient, and then
@@ -294,19 +294,36 @@ class PatientDPSGD:
         self.model.eval()
         try:
             fast, fast_loss = taps(probe, loss_fn)
-            ref, ref_loss = self._vmap_grads(probe, loss_fn)
+            ref, ref_loss = self._autograd_grads(probe, loss_fn)
         except Unsupported:
             return False
         finally:
             self.model.train(training)
-        diff = sum(float((fast[n] - ref[n]).flatten(1).square().sum(1).max()) for n in ref)
-        scale = sum(float(ref[n].flatten(1).square().sum(1).min()) for n in ref)
-        if not (diff <= 1e-6 * scale and torch.allclose(fast_loss, ref_loss, rtol=1e-4)):
+        # Per patient: the difference's norm within 1e-3 of the gradient's (float32 rounding
+        # is ~1e-6; a patient mixed with another is off by O(1)).
+        diff = sum((fast[n] - ref[n]).flatten(1).square().sum(1) for n in ref)
+        norm = sum(ref[n].flatten(1).square().sum(1) for n in ref)
+        if not ((diff <= 1e-6 * norm).all() and torch.allclose(fast_loss, ref_loss, rtol=1e-4)):
             warnings.warn(
-                "DP-SGD: layer taps disagree with torch.func; using torch.func", stacklevel=4
+                "DP-SGD: layer taps disagree with autograd; using torch.func", stacklevel=4
             )
             return False
         return taps
+
+    def _autograd_grads(self, chunk: Batch, loss_fn: LossFn) -> tuple[dict[str, Tensor], Tensor]:
+        """Per-patient gradients by plain autograd, one patient at a time: the definition,
+        at the memory of a plain step on one patient (the check must not set the peak)."""
+        names, params = list(self._trainable), list(self._trainable.values())
+        grads: dict[str, list[Tensor]] = {n: [] for n in names}
+        losses = []
+        for i in range(_num_patients(chunk)):
+            loss = loss_fn(self.model, {k: v[i] for k, v in chunk.items()})
+            for n, p, g in zip(
+                names, params, torch.autograd.grad(loss, params, allow_unused=True), strict=True
+            ):
+                grads[n].append(torch.zeros_like(p) if g is None else g)
+            losses.append(loss.detach())
+        return {n: torch.stack(g) for n, g in grads.items()}, torch.stack(losses)
 
     def _vmap_grads(self, chunk: Batch, loss_fn: LossFn) -> tuple[dict[str, Tensor], Tensor]:
         """Reference path: ``vmap`` over patients of ``grad`` of the patient's loss."""
