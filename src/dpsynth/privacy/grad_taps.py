@@ -19,15 +19,14 @@ per-volume contributions over the patient's volumes, as the patient-level loss d
 norms (never instantiating per-sample gradients) would not pay off: a 3D convolution's
 per-patient gradient (C_out x C_in x k) is far smaller than its ghost-norm Gram matrix over
 V x S x h x w positions, and all per-patient gradients together are P x parameters
-(123 MiB for the demo denoiser at 16 patients).
+(118 MiB for the demo denoiser at 16 patients).
 
 Only the per-patient loss values still come from ``vmap`` over patients: `loss_fn` is
 written for one patient, so it runs under vmap as before, while its ``model_fn`` leaves
 vmap through an ``autograd.Function`` with a vmap rule that calls the model on the
 physical batch (patients x volumes flattened).
 
-Layers with a rule: Linear, Conv1d/2d/3d (zero padding, batch = volumes), GroupNorm,
-LayerNorm. A module
+Layers with a rule: Linear, Conv1d/2d/3d (zero padding), GroupNorm, LayerNorm. A module
 owning trainable parameters of another kind (e.g. a learned embedding added by the module's
 own code) gets the generic rule: ``vmap`` over patients of the VJP of that module alone.
 Models with trainable parameters on the root module, or anything the rules cannot vouch
@@ -287,7 +286,7 @@ class PatientTaps:
             self.anchor = None
         patients = len(losses)
         grads = {
-            n: self.grads.pop(n, None)
+            n: self.grads.pop(n)
             if n in self.grads
             else p.new_zeros((patients, *p.shape))  # unused in this forward: gradient 0
             for n, p in self.trainable.items()
