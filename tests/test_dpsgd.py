@@ -385,3 +385,115 @@ def test_secure_rng_keeps_noise_scale_and_draws_fresh_batches():
     assert model.w.detach().std().item() == pytest.approx(sigma * clip / (q * n), rel=0.03)
     first, second = (np.concatenate(list(engine.logical_batches(0))) for _ in range(2))
     assert not np.array_equal(first, second)  # the sampling_seed is not used
+
+
+# --- Layer taps (privacy/grad_taps.py): one batched pass instead of vmap over patients ---
+
+
+def tiny_latent_denoiser() -> nn.Module:
+    from dpsynth.models.denoiser import LatentDenoiser
+
+    torch.manual_seed(0)
+    return LatentDenoiser(
+        in_channels=2, channels=8, channel_multipliers=(1, 2), attention_levels=(False, True),
+        num_res_blocks=1, num_slices=5, num_heads=2, norm_groups=4, time_embed_dim=16,
+        attribute_embed_dim=8, dropout=0.0,
+    )  # fmt: skip
+
+
+def latent_batch(patients: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    attributes = torch.rand(patients, 2, 14, generator=g)
+    attributes[0, 1, 3] = float("nan")  # an unknown attribute takes the "unknown" token
+    return {
+        "x": torch.randn(patients, 2, 2, 5, 8, 8, generator=g),
+        "t": torch.randint(0, 150, (patients, 2), generator=g),
+        "a": attributes,
+        "eps": torch.randn(patients, 2, 2, 5, 8, 8, generator=g)
+        * torch.arange(1.0, patients + 1).view(
+            -1, 1, 1, 1, 1, 1
+        ),  # patients of growing gradient norm
+    }
+
+
+def eps_loss(model_fn, record):
+    eps = model_fn(record["x"], record["t"], record["a"])
+    return ((eps - record["eps"]) ** 2).flatten(1).mean(1).sum()
+
+
+def per_patient_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.stack([g.flatten(1).square().sum(1) for g in grads.values()]).sum(0).sqrt()
+
+
+def test_layer_taps_give_torch_func_per_patient_gradients_on_the_denoiser():
+    from dpsynth.privacy.grad_taps import PatientTaps
+
+    model = tiny_latent_denoiser()
+    engine = make_engine(model)
+    batch = latent_batch(3)
+    fast, fast_loss = PatientTaps(model, engine._trainable)(batch, eps_loss)
+    ref, ref_loss = engine._vmap_grads(batch, eps_loss)
+    assert set(fast) == set(ref) and len(ref) > 100  # every parameter, slice position included
+    diff = per_patient_norms({n: fast[n] - ref[n] for n in ref})
+    assert (diff <= 1e-5 * per_patient_norms(ref)).all()
+    assert torch.allclose(fast_loss, ref_loss, rtol=1e-6)
+
+
+def test_layer_taps_clipped_update_equals_torch_func_with_clipped_and_unclipped_patients():
+    from dpsynth.privacy.grad_taps import PatientTaps
+
+    model = tiny_latent_denoiser()
+    reference = copy.deepcopy(model)
+    batch = latent_batch(4)
+    norms = per_patient_norms(make_engine(model)._vmap_grads(batch, eps_loss)[0])
+    clip = float(norms.sort().values[1:3].mean())  # between the 2nd and 3rd norm
+    assert (norms < clip).sum() == 2 and (norms > clip).sum() == 2  # both kinds of patient
+    fast = make_engine(model, clip=clip, physical=3, lr=1.0)
+    slow = make_engine(reference, clip=clip, physical=3, lr=1.0)
+    slow._taps = False  # the torch.func reference path
+    before = flat_params(model)
+    fast_loss, slow_loss = fast.step(batch, eps_loss), slow.step(batch, eps_loss)
+    assert isinstance(fast._taps, PatientTaps)  # the denoiser runs on the fast path
+    step_fast, step_slow = flat_params(model) - before, flat_params(reference) - before
+    assert (step_fast - step_slow).norm() <= 1e-5 * step_slow.norm()
+    assert fast_loss == pytest.approx(slow_loss, rel=1e-6)
+
+
+class SequenceFirst(nn.Module):
+    """A Linear over (L, B, d): rows are NOT patient-major, so the taps would mix patients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, L, 3) -> (B, L)
+        return self.linear(x.transpose(0, 1))[..., 0].transpose(0, 1)
+
+
+def test_taps_that_would_mix_patients_are_refused_and_the_step_stays_per_patient():
+    from dpsynth.privacy.grad_taps import PatientTaps
+
+    def loss_fn(model_fn, record):
+        return model_fn(record["x"]).square().sum()
+
+    torch.manual_seed(0)
+    model = SequenceFirst()
+    batch = {"x": torch.randn(2, 2, 4, 3)}  # 2 patients x 2 volumes x L = 4
+    engine = make_engine(model, clip=0.5, q=0.5, n=4)
+    fast = PatientTaps(model, engine._trainable)(batch, loss_fn)[0]
+    ref = engine._vmap_grads(batch, loss_fn)[0]
+    assert not torch.allclose(fast["linear.weight"], ref["linear.weight"], rtol=0.1)
+    reference = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="disagree with autograd"):
+        engine.step(batch, loss_fn)
+    assert engine._taps is False
+    slow = make_engine(reference, clip=0.5, q=0.5, n=4)
+    slow._taps = False
+    slow.step(batch, loss_fn)
+    assert torch.allclose(flat_params(model), flat_params(reference), rtol=1e-6)
+
+
+def test_a_parameter_on_the_root_module_keeps_the_torch_func_path():
+    engine = make_engine(Dot(3), q=0.5, n=4)
+    engine.step({"x": torch.randn(2, 2, 3)}, dot_loss)
+    assert engine._taps is False

@@ -30,6 +30,29 @@ from dpsynth.models.conditioning import AttributeEncoder
 __all__ = ["LatentDenoiser", "SliceTransformerBlock"]
 
 
+class SlicePosition(nn.Module):
+    """A learned embedding per slice, added to tokens (b, S, n, c).
+
+    Its own module (not a bare parameter of the block) so that DP-SGD's layer taps
+    (`privacy/grad_taps.py`) compute its per-patient gradient from this add alone instead
+    of re-running the whole transformer block per patient.
+    """
+
+    def __init__(self, num_slices: int, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_slices, channels) * 0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens + self.weight[:, None, :]
+
+
+def _rename_slice_position(module, state_dict, prefix, *_args) -> None:
+    """Checkpoints written before `SlicePosition` (the shipped demo models) load unchanged."""
+    old = prefix + "slice_position"
+    if old in state_dict:
+        state_dict[old + ".weight"] = state_dict.pop(old)
+
+
 class SliceTransformerBlock(nn.Module):
     """In-plane self-attention, attention across slices, MLP, cross-attention to attributes.
 
@@ -44,7 +67,8 @@ class SliceTransformerBlock(nn.Module):
         self.num_slices = num_slices
         self.norm_plane = nn.LayerNorm(channels)
         self.plane_attention = Attention(channels, num_heads)
-        self.slice_position = nn.Parameter(torch.randn(num_slices, channels) * 0.02)
+        self.slice_position = SlicePosition(num_slices, channels)
+        self.register_load_state_dict_pre_hook(_rename_slice_position)
         self.norm_slices = nn.LayerNorm(channels)
         self.slice_attention = Attention(channels, num_heads)
         self.norm_mlp = nn.LayerNorm(channels)
@@ -57,7 +81,7 @@ class SliceTransformerBlock(nn.Module):
         t = x.permute(0, 2, 3, 4, 1).reshape(b, s, h * w, c)
         plane = self.norm_plane(t).reshape(b * s, h * w, c)
         t = t + self.plane_attention(plane).reshape(b, s, h * w, c)
-        across = (self.norm_slices(t) + self.slice_position[:, None, :]).transpose(1, 2)
+        across = self.slice_position(self.norm_slices(t)).transpose(1, 2)
         across = self.slice_attention(across.reshape(b * h * w, s, c))
         t = t + across.reshape(b, h * w, s, c).transpose(1, 2)
         t = t + self.mlp(self.norm_mlp(t))

@@ -23,6 +23,7 @@ within the sensitivity) instead of poisoning the whole update; the engine counts
 from __future__ import annotations
 
 import secrets
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -35,6 +36,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from dpsynth.errors import DpsynthError
 from dpsynth.privacy.distributed import ProcessGroupInfo, device_of, make_dp_optimizer
+from dpsynth.privacy.grad_taps import PatientTaps, Unsupported
 
 Batch = Mapping[str, Tensor]
 ModelFn = Callable[..., Any]
@@ -176,6 +178,8 @@ class PatientDPSGD:
         self._trainable = {n: p for n, p in model.named_parameters() if id(p) in trainable}
         if len(self._trainable) != len(trainable):
             raise DpsynthError("optimizer: holds parameters that are not in the model")
+        # Layer taps (`grad_taps`): None until checked on the first chunk, then taps or False.
+        self._taps: PatientTaps | bool | None = None
 
     def _count_step(self, optimizer: DPOptimizer) -> None:
         self.steps_taken += 1
@@ -245,6 +249,85 @@ class PatientDPSGD:
         Returns the loss sum of the patients with finite gradients and the number of the
         others, whose gradients are zeroed here, before clipping.
         """
+        grads, losses = self._patient_grads(chunk, loss_fn)
+        # One NaN would make the clipped sum, and so every weight, NaN whatever C is. A sum
+        # holding a NaN or inf is not finite; so is one that overflows, whose patient the
+        # clipping would scale to 0 anyway. One pass per parameter, no copy when all are finite.
+        finite = torch.stack([g.flatten(1).sum(1) for g in grads.values()]).sum(0).isfinite()
+        keep_all = bool(finite.all())
+        for name, p in self._trainable.items():
+            g = grads[name]
+            p.grad_sample = (
+                g if keep_all else torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0)
+            )
+        return float(losses[finite].sum()), int((~finite).sum())
+
+    def _patient_grads(self, chunk: Batch, loss_fn: LossFn) -> tuple[dict[str, Tensor], Tensor]:
+        """Per-patient gradients {name: (P, *shape)} and losses (P,): layer taps if they
+        are exact for this model (checked once against plain autograd), else torch.func."""
+        if self._taps is None and _num_patients(chunk) >= 2:
+            self._taps = self._checked_taps(chunk, loss_fn)
+        if self._taps:
+            try:
+                return self._taps(chunk, loss_fn)
+            except Unsupported as e:
+                warnings.warn(
+                    f"DP-SGD: per-patient gradients through torch.func ({e})", stacklevel=3
+                )
+                self._taps = False
+        return self._vmap_grads(chunk, loss_fn)
+
+    def _checked_taps(self, chunk: Batch, loss_fn: LossFn) -> PatientTaps | bool:
+        """The layer taps (`grad_taps`) if they give the per-patient gradients of plain
+        autograd on two patients of `chunk` (dropout off), else False.
+
+        The check guards the privacy guarantee, not only the speed: a layer whose rows are
+        not grouped patient-major would mix patients in one "patient" gradient, and then
+        clipping would no longer bound one patient's influence. Its outcome only chooses
+        how the same gradients are computed.
+        """
+        try:
+            taps = PatientTaps(self.model, self._trainable)
+        except Unsupported:
+            return False
+        probe = {k: v[:2] for k, v in chunk.items()}
+        training = self.model.training
+        self.model.eval()
+        try:
+            fast, fast_loss = taps(probe, loss_fn)
+            ref, ref_loss = self._autograd_grads(probe, loss_fn)
+        except Unsupported:
+            return False
+        finally:
+            self.model.train(training)
+        # Per patient: the difference's norm within 1e-3 of the gradient's (float32 rounding
+        # is ~1e-6; a patient mixed with another is off by O(1)).
+        diff = sum((fast[n] - ref[n]).flatten(1).square().sum(1) for n in ref)
+        norm = sum(ref[n].flatten(1).square().sum(1) for n in ref)
+        if not ((diff <= 1e-6 * norm).all() and torch.allclose(fast_loss, ref_loss, rtol=1e-4)):
+            warnings.warn(
+                "DP-SGD: layer taps disagree with autograd; using torch.func", stacklevel=4
+            )
+            return False
+        return taps
+
+    def _autograd_grads(self, chunk: Batch, loss_fn: LossFn) -> tuple[dict[str, Tensor], Tensor]:
+        """Per-patient gradients by plain autograd, one patient at a time: the definition,
+        at the memory of a plain step on one patient (the check must not set the peak)."""
+        names, params = list(self._trainable), list(self._trainable.values())
+        grads: dict[str, list[Tensor]] = {n: [] for n in names}
+        losses = []
+        for i in range(_num_patients(chunk)):
+            loss = loss_fn(self.model, {k: v[i] for k, v in chunk.items()})
+            for n, p, g in zip(
+                names, params, torch.autograd.grad(loss, params, allow_unused=True), strict=True
+            ):
+                grads[n].append(torch.zeros_like(p) if g is None else g)
+            losses.append(loss.detach())
+        return {n: torch.stack(g) for n, g in grads.items()}, torch.stack(losses)
+
+    def _vmap_grads(self, chunk: Batch, loss_fn: LossFn) -> tuple[dict[str, Tensor], Tensor]:
+        """Reference path: ``vmap`` over patients of ``grad`` of the patient's loss."""
         params = {n: p.detach() for n, p in self._trainable.items()}
         # Parameters outside the optimizer are constants here (e.g. a frozen UNet backbone).
         frozen = {n: t.detach() for n, t in self.model.named_parameters() if n not in params}
@@ -257,15 +340,9 @@ class PatientDPSGD:
             return loss_fn(model_fn, record)
 
         # randomness="different": each patient draws its own dropout masks.
-        grads, losses = vmap(
-            grad_and_value(patient_loss), in_dims=(None, 0), randomness="different"
-        )(params, dict(chunk))
-        # One NaN would make the clipped sum, and so every weight, NaN whatever C is.
-        finite = torch.stack([g.flatten(1).isfinite().all(1) for g in grads.values()]).all(0)
-        for name, p in self._trainable.items():
-            g = grads[name]
-            p.grad_sample = torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0)
-        return float(losses[finite].sum()), int((~finite).sum())
+        return vmap(grad_and_value(patient_loss), in_dims=(None, 0), randomness="different")(
+            params, dict(chunk)
+        )
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Everything for an exact resume, as (tensors for safetensors, JSON-able dict).
