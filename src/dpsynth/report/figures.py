@@ -21,7 +21,7 @@ from dpsynth.data.figures import (
 from dpsynth.data.figures import fmt as _fmt
 from dpsynth.data.figures import image as _image
 from dpsynth.data.figures import png as _png
-from dpsynth.evaluation.controllability import POOLED, agreement
+from dpsynth.evaluation.controllability import MEASURED_ATTRIBUTES, POOLED, agreement
 
 __all__ = ["attribute_caption", "mid_slice_grid", "montage", "slice_strips"]
 
@@ -31,11 +31,15 @@ def controllability_figure(rows: Sequence[Mapping[str, Any]], reader: str = "ref
 
     `rows` are controllability.csv records (attribute, requested, measured, set); a set
     other than "synthetic" is the reader's measurement of real volumes, i.e. the ceiling.
-    Panels: each attribute in the rows, then the study's pooled groups (ED and ES
-    together) whose members are present. Titles give r and MAE (as
-    `dpsynth.evaluation.controllability.agreement` computes them) for both sets.
+    Panels: each attribute in the rows (per-phase volumes and thickness first), then the
+    study's pooled groups (ED and ES together) whose members are present. Titles give r
+    and MAE (as `dpsynth.evaluation.controllability.agreement` computes them) for both sets.
     """
-    present = list(dict.fromkeys(r["attribute"] for r in rows))
+    order = list(MEASURED_ATTRIBUTES)  # LV, RV, thickness per phase first, then the rest
+    present = sorted(
+        dict.fromkeys(r["attribute"] for r in rows),
+        key=lambda a: order.index(a) if a in order else len(order),
+    )
     panels = {a: (a,) for a in present} | {
         group: members for group, members in POOLED.items() if any(m in present for m in members)
     }
