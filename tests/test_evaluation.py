@@ -12,7 +12,12 @@ from test_referee import SPACING, phantoms, write_cache
 from dpsynth.attributes import INDEX
 from dpsynth.data.volumes import check_compatible, load_volume_set, normalise_intensity
 from dpsynth.errors import DpsynthError
-from dpsynth.evaluation.controllability import evaluate_controllability, write_controllability_csv
+from dpsynth.evaluation.controllability import (
+    agreement,
+    evaluate_controllability,
+    with_ceiling,
+    write_controllability_csv,
+)
 from dpsynth.evaluation.diversity import mean_pairwise_ms_ssim, pairwise_ms_ssim
 from dpsynth.evaluation.evaluate import evaluate
 from dpsynth.evaluation.fid import compute_fid
@@ -151,6 +156,49 @@ def test_controllability_perfect_referee_gives_r_one(tmp_path):
     assert all(float(r["requested"]) == pytest.approx(float(r["measured"]), rel=1e-5) for r in rows)
 
 
+def test_agreement_by_hand():
+    # x = 1, 2, 3 and y = 2, 2, 4: cov = 2/3, var x = 2/3, var y = 8/9 -> r = sqrt(3) / 2
+    got = agreement(np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 4.0]), relative=True)
+    assert got["r"] == pytest.approx(np.sqrt(3) / 2) and got["n"] == 3
+    assert got["mae"] == pytest.approx(2 / 3) and got["mae_pct"] == pytest.approx(100 / 3)
+    assert "mae_pct" not in agreement(np.array([1.0, 2.0]), np.array([1.0, 3.0]))
+    nan_pair = agreement(np.array([1.0, np.nan, 3.0, 4.0]), np.array([1.0, 5.0, np.nan, 5.0]))
+    assert nan_pair["n"] == 2 and nan_pair["mae"] == pytest.approx(0.5)
+    assert np.isnan(agreement(np.array([1.0, 1.0]), np.array([1.0, 2.0]))["r"])  # constant
+
+
+def test_with_ceiling_per_phase_and_pooled_by_hand():
+    rows = [
+        ("a", "LVEDV", 100.0, 90.0, "synthetic"),
+        ("b", "LVEDV", 200.0, 170.0, "synthetic"),
+        ("c", "LVESV", 50.0, 60.0, "synthetic"),
+        ("d", "LVESV", 70.0, 70.0, "synthetic"),
+        ("e", "RVESV", 80.0, 40.0, "synthetic"),
+        ("f", "MYOEDTHICK", 6.0, 7.0, "synthetic"),
+        ("g", "LVEDV", 100.0, 101.0, "real"),
+        ("h", "LVESV", 40.0, 37.0, "real"),
+        ("i", "DEPTH", 8.0, 9.0, "synthetic"),
+    ]
+    table = with_ceiling(rows)
+    lvedv = table["LVEDV"]
+    # requested 100, 200; measured 90, 170: r = 1 (two points), MAE 20, 20/150 = 13.3 %
+    assert lvedv["r"] == pytest.approx(1.0) and lvedv["mae"] == pytest.approx(20.0)
+    assert lvedv["mae_pct"] == pytest.approx(100 * 20 / 150) and lvedv["n"] == 2
+    assert lvedv["ceiling_mae"] == pytest.approx(1.0) and lvedv["ceiling_n"] == 1
+    assert lvedv["ceiling_mae_pct"] == pytest.approx(1.0) and np.isnan(lvedv["ceiling_r"])
+    # pooled LV: |10|, |30|, |10|, |0| over requested mean 105 -> MAE 12.5, 11.9 %
+    lv = table["LV_VOLUME"]
+    assert lv["n"] == 4 and lv["mae"] == pytest.approx(12.5)
+    assert lv["mae_pct"] == pytest.approx(100 * 12.5 / 105)
+    x, y = np.array([100, 200, 50, 70.0]), np.array([90, 170, 60, 70.0])
+    assert lv["r"] == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert lv["ceiling_n"] == 2 and lv["ceiling_mae"] == pytest.approx(2.0)
+    assert lv["ceiling_r"] == pytest.approx(1.0)
+    assert table["RV_VOLUME"]["mae_pct"] == pytest.approx(50.0)  # 40 of 80 requested
+    assert table["MYO_THICK"]["mae"] == pytest.approx(1.0) and table["MYO_THICK"]["n"] == 1
+    assert "mae_pct" not in table["DEPTH"] and "RVEDV" not in table
+
+
 def test_controllability_wrong_masks_lower_r():
     synthetic = phantoms(10, seed=4)
     shuffled = synthetic.subset(np.roll(np.arange(10), 2))  # same phases, other patients
@@ -223,6 +271,36 @@ def test_metrics_json_schema(tmp_path):
     assert all(float(r["requested"]) == pytest.approx(float(r["measured"]), rel=1e-5) for r in lv)
     with pytest.raises(DpsynthError, match="unknown"):
         evaluate(real, synthetic, tmp_path / "o2", metrics=("nope",))
+
+
+def test_second_reader_table_and_csv_in_metrics_json(tmp_path):
+    real, synthetic = phantoms(8, seed=21), phantoms(8, seed=22)
+    wrong = synthetic.subset(np.roll(np.arange(8), 2))  # same phases, other patients' masks
+    second = TrueMaskReferee(real, synthetic)
+    second.truth[synthetic.volumes.tobytes()] = wrong
+    second.meta = {"description": "a test reader", "epochs": 1, "private": "not copied"}
+    result = evaluate(real, synthetic, tmp_path / "out", metrics=("controllability",),
+                      referee=TrueMaskReferee(real, synthetic), second_reader=second)  # fmt: skip
+    table = result["controllability_second_reader"]
+    assert table["reader"]["description"] == "a test reader" and "private" not in table["reader"]
+    lv = table["attributes"]["LV_VOLUME"]
+    requested = synthetic.attributes[:, INDEX["LVEDV"]]
+    requested = np.where(np.isnan(requested), synthetic.attributes[:, INDEX["LVESV"]], requested)
+    measured = np.where(np.isnan(wrong.attributes[:, INDEX["LVEDV"]]),
+                        wrong.attributes[:, INDEX["LVESV"]], wrong.attributes[:, INDEX["LVEDV"]])  # fmt: skip
+    assert lv["mae"] == pytest.approx(np.mean(np.abs(requested - measured)), rel=1e-5)
+    assert lv["mae_pct"] == pytest.approx(100 * lv["mae"] / requested.mean(), rel=1e-5)
+    assert lv["ceiling_r"] == pytest.approx(1.0) and lv["ceiling_mae"] < 1e-4
+    assert result["controllability"]["LV_VOLUME"]["r"] == pytest.approx(1.0)  # the referee's
+    with open(tmp_path / "out" / "controllability_second_reader.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["set"] for r in rows} == {"synthetic", "real"}
+    assert sum(r["attribute"] in ("LVEDV", "LVESV") and r["set"] == "synthetic" for r in rows) == 8
+    # without a referee the second reader still measures
+    alone = evaluate(real, synthetic, tmp_path / "o2", metrics=("controllability",),
+                     second_reader=second)  # fmt: skip
+    assert alone["controllability_second_reader"]["attributes"]["LV_VOLUME"] == lv
+    assert "skipped" in alone["metrics"]["controllability_lv_r"]["note"]
 
 
 def test_untrained_referee_plugs_into_evaluate(tmp_path):

@@ -27,8 +27,9 @@ from dpsynth.report.html import SECTIONS, _attack_bound
 
 SHAPE = (5, 32, 32)
 TITLES = [title for _, title, _ in SECTIONS]
-# 2 sample grids, marginals, correlations, controllability, ROC, closest pairs, loss, comparison
-N_IMAGES = 9
+# 2 sample grids, marginals, correlations, controllability (referee and second reader), ROC,
+# closest pairs, loss, comparison
+N_IMAGES = 10
 
 
 class _Page(HTMLParser):
@@ -169,6 +170,21 @@ def _write_run(root: Path, cache: Path, epsilon_steps: int = 100, name: str = "r
             "controllability": {
                 "LV_VOLUME": {"r": 0.81, "mae": 9.5, "ceiling_r": 0.97, "ceiling_mae": 4.0, "n": 4}
             },
+            "controllability_second_reader": {
+                "reader": {"description": "2D U-Net <test>", "trained_on": "cache", "epochs": 3},
+                "attributes": {
+                    "LVEDV": {
+                        "r": 0.52,
+                        "mae": 68.25,
+                        "mae_pct": 41.5,
+                        "ceiling_r": 0.97,
+                        "ceiling_mae": 11.0,
+                        "ceiling_mae_pct": 7.25,
+                        "n": 2,
+                        "ceiling_n": 2,
+                    },  # fmt: skip
+                },
+            },
             "privacy_audit": {
                 "label": mem["label"],
                 "membership_inference": mia,
@@ -183,6 +199,14 @@ def _write_run(root: Path, cache: Path, epsilon_steps: int = 100, name: str = "r
             w.writerow([f"s{k}", "LV_VOLUME", 100 + 10 * k, 98 + 11 * k, "synthetic"])
             w.writerow([f"r{k}", "LV_VOLUME", 90 + 12 * k, 91 + 12 * k, "real"])
             w.writerow([f"s{k}", "RV_VOLUME", 110 + 5 * k, "nan", "synthetic"])
+    with open(eval_dir / "controllability_second_reader.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "attribute", "requested", "measured", "set"])
+        for k in range(4):
+            w.writerow(
+                [f"s{k}", "LVEDV" if k % 2 else "LVESV", 100 + 10 * k, 60 + 5 * k, "synthetic"]
+            )
+            w.writerow([f"r{k}", "LVEDV", 90 + 12 * k, 91 + 12 * k, "real"])
     return run
 
 
@@ -251,6 +275,46 @@ def test_report_numbers_and_privacy_statements(report):
     assert "non-private" in comparison and "∞" in comparison and "eps-small" in comparison
     # escaped, never executed
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text
+
+
+def test_controllability_section_shows_both_readers(report):
+    _, text = report
+    section = text.split('id="controllability"')[1].split("</section>")[0]
+    assert "Second reader (independent 2D U-Net, evaluation only)" in section
+    assert "2D U-Net &lt;test&gt;" in section  # escaped
+    # the second reader's row: r, MAE, MAE %, ceiling r, ceiling MAE, ceiling MAE %, n, n real
+    row = section.split("<td>LVEDV</td>")[1].split("</tr>")[0]
+    cells = re.findall(r'<td class="num">([^<]*)</td>', row)
+    assert cells == ["0.52", "68.25", "41.5", "0.97", "11", "7.25", "2", "2"]
+    assert section.count("<img") == 2
+    assert "the second reader (a 2D U-Net trained on real volumes without DP)" in text
+
+
+def test_controllability_figure_titles_by_hand():
+    rows = [
+        {"attribute": "LVEDV", "requested": 100, "measured": 90, "set": "synthetic"},
+        {"attribute": "LVEDV", "requested": 200, "measured": 170, "set": "synthetic"},
+        {"attribute": "LVESV", "requested": 50, "measured": 60, "set": "synthetic"},
+        {"attribute": "LVESV", "requested": 70, "measured": 70, "set": "synthetic"},
+        {"attribute": "LVESV", "requested": 40, "measured": 38, "set": "real"},
+        {"attribute": "LVESV", "requested": 60, "measured": 61, "set": "real"},
+    ]
+    fig = figures.controllability_figure(rows, "second reader")
+    titles = [ax.get_title() for ax in fig.axes if ax.axison]
+    pooled_r = np.corrcoef([100, 200, 50, 70], [90, 170, 60, 70])[0, 1]
+    assert titles == [
+        "LVEDV\nsynthetic: r = 1.00, MAE = 20.00",
+        "LVESV\nsynthetic: r = 1.00, MAE = 5.00\nreal: r = 1.00, MAE = 1.50",
+        f"LV_VOLUME (ED + ES)\nsynthetic: r = {pooled_r:.2f}, MAE = 12.50"
+        "\nreal: r = 1.00, MAE = 1.50",
+    ]
+    pooled = fig.axes[2]
+    assert len(pooled.collections[0].get_offsets()) == 4  # ED and ES points together
+    assert pooled.get_ylabel() == "measured by the second reader (mL)"
+    # the identity line spans the x range
+    (line,) = pooled.get_lines()
+    assert list(line.get_xdata()) == list(line.get_ydata())
+    assert imread(io.BytesIO(figures.controllability_scatter(rows)), format="png").size > 0
 
 
 def test_slice_viewer_holds_every_slice_of_a_few_volumes(report, cache):

@@ -236,6 +236,13 @@ def cmd_train_referee(args: argparse.Namespace) -> None:
     print(f"referee -> {out}")
 
 
+def cmd_train_second_reader(args: argparse.Namespace) -> None:
+    from dpsynth.evaluation.second_reader import train_second_reader  # start-up time
+
+    out = train_second_reader(args.data, args.out, epochs=args.epochs, seed=args.seed)
+    print(f"second reader (evaluation only, never release) -> {out}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from dpsynth.evaluation.evaluate import evaluate  # start-up time (module docstring)
     from dpsynth.runs import load
@@ -246,7 +253,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         args.real, args.synthetic, args.out, referee=args.referee,
         inception_weights=args.inception_weights, seed=args.seed,
         pipeline=load(args.model_run) if args.model_run else None,
-        study=args.study, **kwargs,
+        study=args.study, second_reader=args.second_reader, **kwargs,
     )  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
@@ -466,6 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_referee)
 
+    p = sub.add_parser(
+        "train-second-reader",
+        help="train the independent 2D slice segmenter that re-measures controllability",
+    )
+    p.add_argument("--data", required=True, type=Path, help="prepared cache (train split)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_second_reader)
+
     p = sub.add_parser("evaluate", help="compare synthetic volumes with real ones")
     p.add_argument("--real", required=True, type=Path)
     p.add_argument("--synthetic", required=True, type=Path)
@@ -474,6 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--referee", type=Path)
     p.add_argument("--inception-weights", type=Path)
     p.add_argument("--model-run", type=Path, help="LDM run, for the membership-inference audit")
+    p.add_argument(
+        "--second-reader",
+        type=Path,
+        help="second reader folder (dpsynth train-second-reader): controllability re-measured "
+        "by an independent 2D U-Net",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--study",

@@ -22,6 +22,7 @@ from dpsynth.app.workflow import pretrain_public_models, train_stage
 from dpsynth.config import Config, config_from_dict, load_config
 from dpsynth.data.prepare import prepare
 from dpsynth.data.simulate import simulate_cohort
+from dpsynth.evaluation.controllability import PER_PHASE, POOLED
 from dpsynth.evaluation.evaluate import evaluate
 from dpsynth.evaluation.referee import train_referee
 from dpsynth.io import atomic_write_json, read_json
@@ -193,8 +194,11 @@ def _headline(metrics_path: Path) -> dict:
     head = {}
     for name, m in result.get("metrics", {}).items():
         head[name] = f"{m.get('value')} (baseline {m.get('baseline')})"
-    for attr in ("LVEDV", "LVESV"):
+    for attr in (*PER_PHASE, *POOLED):
         c = result.get("controllability", {}).get(attr)
         if c:
-            head[f"controllability r {attr}"] = f"{c.get('r')} (real ceiling {c.get('ceiling_r')})"
+            head[f"controllability {attr}"] = (
+                f"r {c.get('r')}, MAE {c.get('mae')} ({c.get('mae_pct')} %) "
+                f"(real ceiling r {c.get('ceiling_r')}, MAE {c.get('ceiling_mae')})"
+            )
     return head

@@ -33,13 +33,27 @@ MEASURED_ATTRIBUTES: dict[str, tuple[str, float | None]] = {
     # Signed, so requested and measured ANGLE correlate linearly (no wrap near real hearts).
     "ANGLE": ("ANGLE", None),
 }
-# LV cavity volume pooled over both phases: the headline controllability figure.
-POOLED = {"LV_VOLUME": ("LVEDV", "LVESV")}
+# The study's pooled quantities: each volume measured against the attribute of its own
+# phase, ED and ES together. The pooled LV volume is the headline controllability figure.
+POOLED = {
+    "LV_VOLUME": ("LVEDV", "LVESV"),
+    "RV_VOLUME": ("RVEDV", "RVESV"),
+    "MYO_THICK": ("MYOEDTHICK", "MYOESTHICK"),
+}
+# Groups whose MAE is also given as % of the mean requested value (issue 12's target: MAE
+# <= 20 % of the mean requested volume); DEPTH and the signed ANGLE have no such scale.
+PER_PHASE = ("LVEDV", "LVESV", "RVEDV", "RVESV", "MYOEDTHICK", "MYOESTHICK")
+RELATIVE_MAE = (*PER_PHASE, *POOLED)
 CSV_COLUMNS = ("file", "attribute", "requested", "measured", "set")
+CSV_FILE = "controllability.csv"  # the referee's rows
+SECOND_READER_CSV_FILE = "controllability_second_reader.csv"  # the second reader's rows
 
 
-class Measurer(Protocol):
+class Segmenter(Protocol):
     def segment(self, volumes: np.ndarray) -> np.ndarray: ...
+
+
+class Measurer(Segmenter, Protocol):
     def predict_phase(self, volumes: np.ndarray) -> np.ndarray: ...
 
 
@@ -51,7 +65,7 @@ class ControllabilityResult:
     rows: list[tuple[str, str, float, float, str]] = field(default_factory=list)
 
 
-def measurement_rows(referee: Measurer, volume_set: VolumeSet, label: str) -> list[tuple]:
+def measurement_rows(referee: Segmenter, volume_set: VolumeSet, label: str) -> list[tuple]:
     """(file, attribute, requested, measured, set) for every known requested attribute."""
     return rows_from_masks(volume_set, referee.segment(volume_set.volumes), label)
 
@@ -81,8 +95,11 @@ def phase_accuracy(referee: Measurer, volume_set: VolumeSet) -> tuple[float, int
     return float(np.mean(predicted == (phase[known] == 1.0))), int(known.sum())
 
 
-def agreement(requested: np.ndarray, measured: np.ndarray) -> dict[str, float | int]:
-    """Pearson r (NaN when undefined), MAE and n over finite pairs."""
+def agreement(
+    requested: np.ndarray, measured: np.ndarray, relative: bool = False
+) -> dict[str, float | int]:
+    """Pearson r (NaN when undefined), MAE and n over finite pairs; with `relative`, also
+    `mae_pct`: the MAE as a percentage of the mean requested value."""
     finite = np.isfinite(requested) & np.isfinite(measured)
     requested, measured = requested[finite], measured[finite]
     n = len(requested)
@@ -90,7 +107,11 @@ def agreement(requested: np.ndarray, measured: np.ndarray) -> dict[str, float | 
     if n >= 2 and requested.std() > 0 and measured.std() > 0:
         r = float(np.corrcoef(requested, measured)[0, 1])
     mae = float(np.mean(np.abs(requested - measured))) if n else float("nan")
-    return {"r": r, "mae": mae, "n": n}
+    result = {"r": r, "mae": mae, "n": n}
+    if relative:
+        scale = float(np.mean(requested)) if n else float("nan")
+        result["mae_pct"] = 100.0 * mae / scale if scale > 0 else float("nan")
+    return result
 
 
 def summarise(
@@ -106,30 +127,45 @@ def summarise(
             dtype=np.float64,
         ).reshape(-1, 2)
         if len(pairs):
-            summary[group] = agreement(pairs[:, 0], pairs[:, 1])
+            summary[group] = agreement(pairs[:, 0], pairs[:, 1], group in RELATIVE_MAE)
     return summary
+
+
+def with_ceiling(
+    rows: list[tuple], groups: dict[str, tuple[str, ...]] | None = None
+) -> dict[str, dict[str, float | int]]:
+    """Synthetic agreement per group, each next to the same reader's agreement on real
+    volumes (``ceiling_*`` keys: r, mae, mae_pct where defined, n)."""
+    synthetic, real = summarise(rows, "synthetic", groups), summarise(rows, "real", groups)
+    table = {}
+    for group, stats in synthetic.items():
+        ceiling = real.get(group, {})
+        table[group] = stats | {
+            "ceiling_r": ceiling.get("r", float("nan")),
+            "ceiling_mae": ceiling.get("mae", float("nan")),
+            "ceiling_n": ceiling.get("n", 0),
+        }
+        if "mae_pct" in stats:
+            table[group]["ceiling_mae_pct"] = ceiling.get("mae_pct", float("nan"))
+    return table
+
+
+def reader_rows(
+    reader: Segmenter, synthetic: VolumeSet, real: VolumeSet | None = None
+) -> list[tuple]:
+    """Controllability rows of `synthetic` (set "synthetic") and `real` (set "real")."""
+    rows = measurement_rows(reader, synthetic, "synthetic")
+    return rows + (measurement_rows(reader, real, "real") if real is not None else [])
 
 
 def evaluate_controllability(
     referee: Measurer, synthetic: VolumeSet, real: VolumeSet | None = None
 ) -> ControllabilityResult:
     """Requested-vs-measured agreement for synthetic volumes, with real volumes as ceiling."""
-    rows = measurement_rows(referee, synthetic, "synthetic")
+    rows = reader_rows(referee, synthetic, real)
     accuracy, _ = phase_accuracy(referee, synthetic)
-    ceiling_accuracy = None
-    if real is not None:
-        rows += measurement_rows(referee, real, "real")
-        ceiling_accuracy, _ = phase_accuracy(referee, real)
-    synthetic_summary, real_summary = summarise(rows, "synthetic"), summarise(rows, "real")
-    attributes = {}
-    for group, stats in synthetic_summary.items():
-        ceiling = real_summary.get(group, {})
-        attributes[group] = stats | {
-            "ceiling_r": ceiling.get("r", float("nan")),
-            "ceiling_mae": ceiling.get("mae", float("nan")),
-            "ceiling_n": ceiling.get("n", 0),
-        }
-    return ControllabilityResult(attributes, accuracy, ceiling_accuracy, rows)
+    ceiling_accuracy = phase_accuracy(referee, real)[0] if real is not None else None
+    return ControllabilityResult(with_ceiling(rows), accuracy, ceiling_accuracy, rows)
 
 
 def write_controllability_csv(rows: list[tuple], path: str | Path) -> None:

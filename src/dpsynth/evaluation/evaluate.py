@@ -21,12 +21,20 @@ from dpsynth.data.cache import is_cache
 from dpsynth.data.volumes import VolumeSet, check_compatible, load_volume_set
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.audit import privacy_audit
-from dpsynth.evaluation.controllability import evaluate_controllability, write_controllability_csv
+from dpsynth.evaluation.controllability import (
+    CSV_FILE,
+    SECOND_READER_CSV_FILE,
+    evaluate_controllability,
+    reader_rows,
+    with_ceiling,
+    write_controllability_csv,
+)
 from dpsynth.evaluation.diversity import mean_pairwise_ms_ssim
 from dpsynth.evaluation.fid import compute_fid
 from dpsynth.evaluation.frd import FRDConfig, compute_frd
 from dpsynth.evaluation.frechet import feature_statistics, frechet_distance, real_vs_real_baseline
 from dpsynth.evaluation.referee import Referee
+from dpsynth.evaluation.second_reader import SecondReader
 from dpsynth.evaluation.study import clean_volume_set, neighbour_ms_ssim, study_controllability
 from dpsynth.evaluation.utility import evaluate_utility
 from dpsynth.io import atomic_write_json
@@ -48,6 +56,7 @@ class _Inputs:
     out: Path
     real_train: VolumeSet | None
     referee: Referee | None
+    second_reader: SecondReader | None
     inception_weights: Path | None
     pipeline: Any  # the model under audit (a LatentDiffusion), or None
     seed: int
@@ -74,6 +83,7 @@ def evaluate(
     ms_ssim_pairs: int = 100,
     utility_epochs: int = 10,
     study: bool = False,
+    second_reader: str | Path | SecondReader | None = None,
 ) -> dict[str, Any]:
     """Compute `metrics`, write `out/metrics.json` (+ `controllability.csv`), return the dict.
 
@@ -85,6 +95,10 @@ def evaluate(
     `study` adds the reference study's variants next to dpsynth's figures (`fid_study`,
     `ms_ssim_study`, `controllability_study_*`; `dpsynth.evaluation.study`). FID then
     expects a torchvision-style extractor and uses the study's pre-processing throughout.
+
+    `second_reader` (`dpsynth.evaluation.second_reader`) re-measures controllability with
+    an independent 2D segmenter: ``controllability_second_reader`` in metrics.json and
+    `controllability_second_reader.csv`, evaluation only like the referee's.
     """
     unknown = sorted(set(metrics) - set(ALL_METRICS))
     if unknown:
@@ -105,6 +119,11 @@ def evaluate(
         out=Path(out),
         real_train=None if real_train is None else _as_set(real_train, "train"),
         referee=Referee.load(referee) if isinstance(referee, (str, Path)) else referee,
+        second_reader=(
+            SecondReader.load(second_reader)
+            if isinstance(second_reader, (str, Path))
+            else second_reader
+        ),
         inception_weights=None if inception_weights is None else Path(inception_weights),
         pipeline=pipeline,
         seed=seed,
@@ -225,14 +244,16 @@ def _ms_ssim(x: _Inputs) -> dict[str, Any]:
 
 
 def _controllability(x: _Inputs) -> dict[str, Any]:
+    second = {} if x.second_reader is None else _second_reader(x)
     if x.referee is None:
-        return {"metrics": {"controllability_lv_r": _skipped("needs a referee (--referee)")}}
+        skipped = _skipped("needs a referee (--referee)")
+        return second | {"metrics": {"controllability_lv_r": skipped}}
     c = evaluate_controllability(x.referee, x.synthetic, x.real)
-    write_controllability_csv(c.rows, x.out / "controllability.csv")
+    write_controllability_csv(c.rows, x.out / CSV_FILE)
     lv = c.attributes.get("LV_VOLUME", {})
     lv_config = "Pearson r, requested vs referee-measured LV cavity volume (ED and ES pooled)"
     metrics = _study_controllability(x, c.rows) if x.study else {}
-    return {
+    return second | {
         "controllability": c.attributes,
         "metrics": metrics
         | {
@@ -256,6 +277,15 @@ def _controllability(x: _Inputs) -> dict[str, Any]:
             ),
         },
     }
+
+
+def _second_reader(x: _Inputs) -> dict[str, Any]:
+    """The same requested-vs-measured table under the independent 2D second reader."""
+    rows = reader_rows(x.second_reader, x.synthetic, x.real)
+    write_controllability_csv(rows, x.out / SECOND_READER_CSV_FILE)
+    meta = x.second_reader.meta
+    reader = {k: meta.get(k) for k in ("description", "trained_on", "epochs", "steps", "seed")}
+    return {"controllability_second_reader": {"reader": reader, "attributes": with_ceiling(rows)}}
 
 
 def _study_controllability(x: _Inputs, rows: list[tuple]) -> dict[str, Any]:

@@ -25,19 +25,13 @@ import torch
 from monai.metrics.regression import compute_ms_ssim
 
 from dpsynth.data.volumes import VolumeSet
-from dpsynth.evaluation.controllability import Measurer, rows_from_masks, summarise
+from dpsynth.evaluation.controllability import POOLED, Measurer, rows_from_masks, summarise
 from dpsynth.evaluation.diversity import MSSSIMResult
 from dpsynth.evaluation.fid import N_MIDDLE_SLICES, middle_slices, resize_shorter_side
 
 PADDING_STD = 0.1
 # pytorch_msssim (the study's library) needs the shorter side > (11 - 1) * 2**4 for 5 scales
 MS_SSIM_MIN_SIDE = 160
-# attribute group -> the (ED, ES) attributes pooled into it
-STUDY_GROUPS = {
-    "LV_VOLUME": ("LVEDV", "LVESV"),
-    "RV_VOLUME": ("RVEDV", "RVESV"),
-    "MYO_THICK": ("MYOEDTHICK", "MYOESTHICK"),
-}
 
 
 def clean_padding_slices(volumes: np.ndarray, threshold: float = PADDING_STD) -> np.ndarray:
@@ -128,8 +122,8 @@ def study_controllability(
     cleaned = clean_volume_set(synthetic)
     masks = zero_padding_masks(cleaned.volumes, referee.segment(cleaned.volumes))
     rows = rows_from_masks(cleaned, masks, "synthetic")
-    summary = summarise(rows, "synthetic", STUDY_GROUPS)
-    ceiling = summarise(real_rows or [], "real", STUDY_GROUPS)
+    summary = summarise(rows, "synthetic", POOLED)
+    ceiling = summarise(real_rows or [], "real", POOLED)
     return {
         group: stats
         | {

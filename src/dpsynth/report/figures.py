@@ -21,52 +21,64 @@ from dpsynth.data.figures import (
 from dpsynth.data.figures import fmt as _fmt
 from dpsynth.data.figures import image as _image
 from dpsynth.data.figures import png as _png
+from dpsynth.evaluation.controllability import MEASURED_ATTRIBUTES, POOLED, agreement
 
 __all__ = ["attribute_caption", "mid_slice_grid", "montage", "slice_strips"]
 
 
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
-        return float("nan")
-    return float(np.corrcoef(x[ok], y[ok])[0, 1])
+def controllability_figure(rows: Sequence[Mapping[str, Any]], reader: str = "referee") -> Figure:
+    """Requested vs measured, one panel per quantity, synthetic in blue, real in orange.
 
-
-def controllability_scatter(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """Requested vs measured per attribute, synthetic in blue, the referee on real in orange.
-
-    `rows` are controllability.csv records (attribute, requested, measured, set); a set other
-    than "synthetic" is the referee's measurement of real volumes, i.e. the ceiling.
+    `rows` are controllability.csv records (attribute, requested, measured, set); a set
+    other than "synthetic" is the reader's measurement of real volumes, i.e. the ceiling.
+    Panels: each attribute in the rows (per-phase volumes and thickness first), then the
+    study's pooled groups (ED and ES together) whose members are present. Titles give r
+    and MAE (as `dpsynth.evaluation.controllability.agreement` computes them) for both sets.
     """
-    attributes = list(dict.fromkeys(r["attribute"] for r in rows))
-    cols = min(4, len(attributes))
-    fig = Figure(figsize=(3.2 * cols, 3.0 * math.ceil(len(attributes) / cols)))
-    axes = fig.subplots(math.ceil(len(attributes) / cols), cols, squeeze=False).ravel()
-    for ax, name in zip(axes, attributes, strict=False):
-        title = name
+    order = list(MEASURED_ATTRIBUTES)  # LV, RV, thickness per phase first, then the rest
+    present = sorted(
+        dict.fromkeys(r["attribute"] for r in rows),
+        key=lambda a: order.index(a) if a in order else len(order),
+    )
+    panels = {a: (a,) for a in present} | {
+        group: members for group, members in POOLED.items() if any(m in present for m in members)
+    }
+    cols = min(3, len(panels))
+    n_rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(3.4 * cols, 3.3 * n_rows))
+    axes = fig.subplots(n_rows, cols, squeeze=False).ravel()
+    for ax, (name, members) in zip(axes, panels.items(), strict=False):
+        title = name if len(members) == 1 else f"{name} (ED + ES)"
         for kind, colour in (("synthetic", SYNTHETIC_COLOUR), ("real", REAL_COLOUR)):
             sel = [
                 r
                 for r in rows
-                if r["attribute"] == name and (r["set"] == "synthetic") == (kind == "synthetic")
+                if r["attribute"] in members and (r["set"] == "synthetic") == (kind == "synthetic")
             ]
+            if not sel:
+                continue
             x = np.array([float(r["requested"]) for r in sel])
             y = np.array([float(r["measured"]) for r in sel])
-            if len(sel):
-                ax.scatter(x, y, s=8, alpha=0.6, color=colour, label=kind)
-                title += f"\n{kind} r = {_fmt(_pearson(x, y), 2)}"
+            stats = agreement(x, y)
+            ax.scatter(x, y, s=8, alpha=0.6, color=colour, label=kind)
+            title += f"\n{kind}: r = {_fmt(stats['r'], 2)}, MAE = {_fmt(stats['mae'], 2)}"
         lo, hi = ax.get_xlim()
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.set_title(title, fontsize=8)
-        unit = f" ({UNITS[name]})" if name in UNITS else ""
+        unit = f" ({UNITS[members[0]]})" if members[0] in UNITS else ""
         ax.set_xlabel(f"requested{unit}", fontsize=7)
-        ax.set_ylabel(f"measured{unit}", fontsize=7)
+        ax.set_ylabel(f"measured by the {reader}{unit}", fontsize=7)
         ax.tick_params(labelsize=6)
     axes[0].legend(fontsize=6)
-    for ax in axes[len(attributes) :]:
+    for ax in axes[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
-    return _png(fig)
+    return fig
+
+
+def controllability_scatter(rows: Sequence[Mapping[str, Any]], reader: str = "referee") -> bytes:
+    """`controllability_figure` as PNG bytes."""
+    return _png(controllability_figure(rows, reader))
 
 
 def loss_curves(records: Sequence[Mapping[str, Any]]) -> bytes:

@@ -23,6 +23,7 @@ import numpy as np
 from dpsynth.data.cache import Cache, is_cache
 from dpsynth.data.volumes import load_volume_set
 from dpsynth.errors import DpsynthError
+from dpsynth.evaluation.controllability import CSV_FILE, SECOND_READER_CSV_FILE
 from dpsynth.io import atomic_dir, atomic_write_text, read_json
 from dpsynth.privacy.accounting import epsilon_for
 from dpsynth.privacy.ledger import Ledger
@@ -77,6 +78,7 @@ class _Run:
     training: list[dict] = field(default_factory=list)
     evaluation: dict | None = None
     controllability: list[dict] | None = None
+    second_reader: list[dict] | None = None  # controllability rows of the 2D second reader
     attribute_fidelity: dict | None = None
     one_run_audit: dict | None = None  # `dpsynth audit-privacy` of this run's DP-SGD recipe
     errors: dict[str, str] = field(default_factory=dict)  # piece -> why it could not be read
@@ -95,7 +97,8 @@ def _read_run(path: Path, eval_dir: Path | None) -> _Run:
         "privacy": (path / "ledger.json", _read_privacy),
         "training": (path / "metrics.jsonl", _read_jsonl),
         "evaluation": (run.eval_dir / "metrics.json", read_json),
-        "controllability": (run.eval_dir / "controllability.csv", _read_csv),
+        "controllability": (run.eval_dir / CSV_FILE, _read_csv),
+        "second_reader": (run.eval_dir / SECOND_READER_CSV_FILE, _read_csv),
         "attribute_fidelity": (path / FIDELITY_FILE, read_json),
         "one_run_audit": (path / AUDIT_DIR / AUDIT_FILE, read_json),
     }
@@ -438,6 +441,8 @@ def _evaluation_only(ctx: _Context) -> str:
         )
     if ctx.run.controllability:
         uses.append("the referee segmenter (trained on real volumes without DP) and its ceiling")
+    if ctx.run.second_reader:
+        uses.append("the second reader (a 2D U-Net trained on real volumes without DP)")
     if _audit(ctx.run):
         uses.append(
             "the privacy audit: membership inference and memorisation read training and "
@@ -571,27 +576,39 @@ def _attribute_model_fidelity(fidelity: dict | None) -> str:
     )
 
 
+def _controllability_table(summary: dict) -> str:
+    """Per-quantity r and MAE (also as % of the mean requested value) with the ceiling."""
+    header = ["quantity", "r", "MAE", "MAE % of mean requested", "ceiling r (real)",
+              "ceiling MAE", "ceiling MAE %", "n", "n real"]  # fmt: skip
+    rows = [
+        [
+            a,
+            s.get("r"),
+            s.get("mae"),
+            s.get("mae_pct"),
+            s.get("ceiling_r"),
+            s.get("ceiling_mae"),
+            s.get("ceiling_mae_pct"),
+            s.get("n"),
+            s.get("ceiling_n"),
+        ]  # fmt: skip
+        for a, s in summary.items()
+    ]
+    return _table(header, rows)
+
+
 def _section_controllability(ctx: _Context) -> str:
     run = ctx.run
-    summary = (run.evaluation or {}).get("controllability") or {}
+    evaluation = run.evaluation or {}
+    summary = evaluation.get("controllability") or {}
     parts = []
     if summary:
         parts.append(
-            _table(
-                ["attribute", "r", "MAE", "ceiling r (referee on real)", "ceiling MAE", "n"],
-                [
-                    [
-                        a,
-                        s.get("r"),
-                        s.get("mae"),
-                        s.get("ceiling_r"),
-                        s.get("ceiling_mae"),
-                        s.get("n"),
-                    ]
-                    for a, s in summary.items()
-                ],
-            )
+            "<p>Requested vs measured by the referee, each per-phase quantity on the volumes "
+            "of its phase; *_VOLUME and MYO_THICK pool ED and ES (the study's figures). "
+            "Ceiling: the referee on real test volumes against their true attributes.</p>"
         )
+        parts.append(_controllability_table(summary))
     if run.controllability:
         parts.append(
             _img(
@@ -601,6 +618,27 @@ def _section_controllability(ctx: _Context) -> str:
                 "referee on real test volumes (the ceiling).",
             )
         )
+    second = evaluation.get("controllability_second_reader") or {}
+    if second.get("attributes") or run.second_reader:
+        reader = second.get("reader") or {}
+        parts.append(
+            "<h3>Second reader (independent 2D U-Net, evaluation only)</h3><p>"
+            + _e(reader.get("description") or "a second segmenter")
+            + f" (trained on {_e(reader.get('trained_on'))}, {_e(reader.get('epochs'))} epochs). "
+            "It never saw synthetic data; figures that hold under the referee but not here "
+            "depend on the referee. Trained on real data without DP: never released.</p>"
+        )
+        if second.get("attributes"):
+            parts.append(_controllability_table(second["attributes"]))
+        if run.second_reader:
+            parts.append(
+                _img(
+                    figures.controllability_scatter(run.second_reader, "second reader"),
+                    "controllability, second reader",
+                    "Requested vs measured by the second reader; dashed: identity. Orange: "
+                    "the second reader on real test volumes (its ceiling).",
+                )
+            )
     return "".join(parts) or _absent(run, "controllability", "controllability (needs a referee)")
 
 
