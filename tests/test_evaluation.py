@@ -253,6 +253,9 @@ def test_metrics_json_schema(tmp_path):
         entry = on_disk["metrics"][name]
         assert keys <= entry.keys() and isinstance(entry["value"], float), name
     assert on_disk["metrics"]["frd"]["lower_is_better"] is True
+    # demoted by benchmarks/bench_fidelity_ranking.py (issue 12 §4): said next to the number
+    frd = on_disk["metrics"]["frd"]
+    assert frd["trusted"] is False and frd["note"].startswith("not trusted: misranks noise")
     assert (
         on_disk["metrics"]["fid"]["value"] is None
         and "skipped" in on_disk["metrics"]["fid"]["note"]

@@ -168,9 +168,19 @@ def _distance_entry(r: Any) -> dict[str, Any]:
     )
 
 
+# benchmarks/bench_fidelity_ranking.py and BENCHMARKS.md "Fidelity metrics that rank".
+FRD_NOT_TRUSTED = (
+    "not trusted: misranks noise: noise decoded by the public autoencoder from its latent "
+    "prior scores better than real volumes blurred by 8 mm (a few run-length texture "
+    "features decide FRD, and blur costs them more than noise of the right grain); read "
+    "FD-referee first"
+)
+
+
 def _frd(x: _Inputs) -> dict[str, Any]:
     r = compute_frd(x.real, x.synthetic, x.frd_config, cache_dir=x.cache_dir, seed=x.seed)
-    return {"metrics": {"frd": _distance_entry(r)}}
+    entry = _distance_entry(r) | {"trusted": False, "note": FRD_NOT_TRUSTED}
+    return {"metrics": {"frd": entry}}
 
 
 def _fd_referee(x: _Inputs) -> dict[str, Any]:

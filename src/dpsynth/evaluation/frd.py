@@ -26,8 +26,10 @@ from dpsynth.evaluation.frechet import feature_statistics, frechet_distance, rea
 from dpsynth.io import atomic_write_bytes, write_nifti
 
 logger = logging.getLogger(__name__)
-# pyradiomics bins by absolute width (frd-score's default 5): on [0, 1] volumes that is a
-# single bin and every texture feature degenerates. On an 8-bit scale it gives ~51 bins.
+# frd-score v1 has pyradiomics z-score every image on its own (`normalize`, scale 100) before
+# binning (width 5, i.e. 0.05 of that image's standard deviation), so this scale reaches
+# only two diagnostics frd-score keeps as features (the raw image mean and maximum); it is
+# kept so cached features and configuration strings stay comparable with earlier runs.
 INTENSITY_SCALE = 255.0
 
 
@@ -49,8 +51,9 @@ class FRDConfig:
         grid = "resampled 2mm" if self.resample else "native grid"
         return (
             f"frd-score {frd_score.__version__} v1 3D radiomics; image types "
-            f"{'+'.join(self.image_types)}; classes {classes}; {grid}; intensities [0,1] scaled "
-            f"to [0,{INTENSITY_SCALE:g}], bin width {self.bin_width}; z-score w.r.t. real; Fréchet distance (not log-transformed)"
+            f"{'+'.join(self.image_types)}; classes {classes}; {grid}; whole-image mask; each "
+            f"image z-scored by pyradiomics (scale 100), bin width {self.bin_width}; features "
+            "z-scored w.r.t. real; Fréchet distance (not log-transformed)"
         )
 
 
@@ -139,6 +142,23 @@ def normalise_features(real: np.ndarray, synthetic: np.ndarray) -> tuple[np.ndar
     return normalised[0][:, keep], normalised[1][:, keep]
 
 
+def frd_from_features(
+    real_raw: np.ndarray, synthetic_raw: np.ndarray, seed: int = 0, config: str = ""
+) -> FRDResult:
+    """FRD and its two-halves-of-real baseline from raw radiomics features (N, F)."""
+    real_n, synthetic_n = normalise_features(real_raw, synthetic_raw)
+    value = frechet_distance(*feature_statistics(real_n), *feature_statistics(synthetic_n))
+    baseline = real_vs_real_baseline(real_n, np.random.default_rng(seed))
+    return FRDResult(
+        value=value,
+        baseline=baseline,
+        config=config,
+        n_real=len(real_n),
+        n_synthetic=len(synthetic_n),
+        n_features=real_n.shape[1],
+    )
+
+
 def compute_frd(
     real: VolumeSet,
     synthetic: VolumeSet,
@@ -150,14 +170,4 @@ def compute_frd(
     config = config or FRDConfig()
     real_raw = cached_radiomics_features(real, config, cache_dir)
     synthetic_raw = radiomics_features(synthetic.volumes, synthetic.spacing, config)
-    real_n, synthetic_n = normalise_features(real_raw, synthetic_raw)
-    value = frechet_distance(*feature_statistics(real_n), *feature_statistics(synthetic_n))
-    baseline = real_vs_real_baseline(real_n, np.random.default_rng(seed))
-    return FRDResult(
-        value=value,
-        baseline=baseline,
-        config=config.describe(),
-        n_real=len(real_n),
-        n_synthetic=len(synthetic_n),
-        n_features=real_n.shape[1],
-    )
+    return frd_from_features(real_raw, synthetic_raw, seed, config.describe())

@@ -1,0 +1,257 @@
+"""Do dpsynth's fidelity metrics rank sets of known quality correctly? (issue 12 §4)
+
+Against a real reference set (a cache's test split) every metric measures: an independent
+real set (other patients of the same cohort: the val split), that set blurred in-plane at
+2, 4 and 8 mm, and noise sets (voxel-permuted real volumes; a smooth random field with the
+real histogram; the shipped public autoencoder decoding prior noise; the same autoencoder
+under a randomly initialised denoiser, i.e. an untrained LDM; optionally samples of a run
+given with --noise-run). Expected: independent < blur 2 < blur 4 < blur 8 mm < every noise
+set. With --demo, the demo's synthetic set is placed on the same scale.
+
+    python benchmarks/bench_fidelity_ranking.py                      # fresh phantoms
+    python benchmarks/bench_fidelity_ranking.py --demo runs/demo     # a finished demo
+    python benchmarks/bench_fidelity_ranking.py --inception-weights inception_study.pt
+
+Without --inception-weights the FID code path runs with a stand-in extractor (a randomly
+initialised CNN saved as TorchScript): its ranking exercises the path, it says nothing
+about Inception-v3. Everything here is evaluation only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpsynth.app.demo import demo_assets, simulate_and_prepare
+from dpsynth.config import DenoiserConfig, DiffusionConfig, load_config
+from dpsynth.data.volumes import VolumeSet, load_volume_set
+from dpsynth.evaluation.diversity import mean_pairwise_ms_ssim
+from dpsynth.evaluation.fid import inception_features, load_feature_extractor
+from dpsynth.evaluation.frd import FRDConfig, frd_from_features, radiomics_features
+from dpsynth.evaluation.frechet import feature_statistics, frechet_distance, real_vs_real_baseline
+from dpsynth.evaluation.ranking import control_sets, place_of, ranking_errors
+from dpsynth.evaluation.referee import Referee, fit_referee
+from dpsynth.models.build import build_denoiser
+from dpsynth.runs import lists_to_tuples, load, make_pipeline, read_model_meta
+
+SYNTHETIC = "synthetic (demo)"
+
+
+def world(args, tmp: Path) -> tuple[VolumeSet, VolumeSet, Referee, VolumeSet | None]:
+    """Reference (test split), independent real (val split), referee, synthetic or None."""
+    if args.demo:
+        demo = Path(args.demo)
+        cache = demo / "data" / "ukbb_cache"
+        synthetic = load_volume_set(demo / "synthetic", None)
+        referee = Referee.load(demo / "referee")
+    else:
+        config = load_config("demo")
+        spec = {"patients": args.patients, "cohort": "ukbb", "seed": args.seed}
+        cache = simulate_and_prepare(tmp / "data", spec, config, split=(0.4, 0.2, 0.4))
+        synthetic = None
+        train = load_volume_set(cache, "train")
+        print(f"training a referee on {len(train)} volumes", flush=True)
+        referee = fit_referee(train, epochs=5, channels=(8, 16, 32), seed=0)
+    reference = load_volume_set(cache, "test")
+    independent = load_volume_set(cache, "val")
+    return reference, independent, referee, synthetic
+
+
+def decoded_noise(shape, n: int, seed: int) -> dict[str, np.ndarray]:
+    """Noise decoded by the shipped public autoencoder: its latent prior, and an untrained
+    LDM (random-init denoiser, DDIM 10 steps). Skipped where the shipped model's grid differs."""
+    ldm = demo_assets() / "ldm"
+    meta = read_model_meta(ldm)
+    if tuple(meta["shape"]) != tuple(shape):
+        print(f"shipped public models are {meta['shape']}, data {list(shape)}: no decoded noise")
+        return {}
+    trained = load(ldm)
+    torch.manual_seed(seed)
+    untrained = make_pipeline(
+        trained.autoencoder,
+        build_denoiser(
+            DenoiserConfig(**lists_to_tuples(meta["denoiser"])),
+            num_slices=shape[0],
+            latent_channels=trained.autoencoder.latent_channels,
+        ).eval(),
+        DiffusionConfig(**meta["diffusion"]),
+        trained.latent_scale,
+        meta["shape"],
+        meta["spacing"],
+    )
+    generator = torch.Generator().manual_seed(seed)
+    prior = torch.randn((n, *trained.latent_shape), generator=generator)
+    return {
+        "noise: public AE decodes prior": trained.decode(prior)[:, 0].clamp(0, 1).numpy(),
+        "noise: untrained LDM": untrained.sample(n, steps=10, seed=seed, progress=False),
+    }
+
+
+# --- metrics: each maps the reference and a candidate set to a distance -------------------
+
+
+class Metric:
+    """A distance to the reference, with features of the reference computed once."""
+
+    def __init__(self, name: str, features: Callable[[np.ndarray], np.ndarray], distance):
+        self.name, self.features, self.distance_fn = name, features, distance
+        self.reference_features = None
+
+    def fit(self, reference: np.ndarray) -> None:
+        self.reference_features = self.features(reference)
+
+    def distance(self, volumes: np.ndarray) -> float:
+        return self.distance_fn(self.reference_features, self.features(volumes))
+
+    def baseline(self, seed: int) -> float | None:
+        return None
+
+
+class FrechetMetric(Metric):
+    def __init__(self, name, features):
+        super().__init__(name, features, _frechet)
+
+    def baseline(self, seed: int) -> float:
+        return real_vs_real_baseline(self.reference_features, np.random.default_rng(seed))
+
+
+def _frechet(a: np.ndarray, b: np.ndarray) -> float:
+    return frechet_distance(*feature_statistics(a), *feature_statistics(b))
+
+
+class FRDMetric(Metric):
+    def __init__(self, name, spacing, config: FRDConfig):
+        self.config = config
+        super().__init__(
+            name,
+            lambda v: radiomics_features(v, spacing, config),
+            lambda r, s: frd_from_features(r, s).value,
+        )
+
+    def baseline(self, seed: int) -> float:
+        return frd_from_features(self.reference_features, self.reference_features, seed).baseline
+
+
+class DiversityGap(Metric):
+    """|MS-SSIM of random pairs in the set − the same in the reference| (diversity metric)."""
+
+    def __init__(self, pairs: int, seed: int):
+        super().__init__("ms_ssim |gap|", lambda v: mean_pairwise_ms_ssim(v, pairs, seed).value,
+                         lambda r, s: abs(s - r))  # fmt: skip
+
+
+def stand_in_extractor(path: Path, seed: int = 0) -> Path:
+    """A randomly initialised CNN (B,3,299,299) -> (B,64) as TorchScript: exercises the FID
+    code path without downloading Inception weights. Not Inception; its ranking is its own."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 5, stride=3), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 5, stride=3), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 5, stride=3), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+    ).eval()  # fmt: skip
+    torch.jit.trace(net, torch.rand(2, 3, 299, 299)).save(str(path))
+    return path
+
+
+def metrics_for(args, spacing, referee: Referee, tmp: Path) -> list[Metric]:
+    metrics: list[Metric] = [
+        FRDMetric("frd", spacing, FRDConfig(num_workers=args.workers)),
+        FrechetMetric("fd_referee", referee.features),
+        DiversityGap(args.pairs, args.seed),
+    ]
+    weights = args.inception_weights or stand_in_extractor(tmp / "stand_in.pt")
+    label = "" if args.inception_weights else " (stand-in CNN)"
+    extractor = load_feature_extractor(weights)
+    for variant in ("standard", "study"):
+        metrics.append(FrechetMetric(
+            f"fid{'_study' if variant == 'study' else ''}{label}",
+            lambda v, variant=variant: inception_features(v, extractor, variant=variant),
+        ))  # fmt: skip
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--demo", help="a finished demo folder (data/ukbb_cache, referee, synthetic)"
+    )
+    parser.add_argument("--patients", type=int, default=150, help="phantom cohort size")
+    parser.add_argument("--n", type=int, default=60, help="volumes per candidate set (at most)")
+    parser.add_argument("--noise-run", help="an LDM run whose samples join the noise sets")
+    parser.add_argument("--inception-weights", help="TorchScript Inception-v3 (see fid.py)")
+    parser.add_argument("--pairs", type=int, default=100, help="MS-SSIM pairs per set")
+    parser.add_argument("--workers", type=int, default=2, help="radiomics processes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="fidelity_ranking.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dpsynth-ranking-") as tmp:
+        tmp = Path(tmp)
+        reference, independent, referee, synthetic = world(args, tmp)
+        n = min(args.n, len(independent))
+        sets = control_sets(independent.volumes[:n], independent.spacing, seed=args.seed)
+        sets.update(decoded_noise(reference.shape, n, args.seed))
+        if args.noise_run:
+            sets[f"noise: samples of {Path(args.noise_run).name}"] = load(args.noise_run).sample(
+                n, steps=10, seed=args.seed, progress=False
+            )
+        if synthetic is not None:
+            sets[SYNTHETIC] = synthetic.volumes[:n]
+        print(f"reference {len(reference)} volumes {reference.shape}; {n} per candidate set")
+        table: dict[str, dict] = {}
+        for metric in metrics_for(args, reference.spacing, referee, tmp):
+            t0 = time.perf_counter()
+            metric.fit(reference.volumes)
+            distances = {name: metric.distance(v) for name, v in sets.items()}
+            controls = {k: v for k, v in distances.items() if k != SYNTHETIC}
+            errors = ranking_errors(controls)
+            table[metric.name] = {
+                "distances": distances,
+                "baseline": metric.baseline(args.seed),
+                "ranks_correctly": not errors,
+                "errors": errors,
+                "synthetic_place": place_of(distances[SYNTHETIC], controls)
+                if SYNTHETIC in distances
+                else None,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+            print(f"{metric.name}: {'ranks correctly' if not errors else errors}", flush=True)
+    result = {
+        "command": "python benchmarks/bench_fidelity_ranking.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v),
+        "reference": f"{reference.source}: {len(reference)} volumes {list(reference.shape)}",
+        "n_per_set": n,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "metrics": table,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1, default=float))
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    metrics = result["metrics"]
+    names = list(next(iter(metrics.values()))["distances"])
+    lines = [
+        "| set | " + " | ".join(metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{m['distances'][name]:.3g}" for m in metrics.values()) + " |")  # fmt: skip
+    lines.append("| real-vs-real (two halves of the reference) | " + " | ".join(
+        "–" if m["baseline"] is None else f"{m['baseline']:.3g}" for m in metrics.values()) + " |")  # fmt: skip
+    lines.append("| **ranks correctly** | " + " | ".join(
+        "yes" if m["ranks_correctly"] else "**no**" for m in metrics.values()) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
