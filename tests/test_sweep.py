@@ -132,6 +132,15 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
         else:
             assert baseline == []
     assert EVALUATION_ONLY_LABEL in (out / "EVALUATION_ONLY.txt").read_text()
+    # A crash between an ε = ∞ cell's model.json and its ledger entry is repaired on the next
+    # pass (the cell is kept, not retrained), and an entry is never recorded twice.
+    (out / "epsinf_scratch" / "ledger.json").unlink()
+    cells.clear()
+    sweep.run_sweep(out, public=public, private=private, epsilons="0.1,inf", config=config)
+    assert cells == {}
+    for name in ("epsinf_scratch", "epsinf_pretrain"):
+        stages = [e.stage for e in Ledger.load(out / name)]
+        assert stages.count("sweep-nonprivate-baseline") == 1, name
 
 
 def test_sweep_refuses_bench_md_with_a_private_cache(caches, tmp_path):

@@ -49,6 +49,8 @@ N_SAMPLES = 80
 DEFAULT_EPSILONS = "0.1,1,10,inf"  # the study's grid starts at 0.1
 TABLE_START, TABLE_END = "<!-- sweep-table:start -->", "<!-- sweep-table:end -->"
 
+NONPRIVATE_BASELINE = "sweep-nonprivate-baseline"  # the ε = ∞ cells' ledger stage
+
 
 def parse_epsilons(text: str) -> list[float]:
     return [math.inf if v.strip().lower() in ("inf", "∞") else float(v) for v in text.split(",")]
@@ -120,8 +122,7 @@ def run_sweep(
     rows = []
     for cell in plan_cells(config, private, epsilons, pretrain):
         run = out / cell.name
-        if not (run / "model.json").exists():
-            _train_cell(private, models, run, config, cell)
+        _train_cell(private, models, run, config, cell)  # keeps a complete cell
         synthetic = out / f"{cell.name}_synthetic"
         if not synthetic.exists():
             sample_to_folder(run, synthetic, n=N_SAMPLES, attributes=conditions, seed=0,
@@ -169,13 +170,15 @@ def _train_cell(private, models: Path, run: Path, config: Config, cell: Cell) ->
                                                        init=init, resume=resume))  # fmt: skip
         # Recorded so that no descendant of this model (e.g. an --init) is ever released
         # with a DP statement: `dpsynth release` refuses lineages with non-private uses.
+        # Checked on every pass, so a crash between model.json and this entry is repaired.
         cache, ledger = Cache(private), Ledger.of_run(run)
-        ledger.add(LedgerEntry.non_private_use(
-            "sweep-nonprivate-baseline", len(cache.patient_rows("train")),
-            "sweep's ε = ∞ cell: trained without DP on the private cache",
-            cache_id=cache.cache_id,
-        ))  # fmt: skip
-        ledger.save(run / "ledger.json")
+        if not any(e.stage == NONPRIVATE_BASELINE for e in ledger):
+            ledger.add(LedgerEntry.non_private_use(
+                NONPRIVATE_BASELINE, len(cache.patient_rows("train")),
+                "sweep's ε = ∞ cell: trained without DP on the private cache",
+                cache_id=cache.cache_id,
+            ))  # fmt: skip
+            ledger.save(run / "ledger.json")
     else:
         cfg = _with(config, **{"privacy.epsilon": cell.epsilon})
         train_stage(run, lambda run, resume: train_ldm(private, models / "autoencoder", run, cfg,
