@@ -11,8 +11,12 @@ Each patient is drawn in two steps:
    rotated in-plane by ANGLE and spanning DEPTH slices. Cavity volumes are met to the
    voxel by choosing the in-plane scale from the sorted per-voxel scale thresholds; the wall
    thickness is calibrated against :func:`dpsynth.data.measure.wall_thickness`. Images get
-   surrounding anatomy, SSFP-like contrast, through-slice partial volume, coil bias and
-   Rician noise.
+   endocardial trabeculation and papillary muscles (blood pool in the masks), atria and
+   great vessels above the base, surrounding anatomy (chest wall, ribs, lungs, liver, spine,
+   descending aorta), SSFP-like contrast, partial volume across each patient's slice
+   thickness, breath-hold shifts, coil bias and Rician noise; fields of view, body turn and
+   (``acdc``) the stored orientation vary, and some stacks miss the base or the apex.
+   docs/PHANTOMS.md lists what is rendered and what is not.
 
 The attributes written next to the images are *measured* from the produced masks, so the
 ground truth is what the image shows; the requested values go to simulation_targets.csv.
@@ -208,8 +212,8 @@ def _frame(targets: dict, shape, spacing, rng: np.random.Generator, scanner: Sca
     """Place and orient the heart: in-plane coordinates, cross-section shape, long axis."""
     n_s, n_h, n_w = shape
     dz, dy, dx = spacing
-    # One breath-hold per slice: small independent in-plane shifts (Chandler et al., JCMR
-    # 2008: a few mm); where the heart sits in the field of view varies between patients.
+    # One breath-hold per slice: small independent in-plane shifts of a few mm; where the
+    # heart sits in the field of view varies between patients.
     shift = rng.normal(0.0, 1.2, size=(n_s, 2)) + rng.normal(0.0, 5.0, size=2)
     rows = (np.arange(n_h) - (n_h - 1) / 2) * dy
     cols = (np.arange(n_w) - (n_w - 1) / 2) * dx
@@ -522,7 +526,8 @@ def render_patient(
         raise DpsynthError(f"DEPTH: {targets['DEPTH']} slices do not fit a {shape[0]}-slice volume")
     scanner = SCANNERS[cohort]
     frame = _frame(targets, shape, spacing, rng, scanner)
-    surroundings, vessels = _scene(frame, scanner, targets.get("BMI", 27.0), rng)
+    bmi = targets.get("BMI", float("nan"))
+    surroundings, vessels = _scene(frame, scanner, bmi if math.isfinite(bmi) else 27.0, rng)
     # The strands' pattern hardly moves within a slab or between phases: drawn once.
     strands = _Trabeculae.draw(rng).strands(frame.phi, frame.z)
     # Through-slice partial volume: average the slab (the slice thickness) at three depths.
