@@ -493,6 +493,30 @@ def test_taps_that_would_mix_patients_are_refused_and_the_step_stays_per_patient
     assert torch.allclose(flat_params(model), flat_params(reference), rtol=1e-6)
 
 
+class SharedTable(nn.Module):
+    """A small Linear over a table shared by the whole batch: every patient's rows feed its
+    gradient, and its effect is 1e-3 of the large layer's (review finding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big, self.pos = nn.Linear(32, 32), nn.Linear(1, 32)
+        self.register_buffer("table", torch.randn(4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.big(x) + 1e-3 * self.pos(self.table).mean(0)
+
+
+def test_a_small_layer_mixing_patients_is_not_drowned_by_a_large_one():
+    def loss_fn(model_fn, record):
+        return model_fn(record["x"]).square().sum()
+
+    torch.manual_seed(0)
+    engine = make_engine(SharedTable(), clip=1e9, q=0.5, n=8)
+    with pytest.warns(UserWarning, match="disagree with autograd"):
+        engine.step({"x": torch.randn(2, 2, 32) * 10}, loss_fn)
+    assert engine._taps is False
+
+
 def test_a_parameter_on_the_root_module_keeps_the_torch_func_path():
     engine = make_engine(Dot(3), q=0.5, n=4)
     engine.step({"x": torch.randn(2, 2, 3)}, dot_loss)

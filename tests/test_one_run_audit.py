@@ -89,6 +89,7 @@ def test_shipped_engine_never_exceeds_its_accounted_epsilon(recipes, epsilon, se
     assert 0 <= r["epsilon_lb"] <= r["accounted_epsilon"]
     assert 0 <= r["epsilon_lb_steinke"] <= r["accounted_epsilon"]
     assert not r["exceeds_accounted"]
+    assert r["per_patient_gradients"] == "layer taps"  # the path production DP runs take
     # the audit measures the engine: the shift is the correct engine's q·sqrt(T)/σ
     assert r["gaussian"]["mu_hat"] == pytest.approx(
         r["gaussian"]["mu_expected_correct_engine"], abs=0.25
@@ -102,6 +103,7 @@ def test_broken_engine_exceeds_the_accounted_epsilon(recipes, broken):
     )
     assert r["epsilon_lb"] > r["accounted_epsilon"]
     assert r["exceeds_accounted"] and r["broken"] == broken
+    assert r["per_patient_gradients"] == "layer taps"
 
 
 def test_bad_arguments_are_refused(recipes):

@@ -103,7 +103,10 @@ def test_training_reduces_loss_and_outputs_have_the_right_shapes(trained):
 def test_save_load_roundtrip(trained, tmp_path):
     train, referee = trained
     path = referee.save(tmp_path / "ref")
-    assert sorted(p.name for p in path.iterdir()) == ["referee.json", "referee.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "EVALUATION_ONLY.txt", "referee.json", "referee.safetensors",
+    ]  # fmt: skip
+    assert "never release" in (path / "EVALUATION_ONLY.txt").read_text()
     loaded = Referee.load(path)
     np.testing.assert_array_equal(loaded.features(train.volumes), referee.features(train.volumes))
     np.testing.assert_array_equal(loaded.segment(train.volumes), referee.segment(train.volumes))

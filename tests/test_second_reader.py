@@ -28,7 +28,11 @@ def test_second_reader_learns_tiny_phantoms_and_round_trips(tmp_path):
         assert got["LV_ML"] == pytest.approx(want["LV_ML"], abs=0.25)
         assert got["RV_ML"] == pytest.approx(want["RV_ML"], abs=0.25)
 
-    loaded = SecondReader.load(reader.save(tmp_path / "reader"))
+    path = reader.save(tmp_path / "reader")
+    # Weights of a non-DP model of private data: labelled beside them; no exact private count.
+    assert EVALUATION_ONLY_LABEL in (path / "EVALUATION_ONLY.txt").read_text()
+    assert not any("n_train" in key for key in reader.meta)
+    loaded = SecondReader.load(path)
     np.testing.assert_array_equal(loaded.segment(test.volumes), masks)
 
 

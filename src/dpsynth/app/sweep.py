@@ -40,7 +40,7 @@ from dpsynth.evaluation.evaluate import evaluate
 from dpsynth.evaluation.referee import train_referee
 from dpsynth.io import atomic_write_json, atomic_write_text, read_json
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
-from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
+from dpsynth.privacy.outputs import mark_evaluation_only
 from dpsynth.privacy.planner import plan
 from dpsynth.runs import load
 from dpsynth.training.ldm import train_ldm
@@ -112,7 +112,7 @@ def run_sweep(
         refuse_same_data(public, private)  # the public stages have no DP
     out.mkdir(parents=True, exist_ok=True)
     # conditions.csv, the referee and every cell's eval/ hold exact private statistics.
-    atomic_write_text(out / "EVALUATION_ONLY.txt", f"{EVALUATION_ONLY_LABEL}\n")
+    mark_evaluation_only(out)
     models = _public_models(out, preset, public, config)
     referee = out / "referee"
     if not referee.exists():

@@ -38,7 +38,7 @@ from dpsynth.evaluation.second_reader import SecondReader
 from dpsynth.evaluation.study import clean_volume_set, neighbour_ms_ssim, study_controllability
 from dpsynth.evaluation.utility import evaluate_utility
 from dpsynth.io import atomic_write_json
-from dpsynth.privacy.outputs import labelled
+from dpsynth.privacy.outputs import labelled, mark_evaluation_only
 
 ALL_METRICS = ("frd", "fd_referee", "fid", "ms_ssim", "controllability", "utility", "audit")
 REAL_VS_REAL = "real vs real (two random halves)"
@@ -135,6 +135,7 @@ def evaluate(
         synthetic_study=clean_volume_set(synthetic_set) if study else None,
     )
     inputs.out.mkdir(parents=True, exist_ok=True)
+    mark_evaluation_only(inputs.out)  # beside the per-volume CSV files
 
     report: dict[str, Any] = labelled(
         {

@@ -24,6 +24,7 @@ from dpsynth.data.volumes import VolumeSet, load_volume_set
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_dir, atomic_write_json, read_json
 from dpsynth.models.blocks import single_as_pair
+from dpsynth.privacy.outputs import mark_evaluation_only
 
 N_CLASSES = 4  # background, LV blood pool, LV myocardium, RV blood pool
 FORMAT_VERSION = 1
@@ -105,6 +106,7 @@ class Referee:
                 str(tmp / WEIGHTS_FILE),
             )
             atomic_write_json(tmp / META_FILE, self.meta)
+            mark_evaluation_only(tmp)
         return Path(path)
 
     @torch.no_grad()

@@ -28,7 +28,7 @@ from dpsynth.data.volumes import VolumeSet, load_volume_set
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.referee import N_CLASSES
 from dpsynth.io import atomic_dir, atomic_write_json, read_json
-from dpsynth.privacy.outputs import labelled
+from dpsynth.privacy.outputs import labelled, mark_evaluation_only
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "second_reader.safetensors"
@@ -76,6 +76,7 @@ class SecondReader:
             state = {k: v.contiguous() for k, v in self.net.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE))
             atomic_write_json(tmp / META_FILE, self.meta)
+            mark_evaluation_only(tmp)
         return Path(path)
 
     @torch.no_grad()
@@ -160,7 +161,6 @@ def fit_second_reader(
             "steps": steps,
             "batch_size": batch_size,
             "seed": seed,
-            "n_train_volumes": len(train),
             "trained_on": train.source,
             "loss_per_epoch": losses,
             "release": "evaluation only: trained on real data without DP; never release",

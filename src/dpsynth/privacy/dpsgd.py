@@ -277,6 +277,12 @@ class PatientDPSGD:
                 self._taps = False
         return self._vmap_grads(chunk, loss_fn)
 
+    @property
+    def per_patient_path(self) -> str:
+        """How per-patient gradients are computed: "layer taps" (the fast path, checked
+        against autograd) or "torch.func" (the reference)."""
+        return "layer taps" if self._taps else "torch.func"
+
     def _checked_taps(self, chunk: Batch, loss_fn: LossFn) -> PatientTaps | bool:
         """The layer taps (`grad_taps`) if they give the per-patient gradients of plain
         autograd on two patients of `chunk` (dropout off), else False.
@@ -300,11 +306,7 @@ class PatientDPSGD:
             return False
         finally:
             self.model.train(training)
-        # Per patient: the difference's norm within 1e-3 of the gradient's (float32 rounding
-        # is ~1e-6; a patient mixed with another is off by O(1)).
-        diff = sum((fast[n] - ref[n]).flatten(1).square().sum(1) for n in ref)
-        norm = sum(ref[n].flatten(1).square().sum(1) for n in ref)
-        if not ((diff <= 1e-6 * norm).all() and torch.allclose(fast_loss, ref_loss, rtol=1e-4)):
+        if not (_agree(fast, ref) and torch.allclose(fast_loss, ref_loss, rtol=1e-4)):
             warnings.warn(
                 "DP-SGD: layer taps disagree with autograd; using torch.func", stacklevel=4
             )
@@ -406,3 +408,21 @@ def _insert_tensors(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
     if isinstance(obj, list):
         return [_insert_tensors(v, tensors) for v in obj]
     return obj
+
+
+def _agree(fast: dict[str, Tensor], ref: dict[str, Tensor]) -> bool:
+    """Per parameter AND per patient: the difference's norm within 1e-3 of that parameter's
+    gradient norm, or within 1e-5 of the patient's whole gradient norm (float32 rounding is
+    ~1e-6; a parameter whose rows mix patients is off by O(1) of its own gradient).
+
+    Per parameter because a summed comparison lets the large convolutions drown a small
+    layer that mixes patients (review finding: a Linear over a table shared by the batch).
+    """
+    total = sum(g.flatten(1).square().sum(1) for g in ref.values())
+    return all(
+        (
+            (fast[n] - g).flatten(1).square().sum(1)
+            <= 1e-6 * g.flatten(1).square().sum(1) + 1e-10 * total
+        ).all()
+        for n, g in ref.items()
+    )

@@ -404,7 +404,7 @@ def run_canary_audit(
     optimizer.register_step_pre_hook(observe)
     sigma = recipe.noise_multiplier / (4 if broken == "noise-quarter" else 1)
     engine = _engine_class(broken)(
-        probe,
+        nn.Sequential(probe),  # a module, not the root, owns the weight: the taps path runs
         optimizer,
         noise_multiplier=sigma,
         max_grad_norm=recipe.max_grad_norm,
@@ -457,6 +457,7 @@ def run_canary_audit(
         "public_patients": n_public,
         "recipe": recipe.to_json(),
         "engine": broken or "PatientDPSGD (as shipped)",
+        "per_patient_gradients": engine.per_patient_path,
         "broken": broken,
         "threat_model": "white-box: every noisy update; two-volume Dirac canary patients, "
         "gradient norm 2C per volume",

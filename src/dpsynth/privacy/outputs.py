@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dpsynth.io import atomic_write_text
+
 EVALUATION_ONLY_LABEL = (
     "evaluation only (BRIEF section 3 (c)): exact statistics of private data without DP; "
     "never release this file"
@@ -18,12 +20,21 @@ FIDELITY_FILE = "attribute_fidelity.json"  # the DP attribute model against the 
 RECONSTRUCTION_FILE = "reconstruction.json"  # autoencoder PSNR/SSIM on its test split
 METRICS_FILE = "metrics.jsonl"  # training (and validation) losses
 EVAL_SUBDIR = "eval"  # `dpsynth evaluate --out RUN/eval`
+MARKER_FILE = "EVALUATION_ONLY.txt"  # beside files that cannot carry the label (weights, CSV)
 EVALUATION_ONLY = (FIDELITY_FILE, RECONSTRUCTION_FILE, METRICS_FILE, EVAL_SUBDIR)
 
 
 def labelled(record: dict) -> dict:
     """`record` with the evaluation-only label as its first field."""
     return {"label": EVALUATION_ONLY_LABEL, **record}
+
+
+def mark_evaluation_only(folder: str | Path) -> Path:
+    """Write the label into `folder` as `EVALUATION_ONLY.txt`, for the weights and CSV files
+    beside it that cannot carry it themselves."""
+    path = Path(folder) / MARKER_FILE
+    atomic_write_text(path, f"{EVALUATION_ONLY_LABEL}\n")
+    return path
 
 
 def is_evaluation_only(relative: str | Path) -> bool:
