@@ -158,3 +158,12 @@ def _read_attributes_csv(csv_path: Path, names: list[str]) -> np.ndarray:
                             f"{csv_path}: line {line}: {attribute}={value!r} is not a number"
                         ) from None
     return attributes
+
+
+def check_volume_array(shape: tuple[int, ...], divisor: int, reader: str) -> None:
+    """Refuse anything but (N, S, H, W) with H and W divisible by `divisor` (a U-Net's
+    in-plane downsampling), naming the `reader` that needs it."""
+    if len(shape) != 4 or shape[2] % divisor or shape[3] % divisor:
+        raise DpsynthError(
+            f"{reader}: volumes must be (N, S, H, W) with H, W divisible by {divisor}, got {shape}"
+        )

@@ -20,7 +20,7 @@ from monai.networks.nets import UNet
 from safetensors.torch import load_file, save_file
 
 from dpsynth.attributes import INDEX
-from dpsynth.data.volumes import VolumeSet, load_volume_set
+from dpsynth.data.volumes import VolumeSet, check_volume_array, load_volume_set
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_dir, atomic_write_json, read_json
 from dpsynth.models.blocks import single_as_pair
@@ -116,7 +116,7 @@ class Referee:
         The last few results are kept by content hash: evaluation asks for masks, phases and
         features of the same sets, and the forward pass dominates its cost.
         """
-        _check_shape(volumes.shape)
+        check_volume_array(volumes.shape, 4, "referee")
         key = hashlib.sha256(np.ascontiguousarray(volumes).tobytes()).hexdigest()
         if key not in self._outputs:
             masks, prob_ed, features = [], [], []
@@ -152,13 +152,6 @@ def _base_meta(channels: tuple[int, ...]) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "channels": list(channels), "num_res_units": 1}
 
 
-def _check_shape(shape: tuple[int, ...]) -> None:
-    if len(shape) != 4 or shape[2] % 4 or shape[3] % 4:
-        raise DpsynthError(
-            f"referee: volumes must be (N, S, H, W) with H, W divisible by 4, got {shape}"
-        )
-
-
 def fit_referee(
     train: VolumeSet,
     epochs: int = 30,
@@ -171,7 +164,7 @@ def fit_referee(
     """Train segmentation (Dice + CE) and the ED/ES head (BCE) jointly on a set with masks."""
     if train.masks is None:
         raise DpsynthError(f"{train.source}: the referee needs segmentation masks")
-    _check_shape(train.volumes.shape)
+    check_volume_array(train.volumes.shape, 4, "referee")
     phase = train.attributes[:, INDEX["ESED"]]
     has_phase = torch.from_numpy(np.isfinite(phase))
     phase = torch.from_numpy(np.nan_to_num(phase).astype(np.float32))

@@ -24,7 +24,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from safetensors.torch import load_file, save_file
 
-from dpsynth.data.volumes import VolumeSet, load_volume_set
+from dpsynth.data.volumes import VolumeSet, check_volume_array, load_volume_set
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.referee import N_CLASSES
 from dpsynth.io import atomic_dir, atomic_write_json, read_json
@@ -82,7 +82,7 @@ class SecondReader:
     @torch.no_grad()
     def segment(self, volumes: np.ndarray, batch_slices: int = 64) -> np.ndarray:
         """Label masks (N, S, H, W) uint8 of volumes (N, S, H, W), each slice read alone."""
-        _check_shape(volumes.shape, len(self.meta["channels"]))
+        check_volume_array(volumes.shape, 2 ** (len(self.meta["channels"]) - 1), "second reader")
         trained = self.meta.get("shape")
         if trained and list(volumes.shape[2:]) != trained[1:]:
             raise DpsynthError(
@@ -100,15 +100,6 @@ class SecondReader:
         return np.concatenate(masks).reshape(volumes.shape)
 
 
-def _check_shape(shape: tuple[int, ...], levels: int) -> None:
-    factor = 2 ** (levels - 1)
-    if len(shape) != 4 or shape[2] % factor or shape[3] % factor:
-        raise DpsynthError(
-            f"second reader: volumes must be (N, S, H, W) with H, W divisible by {factor}, "
-            f"got {shape}"
-        )
-
-
 def fit_second_reader(
     train: VolumeSet,
     epochs: int = 2,
@@ -124,7 +115,7 @@ def fit_second_reader(
     """
     if train.masks is None:
         raise DpsynthError(f"{train.source}: the second reader needs segmentation masks")
-    _check_shape(train.volumes.shape, len(channels))
+    check_volume_array(train.volumes.shape, 2 ** (len(channels) - 1), "second reader")
     images = np.asarray(train.volumes, dtype=np.float32).reshape(-1, 1, *train.shape[1:])
     labels = np.asarray(train.masks).reshape(-1, 1, *train.shape[1:])
     torch.manual_seed(seed)
