@@ -166,8 +166,12 @@ class Explorer:
                 continue  # unknown: the model conditions on "unknown"
             x = _number(value, name)
             lo, hi = self.ranges[name]
-            if not lo <= x <= hi:
+            # A slider's step snapping can land a few ulps past an end (seen at a drawn
+            # value clipped to the end), so ends are compared within 1e-6 of the range.
+            slack = 1e-6 * (hi - lo)
+            if not lo - slack <= x <= hi + slack:
                 raise DpsynthError(f"{name}={x:g} is outside the model's range [{lo:g}, {hi:g}]")
+            x = min(max(x, lo), hi)
             if name in CATEGORICAL and x not in CATEGORICAL[name]:
                 raise DpsynthError(f"{name}={x:g}: expected one of {CATEGORICAL[name]}")
             table[INDEX[name]] = x
