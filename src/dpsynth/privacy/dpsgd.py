@@ -1,7 +1,9 @@
 """Patient-level DP-SGD: one DP record is one patient holding several volumes (ED and ES).
 
-Per-patient gradients come from ``torch.func`` (``vmap`` over patients of ``grad`` of the
-patient's summed loss); Opacus' ``DPOptimizer`` then clips them, adds Gaussian noise and
+Per-patient gradients (of the patient's summed loss) come from layer taps on one batched
+pass (`grad_taps`), checked once per engine against plain autograd, or else from the
+reference ``torch.func`` path (``vmap`` over patients of ``grad``); Opacus'
+``DPOptimizer`` then clips them, adds Gaussian noise and
 averages by the expected batch size. The engine only counts its noisy steps
 (`steps_taken`); privacy spent is the ledger's: a DP stage sets its ledger entry's steps
 from this count at every checkpoint, and the ledger composes ε (no accountant here).
