@@ -160,16 +160,20 @@ def write_nifti(
     spacing: tuple[float, float, float],
     dtype: type = np.float32,
     label: bool = False,
+    affine: np.ndarray | None = None,
 ) -> None:
     """Write a (slices, H, W) volume with spacing (dz, dy, dx) mm, atomically.
 
-    The affine is :func:`dpsynth.orientation.array_affine`: the orientation dpsynth assumes
-    for its arrays, so a written volume reads back (and is prepared) with the same ANGLE.
+    The affine defaults to :func:`dpsynth.orientation.array_affine`: the orientation dpsynth
+    assumes for its arrays, so a written volume reads back (and is prepared) with the same
+    ANGLE. Another `affine` (voxel (column, row, slice) -> mm) describes an array stored
+    otherwise, as scanners do (the simulator's flipped or transposed files).
 
     `label=True` marks a segmentation (NIfTI intent "label").
     """
     gz = str(path).endswith(".gz")
-    atomic_write_bytes(path, nifti_bytes(volume, spacing, dtype, label, gz), fsync=False)
+    data = nifti_bytes(volume, spacing, dtype, label, gz, affine)
+    atomic_write_bytes(path, data, fsync=False)
 
 
 def nifti_bytes(
@@ -178,11 +182,12 @@ def nifti_bytes(
     dtype: type = np.float32,
     label: bool = False,
     gz: bool = True,
+    affine: np.ndarray | None = None,
 ) -> bytes:
     """The bytes of :func:`write_nifti`'s file (gzipped with `gz`), for serving without a file."""
     dz, dy, dx = (float(s) for s in spacing)
     data = np.asarray(volume).transpose(2, 1, 0).astype(dtype)
-    img = nib.Nifti1Image(data, array_affine((dz, dy, dx)))
+    img = nib.Nifti1Image(data, array_affine((dz, dy, dx)) if affine is None else affine)
     img.header.set_zooms((dx, dy, dz))
     img.header.set_xyzt_units("mm")
     if label:

@@ -11,8 +11,12 @@ Each patient is drawn in two steps:
    rotated in-plane by ANGLE and spanning DEPTH slices. Cavity volumes are met to the
    voxel by choosing the in-plane scale from the sorted per-voxel scale thresholds; the wall
    thickness is calibrated against :func:`dpsynth.data.measure.wall_thickness`. Images get
-   surrounding anatomy, SSFP-like contrast, through-slice partial volume, coil bias and
-   Rician noise.
+   endocardial trabeculation and papillary muscles (blood pool in the masks), atria and
+   great vessels above the base, surrounding anatomy (chest wall, ribs, lungs, liver, spine,
+   descending aorta), SSFP-like contrast, partial volume across each patient's slice
+   thickness, breath-hold shifts, coil bias and Rician noise; fields of view, body turn and
+   (``acdc``) the stored orientation vary, and some stacks miss the base or the apex.
+   docs/PHANTOMS.md lists what is rendered and what is not.
 
 The attributes written next to the images are *measured* from the produced masks, so the
 ground truth is what the image shows; the requested values go to simulation_targets.csv.
@@ -36,6 +40,7 @@ from dpsynth.config import DEFAULT_SHAPE, DEFAULT_SPACING
 from dpsynth.data.measure import LV_BLOOD, LV_MYO, RV_BLOOD, measure_patient, wall_thickness
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_dir, atomic_write_text, write_nifti
+from dpsynth.orientation import array_affine
 
 COHORTS = ("ukbb", "acdc")
 GROUPS = ("NOR", "DCM", "HCM", "MINF", "ARV")  # ACDC groups; UK Biobank is all "NOR"
@@ -58,18 +63,29 @@ class Scanner:
     psf_px: float  # in-plane blur (Gaussian sigma, pixels)
     gain: tuple[float, float]  # range of the arbitrary scanner scale of the int16 images
     inplane_scale: tuple[float, float]  # pixel size relative to the requested spacing
+    thickness: tuple[float, float]  # slice thickness (mm) range; the gap is spacing - thickness
+    fov: tuple[float, float]  # matrix size per axis relative to the requested one
+    cut: float  # chance that the stack misses the base or the apex
+    stored: float  # chance that a file is stored flipped or transposed (with its affine)
 
 
 SCANNERS = {
+    # UK Biobank: one protocol (Petersen et al., JCMR 2016): 8 mm slices with 2 mm gaps,
+    # 1.8 mm pixels; files converted by ukbb_cardiac share one orientation.
     "ukbb": Scanner(
         myocardium=0.22, lung=0.04, liver=0.30, muscle=0.26, fat=0.80, tissue=0.38,
         noise=0.03, bias=0.15, psf_px=0.6, gain=(180, 420), inplane_scale=(1.0, 1.0),
+        thickness=(8.0, 8.0), fov=(1.0, 1.0), cut=0.06, stored=0.0,
     ),
     # ACDC: another vendor and field strength, 1.37-1.68 mm pixels (0.75-0.92 x UK Biobank's
-    # 1.83 mm), flatter contrast, more noise and coil shading, another intensity scale.
+    # 1.83 mm), 5-10 mm slices (here 8-10), rectangular fields of view of varying size,
+    # flatter contrast, more noise and coil shading, another intensity scale; NIfTI files
+    # in several in-plane orientations, and stacks that miss part of the heart more often
+    # (Bernard et al., IEEE TMI 2018).
     "acdc": Scanner(
         myocardium=0.32, lung=0.09, liver=0.42, muscle=0.35, fat=0.70, tissue=0.45,
         noise=0.055, bias=0.25, psf_px=0.8, gain=(500, 1500), inplane_scale=(0.75, 0.92),
+        thickness=(8.0, 10.0), fov=(1.0, 1.2), cut=0.15, stored=0.5,
     ),
 }  # fmt: skip
 
@@ -83,6 +99,7 @@ class SimulatedPatient:
     attributes: dict[str, float]  # AGE SEX BMI as drawn + the 10 cardiac attributes measured
     targets: dict[str, float | str]  # GROUP and every requested value
     spacing: tuple[float, float, float]
+    storage: int = 0  # how its files store the arrays (:func:`stored_array`)
 
 
 # ----------------------------------------------------------------------------- population
@@ -164,7 +181,8 @@ class _Frame:
     y: np.ndarray
     r: np.ndarray  # distance from the LV axis
     u: np.ndarray  # along LV centre -> RV centre
-    v: np.ndarray
+    v: np.ndarray  # towards the anterior wall
+    phi: np.ndarray  # polar angle about the LV axis, atan2(v, u)
     ellipse: np.ndarray  # LV cross-section radius per unit scale, by polar angle
     wall: np.ndarray  # relative wall thickness by polar angle (infarct thinning)
     fat: np.ndarray  # epicardial fat thickness (mm) by polar angle
@@ -172,6 +190,8 @@ class _Frame:
     z_base: float  # ED base plane
     z_apex: float  # epicardial apex (ES and ED)
     rv_wrap: float
+    radius: float  # nominal LV radius at ED (mm): sizes the atria and great vessels
+    thickness: float  # slice thickness (mm): the slab each slice averages over
 
 
 @dataclass
@@ -188,12 +208,13 @@ class _Heart:
     rv_scale: float = 0.0
 
 
-def _frame(targets: dict, shape, spacing, rng: np.random.Generator) -> _Frame:
+def _frame(targets: dict, shape, spacing, rng: np.random.Generator, scanner: Scanner) -> _Frame:
     """Place and orient the heart: in-plane coordinates, cross-section shape, long axis."""
     n_s, n_h, n_w = shape
     dz, dy, dx = spacing
-    # One breath-hold per slice: small independent in-plane shifts.
-    shift = rng.normal(0.0, 1.0, size=(n_s, 2)) + rng.normal(0.0, 3.0, size=2)
+    # One breath-hold per slice: small independent in-plane shifts of a few mm; where the
+    # heart sits in the field of view varies between patients.
+    shift = rng.normal(0.0, 1.2, size=(n_s, 2)) + rng.normal(0.0, 5.0, size=2)
     rows = (np.arange(n_h) - (n_h - 1) / 2) * dy
     cols = (np.arange(n_w) - (n_w - 1) / 2) * dx
     y = (rows[None, :, None] - shift[:, 0, None, None]).astype(np.float32)
@@ -220,26 +241,41 @@ def _frame(targets: dict, shape, spacing, rng: np.random.Generator) -> _Frame:
 
     # Long axis: the base plane lies just above slice k0's centre, the apex between the
     # last myocardial slice's centre and the next one, so exactly DEPTH slices hold LV.
+    # Some stacks miss the base (it lies above the first slice) or the apex (below the
+    # last): DEPTH still counts the slices that show heart, and the volumes fitted below
+    # are those of the visible part, so the ground truth stays what the image shows.
     depth = int(targets["DEPTH"])
-    k0 = int(rng.integers(0, max(1, min(3, n_s - depth + 1))))
     z = ((np.arange(n_s) + 0.5) * dz).astype(np.float32)
-    z_base = (k0 + 0.5 - rng.uniform(0.1, 0.45)) * dz
+    cut = rng.choice(3, p=(1.0 - scanner.cut, scanner.cut / 2, scanner.cut / 2))
+    if cut == 1:  # missed base: the first slice lies 0.6-1.5 slices below the base plane
+        k0, z_base = 0, (0.5 - rng.uniform(0.6, 1.5)) * dz
+    else:
+        k0 = n_s - depth if cut == 2 else int(rng.integers(0, max(1, min(3, n_s - depth + 1))))
+        z_base = (k0 + 0.5 - rng.uniform(0.1, 0.45)) * dz
     span = z[k0 + depth - 1] - z_base
-    f_min = span / (span + dz)
-    f = f_min + (1 - f_min) * rng.uniform(0.25, 0.6)
+    if cut == 2:  # missed apex: it lies 1-2 slices beyond the last one
+        z_apex = z[-1] + rng.uniform(1.0, 2.0) * dz
+    else:
+        f_min = span / (span + dz)
+        z_apex = z_base + span / (f_min + (1 - f_min) * rng.uniform(0.25, 0.6))
+    # Half-ellipsoid: V = 2/3 pi R^2 L.
+    radius = math.sqrt(1.5 * targets["LVEDV"] * 1000.0 / (math.pi * (z_apex - z_base)))
     return _Frame(
         x=x,
         y=y,
         r=np.hypot(u, v),
         u=u,
         v=v,
+        phi=phi,
         ellipse=ellipse.astype(np.float32),
         wall=wall.astype(np.float32),
         fat=(1.0 + 1.25 * (1 + np.cos(2 * phi + rng.uniform(0, 2 * math.pi)))).astype(np.float32),
         z=z,
         z_base=float(z_base),
-        z_apex=float(z_base + span / f),
+        z_apex=float(z_apex),
         rv_wrap=rng.uniform(1.4, 1.8),
+        radius=float(np.clip(radius, 12.0, 45.0)),
+        thickness=float(rng.uniform(*scanner.thickness)),
     )
 
 
@@ -290,17 +326,17 @@ class _Phase:
         with np.errstate(divide="ignore"):
             return np.where(g > 0, self.rv_plane / g, np.inf)
 
-    def render(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Labels, LV outer radius and RV scale field at slice positions z."""
+    def render(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Labels, LV outer radius, LV cavity and RV scale fields at slice positions z."""
         h = self.h
-        cavity = self.cavity_q(z) <= h.scale
+        q = self.cavity_q(z)
         outer = self.outer_radius(z, h.thick)
         rv = self.rv_q(z)
-        labels = np.zeros(cavity.shape, np.uint8)
+        labels = np.zeros(q.shape, np.uint8)
         labels[rv <= h.rv_scale] = RV_BLOOD
         labels[self.f.r < outer] = LV_MYO
-        labels[cavity] = LV_BLOOD
-        return labels, outer, rv
+        labels[q <= h.scale] = LV_BLOOD
+        return labels, outer, q, rv
 
 
 def _fit_heart(frame: _Frame, targets: dict, phase: str, spacing) -> _Phase:
@@ -348,30 +384,54 @@ def _ellipse(y, x, cy, cx, ry, rx) -> np.ndarray:
     return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 < 1.0
 
 
-def _scene(frame: _Frame, scanner: Scanner, rng: np.random.Generator):
-    """Relative intensities around the heart (body, lungs, liver, descending aorta) and the
-    in-plane footprint of the atrium and great vessels, which show above the LV base."""
-    y, x = frame.y, frame.x
-    jitter = rng.uniform(0.9, 1.1, size=7)
+def _scene(frame: _Frame, scanner: Scanner, bmi: float, rng: np.random.Generator):
+    """Relative intensities around the heart (chest wall, ribs, lungs, liver, spine and the
+    descending aorta) and the in-plane footprint of the atria and great vessels, which show
+    above the LV base."""
+    # The body turns a little with how the short-axis plane was planned.
+    a = math.radians(rng.normal(0.0, 7.0))
+    x = math.cos(a) * frame.x - math.sin(a) * frame.y
+    y = math.sin(a) * frame.x + math.cos(a) * frame.y
+    jitter = rng.uniform(0.9, 1.1, size=8)
     img = np.zeros(y.shape, np.float32)  # air
-    body_r = (y - 45.0) ** 2 / 120.0**2 + x**2 / 165.0**2
-    img[body_r < 1.0] = scanner.fat * jitter[0]  # subcutaneous fat
-    img[body_r < 0.86] = scanner.muscle * jitter[1]  # chest wall
-    img[body_r < 0.74] = scanner.tissue * jitter[2]  # mediastinum
-    img[_ellipse(y, x, 8.0, 66.0, 55.0, 30.0)] = scanner.lung * jitter[3]
-    img[_ellipse(y, x, 2.0, -70.0, 50.0, 28.0)] = scanner.lung * jitter[3]
+    # Body: subcutaneous fat that thickens with BMI over the chest-wall muscle.
+    ry, rx = 120.0 + 1.5 * (bmi - 27.0), 165.0 + 2.0 * (bmi - 27.0)
+    fat_mm = float(np.clip(8.0 + 1.6 * (bmi - 22.0), 4.0, 40.0))
+    body = ((y - 45.0) / ry) ** 2 + (x / rx) ** 2
+    img[body < 1.0] = scanner.fat * jitter[0]
+    img[body < (1.0 - fat_mm / ry) ** 2] = scanner.muscle * jitter[1]  # chest wall
+    img[body < (1.0 - (fat_mm + 14.0) / ry) ** 2] = scanner.tissue * jitter[2]  # mediastinum
+    # Ribs in the anterior and lateral chest wall: dark cortex around brighter marrow.
+    for t in rng.uniform(-2.7, -0.45, size=3):
+        cy = 45.0 + (ry - fat_mm - 8.0) * math.sin(t)
+        cx = (rx - fat_mm - 8.0) * math.cos(t)
+        img[_ellipse(y, x, cy, cx, 5.0, 9.0)] = 0.08
+        img[_ellipse(y, x, cy, cx, 3.0, 6.0)] = scanner.muscle * 1.6
+    # Lungs, dark, with the bright dots of vessels crossing the slice.
+    lungs = _ellipse(y, x, 6.0, 64.0, 58.0, 32.0) | _ellipse(y, x, 2.0, -70.0, 52.0, 30.0)
+    vessel = rng.random(y.shape, dtype=np.float32) < 0.01
+    img[lungs] = scanner.lung * jitter[3]
+    img[lungs & vessel] = scanner.lung + 0.3
 
     below = np.clip((frame.z - frame.z_base) / (frame.z_apex - frame.z_base), 0, 1)[:, None, None]
     liver = _ellipse(y, x, 75.0 - 30.0 * below, -40.0, 20.0 + 30.0 * below, 45.0 + 25.0 * below)
     img[liver & (below > 0.3)] = scanner.liver * jitter[4]
-    img[_ellipse(y, x, 52.0, 24.0, 11.0, 11.0)] = jitter[5]  # descending aorta
-    img[_ellipse(y, x, 80.0, 4.0, 14.0, 18.0)] = scanner.muscle * 1.5 * jitter[6]  # vertebra
+    # Spine: vertebral body (fatty marrow in a dark cortex), the bright CSF of the spinal
+    # canal behind it, and the descending aorta beside it (flowing blood, bright).
+    img[_ellipse(y, x, 70.0, 0.0, 14.0, 16.0)] = 0.08
+    img[_ellipse(y, x, 70.0, 0.0, 12.0, 14.0)] = scanner.muscle * 1.7 * jitter[5]
+    img[_ellipse(y, x, 91.0, 0.0, 6.0, 7.0)] = 0.9 * jitter[6]
+    img[_ellipse(y, x, 56.0, 30.0, 11.0, 11.0)] = jitter[7]
 
-    # Left atrium, aortic root and pulmonary trunk.
+    # Atria and great vessels in the heart's own frame (u towards the RV, v anterior), sized
+    # by the LV: left atrium behind, aortic root (the LV outflow) in the middle, pulmonary
+    # trunk in front on the RV side, right atrium behind the RV.
+    u, v, rad = frame.u, frame.v, frame.radius
     vessels = (
-        _ellipse(y, x, 22.0, 10.0, 18.0, 24.0)
-        | _ellipse(y, x, -8.0, -8.0, 13.0, 13.0)
-        | _ellipse(y, x, -30.0, 8.0, 12.0, 12.0)
+        _ellipse(v, u, -1.15 * rad, -0.2 * rad, 0.75 * rad, 1.05 * rad)
+        | _ellipse(v, u, 0.2 * rad, 0.35 * rad, 0.5 * rad, 0.5 * rad)
+        | _ellipse(v, u, 1.05 * rad, 1.2 * rad, 0.42 * rad, 0.42 * rad)
+        | _ellipse(v, u, -0.5 * rad, 2.0 * rad, 0.8 * rad, 0.7 * rad)
     )
     # Tissue texture: a few random plane waves (15-40 mm) modulating everything by ~+-8 %.
     texture = np.ones(y.shape[1:], np.float32)
@@ -384,23 +444,60 @@ def _scene(frame: _Frame, scanner: Scanner, rng: np.random.Generator):
     return img * texture, vessels
 
 
-def _heart_intensity(ph: _Phase, z: np.ndarray, scene: np.ndarray, scanner: Scanner) -> np.ndarray:
+@dataclass(frozen=True)
+class _Trabeculae:
+    """Fine endocardial strands: three interfering angular waves (strand positions) and a
+    slower one (how far each reaches into the cavity), all twisting slowly with depth."""
+
+    n: np.ndarray  # angular frequencies
+    phase: np.ndarray
+    twist: float  # rad per mm of depth: the strands move between slices
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> _Trabeculae:
+        n = np.array([rng.integers(10, 15), rng.integers(16, 23), rng.integers(25, 33), 3])
+        return cls(n, rng.uniform(0, 2 * math.pi, 4), float(rng.normal(0, 0.03)))
+
+    def strands(self, phi: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where strands are (wave above ~1), and how deep they reach (0.2-1) by angle."""
+        zz = z[:, None, None] * self.twist
+        wave = sum(np.cos(self.n[i] * phi + self.phase[i] + zz * (i + 1)) for i in range(3))
+        return wave, 0.6 + 0.4 * np.cos(self.n[3] * phi + self.phase[3] - zz)
+
+
+def _heart_intensity(
+    ph: _Phase,
+    z: np.ndarray,
+    scene: np.ndarray,
+    scanner: Scanner,
+    strands: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
     f, h = ph.f, ph.h
-    labels, outer, rv = ph.render(z)
+    labels, outer, q, rv = ph.render(z)
     img = scene.copy()
     # Epicardial fat of varying thickness, and the thin RV free wall (dark like myocardium).
     background = labels == 0
     fat = (f.r < outer + f.fat) | (rv <= h.rv_scale + 3.0 + f.fat)
     img[background & fat] = scanner.fat
     img[background & (rv <= h.rv_scale + 3.0)] = scanner.myocardium
-    img[(labels == LV_BLOOD) | (labels == RV_BLOOD)] = 1.0
+    lv, rv_blood = labels == LV_BLOOD, labels == RV_BLOOD
+    img[lv | rv_blood] = 1.0
     img[labels == LV_MYO] = scanner.myocardium
+    # Endocardial trabeculation: thin irregular strands along the cavity border, deeper
+    # towards the apex, in the LV and (coarser) the RV. The masks count them as blood pool,
+    # as ukbb_cardiac's segmentations do (Bai et al., JCMR 2018).
+    wave, reach = strands
+    apical = np.clip((z - h.z_base) / (h.outer_len + 1e-6), 0, 1)[:, None, None]
+    grey = scanner.myocardium + 0.3 * (1.0 - scanner.myocardium)  # thin: partial volume
+    depth = (0.14 + 0.2 * apical) * reach  # fraction of the cavity radius they reach in
+    img[lv & (q > h.scale * (1.0 - depth)) & (wave > 0.9)] = grey
+    img[rv_blood & (rv > h.rv_scale * (1.0 - 0.15 * reach)) & (wave < -1.3)] = grey
     # Two papillary muscles: dark spots that the masks count as blood pool (as UK Biobank's).
     rc = h.scale * _profile(z, h.z_base, h.cavity_len)
     for ang in (math.pi - 0.9, math.pi + 0.9):
         pu, pv = 0.55 * rc * math.cos(ang), 0.55 * rc * math.sin(ang)
         spot = (f.u - pu) ** 2 + (f.v - pv) ** 2 < (0.18 * rc) ** 2
-        img[spot & (labels == LV_BLOOD)] = scanner.myocardium * 1.3
+        img[spot & lv] = scanner.myocardium * 1.3
     return img
 
 
@@ -428,18 +525,28 @@ def render_patient(
     if not 1 <= targets["DEPTH"] <= shape[0]:
         raise DpsynthError(f"DEPTH: {targets['DEPTH']} slices do not fit a {shape[0]}-slice volume")
     scanner = SCANNERS[cohort]
-    frame = _frame(targets, shape, spacing, rng)
-    surroundings, vessels = _scene(frame, scanner, rng)
+    frame = _frame(targets, shape, spacing, rng, scanner)
+    bmi = targets.get("BMI", float("nan"))
+    surroundings, vessels = _scene(frame, scanner, bmi if math.isfinite(bmi) else 27.0, rng)
+    # The strands' pattern hardly moves within a slab or between phases: drawn once.
+    strands = _Trabeculae.draw(rng).strands(frame.phi, frame.z)
+    # Through-slice partial volume: average the slab (the slice thickness) at three depths.
+    slab = (-frame.thickness / 3, 0.0, frame.thickness / 3)
     images, masks = {}, {}
     for phase in PHASES:
         ph = _fit_heart(frame, targets, phase, spacing)
         masks[phase] = ph.render(frame.z)[0]
         # Bright atrial and vessel blood above this phase's base (it descends in systole).
-        above = (frame.z < ph.h.z_base)[:, None, None]
-        scene = np.where(vessels & above, np.float32(1.0), surroundings)
-        # Through-slice partial volume: average the slab at three depths.
-        slab = (-spacing[0] / 3, 0.0, spacing[0] / 3)
-        signal = sum(_heart_intensity(ph, frame.z + d, scene, scanner) for d in slab)
+        signal = sum(
+            _heart_intensity(
+                ph,
+                frame.z + d,
+                np.where(vessels & (frame.z + d < ph.h.z_base)[:, None, None], 1.0, surroundings),
+                scanner,
+                strands,
+            )
+            for d in slab
+        )
         images[phase] = _acquire(signal / len(slab), frame, scanner, rng)
     return images, masks
 
@@ -453,17 +560,48 @@ def simulate_patient(
     """Draw and render one patient; attributes are measured from the rendered masks."""
     rng = np.random.default_rng(rng)
     _check_cohort(cohort)
-    lo, hi = SCANNERS[cohort].inplane_scale
-    m = rng.uniform(lo, hi)
+    scanner = SCANNERS[cohort]
+    m = rng.uniform(*scanner.inplane_scale)
     spacing = (float(spacing[0]), float(spacing[1]) * m, float(spacing[2]) * m)
     # Finer pixels come with a larger matrix, as on a real scanner: the field of view never
-    # shrinks below the requested one (a smaller one leaves black borders after resampling).
-    shape = (shape[0], math.ceil(shape[1] / m), math.ceil(shape[2] / m))
+    # shrinks below the requested one (a smaller one leaves black borders after resampling);
+    # some scanners' fields of view are larger and rectangular.
+    fov = rng.uniform(*scanner.fov, size=2)
+    shape = (shape[0], math.ceil(shape[1] * fov[0] / m), math.ceil(shape[2] * fov[1] / m))
     targets = draw_targets(rng, cohort, shape[0], spacing[0])
     images, masks = render_patient(targets, rng, shape, spacing, cohort)
     attributes = {k: targets[k] for k in SUBJECT}
     attributes.update(measure_patient(masks["ED"], masks["ES"], spacing))
-    return SimulatedPatient(images, masks, attributes, targets, spacing)
+    storage = int(rng.integers(1, 8)) if rng.random() < scanner.stored else 0
+    return SimulatedPatient(images, masks, attributes, targets, spacing, storage)
+
+
+def stored_array(
+    volume: np.ndarray, spacing: tuple[float, float, float], storage: int
+) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    """A (slices, H, W) array in dpsynth's orientation as a scanner may store it: flipped
+    (bits 1: rows, 2: columns) then transposed in-plane (bit 4), with the NIfTI affine that
+    keeps every voxel at its place in the patient, so ANGLE and prepared arrays are unchanged.
+
+    Returns the stored array, its (dz, dy, dx) spacing and affine.
+    """
+    dz, dy, dx = spacing
+    _, n_h, n_w = volume.shape
+    index = np.eye(4)  # stored voxel (column, row, slice, 1) -> canonical voxel
+    if storage & 1:
+        volume = volume[:, ::-1]
+        index = np.diag([1.0, -1.0, 1.0, 1.0]) @ index
+        index[1, 3] = n_h - 1
+    if storage & 2:
+        volume = volume[:, :, ::-1]
+        flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+        flip[0, 3] = n_w - 1
+        index = flip @ index
+    if storage & 4:
+        volume = volume.transpose(0, 2, 1)
+        index = index[:, [1, 0, 2, 3]]
+        dy, dx = dx, dy
+    return np.ascontiguousarray(volume), (dz, dy, dx), array_affine(spacing) @ index
 
 
 # -------------------------------------------------------------------------------- cohort
@@ -480,8 +618,10 @@ def _write_patient(job: tuple) -> tuple[dict, dict]:
     folder = Path(root) / patient_id(cohort, index)
     folder.mkdir()
     for ph in PHASES:
-        write_nifti(folder / f"sa_{ph}.nii.gz", p.images[ph], p.spacing, np.int16)
-        write_nifti(folder / f"seg_sa_{ph}.nii.gz", p.masks[ph], p.spacing, np.uint8, label=True)
+        image, spacing, affine = stored_array(p.images[ph], p.spacing, p.storage)
+        write_nifti(folder / f"sa_{ph}.nii.gz", image, spacing, np.int16, affine=affine)
+        mask, _, _ = stored_array(p.masks[ph], p.spacing, p.storage)
+        write_nifti(folder / f"seg_sa_{ph}.nii.gz", mask, spacing, np.uint8, True, affine)
     return p.attributes, p.targets
 
 
