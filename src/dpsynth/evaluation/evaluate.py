@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,11 +145,14 @@ def evaluate(
             "real": real_set.source,
             "synthetic": synthetic_set.source,
             "metrics": {},
+            "seconds": {},  # wall time per metric group: what evaluation costs, where
         }
     )
     for name in ALL_METRICS:
         if name in metrics:
+            start = time.perf_counter()
             part = _RUNNERS[name](inputs)
+            report["seconds"][name] = round(time.perf_counter() - start, 1)
             report["metrics"].update(part.pop("metrics", {}))
             report.update(part)
     report = _json_safe(report)
