@@ -241,7 +241,14 @@ def test_metrics_json_schema(tmp_path):
     assert on_disk == result
     assert on_disk["n_real"] == 12 and on_disk["n_synthetic"] == 12
     # one wall time per metric group asked for, and only those
-    assert set(on_disk["seconds"]) == {"frd", "fd_referee", "fid", "ms_ssim", "controllability", "audit"}
+    assert set(on_disk["seconds"]) == {
+        "frd",
+        "fd_referee",
+        "fid",
+        "ms_ssim",
+        "controllability",
+        "audit",
+    }
     assert all(s >= 0 for s in on_disk["seconds"].values())
     keys = {
         "value",
