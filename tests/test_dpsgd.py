@@ -521,3 +521,76 @@ def test_a_parameter_on_the_root_module_keeps_the_torch_func_path():
     engine = make_engine(Dot(3), q=0.5, n=4)
     engine.step({"x": torch.randn(2, 2, 3)}, dot_loss)
     assert engine._taps is False
+
+
+class RareLayer(nn.Module):
+    """A Linear that only records with ``use`` = 1 reach (like a null-condition embedding),
+    applied sequence-first when `mixing` (rows not patient-major: taps would mix patients)."""
+
+    def __init__(self, mixing: bool = False, train_only: bool = False) -> None:
+        super().__init__()
+        self.main, self.rare = nn.Linear(3, 1), nn.Linear(3, 1)
+        self.mixing, self.train_only = mixing, train_only
+
+    def forward(self, x: torch.Tensor, use: torch.Tensor) -> torch.Tensor:  # (B, L, 3), (B,)
+        rare = self.rare(x.transpose(0, 1)).transpose(0, 1) if self.mixing else self.rare(x)
+        if self.train_only and not self.training:  # a branch the check (dropout off) never sees
+            rare = rare * 0
+        return (self.main(x) + use[:, None, None] * rare)[..., 0]
+
+
+def rare_loss(model_fn, record):
+    return model_fn(record["x"], record["use"]).square().sum()
+
+
+def rare_batch(users: list[int], patients: int = 4) -> dict[str, torch.Tensor]:
+    """Patients x 2 volumes x L = 24 (a multiple of every chunk's volumes, so the taps do not
+    refuse the sequence-first layer outright); only `users` reach the rare layer."""
+    use = torch.zeros(patients, 2)
+    use[users] = 1.0
+    return {"x": torch.randn(patients, 2, 24, 3, generator=torch.Generator().manual_seed(0)),
+            "use": use}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "physical, path",
+    [(4, "torch.func"), (2, "layer taps and torch.func")],  # user: 3rd of a chunk / later chunk
+)
+def test_a_mixing_layer_the_first_two_patients_do_not_use_is_still_refused(physical, path):
+    torch.manual_seed(0)
+    model = RareLayer(mixing=True)
+    reference = copy.deepcopy(model)
+    batch = rare_batch(users=[2])
+    engine = make_engine(model, clip=0.5, q=0.5, n=8, physical=physical)
+    with pytest.warns(UserWarning, match="disagree with autograd"):
+        engine.step(batch, rare_loss)
+    assert engine.per_patient_path == path
+    slow = make_engine(reference, clip=0.5, q=0.5, n=8, physical=physical)
+    slow._taps = False
+    slow.step(batch, rare_loss)
+    assert torch.allclose(flat_params(model), flat_params(reference), rtol=1e-6)
+
+
+def test_taps_are_checked_until_each_used_parameter_is_verified_then_no_more():
+    engine = make_engine(RareLayer(), clip=0.5, q=0.5, n=8, physical=2, lr=0.0)
+    for _ in range(3):  # the rare layer's gradient is exactly 0: nothing to check it on
+        engine.step(rare_batch(users=[]), rare_loss)
+    assert engine.tap_checks == 1 and engine._unverified == {"rare.weight", "rare.bias"}
+    engine.step(rare_batch(users=[3]), rare_loss)  # the second chunk uses it: checked
+    assert engine.tap_checks == 2 and not engine._unverified
+    for _ in range(3):
+        engine.step(rare_batch(users=[0, 3]), rare_loss)
+    assert engine.tap_checks == 2 and engine.per_patient_path == "layer taps"
+
+
+def test_a_used_parameter_no_check_can_verify_is_never_left_to_the_taps():
+    engine = make_engine(RareLayer(train_only=True), clip=0.5, q=0.5, n=8, physical=4)
+    engine.step(rare_batch(users=[]), rare_loss)
+    assert engine.per_patient_path == "layer taps"
+    engine.step(rare_batch(users=[1]), rare_loss)  # checked, unverifiable: torch.func
+    assert engine.tap_checks == 2 and engine.per_patient_path == "layer taps and torch.func"
+    assert engine._chunks_by_path == {"layer taps": 1, "torch.func": 1}
+    with pytest.warns(UserWarning, match="rare.* after 16 checks"):
+        for _ in range(15):
+            engine.step(rare_batch(users=[1]), rare_loss)
+    assert engine.tap_checks == 16 and engine._taps is False

@@ -106,6 +106,24 @@ def test_broken_engine_exceeds_the_accounted_epsilon(recipes, broken):
     assert r["per_patient_gradients"] == "layer taps"
 
 
+@pytest.mark.parametrize("layer", ["Conv3d", "GroupNorm", "LayerNorm"])
+def test_the_audited_engine_runs_the_denoisers_tap_rules(monkeypatch, layer):
+    """A tap rule that hands each patient its neighbour's gradient: the audit's engine meets
+    it (the check refuses it), so the audit covers the rules the denoiser's layers use."""
+    import torch
+
+    from dpsynth.privacy import grad_taps
+
+    kind = getattr(torch.nn, layer)
+    rule = grad_taps._RULES[kind]
+    monkeypatch.setitem(grad_taps._RULES, kind,
+                        lambda *a: {k: v.roll(1, 0) for k, v in rule(*a).items()})  # fmt: skip
+    r = ora.Recipe.of(SIGMA[2.0], 1.0, 0.5, 2, 24, 1e-5, "prv", "test")
+    with pytest.warns(UserWarning, match="disagree with autograd"):
+        result = ora.run_canary_audit(r, canaries=20, seed=0, public_patients=4)
+    assert result["per_patient_gradients"] == "torch.func"
+
+
 def test_bad_arguments_are_refused(recipes):
     with pytest.raises(ora.DpsynthError, match="broken"):
         ora.run_canary_audit(recipes[2.0], broken="no-noise")

@@ -1,10 +1,10 @@
 """Patient-level DP-SGD: one DP record is one patient holding several volumes (ED and ES).
 
 Per-patient gradients (of the patient's summed loss) come from layer taps on one batched
-pass (`grad_taps`), checked once per engine against plain autograd, or else from the
-reference ``torch.func`` path (``vmap`` over patients of ``grad``); Opacus'
-``DPOptimizer`` then clips them, adds Gaussian noise and
-averages by the expected batch size. The engine only counts its noisy steps
+pass (`grad_taps`), checked against plain autograd until every parameter a chunk uses is
+verified (`PatientDPSGD._patient_grads`), or else from the reference ``torch.func`` path
+(``vmap`` over patients of ``grad``); Opacus' ``DPOptimizer`` then clips them, adds
+Gaussian noise and averages by the expected batch size. The engine only counts its noisy steps
 (`steps_taken`); privacy spent is the ledger's: a DP stage sets its ledger entry's steps
 from this count at every checkpoint, and the ledger composes ε (no accountant here).
 
@@ -78,6 +78,18 @@ def validate_model_for_dp(model: nn.Module, probe_loss: Callable[[], Tensor] | N
             f"model.{unused[0]}: trainable parameter gets no gradient from the loss "
             f"({len(unused)} such parameter(s)); freeze or remove it"
         )
+
+
+# Checking the layer taps: shares of a patient's squared gradient norm (the sum over all
+# trainable parameters), the unit of `_agree`'s absolute tolerance (1e-10).
+_ACTIVE = 1e-8  # a parameter carrying this much of some patient's gradient needs a check
+# A check verifies a parameter whose reference gradient carries this much on a probe patient:
+# `_agree` then catches an error of a third of that gradient (a patient mixed in is O(1)). Ten
+# times below `_ACTIVE` so that dropout, on in the chunk's pass and off in the check, does
+# not leave a parameter that needed a check unverified by it.
+_VERIFIED = 1e-9
+_PROBE = 3  # patients per check: odd, so neither a pairwise swap nor a mean can look right
+_MAX_CHECKS = 16  # one costs ~1/3 of a chunk's step (demo denoiser, 16 patients per chunk)
 
 
 def _num_patients(batch: Batch) -> int:
@@ -180,8 +192,12 @@ class PatientDPSGD:
         self._trainable = {n: p for n, p in model.named_parameters() if id(p) in trainable}
         if len(self._trainable) != len(trainable):
             raise DpsynthError("optimizer: holds parameters that are not in the model")
-        # Layer taps (`grad_taps`): None until checked on the first chunk, then taps or False.
+        # Layer taps (`grad_taps`): None until the first chunk of >= 2 patients, then taps or
+        # False (torch.func); the trainable parameters no check has verified yet.
         self._taps: PatientTaps | bool | None = None
+        self._unverified = set(self._trainable)
+        self.tap_checks = 0
+        self._chunks_by_path = {"layer taps": 0, "torch.func": 0}
 
     def _count_step(self, optimizer: DPOptimizer) -> None:
         self.steps_taken += 1
@@ -265,55 +281,108 @@ class PatientDPSGD:
         return float(losses[finite].sum()), int((~finite).sum())
 
     def _patient_grads(self, chunk: Batch, loss_fn: LossFn) -> tuple[dict[str, Tensor], Tensor]:
-        """Per-patient gradients {name: (P, *shape)} and losses (P,): layer taps if they
-        are exact for this model (checked once against plain autograd), else torch.func."""
+        """Per-patient gradients {name: (P, *shape)} and losses (P,): from the layer taps
+        where the checks against plain autograd vouch for them, else from torch.func.
+
+        The checks guard the privacy guarantee, not only the speed: a layer whose rows are
+        not grouped patient-major would mix patients in one "patient" gradient, and then
+        clipping would no longer bound one patient's influence. A check compares the taps
+        with autograd on up to `_PROBE` patients of the chunk, per parameter and per patient
+        (`_agree`); a disagreement sends the engine to torch.func for good. A check sees
+        only the parameters its patients' gradients use (a null-condition embedding, a
+        module used by some records), so the engine keeps the parameters not yet verified
+        (reference gradient >= `_VERIFIED` of a probe patient's, taps agreeing). The rule:
+        a chunk keeps its taps gradients only if every parameter carrying >= `_ACTIVE` of
+        some patient's gradient there (1e-4 of its norm; `_agree` tolerates 1e-5 as
+        rounding) is verified, if need be by a check on the patients using the most such
+        parameters; otherwise that chunk goes through torch.func. A parameter that never gets a
+        gradient (a bias of attention keys: softmax ignores it) costs a sum per chunk, never
+        a check; after `_MAX_CHECKS` checks, a chunk that needs another one sends the
+        engine to torch.func for good. A chunk of one patient has no one to mix with.
+        """
         if self._taps is None and _num_patients(chunk) >= 2:
-            self._taps = self._checked_taps(chunk, loss_fn)
+            try:
+                self._taps = PatientTaps(self.model, self._trainable)
+            except Unsupported:
+                self._taps = False
         if self._taps:
             try:
-                return self._taps(chunk, loss_fn)
+                grads, losses = self._taps(chunk, loss_fn)
+                if self._vouched(chunk, loss_fn, grads):
+                    self._chunks_by_path["layer taps"] += 1
+                    return grads, losses
             except Unsupported as e:
                 warnings.warn(
                     f"DP-SGD: per-patient gradients through torch.func ({e})", stacklevel=3
                 )
                 self._taps = False
+        self._chunks_by_path["torch.func"] += 1
         return self._vmap_grads(chunk, loss_fn)
 
     @property
     def per_patient_path(self) -> str:
-        """How per-patient gradients are computed: "layer taps" (the fast path, checked
-        against autograd) or "torch.func" (the reference)."""
-        return "layer taps" if self._taps else "torch.func"
+        """How per-patient gradients were computed: "layer taps" (checked against autograd,
+        see `_patient_grads`), "torch.func" (the reference), or "layer taps and torch.func"
+        when chunks took both (e.g. before a check disagreed)."""
+        used = [path for path, n in self._chunks_by_path.items() if n]
+        if not used:  # no chunk yet: the path the engine would try first
+            return "torch.func" if self._taps is False else "layer taps"
+        return " and ".join(used)
 
-    def _checked_taps(self, chunk: Batch, loss_fn: LossFn) -> PatientTaps | bool:
-        """The layer taps (`grad_taps`) if they give the per-patient gradients of plain
-        autograd on two patients of `chunk` (dropout off), else False.
-
-        The check guards the privacy guarantee, not only the speed: a layer whose rows are
-        not grouped patient-major would mix patients in one "patient" gradient, and then
-        clipping would no longer bound one patient's influence. Its outcome only chooses
-        how the same gradients are computed.
-        """
-        try:
-            taps = PatientTaps(self.model, self._trainable)
-        except Unsupported:
+    def _vouched(self, chunk: Batch, loss_fn: LossFn, grads: dict[str, Tensor]) -> bool:
+        """Whether every parameter active in the taps' `grads` of `chunk` is verified, after
+        a check if need be (the rule of `_patient_grads`)."""
+        if not self._unverified or _num_patients(chunk) < 2:
+            return True
+        total = sum(_squared_norm(g) for g in grads.values())
+        # a non-finite patient is zeroed before clipping (`_set_grad_samples`): never probed
+        finite = total.isfinite() & (total > 0)
+        share = {
+            n: torch.where(finite, _squared_norm(grads[n]) / total, 0.0) for n in self._unverified
+        }
+        active = {n for n in self._unverified if (share[n] >= _ACTIVE).any()}
+        if not active:
+            return True
+        if self.tap_checks == _MAX_CHECKS:
+            warnings.warn(
+                f"DP-SGD: layer taps unverified for {min(active)} after {_MAX_CHECKS} checks; "
+                "using torch.func",
+                stacklevel=4,
+            )
+            self._taps = False
             return False
-        probe = {k: v[:2] for k, v in chunk.items()}
+        # the patients using the most of them: a record using a rare module comes first
+        uses = torch.stack([share[n] >= _ACTIVE for n in active]).sum(0)
+        uses = torch.where(finite, uses, -1)
+        probe = uses.argsort(descending=True, stable=True)[: min(_PROBE, int(finite.sum()))]
+        if len(probe) < 2 or not self._check(chunk, loss_fn, probe):
+            return False
+        return not active & self._unverified
+
+    def _check(self, chunk: Batch, loss_fn: LossFn, probe: Tensor) -> bool:
+        """Whether the taps give plain autograd's per-patient gradients on the `probe`
+        patients of `chunk` (dropout off); the parameters it verifies leave `_unverified`,
+        and a disagreement turns the taps off."""
+        self.tap_checks += 1
+        records = {k: v[probe] for k, v in chunk.items()}
         training = self.model.training
         self.model.eval()
         try:
-            fast, fast_loss = taps(probe, loss_fn)
-            ref, ref_loss = self._autograd_grads(probe, loss_fn)
-        except Unsupported:
-            return False
+            fast, fast_loss = self._taps(records, loss_fn)
+            ref, ref_loss = self._autograd_grads(records, loss_fn)
         finally:
             self.model.train(training)
         if not (_agree(fast, ref) and torch.allclose(fast_loss, ref_loss, rtol=1e-4)):
             warnings.warn(
-                "DP-SGD: layer taps disagree with autograd; using torch.func", stacklevel=4
+                "DP-SGD: layer taps disagree with autograd; using torch.func", stacklevel=5
             )
+            self._taps = False
             return False
-        return taps
+        total = sum(_squared_norm(g) for g in ref.values())
+        self._unverified -= {
+            n for n in self._unverified if (_squared_norm(ref[n]) >= _VERIFIED * total).any()
+        }
+        return True
 
     def _autograd_grads(self, chunk: Batch, loss_fn: LossFn) -> tuple[dict[str, Tensor], Tensor]:
         """Per-patient gradients by plain autograd, one patient at a time: the definition,
@@ -412,6 +481,11 @@ def _insert_tensors(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
     return obj
 
 
+def _squared_norm(grad: Tensor) -> Tensor:
+    """(P,) squared norms of a parameter's per-patient gradients (P, *shape)."""
+    return grad.flatten(1).square().sum(1)
+
+
 def _agree(fast: dict[str, Tensor], ref: dict[str, Tensor]) -> bool:
     """Per parameter AND per patient: the difference's squared norm within 1e-6 of that
     parameter's squared gradient norm plus 1e-10 of the patient's whole (float32 rounding is
@@ -420,11 +494,8 @@ def _agree(fast: dict[str, Tensor], ref: dict[str, Tensor]) -> bool:
     Per parameter because a summed comparison lets the large convolutions drown a small
     layer that mixes patients (review finding: a Linear over a table shared by the batch).
     """
-    total = sum(g.flatten(1).square().sum(1) for g in ref.values())
+    total = sum(_squared_norm(g) for g in ref.values())
     return all(
-        (
-            (fast[n] - g).flatten(1).square().sum(1)
-            <= 1e-6 * g.flatten(1).square().sum(1) + 1e-10 * total
-        ).all()
+        (_squared_norm(fast[n] - g) <= 1e-6 * _squared_norm(g) + 1e-10 * total).all()
         for n, g in ref.items()
     )

@@ -314,6 +314,39 @@ def _public_phantoms(n: int, seed: int) -> np.ndarray:
     return (out - out.mean()) / (out.std() + 1e-6)
 
 
+def _probe_model(canaries: int, dim: int):
+    """The audited network: a linear probe over canary coordinates and phantoms (the audit
+    scores its canary weights) plus a small 3D branch on the phantoms (Conv3d, GroupNorm,
+    SiLU, LayerNorm), so the engine's per-patient gradients come through the tap rules the
+    denoiser's layers use (`grad_taps`), not the Linear rule alone.
+
+    The branch sees the phantoms pooled in-plane to 13 x 2 x 2 (it only has to exercise the
+    rules: the audit's cost stays the linear probe's), and its output is multiplied by that
+    input, which is 0 in a canary: a canary's gradient on the branch is exactly 0, so its
+    whole gradient stays 2C per volume along its coordinate and clipping per patient moves
+    that coordinate by exactly C.
+    """
+    import torch.nn.functional as F  # start-up time, as in _public_phantoms
+    from torch import nn
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(dim, 1, bias=False)
+            nn.init.zeros_(self.linear.weight)
+            self.conv = nn.Conv3d(1, 4, 3, padding=1)
+            self.group_norm = nn.GroupNorm(2, 4)
+            self.layer_norm = nn.LayerNorm((2, 2))
+
+        def forward(self, x):  # (volumes, dim) -> (volumes, 1)
+            phantom = x[:, canaries:].reshape(-1, 1, *PHANTOM_SHAPE)
+            small = F.adaptive_avg_pool3d(phantom, (PHANTOM_SHAPE[0], 2, 2))
+            h = self.layer_norm(F.silu(self.group_norm(self.conv(small))))
+            return self.linear(x) + (h * small).mean((1, 2, 3, 4))[:, None]
+
+    return Probe()
+
+
 def _engine_class(broken: str | None):
     from dpsynth.privacy.dpsgd import PatientDPSGD  # start-up time: torch, as above
 
@@ -349,7 +382,6 @@ def run_canary_audit(
     """
     # start-up time: torch loads for audits only (see _public_phantoms)
     import torch
-    from torch import nn
 
     if broken is not None and broken not in BROKEN_ENGINES:
         raise DpsynthError(
@@ -391,20 +423,19 @@ def run_canary_audit(
         return {"x": xs, "y": ys}
 
     torch.manual_seed(seed)
-    probe = nn.Linear(dim, 1, bias=False)
-    nn.init.zeros_(probe.weight)
-    optimizer = torch.optim.SGD(probe.parameters(), lr=0.0)  # the released updates are the data
+    model = _probe_model(canaries, dim)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the released updates are the data
     scale = recipe.sample_rate * n / recipe.max_grad_norm  # mean grad -> units of C
     scores = np.zeros(canaries)
 
     def observe(opt, args, kwargs) -> None:  # white-box: every noisy update the engine releases
-        x = -probe.weight.grad[0, :canaries].double().numpy() * scale
+        x = -model.linear.weight.grad[0, :canaries].double().numpy() * scale
         scores[:] += step_log_likelihood_ratio(x, recipe.noise_multiplier, recipe.sample_rate)
 
     optimizer.register_step_pre_hook(observe)
     sigma = recipe.noise_multiplier / (4 if broken == "noise-quarter" else 1)
     engine = _engine_class(broken)(
-        nn.Sequential(probe),  # a module, not the root, owns the weight: the taps path runs
+        model,
         optimizer,
         noise_multiplier=sigma,
         max_grad_norm=recipe.max_grad_norm,
@@ -461,7 +492,8 @@ def run_canary_audit(
         "broken": broken,
         "threat_model": "white-box: every noisy update; two-volume Dirac canary patients, "
         "gradient norm 2C per volume",
-        "model": f"linear probe on {dim} features (canary coordinates + {PHANTOM_SHAPE} phantoms)",
+        "model": f"linear probe on {dim} features (canary coordinates + {PHANTOM_SHAPE} "
+        "phantoms) plus a Conv3d-GroupNorm-LayerNorm branch on the pooled phantoms",
         "data": "simulated public phantoms (acdc-like) and synthetic canaries; no private data",
         "seed": seed,
         "wall_s": round(time.perf_counter() - t0, 1),
