@@ -128,7 +128,7 @@ def test_step_decay_and_epochs_with_numbers():
     t = load_config("demo", overrides={"ldm_training.epochs": 2.0,
                                        "ldm_training.batch_size": 4}).ldm_training  # fmt: skip
     assert public_total_steps(t, volumes=10) == 5  # ceil(2 x 10 / 4)
-    assert public_total_steps(load_config("demo").ldm_training, volumes=10) == 2000  # the preset's steps
+    assert public_total_steps(load_config("demo").ldm_training, volumes=10) == 2000
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import uuid
 
 import numpy as np
 import pytest
+import torch
 
 from dpsynth.attributes import ATTRIBUTES, INDEX, N_ATTRIBUTES
 from dpsynth.data.cache import FORMAT_VERSION
@@ -110,6 +111,23 @@ def test_save_load_roundtrip(trained, tmp_path):
     loaded = Referee.load(path)
     np.testing.assert_array_equal(loaded.features(train.volumes), referee.features(train.volumes))
     np.testing.assert_array_equal(loaded.segment(train.volumes), referee.segment(train.volumes))
+
+
+def test_a_referee_reading_at_half_resolution_segments_at_the_input_grid(tmp_path):
+    """downsample=2 (the demo's referee): it learns from 2x2-averaged volumes, returns masks
+    at the input's grid, and keeps its reading scale through save/load."""
+    train = phantoms(8, shape=(5, 32, 32))
+    referee = fit_referee(train, epochs=12, batch_size=4, lr=3e-3, channels=(8, 16, 32), seed=0,
+                          downsample=2)  # fmt: skip
+    masks = referee.segment(train.volumes)
+    assert masks.shape == (8, 5, 32, 32)
+    fg = train.masks > 0
+    assert (masks[fg] == train.masks[fg]).mean() > 0.5
+    loaded = Referee.load(referee.save(tmp_path / "ref"))
+    assert loaded.meta["downsample"] == loaded.net.downsample == 2
+    np.testing.assert_array_equal(loaded.segment(train.volumes), masks)
+    with pytest.raises(DpsynthError, match="not divisible by 2"):
+        loaded.net(torch.zeros(1, 1, 5, 30, 31))
 
 
 def test_rejects_bad_inputs():

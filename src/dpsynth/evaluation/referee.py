@@ -34,10 +34,20 @@ META_FILE = "referee.json"
 
 class RefereeNet(torch.nn.Module):
     """MONAI UNet with in-plane-only down-sampling (slices are 10 mm apart) and a phase head
-    on the pooled bottleneck, which also serves as the feature vector."""
+    on the pooled bottleneck, which also serves as the feature vector.
 
-    def __init__(self, channels: tuple[int, ...] = (16, 32, 64), num_res_units: int = 1):
+    `downsample` > 1: the net reads volumes averaged over `downsample` x `downsample` pixels
+    and its logits are interpolated back to the input grid, so masks and volumes stay at
+    the input's resolution. At the study's 1.83 mm pixels, reading at 3.65 mm makes the
+    demo's referee 4x cheaper (training, and features for FD-referee and the audit); its
+    ceiling on real test volumes shows what that costs.
+    """
+
+    def __init__(
+        self, channels: tuple[int, ...] = (16, 32, 64), num_res_units: int = 1, downsample: int = 1
+    ):
         super().__init__()
+        self.downsample = downsample
         self.unet = UNet(
             spatial_dims=3,
             in_channels=1,
@@ -56,7 +66,16 @@ class RefereeNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, 1, S, H, W) → segmentation logits, ED logit (B,), pooled features (B, C)."""
+        d = self.downsample
+        if d > 1:
+            if x.shape[-2] % d or x.shape[-1] % d:
+                raise DpsynthError(
+                    f"referee: in-plane size {tuple(x.shape[-2:])} not divisible by {d}"
+                )
+            x = F.avg_pool3d(x, (1, d, d))
         logits = self.unet(x)
+        if d > 1:
+            logits = F.interpolate(logits, scale_factor=(1, d, d), mode="trilinear")
         features = self._bottleneck.mean(dim=(2, 3, 4))
         return logits, self.phase_head(features).squeeze(1), features
 
@@ -95,7 +114,7 @@ class Referee:
         meta = read_json(path / META_FILE)
         if meta.get("format_version") != FORMAT_VERSION:
             raise DpsynthError(f"{path / META_FILE}: unsupported format_version")
-        net = RefereeNet(tuple(meta["channels"]), meta["num_res_units"])
+        net = RefereeNet(tuple(meta["channels"]), meta["num_res_units"], meta.get("downsample", 1))
         net.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
         return cls(net, meta)
 
@@ -148,8 +167,13 @@ class Referee:
         return self.analyse(volumes).features
 
 
-def _base_meta(channels: tuple[int, ...]) -> dict[str, Any]:
-    return {"format_version": FORMAT_VERSION, "channels": list(channels), "num_res_units": 1}
+def _base_meta(channels: tuple[int, ...], downsample: int = 1) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "channels": list(channels),
+        "num_res_units": 1,
+        "downsample": downsample,
+    }
 
 
 def fit_referee(
@@ -160,8 +184,10 @@ def fit_referee(
     channels: tuple[int, ...] = (16, 32, 64),
     phase_weight: float = 0.5,
     seed: int = 0,
+    downsample: int = 1,
 ) -> Referee:
-    """Train segmentation (Dice + CE) and the ED/ES head (BCE) jointly on a set with masks."""
+    """Train segmentation (Dice + CE) and the ED/ES head (BCE) jointly on a set with masks;
+    `downsample`: see `RefereeNet`."""
     if train.masks is None:
         raise DpsynthError(f"{train.source}: the referee needs segmentation masks")
     check_volume_array(train.volumes.shape, 4, "referee")
@@ -169,7 +195,7 @@ def fit_referee(
     has_phase = torch.from_numpy(np.isfinite(phase))
     phase = torch.from_numpy(np.nan_to_num(phase).astype(np.float32))
     torch.manual_seed(seed)
-    net = RefereeNet(channels).train()
+    net = RefereeNet(channels, downsample=downsample).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
     seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
     rng = np.random.default_rng(seed)
@@ -191,7 +217,7 @@ def fit_referee(
             optimizer.step()
             epoch_loss.append(loss.item())
         losses.append(float(np.mean(epoch_loss)))
-    meta = _base_meta(channels) | {
+    meta = _base_meta(channels, downsample) | {
         "shape": list(train.shape),
         "spacing": list(train.spacing),
         "epochs": epochs,
@@ -213,10 +239,17 @@ def train_referee(
     lr: float = 1e-3,
     channels: tuple[int, ...] = (16, 32, 64),
     seed: int = 0,
+    downsample: int = 1,
 ) -> Path:
     """Train the referee on a prepared cache's train split and save it to `out`."""
     train = load_volume_set(cache_path, split="train")
     referee = fit_referee(
-        train, epochs=epochs, batch_size=batch_size, lr=lr, channels=channels, seed=seed
+        train,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        channels=channels,
+        seed=seed,
+        downsample=downsample,
     )
     return referee.save(out)
