@@ -124,7 +124,7 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
     with Stage("public pre-trained models", out / "public", keep, timings):
         public = demo_assets()
         if retrain_public or not (public / "ldm" / "model.json").exists():
-            print("training the public models (no shipped weights found; ~40 min on 2 cores)")
+            print("training the public models (no shipped weights found; ~90 min on 2 cores)")
             public = pretrain_public(out / "public", config)
         else:
             print(f"using shipped public weights: {public}")
