@@ -65,10 +65,15 @@ def test_fd_referee_ranks_the_control_sets(world):
             for k, v in sets.items()})  # fmt: skip
 
 
-def test_ms_ssim_gap_ranks_the_control_sets(world):
+def test_ms_ssim_gap_ranks_blur_and_noise(world):
+    """The MS-SSIM gap orders blur 4 < 8 < 16 mm < noise. It is a diversity gap, and on the
+    bSSFP-like phantoms (fields of view, body turn, missing base or apex) two small real
+    sets differ in diversity by more than mild blur changes it (here 0.048 for the
+    independent real set vs 0.003 for 4 mm blur), so the independent set is not ranked."""
     reference, sets, _ = world
     real = mean_pairwise_ms_ssim(reference, 40).value
-    _check({k: abs(mean_pairwise_ms_ssim(v, 40).value - real) for k, v in sets.items()})
+    _check({k: abs(mean_pairwise_ms_ssim(v, 40).value - real) for k, v in sets.items()
+            if k != INDEPENDENT})  # fmt: skip
 
 
 def test_control_sets_keep_each_volumes_histogram(world):
