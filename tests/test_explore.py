@@ -377,12 +377,6 @@ def _browser(download_dir: Path):
     return webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
 
 
-@pytest.mark.xfail(
-    run=False,
-    reason="known failure since the 13x96x96 shipped model (stop 19): the page's second "
-    "generation, LVEDV at the slider's high end, never completes in headless Chromium (300 s); "
-    "Explorer.generate at both ends of the range succeeds (no referee); cause not yet found",
-)
 def test_page_in_headless_chromium(server, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.actions.wheel_input import ScrollOrigin

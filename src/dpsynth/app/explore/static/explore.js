@@ -25,12 +25,17 @@
   function attributeRow(a) {
     const row = document.createElement("div");
     row.className = "row attribute";
-    const step = a.categorical ? 1 : (a.max - a.min) / 200;
-    const mid = a.categorical ? a.min : (a.min + a.max) / 2;
+    // Bounds rounded inwards to 3 decimals: Chromium writes a range's value with 15
+    // significant digits, so at a 17-digit `min` (61.91218566894531) the slider's low end
+    // reads 61.9121856689453, under its own min, and the invalid form silently never submits.
+    const lo = a.categorical ? a.min : Math.ceil(a.min * 1000) / 1000;
+    const hi = a.categorical ? a.max : Math.floor(a.max * 1000) / 1000;
+    const step = a.categorical ? 1 : Number(((hi - lo) / 200).toPrecision(3));
+    const mid = a.categorical ? lo : (lo + hi) / 2;
     row.innerHTML =
       `<label for="attr-${a.name}" title="${a.unit}">${a.name}</label>` +
       `<input type="checkbox" id="known-${a.name}" title="known">` +
-      `<input type="range" id="attr-${a.name}" min="${a.min}" max="${a.max}" step="${step}" value="${mid}" disabled>` +
+      `<input type="range" id="attr-${a.name}" min="${lo}" max="${hi}" step="${step}" value="${mid}" disabled>` +
       `<output id="value-${a.name}"></output><span class="unit">${a.unit}</span>`;
     const slider = row.querySelector("input[type=range]");
     const known = row.querySelector("input[type=checkbox]");
