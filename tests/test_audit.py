@@ -10,6 +10,7 @@ from dpsynth.attributes import INDEX, N_ATTRIBUTES
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.audit import (
     EVALUATION_LABEL,
+    _member_subset,
     attack_summary,
     default_timesteps,
     denoising_losses,
@@ -255,3 +256,30 @@ def test_audit_runs_on_the_real_latent_diffusion_pipeline():
     # Same volume and attributes on both sides, dropout off during the audit: no signal.
     assert r["volume"]["auc"] == pytest.approx(0.5)
     assert pipe.training
+
+
+def test_membership_inference_scores_a_seeded_subset_of_whole_member_patients():
+    members, nonmembers = _volumes(16, 10), _volumes(4, 11)
+    pipe = TinyPipeline()
+    _overfit(pipe, members)
+    r = membership_inference(
+        pipe, (members, _attributes(16)), (nonmembers, _attributes(4)), member_patients=2, seed=3
+    )
+    assert r["member_volumes"] == {"scored": 4, "of": 16}
+    assert r["patient"]["n_members"] == 2 and r["volume"]["n_members"] == 4
+    assert r["volume"]["auc"] >= 0.9
+    every = membership_inference(pipe, (members, _attributes(16)), (nonmembers, _attributes(4)))
+    assert every["member_volumes"] is None and every["volume"]["n_members"] == 16
+
+
+def test_member_subset_takes_whole_patients_from_the_seed():
+    groups = np.arange(16) // 2
+    picks = {tuple(_member_subset(groups, 16, 3, seed)) for seed in range(5)}
+    assert len(picks) > 1  # the seed decides
+    for pick in picks:
+        assert len(pick) == 6 and set(pick) == {i ^ 1 for i in pick}  # ED and ES together
+    np.testing.assert_array_equal(
+        _member_subset(groups, 16, 3, 0), _member_subset(groups, 16, 3, 0)
+    )
+    np.testing.assert_array_equal(_member_subset(groups, 16, 8, 0), np.arange(16))
+    np.testing.assert_array_equal(_member_subset(None, 5, 2, 0).shape, (2,))  # volumes as patients

@@ -1,6 +1,7 @@
 """Evaluation: volume sets, FRD, FID path, MS-SSIM, controllability, utility, metrics.json."""
 
 import csv
+import importlib
 import json
 
 import numpy as np
@@ -344,3 +345,14 @@ def test_evaluate_from_cache_uses_its_train_split_for_trtr(tmp_path):
     synthetic.attributes[:] = np.nan  # an unconditioned synthetic set cannot train TSTR
     out = evaluate(tmp_path / "cache", synthetic, tmp_path / "out2", metrics=("utility",))
     assert "skipped" in out["metrics"]["utility_lvef_mae"]["note"]
+
+
+def test_evaluate_audits_as_many_member_patients_as_held_out_ones(tmp_path, monkeypatch):
+    # `dpsynth.evaluation.evaluate` is also the function's name in the package.
+    ev = importlib.import_module("dpsynth.evaluation.evaluate")
+    calls = []
+    monkeypatch.setattr(ev, "privacy_audit", lambda *a, **k: calls.append(k) or {})
+    write_cache(tmp_path / "cache", phantoms(16, seed=13), ["train"] * 6 + ["test"] * 2)
+    evaluate(tmp_path / "cache", phantoms(4, seed=14), tmp_path / "out", metrics=("audit",),
+             pipeline=object())  # fmt: skip
+    assert calls[0]["member_patients"] == 2

@@ -134,6 +134,7 @@ def _write_run(root: Path, cache: Path, epsilon_steps: int = 100, name: str = "r
         "attack": "loss threshold",
         "timesteps": [5, 15],
         "n_noise": 4,
+        "member_volumes": {"scored": 12, "of": 20},
         "volume": attack_summary(rng.normal(0.3, 1, 12), rng.normal(0, 1, 4)),
         "patient": attack_summary(rng.normal(0.3, 1, 6), rng.normal(0, 1, 2)),
     }
@@ -255,6 +256,7 @@ def test_report_numbers_and_privacy_statements(report):
     assert "skipped: needs --inception-weights" in text
     assert "latent_scale_source" in text and "public run" in text
     assert "Fewer than 100 non-members" in text
+    assert "members: a random 12 of 20 training volumes" in text
     one_run = json.loads(
         (Path(report[0]).parent.parent / "run/privacy_audit/one_run_audit.json").read_text()
     )

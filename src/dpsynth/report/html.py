@@ -736,6 +736,9 @@ def _section_audit(ctx: _Context) -> str:
             )
             if key in mia
         ]
+        if mia.get("member_volumes"):
+            m = mia["member_volumes"]
+            setup.append(f"members: a random {m['scored']} of {m['of']} training volumes")
         parts.append(
             f"<h3>Membership inference</h3><p>{_e('; '.join(setup))}. "
             "Target at ε = 10: AUC ≤ 0.55 (0.5 is chance).</p>"
