@@ -22,42 +22,41 @@ import time
 
 import torch
 
+from dpsynth.config import load_config
 from dpsynth.io import atomic_write_json
+from dpsynth.models.build import build_denoiser
 from dpsynth.models.denoiser import LatentDenoiser
 from dpsynth.privacy.dpsgd import PatientDPSGD
 
-PRESETS = {  # denoiser kwargs, latent shape (C, S, h, w)
-    "demo": (
-        dict(
-            channels=32,
-            channel_multipliers=(1, 2),
-            attention_levels=(False, True),
-            num_res_blocks=1,
-        ),
-        (2, 13, 12, 12),  # demo.yaml: latent_channels 2, 48 / 4 in-plane
+# The tiny denoiser of gpu_check.py --smoke (a CPU test of the code paths) and its latent
+# shape (C, S, h, w); "demo" and "paper" are read from their presets.
+SMOKE = (
+    dict(
+        channels=8,
+        channel_multipliers=(1, 2),
+        attention_levels=(False, True),
+        num_res_blocks=1,
+        num_heads=2,
+        norm_groups=4,
+        time_embed_dim=16,
     ),
-    "paper": (
-        dict(
-            channels=128,
-            channel_multipliers=(1, 2, 3),
-            attention_levels=(False, True, True),
-            num_res_blocks=2,
-        ),
-        (1, 13, 24, 24),
-    ),
-    "smoke": (  # tiny, for gpu_check.py --smoke (a CPU test of the code paths)
-        dict(
-            channels=8,
-            channel_multipliers=(1, 2),
-            attention_levels=(False, True),
-            num_res_blocks=1,
-            num_heads=2,
-            norm_groups=4,
-            time_embed_dim=16,
-        ),
-        (2, 5, 4, 4),
-    ),
-}
+    (2, 5, 4, 4),
+)
+PRESETS = ("demo", "paper", "smoke")
+
+
+def denoiser_and_latent(preset: str) -> tuple[torch.nn.Module, tuple[int, int, int, int]]:
+    """The preset's latent denoiser and the shape (C, S, h, w) of one latent it denoises."""
+    if preset == "smoke":
+        kwargs, (c, s, h, w) = SMOKE
+        return LatentDenoiser(in_channels=c, num_slices=s, **kwargs), (c, s, h, w)
+    cfg = load_config(preset)
+    s, h, w = cfg.data.shape
+    c = cfg.autoencoder.latent_channels
+    f = 2 ** (len(cfg.autoencoder.channel_multipliers) - 1)  # the autoencoder's in-plane factor
+    return build_denoiser(cfg.denoiser, s, c), (c, s, h // f, w // f)
+
+
 NUM_TIMESTEPS = 150
 
 
@@ -76,8 +75,8 @@ class Setup:
         self, preset: str, volumes: int, device: str, vmap_patients: int | None, seed: int = 0
     ) -> None:
         torch.manual_seed(seed)
-        kwargs, (c, s, h, w) = PRESETS[preset]
-        self.model = LatentDenoiser(in_channels=c, num_slices=s, **kwargs).to(device)
+        model, (c, s, h, w) = denoiser_and_latent(preset)
+        self.model = model.to(device)
         self.patients = volumes // 2
         self.batch = {
             "x": torch.randn(self.patients, 2, c, s, h, w, device=device),
@@ -192,7 +191,7 @@ def machine(device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--preset", choices=PRESETS, default="demo")
     parser.add_argument("--batch", type=int, default=8, help="volumes per step (2 per patient)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
