@@ -594,3 +594,39 @@ def test_a_used_parameter_no_check_can_verify_is_never_left_to_the_taps():
         for _ in range(15):
             engine.step(rare_batch(users=[1]), rare_loss)
     assert engine.tap_checks == 16 and engine._taps is False
+
+
+class SummingLinear(nn.Linear):
+    """A Linear given (by monkeypatch) a tap rule that adds the whole chunk's gradients to
+    each patient's own: that patient looks right to a check, only the others show it."""
+
+
+class FaintRare(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.main, self.rare = nn.Linear(3, 1), SummingLinear(3, 1)
+
+    def forward(self, x: torch.Tensor, use: torch.Tensor) -> torch.Tensor:  # (B, 3), (B,)
+        return (self.main(x) + use[:, None] * self.rare(x))[:, 0]
+
+
+def test_a_rule_summing_the_chunk_is_not_verified_by_one_faint_user(monkeypatch):
+    from dpsynth.privacy import grad_taps
+
+    def summing(*args):
+        return {k: v.sum(0, keepdim=True).expand_as(v) for k, v in grad_taps._linear(*args).items()}
+
+    monkeypatch.setitem(grad_taps._RULES, SummingLinear, summing)
+    torch.manual_seed(0)
+    engine = make_engine(FaintRare(), q=0.5, n=8, physical=3, lr=0.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 3, generator=g)
+    x[1:] *= 10.0  # the other two probe patients: ~1e4 x patient 0's squared gradient norm
+    use = torch.zeros(3, 2)
+    use[0] = 2e-4  # only patient 0 reaches the rare layer, at ~1e-8 of its squared norm
+    engine.step({"x": x, "use": use}, rare_loss)
+    assert engine.tap_checks == 1 and {"rare.weight", "rare.bias"} <= engine._unverified
+    everyone = {"x": torch.randn(3, 2, 3, generator=g), "use": torch.ones(3, 2)}
+    with pytest.warns(UserWarning, match="disagree with autograd"):
+        engine.step(everyone, rare_loss)  # the rare layer's rule is checked, and refused
+    assert engine._taps is False and engine._chunks_by_path == {"layer taps": 0, "torch.func": 2}
