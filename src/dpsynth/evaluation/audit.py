@@ -365,16 +365,15 @@ def membership_inference(
     scored_members = None
     for name, data in (("members", members), ("nonmembers", nonmembers)):
         volumes, attributes, patients = _unpack(data, name)
+        group = _patient_groups(attributes, patients)
         if name == "members" and member_patients is not None:
-            keep = _member_subset(
-                _patient_groups(attributes, patients), len(volumes), member_patients, seed
-            )
+            keep = _member_subset(group, len(volumes), member_patients, seed)
             scored_members = {"scored": len(keep), "of": len(volumes)}
             volumes, attributes = volumes[keep], attributes[keep]
-            patients = None if patients is None else patients[keep]
+            group = None if group is None else group[keep]
         loss = denoising_losses(pipeline, volumes, attributes, timesteps, n_noise, seed, batch_size)
         scores[name] = -loss
-        groups[name] = _patient_groups(attributes, patients)
+        groups[name] = group
     result = {
         "label": EVALUATION_LABEL,
         "attack": "loss threshold (score = -mean denoising loss)",
