@@ -630,3 +630,29 @@ def test_a_rule_summing_the_chunk_is_not_verified_by_one_faint_user(monkeypatch)
     with pytest.warns(UserWarning, match="disagree with autograd"):
         engine.step(everyone, rare_loss)  # the rare layer's rule is checked, and refused
     assert engine._taps is False and engine._chunks_by_path == {"layer taps": 0, "torch.func": 2}
+
+
+def test_kl_autoencoder_taps_pass_their_check_instead_of_falling_back():
+    """The check runs the model in eval mode twice (taps, then autograd) and compares: a KL
+    autoencoder that drew its latent in eval mode too disagreed with itself, and DP
+    fine-tuning fell back to torch.func for good behind a misleading warning."""
+    import warnings
+
+    from dpsynth.models.autoencoder import KLAutoencoder
+
+    torch.manual_seed(0)
+    model = KLAutoencoder(channels=8, channel_multipliers=(1, 2), num_res_blocks=1,
+                          latent_channels=2, norm_groups=4)  # fmt: skip
+    engine = make_engine(model, clip=1.0, q=0.5, n=8, physical=4, lr=0.0)
+    volumes = torch.rand(4, 2, 1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def loss(model_fn, record):
+        out = model_fn(record["volumes"])
+        l1 = (out.reconstruction - record["volumes"]).abs().mean(dim=(1, 2, 3, 4))
+        return (l1 + 1e-3 * out.regularization_loss).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.step({"volumes": volumes}, loss)
+    assert engine.tap_checks == 1 and engine.per_patient_path == "layer taps"
+    assert not engine._unverified

@@ -174,7 +174,8 @@ class _Autoencoder(nn.Module):
 
 
 class KLAutoencoder(_Autoencoder):
-    """β-VAE: Gaussian posterior, reparameterised sample, KL to N(0, I) as regulariser.
+    """β-VAE: Gaussian posterior, reparameterised sample in training (the mean in eval), KL
+    to N(0, I) as regulariser.
 
     ``regularization_loss`` is the KL divergence summed over latent elements, per sample;
     the training loop weights it (β).
@@ -207,7 +208,9 @@ class KLAutoencoder(_Autoencoder):
 
     def forward(self, x: torch.Tensor) -> AutoencoderOutput:
         mean, logvar = self._posterior(x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        # Eval mode decodes the posterior mean: deterministic, so that DP-SGD's taps check
+        # (two eval-mode passes compared) does not see the draw as patients mixing.
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if self.training else mean
         kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
         return AutoencoderOutput(self.decoder(z), kl)
 
