@@ -61,6 +61,8 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         params=flat_params(model),
         local_batches=batches,
         steps=dp.steps_taken,
+        chunks_by_path=dict(dp._chunks_by_path),
+        tap_checks=dp.tap_checks,
     )
     if rank == 0:
         single = engine(start, sigma=0.0, clip=0.05, distributed=False)
@@ -104,6 +106,14 @@ def test_update_and_accounting_match_single_process(results):
     ):
         assert np.array_equal(np.sort(np.concatenate([a, b])), np.sort(whole))
         _assert_one_batch_cut_between_ranks(a, b)
+
+
+def test_each_rank_checks_its_own_layer_taps_before_using_them(results):
+    """Each rank runs its own check before it uses the taps on its chunks, and the parameters
+    above still equal one process's: the taps gave per-patient gradients on every rank."""
+    for r in results:
+        assert r["tap_checks"] >= 1 and r["chunks_by_path"]["layer taps"] >= 1
+        assert r["chunks_by_path"]["torch.func"] == 0
 
 
 def _assert_one_batch_cut_between_ranks(a: np.ndarray, b: np.ndarray) -> None:

@@ -596,6 +596,22 @@ def test_a_used_parameter_no_check_can_verify_is_never_left_to_the_taps():
     assert engine.tap_checks == 16 and engine._taps is False
 
 
+def test_a_resumed_engine_verifies_its_taps_again_instead_of_trusting_the_checkpoint():
+    """What a check verified is not checkpointed: a resumed run (maybe other code, other
+    torch) checks again before it trusts a tap, and finds a rule that now mixes patients."""
+    checked = make_engine(RareLayer(), clip=0.5, q=0.5, n=8, physical=4, lr=0.0)
+    checked.step(rare_batch(users=[0, 1]), rare_loss)
+    assert checked.tap_checks == 1 and not checked._unverified
+    tensors, meta = _checkpointed(checked)
+    resumed = make_engine(RareLayer(mixing=True), clip=0.5, q=0.5, n=8, physical=4, lr=0.0)
+    resumed.load_state_dict(tensors, meta)
+    assert resumed.tap_checks == 0 and resumed._unverified == {
+        "main.weight", "main.bias", "rare.weight", "rare.bias"}  # fmt: skip
+    with pytest.warns(UserWarning, match="disagree with autograd"):
+        resumed.step(rare_batch(users=[0, 1]), rare_loss)
+    assert resumed.per_patient_path == "torch.func"
+
+
 class SummingLinear(nn.Linear):
     """A Linear given (by monkeypatch) a tap rule that adds the whole chunk's gradients to
     each patient's own: that patient looks right to a check, only the others show it."""
