@@ -324,7 +324,10 @@ def _probe_model(canaries: int, dim: int):
     rules: the audit's cost stays the linear probe's), and its output is multiplied by that
     input, which is 0 in a canary: a canary's gradient on the branch is exactly 0, so its
     whole gradient stays 2C per volume along its coordinate and clipping per patient moves
-    that coordinate by exactly C.
+    that coordinate by exactly C. The price: a branch rule that mixed patients would leave
+    ε_lb unchanged (nothing of a canary flows there), and the conditioning modules' rules
+    (`AttributeEncoder`, `SlicePosition`) are not in the probe at all; the engine's own
+    check against autograd guards those (`PatientDPSGD._patient_grads`, tests/test_dpsgd.py).
     """
     import torch.nn.functional as F  # start-up time, as in _public_phantoms
     from torch import nn
