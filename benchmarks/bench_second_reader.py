@@ -33,6 +33,7 @@ def _line(name: str, s: dict) -> str:
 
     return (
         f"{name:>11}  r {f(s.get('r'))}  MAE {f(s.get('mae'), '.2f')} ({f(s.get('mae_pct'), '.1f')} %)"
+        f"  slope {f(s.get('slope'), '.2f')}"
         f"   real: r {f(s.get('ceiling_r'))}  MAE {f(s.get('ceiling_mae'), '.2f')} "
         f"({f(s.get('ceiling_mae_pct'), '.1f')} %)  n {s.get('n')}/{s.get('ceiling_n')}"
     )

@@ -162,10 +162,19 @@ def test_agreement_by_hand():
     got = agreement(np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 4.0]), relative=True)
     assert got["r"] == pytest.approx(np.sqrt(3) / 2) and got["n"] == 3
     assert got["mae"] == pytest.approx(2 / 3) and got["mae_pct"] == pytest.approx(100 / 3)
+    assert got["slope"] == pytest.approx(1.0)  # cov / var x = (2/3) / (2/3)
     assert "mae_pct" not in agreement(np.array([1.0, 2.0]), np.array([1.0, 3.0]))
     nan_pair = agreement(np.array([1.0, np.nan, 3.0, 4.0]), np.array([1.0, 5.0, np.nan, 5.0]))
     assert nan_pair["n"] == 2 and nan_pair["mae"] == pytest.approx(0.5)
     assert np.isnan(agreement(np.array([1.0, 1.0]), np.array([1.0, 2.0]))["r"])  # constant
+    # a generator that doubles every deviation from the mean request: r 1, slope 2, and the
+    # MAE is the exaggeration itself (|2(x - 20) + 20 - x| = |x - 20|: 10, 0, 10)
+    requested = np.array([10.0, 20.0, 30.0])
+    doubled = agreement(requested, 2 * requested - 20, relative=True)
+    assert doubled["r"] == pytest.approx(1.0) and doubled["slope"] == pytest.approx(2.0)
+    assert doubled["mae"] == pytest.approx(20 / 3)
+    flat = agreement(requested, np.full(3, 20.0))  # ignores the request: r undefined, slope 0
+    assert np.isnan(flat["r"]) and flat["slope"] == pytest.approx(0.0)
 
 
 def test_with_ceiling_per_phase_and_pooled_by_hand():
@@ -187,6 +196,7 @@ def test_with_ceiling_per_phase_and_pooled_by_hand():
     assert lvedv["mae_pct"] == pytest.approx(100 * 20 / 150) and lvedv["n"] == 2
     assert lvedv["ceiling_mae"] == pytest.approx(1.0) and lvedv["ceiling_n"] == 1
     assert lvedv["ceiling_mae_pct"] == pytest.approx(1.0) and np.isnan(lvedv["ceiling_r"])
+    assert lvedv["slope"] == pytest.approx(0.8) and np.isnan(lvedv["ceiling_slope"])  # 80 / 100
     # pooled LV: |10|, |30|, |10|, |0| over requested mean 105 -> MAE 12.5, 11.9 %
     lv = table["LV_VOLUME"]
     assert lv["n"] == 4 and lv["mae"] == pytest.approx(12.5)

@@ -178,9 +178,11 @@ def _write_run(root: Path, cache: Path, epsilon_steps: int = 100, name: str = "r
                         "r": 0.52,
                         "mae": 68.25,
                         "mae_pct": 41.5,
+                        "slope": 2.5,
                         "ceiling_r": 0.97,
                         "ceiling_mae": 11.0,
                         "ceiling_mae_pct": 7.25,
+                        "ceiling_slope": 1.02,
                         "n": 2,
                         "ceiling_n": 2,
                     },  # fmt: skip
@@ -284,10 +286,10 @@ def test_controllability_section_shows_both_readers(report):
     section = text.split('id="controllability"')[1].split("</section>")[0]
     assert "Second reader (independent 2D U-Net, evaluation only)" in section
     assert "2D U-Net &lt;test&gt;" in section  # escaped
-    # the second reader's row: r, MAE, MAE %, ceiling r, ceiling MAE, ceiling MAE %, n, n real
+    # the second reader's row: r, MAE, MAE %, slope, then the same on real volumes, n, n real
     row = section.split("<td>LVEDV</td>")[1].split("</tr>")[0]
     cells = re.findall(r'<td class="num">([^<]*)</td>', row)
-    assert cells == ["0.52", "68.25", "41.5", "0.97", "11", "7.25", "2", "2"]
+    assert cells == ["0.52", "68.25", "41.5", "2.5", "0.97", "11", "7.25", "1.02", "2", "2"]
     assert section.count("<img") == 2
     assert "the second reader (a 2D U-Net trained on real volumes without DP)" in text
 
@@ -304,11 +306,14 @@ def test_controllability_figure_titles_by_hand():
     fig = figures.controllability_figure(rows, "second reader")
     titles = [ax.get_title() for ax in fig.axes if ax.axison]
     pooled_r = np.corrcoef([100, 200, 50, 70], [90, 170, 60, 70])[0, 1]
+    pooled_slope = np.polyfit([100, 200, 50, 70], [90, 170, 60, 70], 1)[0]
+    # slopes: LVEDV 80 / 100, LVESV synthetic 10 / 20, real 23 / 20
     assert titles == [
-        "LVEDV\nsynthetic: r = 1.00, MAE = 20.00",
-        "LVESV\nsynthetic: r = 1.00, MAE = 5.00\nreal: r = 1.00, MAE = 1.50",
-        f"LV_VOLUME (ED + ES)\nsynthetic: r = {pooled_r:.2f}, MAE = 12.50"
-        "\nreal: r = 1.00, MAE = 1.50",
+        "LVEDV\nsynthetic: r = 1.00, MAE = 20.00, slope = 0.80",
+        "LVESV\nsynthetic: r = 1.00, MAE = 5.00, slope = 0.50"
+        "\nreal: r = 1.00, MAE = 1.50, slope = 1.15",
+        f"LV_VOLUME (ED + ES)\nsynthetic: r = {pooled_r:.2f}, MAE = 12.50, slope = {pooled_slope:.2f}"
+        "\nreal: r = 1.00, MAE = 1.50, slope = 1.15",
     ]
     pooled = fig.axes[2]
     assert len(pooled.collections[0].get_offsets()) == 4  # ED and ES points together

@@ -203,7 +203,8 @@ def _headline(metrics_path: Path) -> dict:
         c = result.get("controllability", {}).get(attr)
         if c:
             head[f"controllability {attr}"] = (
-                f"r {c.get('r')}, MAE {c.get('mae')} ({c.get('mae_pct')} %) "
-                f"(real ceiling r {c.get('ceiling_r')}, MAE {c.get('ceiling_mae')})"
+                f"r {c.get('r')}, MAE {c.get('mae')} ({c.get('mae_pct')} %), "
+                f"slope {c.get('slope')} (real ceiling r {c.get('ceiling_r')}, "
+                f"MAE {c.get('ceiling_mae')})"
             )
     return head

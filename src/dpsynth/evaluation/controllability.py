@@ -98,16 +98,23 @@ def phase_accuracy(referee: Measurer, volume_set: VolumeSet) -> tuple[float, int
 def agreement(
     requested: np.ndarray, measured: np.ndarray, relative: bool = False
 ) -> dict[str, float | int]:
-    """Pearson r (NaN when undefined), MAE and n over finite pairs; with `relative`, also
-    `mae_pct`: the MAE as a percentage of the mean requested value."""
+    """Pearson r (NaN when undefined), MAE, n and `slope` over finite pairs; with `relative`,
+    also `mae_pct`: the MAE as a percentage of the mean requested value.
+
+    `slope` is the least-squares slope of measured on requested: r says whether the
+    measurements follow the request in rank, the slope whether their spread matches it
+    (above 1, the generator exaggerates what it is asked for, and the MAE grows with it).
+    """
     finite = np.isfinite(requested) & np.isfinite(measured)
     requested, measured = requested[finite], measured[finite]
     n = len(requested)
-    r = float("nan")
-    if n >= 2 and requested.std() > 0 and measured.std() > 0:
-        r = float(np.corrcoef(requested, measured)[0, 1])
+    r = slope = float("nan")
+    if n >= 2 and requested.std() > 0:
+        slope = float(np.cov(requested, measured)[0, 1] / requested.var(ddof=1))
+        if measured.std() > 0:
+            r = float(np.corrcoef(requested, measured)[0, 1])
     mae = float(np.mean(np.abs(requested - measured))) if n else float("nan")
-    result = {"r": r, "mae": mae, "n": n}
+    result = {"r": r, "mae": mae, "n": n, "slope": slope}
     if relative:
         scale = float(np.mean(requested)) if n else float("nan")
         result["mae_pct"] = 100.0 * mae / scale if scale > 0 else float("nan")
@@ -135,7 +142,7 @@ def with_ceiling(
     rows: list[tuple], groups: dict[str, tuple[str, ...]] | None = None
 ) -> dict[str, dict[str, float | int]]:
     """Synthetic agreement per group, each next to the same reader's agreement on real
-    volumes (``ceiling_*`` keys: r, mae, mae_pct where defined, n)."""
+    volumes (``ceiling_*`` keys: r, mae, slope, mae_pct where defined, n)."""
     synthetic, real = summarise(rows, "synthetic", groups), summarise(rows, "real", groups)
     table = {}
     for group, stats in synthetic.items():
@@ -143,6 +150,7 @@ def with_ceiling(
         table[group] = stats | {
             "ceiling_r": ceiling.get("r", float("nan")),
             "ceiling_mae": ceiling.get("mae", float("nan")),
+            "ceiling_slope": ceiling.get("slope", float("nan")),
             "ceiling_n": ceiling.get("n", 0),
         }
         if "mae_pct" in stats:

@@ -61,7 +61,10 @@ def controllability_figure(rows: Sequence[Mapping[str, Any]], reader: str = "ref
             y = np.array([float(r["measured"]) for r in sel])
             stats = agreement(x, y)
             ax.scatter(x, y, s=8, alpha=0.6, color=colour, label=kind)
-            title += f"\n{kind}: r = {_fmt(stats['r'], 2)}, MAE = {_fmt(stats['mae'], 2)}"
+            title += (
+                f"\n{kind}: r = {_fmt(stats['r'], 2)}, MAE = {_fmt(stats['mae'], 2)}, "
+                f"slope = {_fmt(stats['slope'], 2)}"
+            )
         lo, hi = ax.get_xlim()
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.set_title(title, fontsize=8)

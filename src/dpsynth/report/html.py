@@ -577,18 +577,22 @@ def _attribute_model_fidelity(fidelity: dict | None) -> str:
 
 
 def _controllability_table(summary: dict) -> str:
-    """Per-quantity r and MAE (also as % of the mean requested value) with the ceiling."""
-    header = ["quantity", "r", "MAE", "MAE % of mean requested", "ceiling r (real)",
-              "ceiling MAE", "ceiling MAE %", "n", "n real"]  # fmt: skip
+    """Per-quantity r, MAE (also as % of the mean requested value) and slope, with the
+    ceiling."""
+    header = ["quantity", "r", "MAE", "MAE % of mean requested", "slope (1: spread as requested)",
+              "ceiling r (real)", "ceiling MAE", "ceiling MAE %", "ceiling slope", "n",
+              "n real"]  # fmt: skip
     rows = [
         [
             a,
             s.get("r"),
             s.get("mae"),
             s.get("mae_pct"),
+            s.get("slope"),
             s.get("ceiling_r"),
             s.get("ceiling_mae"),
             s.get("ceiling_mae_pct"),
+            s.get("ceiling_slope"),
             s.get("n"),
             s.get("ceiling_n"),
         ]  # fmt: skip
