@@ -672,3 +672,35 @@ def test_kl_autoencoder_taps_pass_their_check_instead_of_falling_back():
         engine.step({"volumes": volumes}, loss)
     assert engine.tap_checks == 1 and engine.per_patient_path == "layer taps"
     assert not engine._unverified
+
+
+def test_kl_autoencoder_taps_hold_in_train_mode_where_it_draws(monkeypatch):
+    """The engine checks its taps in eval mode, but DP training runs in train mode, where
+    the KL autoencoder draws its latent: that draw must stay per row. With the draw fixed
+    per row (so per-patient autograd and the batched taps see the same numbers), the taps
+    in train mode equal autograd's per-patient gradients."""
+    from dpsynth.models.autoencoder import KLAutoencoder
+    from dpsynth.privacy.dpsgd import _agree
+    from dpsynth.privacy.grad_taps import PatientTaps
+
+    def fixed_per_row(t, *args, **kwargs):  # rows are (ED, ES) pairs: the same per patient
+        n = t[0].numel()
+        pair = torch.stack([torch.sin(torch.arange(n) * 0.37 + row) for row in range(2)])
+        return pair.reshape(2, *t.shape[1:]).repeat(t.shape[0] // 2, *[1] * (t.dim() - 1))
+
+    monkeypatch.setattr(torch, "randn_like", fixed_per_row)
+    torch.manual_seed(0)
+    model = KLAutoencoder(channels=8, channel_multipliers=(1, 2), num_res_blocks=1,
+                          latent_channels=2, norm_groups=4, attention=True)  # fmt: skip
+    engine = make_engine(model, clip=1.0, q=0.5, n=8, physical=4, lr=0.0)
+    chunk = {"volumes": torch.rand(4, 2, 1, 3, 8, 8, generator=torch.Generator().manual_seed(0))}
+
+    def loss(model_fn, record):
+        out = model_fn(record["volumes"])
+        l1 = (out.reconstruction - record["volumes"]).abs().mean(dim=(1, 2, 3, 4))
+        return (l1 + 1e-3 * out.regularization_loss).sum()
+
+    model.train()
+    taps, _ = PatientTaps(model, engine._trainable)(chunk, loss)
+    autograd, _ = engine._autograd_grads(chunk, loss)
+    assert _agree(taps, autograd)
