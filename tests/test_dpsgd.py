@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -390,14 +391,14 @@ def test_secure_rng_keeps_noise_scale_and_draws_fresh_batches():
 # --- Layer taps (privacy/grad_taps.py): one batched pass instead of vmap over patients ---
 
 
-def tiny_latent_denoiser() -> nn.Module:
+def tiny_latent_denoiser(dropout: float = 0.0) -> nn.Module:
     from dpsynth.models.denoiser import LatentDenoiser
 
     torch.manual_seed(0)
     return LatentDenoiser(
         in_channels=2, channels=8, channel_multipliers=(1, 2), attention_levels=(False, True),
         num_res_blocks=1, num_slices=5, num_heads=2, norm_groups=4, time_embed_dim=16,
-        attribute_embed_dim=8, dropout=0.0,
+        attribute_embed_dim=8, dropout=dropout,
     )  # fmt: skip
 
 
@@ -633,13 +634,19 @@ def test_a_rule_summing_the_chunk_is_not_verified_by_one_faint_user(monkeypatch)
         return {k: v.sum(0, keepdim=True).expand_as(v) for k, v in grad_taps._linear(*args).items()}
 
     monkeypatch.setitem(grad_taps._RULES, SummingLinear, summing)
-    torch.manual_seed(0)
-    engine = make_engine(FaintRare(), q=0.5, n=8, physical=3, lr=0.0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 2, 3, generator=g)
     x[1:] *= 10.0  # the other two probe patients: ~1e4 x patient 0's squared gradient norm
     use = torch.zeros(3, 2)
     use[0] = 2e-4  # only patient 0 reaches the rare layer, at ~1e-8 of its squared norm
+    # in train mode the check's independence test refuses the rule at once: a patient
+    # changed in turn moves patient 0's faint gradient far beyond its own tolerance
+    training = make_engine(FaintRare(), q=0.5, n=8, physical=3, lr=0.0)
+    with pytest.warns(UserWarning, match="mix patients in train mode"):
+        training.step({"x": x, "use": use}, rare_loss)
+    # in eval mode only the comparison with autograd runs: its own floor is tested here
+    torch.manual_seed(0)
+    engine = make_engine(FaintRare().eval(), q=0.5, n=8, physical=3, lr=0.0)
     engine.step({"x": x, "use": use}, rare_loss)
     assert engine.tap_checks == 1 and {"rare.weight", "rare.bias"} <= engine._unverified
     everyone = {"x": torch.randn(3, 2, 3, generator=g), "use": torch.ones(3, 2)}
@@ -704,3 +711,83 @@ def test_kl_autoencoder_taps_hold_in_train_mode_where_it_draws(monkeypatch):
     taps, _ = PatientTaps(model, engine._trainable)(chunk, loss)
     autograd, _ = engine._autograd_grads(chunk, loss)
     assert _agree(taps, autograd)
+
+
+class TrainOnlyCentering(TinyDenoiser):
+    """Subtracts the batch's mean feature in train mode only (a reviewer's mutation): eval
+    mode, where the engine compares its taps with autograd, is per patient; training is not."""
+
+    def forward(self, x: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(self.norm(self.conv_in(x)))
+        if self.training:
+            h = h - h.mean(0, keepdim=True)
+        return self.conv_out(self.drop(h + self.attr(attributes)[:, :, None, None, None]))
+
+
+def test_taps_mixing_patients_in_train_mode_only_are_refused_and_the_step_stays_per_patient():
+    torch.manual_seed(0)
+    model = TrainOnlyCentering()
+    reference = copy.deepcopy(model)
+    batch = make_batch(4)
+    engine = make_engine(model, clip=0.5, q=0.5, n=8)
+    with pytest.warns(UserWarning, match="mix patients in train mode"):
+        engine.step(batch, denoise_loss)
+    assert engine._taps is False and engine.per_patient_path == "torch.func"
+    slow = make_engine(reference, clip=0.5, q=0.5, n=8)
+    slow._taps = False
+    slow.step(batch, denoise_loss)
+    assert torch.allclose(flat_params(model), flat_params(reference), rtol=1e-6)
+
+
+def test_train_mode_check_holds_random_draws_equal_and_leaves_trainings_stream_alone():
+    """Dropout draws differ from pass to pass: the independence test must hold them equal
+    (else it refuses every model with dropout) and must not advance the global stream."""
+    from dpsynth.privacy.grad_taps import PatientTaps
+
+    torch.manual_seed(0)
+    model = TinyDenoiser(dropout=0.5)
+    engine = make_engine(model, clip=0.5, q=0.5, n=8)
+    batch = make_batch(3)
+    engine._taps = PatientTaps(model, engine._trainable)
+    state = torch.get_rng_state()
+    assert engine._independent(batch, denoise_loss)
+    assert torch.equal(torch.get_rng_state(), state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no refusal, no fallback
+        engine.step(make_batch(4), denoise_loss)
+    assert engine.tap_checks >= 1 and engine.per_patient_path == "layer taps"
+
+
+class TrainOnlyPairing(TinyDenoiser):
+    """Adds each other's features to the first two patients' in train mode only: changing
+    a third patient alone would show nothing."""
+
+    def forward(self, x: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(self.norm(self.conv_in(x)))
+        if self.training:  # rows are (ED, ES) per patient: rows 0-1 and 2-3 swap
+            h = torch.cat([h[:4] + 0.5 * h[:4].roll(2, dims=0), h[4:]])
+        return self.conv_out(self.drop(h + self.attr(attributes)[:, :, None, None, None]))
+
+
+def test_taps_mixing_one_pair_of_patients_in_train_mode_are_refused():
+    from dpsynth.privacy.grad_taps import PatientTaps
+
+    torch.manual_seed(0)
+    model = TrainOnlyPairing()
+    engine = make_engine(model, clip=0.5, q=0.5, n=8)
+    engine._taps = PatientTaps(model, engine._trainable)
+    batch = make_batch(3)  # as many as a check probes
+    assert not engine._independent(batch, denoise_loss)
+    model.eval()
+    assert engine._independent(batch, denoise_loss)
+
+
+def test_the_denoiser_with_the_studys_dropout_keeps_its_taps_in_train_mode():
+    """The study's denoiser trains with dropout 0.1: the train-mode independence test must
+    pass it (equal draws in both passes), or every `paper` run falls back to torch.func."""
+    model = tiny_latent_denoiser(dropout=0.1).train()
+    engine = make_engine(model, clip=1.0, q=0.5, n=8, physical=4, lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.step(latent_batch(4), eps_loss)
+    assert engine.tap_checks >= 1 and engine.per_patient_path == "layer taps"

@@ -289,9 +289,10 @@ class PatientDPSGD:
         not grouped patient-major would mix patients in one "patient" gradient, and then
         clipping would no longer bound one patient's influence. A check compares the taps
         with autograd on up to `_PROBE` patients of the chunk, per parameter and per patient
-        (`_agree`); a disagreement sends the engine to torch.func for good. A check sees
-        only the parameters its patients' gradients use (a null-condition embedding, a
-        module used by some records), so the engine keeps the parameters not yet verified
+        (`_agree`) and, in train mode, tests that no patient's gradient moves with another's
+        record (`_independent`); a failure sends the engine to torch.func for good. A check
+        sees only the parameters its patients' gradients use (a null-condition embedding,
+        a module used by some records), so the engine keeps the parameters not yet verified
         (reference gradient on a probe patient >= `_VERIFIED` of the largest probe
         patient's, taps agreeing). The rule:
         a chunk keeps its taps gradients only if every parameter carrying >= `_ACTIVE` of
@@ -363,8 +364,9 @@ class PatientDPSGD:
 
     def _check(self, chunk: Batch, loss_fn: LossFn, probe: Tensor) -> bool:
         """Whether the taps give plain autograd's per-patient gradients on the `probe`
-        patients of `chunk` (dropout off); the parameters it verifies leave `_unverified`,
-        and a disagreement turns the taps off."""
+        patients of `chunk` (dropout off) and, for a model training in train mode, keep each
+        patient's gradient its own there (`_independent`); the parameters it verifies leave
+        `_unverified`, and a failure turns the taps off."""
         self.tap_checks += 1
         records = {k: v[probe] for k, v in chunk.items()}
         training = self.model.training
@@ -375,9 +377,13 @@ class PatientDPSGD:
         finally:
             self.model.train(training)
         if not (_agree(fast, ref) and torch.allclose(fast_loss, ref_loss, rtol=1e-4)):
-            warnings.warn(
-                "DP-SGD: layer taps disagree with autograd; using torch.func", stacklevel=5
-            )
+            failure = "disagree with autograd"
+        elif training and not self._independent(records, loss_fn):
+            failure = "mix patients in train mode"
+        else:
+            failure = None
+        if failure:
+            warnings.warn(f"DP-SGD: layer taps {failure}; using torch.func", stacklevel=5)
             self._taps = False
             return False
         # Against the LARGEST probe total, not the patient's own: `_agree`'s absolute
@@ -387,6 +393,35 @@ class PatientDPSGD:
         # larger, was verified while its rule summed the chunk).
         floor = _VERIFIED * sum(_squared_norm(g) for g in ref.values()).max()
         self._unverified -= {n for n in self._unverified if (_squared_norm(ref[n]) >= floor).any()}
+        return True
+
+    def _independent(self, records: Batch, loss_fn: LossFn) -> bool:
+        """Whether, in train mode, the taps' gradients of the probe patients stay put when
+        any one other patient's record is replaced by another's, the random draws (dropout,
+        a KL autoencoder's latent) held equal by a forked random state.
+
+        The comparison with autograd runs in eval mode, because autograd one patient at a
+        time cannot reproduce a batch's draws; so a rule that only train mode takes went
+        unseen (review: a layer subtracting the batch's mean latent in train mode passed
+        it). What clipping needs is that a patient's gradient depends on no one else's
+        record; this tests exactly that, in the mode training runs in, changing each patient
+        in turn so that mixing within any pair of them shows."""
+
+        def taps(rows: Tensor) -> dict[str, Tensor]:
+            # each pass starts from the same state and hands it back unchanged: equal draws,
+            # and training's own stream does not notice the check
+            with torch.random.fork_rng(devices=devices):
+                return self._taps({k: v[rows] for k, v in records.items()}, loss_fn)[0]
+
+        devices = sorted({t.device.index or 0 for t in records.values() if t.is_cuda})
+        rows = torch.arange(_num_patients(records))
+        before = taps(rows)
+        for changed in rows:
+            after = taps(torch.where(rows == changed, (changed + 1) % len(rows), rows))
+            others = rows != changed
+            if not _agree({n: g[others] for n, g in after.items()},
+                          {n: g[others] for n, g in before.items()}):  # fmt: skip
+                return False
         return True
 
     def _autograd_grads(self, chunk: Batch, loss_fn: LossFn) -> tuple[dict[str, Tensor], Tensor]:
