@@ -713,14 +713,25 @@ def test_kl_autoencoder_taps_hold_in_train_mode_where_it_draws(monkeypatch):
     assert _agree(taps, autograd)
 
 
+class Centering(nn.Module):
+    """Subtracts `share` of the batch's mean in train mode only (a reviewer's mutation):
+    eval mode, where the engine compares its taps with autograd, is per patient."""
+
+    def __init__(self, share: float = 1.0) -> None:
+        super().__init__()
+        self.share = share
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h - self.share * h.mean(0, keepdim=True) if self.training else h
+
+
 class TrainOnlyCentering(TinyDenoiser):
-    """Subtracts the batch's mean feature in train mode only (a reviewer's mutation): eval
-    mode, where the engine compares its taps with autograd, is per patient; training is not."""
+    def __init__(self, share: float = 1.0) -> None:
+        super().__init__()
+        self.center = Centering(share)
 
     def forward(self, x: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.silu(self.norm(self.conv_in(x)))
-        if self.training:
-            h = h - h.mean(0, keepdim=True)
+        h = self.center(torch.nn.functional.silu(self.norm(self.conv_in(x))))
         return self.conv_out(self.drop(h + self.attr(attributes)[:, :, None, None, None]))
 
 
@@ -791,3 +802,57 @@ def test_the_denoiser_with_the_studys_dropout_keeps_its_taps_in_train_mode():
         warnings.simplefilter("error")
         engine.step(latent_batch(4), eps_loss)
     assert engine.tap_checks >= 1 and engine.per_patient_path == "layer taps"
+
+
+def test_a_faint_train_mode_mixing_is_refused():
+    """Equal draws make the kept patients' gradients bit for bit equal, so the independence
+    test needs no rounding room: 1e-4 of the batch mean, which `_agree`'s float32 tolerance
+    let through (review: refused only from 3e-3), is refused."""
+    from dpsynth.privacy.grad_taps import PatientTaps
+
+    torch.manual_seed(0)
+    model = TrainOnlyCentering(share=1e-4)
+    engine = make_engine(model, clip=0.5, q=0.5, n=8)
+    engine._taps = PatientTaps(model, engine._trainable)
+    assert not engine._independent(make_batch(3), denoise_loss)
+    model.center.share = 0.0
+    assert engine._independent(make_batch(3), denoise_loss)
+
+
+def test_probe_patients_with_one_record_prove_nothing_and_a_later_chunk_is_checked():
+    """Replacing a patient's record by an equal one changes nothing, and an average of equal
+    patients looks right to autograd: such a probe must not verify the taps (review: a
+    train-mode mixing model kept its taps on three identical probe patients)."""
+    torch.manual_seed(0)
+    model = TrainOnlyCentering()
+    reference = copy.deepcopy(model)
+    twins = make_batch(4)
+    for v in twins.values():
+        v[1:3] = v[0]  # the probe: the first three patients (equal shares), one record
+    engine = make_engine(model, clip=0.5, q=0.5, n=8, lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.step(twins, denoise_loss)
+    assert engine.tap_checks == 0 and engine._chunks_by_path == {"layer taps": 0, "torch.func": 1}
+    assert torch.allclose(flat_params(model), flat_params(reference))
+    with pytest.warns(UserWarning, match="mix patients in train mode"):
+        engine.step(make_batch(4), denoise_loss)
+    assert engine.tap_checks == 1 and engine._taps is False
+
+
+def test_a_check_keeps_each_modules_mode():
+    """A submodule kept in eval mode (a frozen part) stays so after a check; a root in eval
+    with a submodule in train still gets the train-mode test."""
+    torch.manual_seed(0)
+    model = TinyDenoiser(dropout=0.5)
+    model.norm.eval()
+    engine = make_engine(model, clip=0.5, q=0.5, n=8, lr=0.0)
+    engine.step(make_batch(4), denoise_loss)
+    assert engine.tap_checks >= 1 and model.training and not model.norm.training
+    mixing = TrainOnlyCentering()
+    mixing.eval()
+    mixing.center.train()
+    engine = make_engine(mixing, clip=0.5, q=0.5, n=8, lr=0.0)
+    engine._taps = None
+    with pytest.warns(UserWarning, match="mix patients in train mode"):
+        engine.step(make_batch(4), denoise_loss)
