@@ -90,7 +90,7 @@ _ACTIVE = 1e-8  # a parameter carrying this much of some patient's gradient need
 # not leave a parameter that needed a check unverified by it.
 _VERIFIED = 1e-9
 _PROBE = 3  # patients per check: odd, so neither a pairwise swap nor a mean can look right
-_MAX_CHECKS = 16  # one costs ~1.8 chunk steps in train mode (demo denoiser, 16 patients per chunk)
+_MAX_CHECKS = 16  # one costs 1.3 chunk steps in train mode (bench_taps_check.py, demo)
 
 
 def _num_patients(batch: Batch) -> int:
