@@ -197,6 +197,9 @@ class PatientDPSGD:
         # False (torch.func); the trainable parameters no check has verified yet.
         self._taps: PatientTaps | bool | None = None
         self._unverified = set(self._trainable)
+        # the modules in train mode when the checks ran: a check in eval mode skips the
+        # train-mode test, so other modes start the verification again
+        self._checked_modes = _training_modules(model)
         self.tap_checks = 0
         self._chunks_by_path = {"layer taps": 0, "torch.func": 0}
 
@@ -335,6 +338,9 @@ class PatientDPSGD:
     def _vouched(self, chunk: Batch, loss_fn: LossFn, grads: dict[str, Tensor]) -> bool:
         """Whether every parameter active in the taps' `grads` of `chunk` is verified, after
         a check if need be (the rule of `_patient_grads`)."""
+        modes = _training_modules(self.model)
+        if modes != self._checked_modes:
+            self._unverified, self._checked_modes = set(self._trainable), modes
         if not self._unverified or _num_patients(chunk) < 2:
             return True
         total = sum(_squared_norm(g) for g in grads.values())
@@ -426,7 +432,9 @@ class PatientDPSGD:
         rows = torch.arange(_num_patients(records))
         before = taps(rows)
         for changed in rows.tolist():
-            other = next(i for i in rows.tolist() if not _same_record(records, changed, i))
+            other = next(
+                i for i in rows.tolist() if i != changed and not _same_record(records, changed, i)
+            )
             after = taps(torch.where(rows == changed, other, rows))
             kept = rows != changed
             new, old = ({n: g[kept] for n, g in d.items()} for d in (after, before))
@@ -534,6 +542,10 @@ def _insert_tensors(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
 def _squared_norm(grad: Tensor) -> Tensor:
     """(P,) squared norms of a parameter's per-patient gradients (P, *shape)."""
     return grad.flatten(1).square().sum(1)
+
+
+def _training_modules(model: nn.Module) -> frozenset[str]:
+    return frozenset(name for name, m in model.named_modules() if m.training)
 
 
 def _same_record(batch: Batch, i: int, j: int) -> bool:
