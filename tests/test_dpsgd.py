@@ -20,16 +20,17 @@ from dpsynth.privacy.dpsgd import PatientDPSGD, validate_model_for_dp
 class TinyDenoiser(nn.Module):
     """Stand-in for the latent denoiser: 3D convs, GroupNorm, attribute conditioning."""
 
-    def __init__(self, dropout: float = 0.0) -> None:
+    def __init__(self, dropout: float = 0.0, mix: nn.Module | None = None) -> None:
         super().__init__()
         self.conv_in = nn.Conv3d(1, 8, 3, padding=1)
         self.norm = nn.GroupNorm(4, 8)
+        self.mix = mix or nn.Identity()  # a rule across the batch, for the taps check's tests
         self.attr = nn.Linear(14, 8)
         self.drop = nn.Dropout(dropout)
         self.conv_out = nn.Conv3d(8, 1, 3, padding=1)
 
     def forward(self, x: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.silu(self.norm(self.conv_in(x)))
+        h = self.mix(torch.nn.functional.silu(self.norm(self.conv_in(x))))
         h = h + self.attr(attributes)[:, :, None, None, None]
         return self.conv_out(self.drop(h))
 
@@ -725,19 +726,13 @@ class Centering(nn.Module):
         return h - self.share * h.mean(0, keepdim=True) if self.training else h
 
 
-class TrainOnlyCentering(TinyDenoiser):
-    def __init__(self, share: float = 1.0) -> None:
-        super().__init__()
-        self.center = Centering(share)
-
-    def forward(self, x: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
-        h = self.center(torch.nn.functional.silu(self.norm(self.conv_in(x))))
-        return self.conv_out(self.drop(h + self.attr(attributes)[:, :, None, None, None]))
+def train_only_centering(share: float = 1.0) -> TinyDenoiser:
+    return TinyDenoiser(mix=Centering(share))
 
 
 def test_taps_mixing_patients_in_train_mode_only_are_refused_and_the_step_stays_per_patient():
     torch.manual_seed(0)
-    model = TrainOnlyCentering()
+    model = train_only_centering()
     reference = copy.deepcopy(model)
     batch = make_batch(4)
     engine = make_engine(model, clip=0.5, q=0.5, n=8)
@@ -769,22 +764,22 @@ def test_train_mode_check_holds_random_draws_equal_and_leaves_trainings_stream_a
     assert engine.tap_checks >= 1 and engine.per_patient_path == "layer taps"
 
 
-class TrainOnlyPairing(TinyDenoiser):
+class Pairing(nn.Module):
     """Adds each other's features to the first two patients' in train mode only: changing
     a third patient alone would show nothing."""
 
-    def forward(self, x: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.silu(self.norm(self.conv_in(x)))
-        if self.training:  # rows are (ED, ES) per patient: rows 0-1 and 2-3 swap
-            h = torch.cat([h[:4] + 0.5 * h[:4].roll(2, dims=0), h[4:]])
-        return self.conv_out(self.drop(h + self.attr(attributes)[:, :, None, None, None]))
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return h
+        # rows are (ED, ES) per patient: rows 0-1 and 2-3 swap
+        return torch.cat([h[:4] + 0.5 * h[:4].roll(2, dims=0), h[4:]])
 
 
 def test_taps_mixing_one_pair_of_patients_in_train_mode_are_refused():
     from dpsynth.privacy.grad_taps import PatientTaps
 
     torch.manual_seed(0)
-    model = TrainOnlyPairing()
+    model = TinyDenoiser(mix=Pairing())
     engine = make_engine(model, clip=0.5, q=0.5, n=8)
     engine._taps = PatientTaps(model, engine._trainable)
     batch = make_batch(3)  # as many as a check probes
@@ -811,11 +806,11 @@ def test_a_faint_train_mode_mixing_is_refused():
     from dpsynth.privacy.grad_taps import PatientTaps
 
     torch.manual_seed(0)
-    model = TrainOnlyCentering(share=1e-4)
+    model = train_only_centering(share=1e-4)
     engine = make_engine(model, clip=0.5, q=0.5, n=8)
     engine._taps = PatientTaps(model, engine._trainable)
     assert not engine._independent(make_batch(3), denoise_loss)
-    model.center.share = 0.0
+    model.mix.share = 0.0
     assert engine._independent(make_batch(3), denoise_loss)
 
 
@@ -824,7 +819,7 @@ def test_probe_patients_with_one_record_prove_nothing_and_a_later_chunk_is_check
     patients looks right to autograd: such a probe must not verify the taps (review: a
     train-mode mixing model kept its taps on three identical probe patients)."""
     torch.manual_seed(0)
-    model = TrainOnlyCentering()
+    model = train_only_centering()
     twins = make_batch(4)
     for v in twins.values():
         v[1:3] = v[0]  # the probe: the first three patients (equal shares), one record
@@ -847,9 +842,9 @@ def test_a_check_keeps_each_modules_mode():
     engine = make_engine(model, clip=0.5, q=0.5, n=8, lr=0.0)
     engine.step(make_batch(4), denoise_loss)
     assert engine.tap_checks >= 1 and model.training and not model.norm.training
-    mixing = TrainOnlyCentering()
+    mixing = train_only_centering()
     mixing.eval()
-    mixing.center.train()
+    mixing.mix.train()
     engine = make_engine(mixing, clip=0.5, q=0.5, n=8, lr=0.0)
     with pytest.warns(UserWarning, match="mix patients in train mode"):
         engine.step(make_batch(4), denoise_loss)
@@ -860,7 +855,7 @@ def test_taps_verified_in_eval_mode_are_checked_again_when_training_starts():
     carry over to training (review: a model checked in eval, then switched to train, kept
     taps that mix patients there)."""
     torch.manual_seed(0)
-    model = TrainOnlyCentering().eval()
+    model = train_only_centering().eval()
     engine = make_engine(model, clip=0.5, q=0.5, n=8, lr=0.0)
     engine.step(make_batch(4), denoise_loss)
     assert engine.tap_checks >= 1 and engine.per_patient_path == "layer taps"

@@ -430,10 +430,11 @@ class PatientDPSGD:
         tensors = [*records.values(), *self._trainable.values()]
         devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
         rows = torch.arange(_num_patients(records))
+        patients = rows.tolist()
         before = taps(rows)
-        for changed in rows.tolist():
+        for changed in patients:
             other = next(
-                i for i in rows.tolist() if i != changed and not _same_record(records, changed, i)
+                i for i in patients if i != changed and not _same_record(records, changed, i)
             )
             after = taps(torch.where(rows == changed, other, rows))
             kept = rows != changed
