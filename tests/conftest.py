@@ -1,11 +1,15 @@
-"""Shared test helpers: a tiny analytic short-axis phantom with known labels.
+"""Shared test helpers: a tiny analytic short-axis phantom with known labels, and a way to
+let a tiny untrained denoiser hear its attributes.
 
-Import it with ``from conftest import make_phantom`` (pytest puts tests/ on sys.path).
+Import them with ``from conftest import make_phantom`` (pytest puts tests/ on sys.path).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from dpsynth.models import AttributeEncoder
 
 
 def make_phantom(
@@ -36,3 +40,19 @@ def make_phantom(
     levels = np.array([40.0, 300.0, 80.0, 280.0])  # background, LV blood, myocardium, RV blood
     image = levels[mask] + rng.normal(0.0, 10.0, mask.shape)
     return (image * 7.3).astype(np.float32), mask  # arbitrary scanner scale
+
+
+def give_attributes_a_say(model: torch.nn.Module) -> torch.nn.Module:
+    """Draw the attribute encoders' known path at random, in place.
+
+    An untrained AttributeEncoder reads every known value as unknown (its known path starts
+    at zero); tests of tiny untrained models that need attributes to change the output call
+    this first.
+    """
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, AttributeEncoder):
+            with torch.no_grad():
+                for p in (module.known_shift, module.value_weight):
+                    p.copy_(torch.randn(p.shape, generator=generator))
+    return model

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import give_attributes_a_say
 from opacus.validators import ModuleValidator
 from safetensors.torch import save_file
 from torch import nn
@@ -38,18 +39,20 @@ def single_thread():
 
 
 def tiny_denoiser(num_slices: int = 13, dropout: float = 0.0) -> LatentDenoiser:
-    return LatentDenoiser(
-        in_channels=1,
-        channels=8,
-        channel_multipliers=(1, 2),
-        attention_levels=(False, True),
-        num_res_blocks=1,
-        num_heads=2,
-        num_slices=num_slices,
-        time_embed_dim=16,
-        attribute_embed_dim=8,
-        dropout=dropout,
-        norm_groups=4,
+    return give_attributes_a_say(
+        LatentDenoiser(
+            in_channels=1,
+            channels=8,
+            channel_multipliers=(1, 2),
+            attention_levels=(False, True),
+            num_res_blocks=1,
+            num_heads=2,
+            num_slices=num_slices,
+            time_embed_dim=16,
+            attribute_embed_dim=8,
+            dropout=dropout,
+            norm_groups=4,
+        )
     )
 
 
@@ -253,7 +256,7 @@ def test_perceptual_loss_rejects_bad_weight_files(tmp_path):
 
 def test_attribute_encoder_unknown_path_and_finite_gradients():
     torch.manual_seed(0)
-    enc = AttributeEncoder(num_attributes=14, embed_dim=8, num_heads=2)
+    enc = give_attributes_a_say(AttributeEncoder(num_attributes=14, embed_dim=8, num_heads=2))
     values = torch.rand(3, 14) * 2 - 1
     values[:, 4] = float("nan")
     tokens = enc(values)
@@ -261,16 +264,37 @@ def test_attribute_encoder_unknown_path_and_finite_gradients():
     tokens.square().sum().backward()
     for name, p in enc.named_parameters():
         assert torch.isfinite(p.grad).all(), name
-    assert enc.value_weight.grad[4].abs().sum() == 0  # NaN never reaches the value embedding
-    assert enc.unknown.grad[4].abs().sum() > 0
-    assert enc.unknown.grad[torch.arange(14) != 4].abs().sum() == 0
+    for known_path in (enc.known_shift, enc.value_weight):  # NaN never reaches it
+        assert known_path.grad[4].abs().sum() == 0
+        assert (known_path.grad[torch.arange(14) != 4].abs().sum(1) > 0).all()
 
     # the unknown embedding is exactly what a NaN contributes
     with torch.no_grad():
-        enc.unknown[4] = 0.5 * enc.value_weight[4]
+        enc.known_shift[4] = -0.5 * enc.value_weight[4]
         known = values.clone()
         known[:, 4] = 0.5
         assert torch.allclose(enc(values), enc(known), atol=1e-6)
+
+
+def test_an_attribute_training_never_gave_reads_as_unknown():
+    """The public cohort has no SEX: a model pre-trained on it must not read a given SEX as
+    a random embedding (it shifted the shipped model's hearts by tens of mL)."""
+    torch.manual_seed(0)
+    enc = AttributeEncoder(num_attributes=14, embed_dim=8, num_heads=2)
+    opt = torch.optim.AdamW(enc.parameters(), lr=1e-2, weight_decay=0.01)
+    for _ in range(20):
+        values = torch.rand(8, 14) * 2 - 1
+        values[:, 9] = float("nan")  # never given
+        opt.zero_grad()
+        enc(values).sin().sum().backward()
+        opt.step()
+    assert enc.value_weight[0].abs().sum() > 0.1  # the given attributes were learned
+    values = torch.rand(4, 14) * 2 - 1
+    unknown = values.clone()
+    unknown[:, 9] = float("nan")
+    for sex in (-1.0, 1.0):
+        values[:, 9] = sex
+        assert torch.equal(enc(values), enc(unknown))
 
 
 # --- denoiser ---------------------------------------------------------------------------------

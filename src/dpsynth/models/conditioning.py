@@ -29,10 +29,11 @@ class _TokenLayer(nn.Module):
 class AttributeEncoder(nn.Module):
     """Map normalised attributes (B, A) with NaN = unknown to tokens (B, A, embed_dim).
 
-    Token a = identity_a + (value_a * weight_a if known else unknown_a): a linear embedding
-    per attribute, a learned "unknown" embedding per attribute for missing values (and for
-    attributes dropped for classifier-free guidance), and an identity embedding that also
-    serves as the linear embedding's bias.
+    Token a = unknown_a, plus known_shift_a + value_a * value_weight_a when the value is
+    known. `unknown_a` is a learned embedding per attribute: its identity, and what a
+    missing value (or one dropped for classifier-free guidance) reads as. The known path
+    starts at zero, so an attribute that training never gave (the public `acdc` cohort has
+    no AGE or SEX) reads as unknown until data teaches it, not as a random embedding.
     """
 
     def __init__(
@@ -45,9 +46,9 @@ class AttributeEncoder(nn.Module):
         super().__init__()
         self.num_attributes = num_attributes
         self.embed_dim = embed_dim
-        self.value_weight = nn.Parameter(torch.randn(num_attributes, embed_dim))
-        self.identity = nn.Parameter(torch.randn(num_attributes, embed_dim) * 0.02)
         self.unknown = nn.Parameter(torch.randn(num_attributes, embed_dim))
+        self.known_shift = nn.Parameter(torch.zeros(num_attributes, embed_dim))
+        self.value_weight = nn.Parameter(torch.zeros(num_attributes, embed_dim))
         self.layers = nn.Sequential(*(_TokenLayer(embed_dim, num_heads) for _ in range(num_layers)))
         self.norm_out = nn.LayerNorm(embed_dim)
 
@@ -55,7 +56,7 @@ class AttributeEncoder(nn.Module):
         values = values.unsqueeze(-1)
         missing = torch.isnan(values)
         # NaN must not reach the multiplication: 0 * NaN poisons the weight's gradient even
-        # where torch.where discards the product.
-        known = torch.nan_to_num(values, nan=0.0) * self.value_weight
-        tokens = self.identity + torch.where(missing, self.unknown, known)
+        # where the mask discards the product.
+        known = self.known_shift + torch.nan_to_num(values, nan=0.0) * self.value_weight
+        tokens = self.unknown + known.masked_fill(missing, 0.0)
         return self.norm_out(self.layers(tokens))
