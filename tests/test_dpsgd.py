@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import give_attributes_a_say
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
@@ -351,10 +352,10 @@ def test_real_denoiser_with_unknown_attributes_under_vmap():
     from dpsynth.models.denoiser import LatentDenoiser
 
     torch.manual_seed(0)
-    model = LatentDenoiser(
+    model = give_attributes_a_say(LatentDenoiser(
         in_channels=2, channels=16, channel_multipliers=(1, 2), attention_levels=(False, True),
         num_res_blocks=1, num_slices=5, time_embed_dim=16, attribute_embed_dim=8,
-    )  # fmt: skip
+    ))  # fmt: skip
     g = torch.Generator().manual_seed(0)
     attributes = torch.rand(3, 2, 14, generator=g)
     attributes[0, :, 3] = float("nan")  # "unknown" must not poison the gradient
@@ -396,11 +397,12 @@ def tiny_latent_denoiser(dropout: float = 0.0) -> nn.Module:
     from dpsynth.models.denoiser import LatentDenoiser
 
     torch.manual_seed(0)
-    return LatentDenoiser(
+    # patients' attribute tokens must differ, or a tap rule mixing them would go unseen
+    return give_attributes_a_say(LatentDenoiser(
         in_channels=2, channels=8, channel_multipliers=(1, 2), attention_levels=(False, True),
         num_res_blocks=1, num_slices=5, num_heads=2, norm_groups=4, time_embed_dim=16,
         attribute_embed_dim=8, dropout=dropout,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def latent_batch(patients: int) -> dict[str, torch.Tensor]:

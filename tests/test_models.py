@@ -433,3 +433,20 @@ def test_denoiser_loads_checkpoints_with_the_old_slice_position_key():
     target.load_state_dict(old)
     for k, v in source.state_dict().items():
         assert torch.equal(target.state_dict()[k], v)
+
+
+def test_attribute_encoder_loads_weights_of_its_earlier_form_with_the_same_tokens():
+    # Until 2026-12-03 a known token was identity + value * weight and a missing one
+    # identity + unknown; runs and released models of that time must load unchanged.
+    torch.manual_seed(0)
+    identity, unknown, weight = torch.randn(3, 14, 8).unbind(0)
+    values = torch.rand(5, 14) * 2 - 1
+    values[1, 3] = values[4, 9] = float("nan")
+    missing = torch.isnan(values)[..., None]
+    old_tokens = identity + torch.where(missing, unknown, values.nan_to_num()[..., None] * weight)
+
+    enc = AttributeEncoder(num_attributes=14, embed_dim=8, num_heads=2)
+    old = {k: v for k, v in enc.state_dict().items() if k not in ("known_shift", "unknown")}
+    enc.load_state_dict(old | {"identity": identity, "unknown": unknown, "value_weight": weight})
+    expected = enc.norm_out(enc.layers(old_tokens))
+    torch.testing.assert_close(enc(values), expected, atol=1e-6, rtol=0)

@@ -26,6 +26,20 @@ class _TokenLayer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def _from_identity_form(module, state_dict, prefix, *_args) -> None:
+    """Weights written before the known path (up to 2026-12-03) load with the same outputs.
+
+    They built a known token as identity + value * weight and a missing one as identity +
+    unknown. Attributes their training never gave keep their untrained weights: which those
+    were is a fact about the data, not the weights.
+    """
+    identity = state_dict.pop(prefix + "identity", None)
+    if identity is not None:
+        unknown = state_dict[prefix + "unknown"]
+        state_dict[prefix + "unknown"] = identity + unknown
+        state_dict[prefix + "known_shift"] = -unknown
+
+
 class AttributeEncoder(nn.Module):
     """Map normalised attributes (B, A) with NaN = unknown to tokens (B, A, embed_dim).
 
@@ -49,6 +63,7 @@ class AttributeEncoder(nn.Module):
         self.unknown = nn.Parameter(torch.randn(num_attributes, embed_dim))
         self.known_shift = nn.Parameter(torch.zeros(num_attributes, embed_dim))
         self.value_weight = nn.Parameter(torch.zeros(num_attributes, embed_dim))
+        self.register_load_state_dict_pre_hook(_from_identity_form)
         self.layers = nn.Sequential(*(_TokenLayer(embed_dim, num_heads) for _ in range(num_layers)))
         self.norm_out = nn.LayerNorm(embed_dim)
 
