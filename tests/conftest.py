@@ -1,5 +1,5 @@
-"""Shared test helpers: a tiny analytic short-axis phantom with known labels, and a way to
-let a tiny untrained denoiser hear its attributes.
+"""Shared test helpers: a tiny analytic short-axis phantom with known labels, a tiny
+denoiser, and a way to let an untrained one hear its attributes.
 
 Import them with ``from conftest import make_phantom`` (pytest puts tests/ on sys.path).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dpsynth.models import AttributeEncoder
+from dpsynth.models import AttributeEncoder, LatentDenoiser
 
 
 def make_phantom(
@@ -56,3 +56,22 @@ def give_attributes_a_say(model: torch.nn.Module) -> torch.nn.Module:
                 for p in (module.known_shift, module.value_weight):
                     p.copy_(torch.randn(p.shape, generator=generator))
     return model
+
+
+def tiny_denoiser(num_slices: int = 13, dropout: float = 0.0) -> LatentDenoiser:
+    """An 8-channel, 2-level denoiser with attention at the deeper level, attributes heard."""
+    return give_attributes_a_say(
+        LatentDenoiser(
+            in_channels=1,
+            channels=8,
+            channel_multipliers=(1, 2),
+            attention_levels=(False, True),
+            num_res_blocks=1,
+            num_heads=2,
+            num_slices=num_slices,
+            time_embed_dim=16,
+            attribute_embed_dim=8,
+            dropout=dropout,
+            norm_groups=4,
+        )
+    )

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import give_attributes_a_say
+from conftest import give_attributes_a_say, tiny_denoiser
 from opacus.validators import ModuleValidator
 from safetensors.torch import save_file
 from torch import nn
@@ -36,24 +36,6 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_denoiser(num_slices: int = 13, dropout: float = 0.0) -> LatentDenoiser:
-    return give_attributes_a_say(
-        LatentDenoiser(
-            in_channels=1,
-            channels=8,
-            channel_multipliers=(1, 2),
-            attention_levels=(False, True),
-            num_res_blocks=1,
-            num_heads=2,
-            num_slices=num_slices,
-            time_embed_dim=16,
-            attribute_embed_dim=8,
-            dropout=dropout,
-            norm_groups=4,
-        )
-    )
 
 
 def conv_depths(model: nn.Module, *inputs) -> set[int]:

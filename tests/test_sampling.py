@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import give_attributes_a_say
+from conftest import tiny_denoiser
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -13,7 +13,7 @@ from torch.func import functional_call, grad, vmap
 from dpsynth.attributes import N_ATTRIBUTES, denormalize, normalize
 from dpsynth.diffusion import LatentDiffusion, add_noise, estimate_latent_scale, make_scheduler
 from dpsynth.errors import DpsynthError
-from dpsynth.models import KLAutoencoder, LatentDenoiser
+from dpsynth.models import KLAutoencoder
 
 # PyTorch notes that CPU flash attention has no vmap batching rule (a speed note only).
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -33,20 +33,7 @@ def single_thread():
 def tiny_pipeline(num_train_timesteps: int = T, slices: int = 5) -> LatentDiffusion:
     torch.manual_seed(0)
     ae = KLAutoencoder(channels=8, channel_multipliers=(1, 2), num_res_blocks=1, norm_groups=4)
-    den = give_attributes_a_say(
-        LatentDenoiser(
-            channels=8,
-            channel_multipliers=(1, 2),
-            attention_levels=(False, True),
-            num_res_blocks=1,
-            num_heads=2,
-            num_slices=slices,
-            time_embed_dim=16,
-            attribute_embed_dim=8,
-            dropout=0.1,
-            norm_groups=4,
-        )
-    )
+    den = tiny_denoiser(num_slices=slices, dropout=0.1)
     return LatentDiffusion(
         ae,
         den,
