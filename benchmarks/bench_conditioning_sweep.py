@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from dpsynth import load
+from dpsynth.app.demo import demo_assets
 from dpsynth.attributes import ATTRIBUTES, INDEX
 from dpsynth.data.cache import Cache
 from dpsynth.data.measure import measure_volume
@@ -44,7 +45,6 @@ from dpsynth.evaluation.referee import Referee
 from dpsynth.evaluation.second_reader import SecondReader
 from dpsynth.io import atomic_write_json
 
-SHIPPED = Path(__file__).resolve().parents[1] / "src" / "dpsynth" / "assets" / "demo" / "ldm"
 LVEDV_LEVELS = (100.0, 130.0, 160.0, 190.0, 220.0)
 
 
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--real", type=Path, required=True, help="prepared cache with a test split")
     parser.add_argument("--referee", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="JSON file (evaluation only)")
-    parser.add_argument("--model", type=Path, default=SHIPPED, help="LDM run (default: shipped)")
+    parser.add_argument("--model", type=Path, help="LDM run (default: the shipped public LDM)")
     parser.add_argument("--per-setting", type=int, default=8)
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=11)
@@ -97,7 +97,8 @@ def main() -> None:
     base = base_conditions(args.real)
     grid = settings(base)
     start = time.perf_counter()
-    pipe = load(args.model)
+    model = args.model or demo_assets() / "ldm"
+    pipe = load(model)
     volumes = np.concatenate([
         pipe.sample(args.per_setting, attributes=np.repeat(row[None], args.per_setting, axis=0),
                     guidance=args.guidance, seed=args.seed)
@@ -128,7 +129,7 @@ def main() -> None:
     seconds = round(time.perf_counter() - start, 1)
     atomic_write_json(args.out, {
         "label": "evaluation only: base conditions are medians of real test patients",
-        "model": str(args.model), "guidance": args.guidance, "seed": args.seed,
+        "model": str(model), "guidance": args.guidance, "seed": args.seed,
         "per_setting": args.per_setting, "base": {a: float(base[i]) for a, i in INDEX.items()},
         "rows": rows, "seconds": seconds,
     })  # fmt: skip
