@@ -8,6 +8,7 @@ before any private step, and nothing private shapes the saved model.
 from __future__ import annotations
 
 import json
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -199,6 +200,15 @@ def test_sample_rejects_csv_with_wrong_columns(world, tmp_path, capsys):
 def test_sample_warns_outside_training_range(world, tmp_path):
     with pytest.warns(UserWarning, match="outside the training range"):
         sample_to_folder(world["ldm"], tmp_path / "o", n=1, settings=["LVEDV=5000"], steps=2)
+
+
+def test_sample_warns_when_given_an_attribute_the_model_never_learned(world, tmp_path):
+    """The public `acdc` cohort gives no SEX: a SEX the user sets changes nothing, so say so."""
+    with pytest.warns(UserWarning, match="SEX is given but the model never learned it"):
+        sample_to_folder(world["ldm"], tmp_path / "sex", n=1, settings=["SEX=1"], steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # LVEDV was trained: no warning of any kind
+        sample_to_folder(world["ldm"], tmp_path / "lv", n=1, settings=["LVEDV=150"], steps=2)
 
 
 def _crash_at(monkeypatch, step: int) -> None:

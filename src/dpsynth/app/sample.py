@@ -64,6 +64,16 @@ def warn_out_of_range(table: np.ndarray, ranges: dict[str, list[float]]) -> None
             )
 
 
+def warn_untaught(table: np.ndarray, untaught: Sequence[int]) -> None:
+    for i in untaught:
+        if np.isfinite(table[:, i]).any():
+            warnings.warn(
+                f"{ATTRIBUTES[i]} is given but the model never learned it (its training data "
+                "never gave it): it is sampled as unknown",
+                stacklevel=2,
+            )
+
+
 def sample_to_folder(
     run: str | os.PathLike,
     out: str | os.PathLike,
@@ -109,6 +119,7 @@ def sample_to_folder(
     table = np.where(np.isfinite(overrides), overrides, table)
     if is_main():
         warn_out_of_range(table, pipe.run_meta.get("attribute_ranges", {}))
+        warn_untaught(table, pipe.denoiser.attribute_encoder.untaught())
     defaults = pipe.run_meta.get("sampling", {})
     sampler = sampler or defaults.get("sampler", "ddim")
     if steps is None and sampler != "ddpm":  # DDPM always runs all T steps

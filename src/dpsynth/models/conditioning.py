@@ -75,3 +75,8 @@ class AttributeEncoder(nn.Module):
         known = self.known_shift + torch.nan_to_num(values, nan=0.0) * self.value_weight
         tokens = self.unknown + known.masked_fill(missing, 0.0)
         return self.norm_out(self.layers(tokens))
+
+    def untaught(self) -> list[int]:
+        """Attributes whose known path is still zero: a value given for them reads as unknown."""
+        idle = (self.known_shift == 0).all(dim=1) & (self.value_weight == 0).all(dim=1)
+        return idle.nonzero().flatten().tolist()
