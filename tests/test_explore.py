@@ -187,6 +187,9 @@ def test_request_defaults_and_unknowns(demo_explorer):
     assert lvedv["name"] == "LVEDV" and lvedv["min"] < 150 < lvedv["max"]
     assert info["shape"] == list(demo_explorer.pipe.volume_shape)
     assert info["attribute_model"] is False and info["referee"] is None
+    # the shipped public LDM never saw AGE or SEX (the public cohort lacks them)
+    learned = {a["name"]: a["learned"] for a in info["attributes"]}
+    assert [a for a, yes in learned.items() if not yes] == ["AGE", "SEX"]
 
 
 def test_a_run_folder_without_a_model_is_refused(tmp_path, capsys):
@@ -403,6 +406,8 @@ def test_page_in_headless_chromium(server, tmp_path):
         driver.get(server.url)
         wait.until(lambda d: body().get_attribute("data-state") == "idle")
         assert driver.find_element(By.ID, "draw").is_displayed()
+        assert driver.find_element(By.ID, "untaught-SEX").text == "not learned"
+        assert not driver.find_elements(By.ID, "untaught-LVEDV")
         driver.find_element(By.ID, "known-LVEDV").click()
         slider = driver.find_element(By.ID, "attr-LVEDV")
         slider.send_keys(Keys.HOME)  # the slider's low end

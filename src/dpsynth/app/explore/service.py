@@ -119,7 +119,9 @@ class Explorer:
     # ------------------------------------------------------------------ what the page needs
 
     def info(self) -> dict[str, Any]:
-        """Attributes with their slider ranges, the volume grid and the sampling defaults."""
+        """Attributes with their slider ranges (and whether the model learned each: one its
+        training never gave reads as unknown), the volume grid and the sampling defaults."""
+        untaught = set(self.pipe.denoiser.attribute_encoder.untaught())
         return {
             "run": self.run.name,
             "private": bool(self.pipe.run_meta.get("private", False)),
@@ -132,6 +134,7 @@ class Explorer:
                     "min": self.ranges[a][0],
                     "max": self.ranges[a][1],
                     "categorical": a in CATEGORICAL,
+                    "learned": INDEX[a] not in untaught,
                 }
                 for a in ATTRIBUTES
             ],

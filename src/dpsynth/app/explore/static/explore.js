@@ -36,7 +36,10 @@
       `<label for="attr-${a.name}" title="${a.unit}">${a.name}</label>` +
       `<input type="checkbox" id="known-${a.name}" title="known">` +
       `<input type="range" id="attr-${a.name}" min="${lo}" max="${hi}" step="${step}" value="${mid}" disabled>` +
-      `<output id="value-${a.name}"></output><span class="unit">${a.unit}</span>`;
+      `<output id="value-${a.name}"></output><span class="unit">${a.unit}</span>` +
+      (a.learned ? "" : `<span class="untaught" id="untaught-${a.name}" ` +
+        `title="this model's training never gave ${a.name}: a value set here reads as unknown">not learned</span>`);
+    row.classList.toggle("untaught", !a.learned);
     const slider = row.querySelector("input[type=range]");
     const known = row.querySelector("input[type=checkbox]");
     const output = row.querySelector("output");
