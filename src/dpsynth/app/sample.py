@@ -65,11 +65,13 @@ def warn_out_of_range(table: np.ndarray, ranges: dict[str, list[float]]) -> None
 
 
 def warn_untaught(table: np.ndarray, untaught: Sequence[int]) -> None:
+    """Warn for each attribute set in `table` that the model reads as unknown anyway."""
     for i in untaught:
         if np.isfinite(table[:, i]).any():
             warnings.warn(
-                f"{ATTRIBUTES[i]} is given but the model never learned it (its training data "
-                "never gave it): it is sampled as unknown",
+                f"{ATTRIBUTES[i]} is set (by --set, the conditions or the DP attribute model) "
+                "but the model never learned it (its training data never gave it): it is "
+                "sampled as unknown",
                 stacklevel=2,
             )
 

@@ -47,7 +47,8 @@ class AttributeEncoder(nn.Module):
     known. `unknown_a` is a learned embedding per attribute: its identity, and what a
     missing value (or one dropped for classifier-free guidance) reads as. The known path
     starts at zero, so an attribute that training never gave (the public `acdc` cohort has
-    no AGE or SEX) reads as unknown until data teaches it, not as a random embedding.
+    no AGE or SEX) reads as unknown until data teaches it, not as a random embedding (under
+    DP-SGD, until the stage's noise moves it: see `untaught`).
     """
 
     def __init__(
@@ -77,6 +78,12 @@ class AttributeEncoder(nn.Module):
         return self.norm_out(self.layers(tokens))
 
     def untaught(self) -> list[int]:
-        """Attributes whose known path is still zero: a value given for them reads as unknown."""
+        """Attributes whose known path is still zero: a value given for them reads as unknown.
+
+        Only training without DP leaves such a path at zero: DP-SGD's noise reaches every
+        trainable parameter, so after a DP stage an attribute the private data never gave
+        is not listed (its token is noise, not unknown), nor is one in weights converted
+        by `_from_identity_form`.
+        """
         idle = (self.known_shift == 0).all(dim=1) & (self.value_weight == 0).all(dim=1)
         return idle.nonzero().flatten().tolist()

@@ -36,10 +36,11 @@
       `<label for="attr-${a.name}" title="${a.unit}">${a.name}</label>` +
       `<input type="checkbox" id="known-${a.name}" title="known">` +
       `<input type="range" id="attr-${a.name}" min="${lo}" max="${hi}" step="${step}" value="${mid}" disabled>` +
-      `<output id="value-${a.name}"></output><span class="unit">${a.unit}</span>` +
-      (a.learned ? "" : `<span class="untaught" id="untaught-${a.name}" ` +
-        `title="this model's training never gave ${a.name}: a value set here reads as unknown">not learned</span>`);
-    row.classList.toggle("untaught", !a.learned);
+      `<output id="value-${a.name}"></output><span class="unit">${a.unit}` +
+      // in the fixed-width unit column, so every row's slider keeps the same width
+      (a.learned ? "" : `<br><span class="untaught" id="untaught-${a.name}" ` +
+        `title="this model's training never gave ${a.name}: a value set here reads as unknown">not learned</span>`) +
+      "</span>";
     const slider = row.querySelector("input[type=range]");
     const known = row.querySelector("input[type=checkbox]");
     const output = row.querySelector("output");
