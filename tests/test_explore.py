@@ -451,3 +451,18 @@ def test_page_in_headless_chromium(server, tmp_path):
         driver.save_screenshot(str(tmp_path / "explore.png"))
     finally:
         driver.quit()
+
+
+def test_generation_samples_at_the_runs_temperature(demo_explorer, monkeypatch):
+    assert demo_explorer.temperature == 1.0  # the shipped public LDM predates the setting
+    seen = {}
+    sample = demo_explorer.pipe.sample
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(demo_explorer, "temperature", 0.5)
+    monkeypatch.setattr(demo_explorer.pipe, "sample", spy)
+    demo_explorer.generate(demo_explorer.parse({"attributes": {}, "steps": 2}))
+    assert seen["temperature"] == 0.5

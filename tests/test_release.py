@@ -35,7 +35,8 @@ def world(tmp_path_factory):
     """A public autoencoder + LDM, a DP fine-tune with a DP attribute model, and samples."""
     world = public_world(tmp_path_factory.mktemp("release"))
     root, private, ae, ldm = world["root"], world["private"], world["ae"], world["ldm"]
-    config = tiny(**{"privacy.epsilon": 6.0, "privacy.max_total_epsilon": BUDGET})
+    config = tiny(**{"privacy.epsilon": 6.0, "privacy.max_total_epsilon": BUDGET,
+                     "sampling.temperature": 0.7})  # fmt: skip
     dp = train_ldm(private, ae, root / "dp", config, init=ldm, dp=True)
     fit_attributes(private, dp, epsilon=2.0, seed=0, max_total_epsilon=BUDGET)
     synthetic = sample_to_folder(dp, root / "synthetic", n=3, attributes="dp", steps=2)
@@ -86,6 +87,8 @@ def _one_line_error(capsys, argv) -> str:
 def test_sample_records_provenance(world):
     prov = read_json(world["synthetic"] / "provenance.json")
     assert prov["conditioning"] == "dp" and prov["model_digest"].startswith("sha256:")
+    assert prov["temperature"] == 0.7  # the run's sampling default, as trained
+    assert read_json(world["bundle"] / "synthetic" / "provenance.json")["temperature"] == 0.7
     assert sorted(prov["files"]) == ["attributes.csv", *(f"synth_{i:05d}.nii.gz" for i in range(3))]
     with pytest.raises(DpsynthError, match="--conditions-source"):
         sample_to_folder(world["dp"], world["root"] / "x", n=1, conditions_source="secret")

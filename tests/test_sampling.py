@@ -320,6 +320,42 @@ def test_classifier_free_guidance():
     )
 
 
+class FirstInput(nn.Module):
+    """Wraps a denoiser and keeps the latent of its first call (the starting noise)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.first = inner, None
+
+    def forward(self, x, t, attributes):
+        if self.first is None:
+            self.first = x.clone()
+        return self.inner(x, t, attributes)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_temperature_scales_the_starting_noise_only(sampler):
+    pipe = tiny_pipeline(num_train_timesteps=20)
+    with torch.no_grad():
+        pipe.autoencoder.decoder.conv_out.bias.fill_(0.5)
+    attrs = raw_attributes(2)
+
+    def run(temperature):
+        pipe.denoiser = FirstInput(getattr(pipe.denoiser, "inner", pipe.denoiser))
+        out = pipe.sample(2, attrs, sampler, steps=3, temperature=temperature, seed=3,
+                          batch_size=2, progress=False)  # fmt: skip
+        return out, pipe.denoiser.first
+
+    cold, x_cold = run(0.6)
+    prior, x_prior = run(1.0)
+    assert torch.allclose(x_cold, 0.6 * x_prior)
+    assert x_prior.std().item() == pytest.approx(1.0, abs=0.2)
+    assert np.abs(cold - prior).max() > 1e-4
+    for bad in (0.0, -1.0, 1.5):
+        with pytest.raises(DpsynthError, match="temperature"):
+            pipe.sample(1, attrs[:1], temperature=bad, progress=False)
+
+
 def test_sample_rejects_bad_attributes():
     pipe = tiny_pipeline(num_train_timesteps=20)
     with pytest.raises(DpsynthError, match="attributes"):

@@ -132,6 +132,9 @@ class SamplingConfig:
     sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
     steps: int = 25
     guidance: float = 1.0
+    # The starting noise's standard deviation; below 1 trades diversity for control
+    # (BENCHMARKS.md, "Sampling temperature"). 1 is the study's sampler.
+    temperature: float = 1.0
     batch_size: int = 16
 
 
@@ -398,6 +401,7 @@ def _check_consistency(c: Config) -> None:
         f"must be <= diffusion.timesteps ({df.timesteps})",
     )
     need(sm.guidance >= 0, "sampling.guidance", "must be >= 0")
+    need(0 < sm.temperature <= 1, "sampling.temperature", "must be in (0, 1]")
 
 
 def _check_decay(need, name: str, section: TrainingConfig | PrivacyConfig) -> None:

@@ -160,8 +160,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     out = sample_to_folder(
         args.run, args.out, n=args.n, attributes=args.attributes, settings=args.set,
-        sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
-        conditions_source=args.conditions_source,
+        sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+        temperature=args.temperature, seed=args.seed, conditions_source=args.conditions_source,
     )  # fmt: skip
     if is_main():  # under torchrun, rank 0 speaks for the job
         print(f"{args.n} volumes -> {out}")
@@ -424,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"))
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
+    p.add_argument(
+        "--temperature", type=float, help="starting noise's sd, in (0, 1]; default: the run's"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_sample)

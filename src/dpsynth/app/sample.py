@@ -85,6 +85,7 @@ def sample_to_folder(
     sampler: str | None = None,
     steps: int | None = None,
     guidance: float | None = None,
+    temperature: float | None = None,
     seed: int = 0,
     conditions_source: str = "user",
 ) -> Path:
@@ -128,6 +129,8 @@ def sample_to_folder(
         steps = defaults.get("steps")
     if guidance is None:
         guidance = defaults.get("guidance", 1.0)
+    if temperature is None:
+        temperature = defaults.get("temperature", 1.0)
     names = [f"synth_{i:05d}.nii.gz" for i in range(n)]
     with atomic_dir(out) if is_main() else contextlib.nullcontext() as tmp:
         tmp, part, ranks = _shards(tmp, n)
@@ -139,6 +142,7 @@ def sample_to_folder(
                 sampler=sampler,
                 steps=steps,
                 guidance=guidance,
+                temperature=temperature,
                 seed=seed,
                 progress=is_main(),
                 start=part.start,
@@ -161,6 +165,7 @@ def sample_to_folder(
                 "sampler": sampler,
                 "steps": steps,
                 "guidance": guidance,
+                "temperature": temperature,
                 "seed": seed,
                 "files": {p: digests[p] for p in [*names, "attributes.csv"]},
             }

@@ -223,6 +223,7 @@ class LatentDiffusion(nn.Module):
         sampler: SamplerName = "ddim",
         steps: int | None = None,
         guidance: float = 1.0,
+        temperature: float = 1.0,
         seed: int = 0,
         batch_size: int = SAMPLE_BATCH,
         progress: bool = True,
@@ -235,6 +236,8 @@ class LatentDiffusion(nn.Module):
         "ddpm" (ancestral, all T steps).
         ``steps``: model calls per sample; default all T for DDPM, else 25 (at most T).
         ``guidance``: 1 = conditional only, 0 = unconditional, > 1 amplifies the attributes.
+        ``temperature``: the starting noise's standard deviation (1 = the model's prior);
+        below 1 draws nearer the model's mode: less diverse, closer to the attributes.
         Results depend on ``seed`` and ``batch_size`` only, not on earlier calls.
         ``start``: these are volumes start..start+n-1 of a larger cohort drawn with the same
         seed (a multiple of ``batch_size``; see `shard`): each batch has its own seed.
@@ -243,6 +246,8 @@ class LatentDiffusion(nn.Module):
             raise DpsynthError(
                 f"sample: n and batch_size must be positive, got {n} and {batch_size}"
             )
+        if not 0 < temperature <= 1:
+            raise DpsynthError(f"sample: temperature must be in (0, 1], got {temperature}")
         if start < 0 or start % batch_size:
             raise DpsynthError(
                 f"sample: start must be a multiple of batch_size {batch_size}, got {start}"
@@ -272,7 +277,9 @@ class LatentDiffusion(nn.Module):
                 b = cond.shape[0]
                 batch_index = (start + offset) // batch_size
                 generator = torch.Generator(device).manual_seed(batch_seed(seed, batch_index))
-                x = torch.randn((b, *self.latent_shape), generator=generator, device=device)
+                x = temperature * torch.randn(
+                    (b, *self.latent_shape), generator=generator, device=device
+                )
                 scheduler.set_timesteps(steps)  # multistep solvers keep per-trajectory state
                 for t in scheduler.timesteps:
                     t_batch = torch.full((b,), int(t), device=device, dtype=torch.long)

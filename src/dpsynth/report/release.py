@@ -323,7 +323,7 @@ def _write_synthetic(synthetic: Path, provenance: dict, meta: dict, folder: Path
         _refuse(f"{synthetic / 'attributes.csv'}: its rows do not list the volumes in order")
     write_attributes_csv(folder / "attributes.csv", names, table)
     kept = {k: provenance.get(k) for k in ("model_digest", "conditioning", "sampler", "steps",
-                                           "guidance", "seed")}  # fmt: skip
+                                           "guidance", "temperature", "seed")}  # fmt: skip
     kept["conditioning_meaning"] = CONDITIONING[kept["conditioning"]]
     kept["files"] = {n: sha256_file(folder / n) for n in [*names, "attributes.csv"]}
     atomic_write_json(folder / PROVENANCE_FILE, kept)
@@ -545,7 +545,8 @@ dpsynth sample model --n 16 --attributes my_conditions.csv --out my_samples
 
 `synthetic/` holds {n} volumes sampled by the data steward (sampler
 {provenance.get("sampler")}, {provenance.get("steps")} steps, guidance
-{provenance.get("guidance")}); their conditions: {CONDITIONING[provenance["conditioning"]]}.
+{provenance.get("guidance")}, temperature {provenance.get("temperature", 1.0)}); their
+conditions: {CONDITIONING[provenance["conditioning"]]}.
 
 ## Limits
 

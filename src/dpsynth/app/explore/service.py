@@ -92,6 +92,7 @@ class Explorer:
             a: tuple(float(v) for v in ranges.get(a, CLINICAL_RANGES[a])) for a in ATTRIBUTES
         }
         self.guidance = float(meta.get("sampling", {}).get("guidance", 1.0))
+        self.temperature = float(meta.get("sampling", {}).get("temperature", 1.0))
         self.max_guidance = max(self.defaults.max_guidance, self.guidance)
         self.max_steps = min(self.defaults.max_steps, self.pipe.num_train_timesteps)
         self.attribute_model = self._attribute_model()
@@ -223,6 +224,7 @@ class Explorer:
                 sampler=request.sampler,
                 steps=request.steps,
                 guidance=request.guidance,
+                temperature=self.temperature,
                 seed=request.seed,
                 progress=False,
             )[0]
