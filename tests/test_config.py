@@ -45,6 +45,7 @@ def test_paper_preset_has_the_studys_sizes():
         ({"denoiser.attention_levels": [True]}, "denoiser.attention_levels"),
         ({"sampling.steps": 500}, "sampling.steps: must be <= diffusion.timesteps"),
         ({"sampling.temperature": 0}, "sampling.temperature: must be in (0, 1]"),
+        ({"sampling.temperature": 1.5}, "sampling.temperature: must be in (0, 1]"),
         ({"training.bf16": "yes"}, "unknown key 'training'"),
         ({"ldm_training.bf16": "yes"}, "ldm_training.bf16: expected true or false"),
     ],

@@ -453,8 +453,15 @@ def test_page_in_headless_chromium(server, tmp_path):
         driver.quit()
 
 
-def test_generation_samples_at_the_runs_temperature(demo_explorer, monkeypatch):
+def test_generation_samples_at_the_runs_temperature(demo_explorer, monkeypatch, tmp_path):
+    from dpsynth.app.explore.service import Explorer
+
     assert demo_explorer.temperature == 1.0  # the shipped public LDM predates the setting
+    run = shutil.copytree(_demo_ldm(), tmp_path / "ldm")
+    meta = json.loads((run / "model.json").read_text())
+    meta["sampling"]["temperature"] = 0.8
+    (run / "model.json").write_text(json.dumps(meta))
+    assert Explorer(run).temperature == 0.8
     seen = {}
     sample = demo_explorer.pipe.sample
 

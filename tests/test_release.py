@@ -89,9 +89,39 @@ def test_sample_records_provenance(world):
     assert prov["conditioning"] == "dp" and prov["model_digest"].startswith("sha256:")
     assert prov["temperature"] == 0.7  # the run's sampling default, as trained
     assert read_json(world["bundle"] / "synthetic" / "provenance.json")["temperature"] == 0.7
+    assert read_json(world["bundle"] / "model" / "model.json")["sampling"]["temperature"] == 0.7
+    again = {t: read_json(sample_to_folder(world["dp"], world["root"] / f"t{t}", n=3, attributes="dp",
+                                           steps=2, temperature=t) / "provenance.json")["files"]
+             for t in (0.7, 1.0)}  # fmt: skip
+    assert again[0.7] == prov["files"]  # the run's 0.7 reached the sampler
+    assert again[1.0]["synth_00000.nii.gz"] != prov["files"]["synth_00000.nii.gz"]
     assert sorted(prov["files"]) == ["attributes.csv", *(f"synth_{i:05d}.nii.gz" for i in range(3))]
     with pytest.raises(DpsynthError, match="--conditions-source"):
         sample_to_folder(world["dp"], world["root"] / "x", n=1, conditions_source="secret")
+
+
+def test_sample_cli_takes_a_temperature(world, tmp_path, capsys):
+    argv = ["sample", str(world["dp"]), "--n", "1", "--steps", "2", "--out", str(tmp_path / "s")]
+    assert main([*argv, "--temperature", "0.5"]) == 0
+    assert read_json(tmp_path / "s" / "provenance.json")["temperature"] == 0.5
+    capsys.readouterr()
+    assert "temperature must be in (0, 1], got 2" in _one_line_error(
+        capsys, [*argv[:-1], str(tmp_path / "t"), "--temperature", "2"]
+    )
+    assert not (tmp_path / "t").exists()
+
+
+def test_releases_a_run_and_samples_from_before_the_temperature_setting(world, tmp_path):
+    run = shutil.copytree(world["dp"], tmp_path / "old_run")
+    synthetic = shutil.copytree(world["synthetic"], tmp_path / "old_synthetic")
+    for path, section in ((run / "model.json", "sampling"), (synthetic / "provenance.json", None)):
+        meta = read_json(path)
+        (meta[section] if section else meta).pop("temperature")
+        path.write_text(json.dumps(meta))
+    bundle = release(run, synthetic, tmp_path / "bundle")
+    assert read_json(bundle / "model" / "model.json")["sampling"]["temperature"] == 1.0
+    assert read_json(bundle / "synthetic" / "provenance.json")["temperature"] == 1.0
+    assert ", temperature 1.0); their" in (bundle / "MODEL_CARD.md").read_text()
 
 
 def test_bundle_holds_only_allow_listed_files(world):

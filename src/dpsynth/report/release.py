@@ -105,6 +105,7 @@ MODEL_SECTIONS = {
     "diffusion": tuple(f.name for f in dataclasses.fields(DiffusionConfig)),
     "sampling": tuple(f.name for f in dataclasses.fields(SamplingConfig)),
 }
+SAMPLING_DEFAULTS = dataclasses.asdict(SamplingConfig())
 # Non-private ledger uses whose outputs never reach the weights (their results stay in the
 # run folder and are not released). Any other non-private use is presumed to have shaped
 # the model, and a release is refused.
@@ -148,7 +149,11 @@ def release(
                 f"{source} ({limit:g}){hint}"
             )
     _check_non_private_training(run, meta, ledger)
-    provenance = _check_synthetic(run, synthetic)
+    # Folders sampled before the temperature setting existed drew at its default.
+    provenance = {
+        "temperature": SAMPLING_DEFAULTS["temperature"],
+        **_check_synthetic(run, synthetic),
+    }
     if out.exists() and not (out / MANIFEST).is_file():
         raise DpsynthError(f"{out}: exists and is not a release bundle; choose a new --out")
 
@@ -269,6 +274,8 @@ def _mechanism(entry) -> dict:
 def released_model_json(meta: dict) -> dict:
     """The run's model.json reduced to allow-listed keys, each value checked."""
     out: dict[str, Any] = {"kind": "ldm"}
+    # A run trained before a sampling setting existed samples with its default (sample.py).
+    meta = {**meta, "sampling": {**SAMPLING_DEFAULTS, **meta["sampling"]}}
     for section, keys in MODEL_SECTIONS.items():
         out[section] = {k: _plain(meta[section][k], f"{section}.{k}") for k in keys}
     out["latent_scale"] = _finite(meta["latent_scale"], "latent_scale")
@@ -545,7 +552,7 @@ dpsynth sample model --n 16 --attributes my_conditions.csv --out my_samples
 
 `synthetic/` holds {n} volumes sampled by the data steward (sampler
 {provenance.get("sampler")}, {provenance.get("steps")} steps, guidance
-{provenance.get("guidance")}, temperature {provenance.get("temperature", 1.0)}); their
+{provenance.get("guidance")}, temperature {provenance.get("temperature")}); their
 conditions: {CONDITIONING[provenance["conditioning"]]}.
 
 ## Limits
