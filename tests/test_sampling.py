@@ -334,7 +334,7 @@ class FirstInput(nn.Module):
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
-def test_temperature_scales_the_starting_noise_only(sampler):
+def test_temperature_scales_the_starting_noise(sampler):
     pipe = tiny_pipeline(num_train_timesteps=20)
     with torch.no_grad():
         pipe.autoencoder.decoder.conv_out.bias.fill_(0.5)

@@ -237,7 +237,8 @@ class LatentDiffusion(nn.Module):
         ``steps``: model calls per sample; default all T for DDPM, else 25 (at most T).
         ``guidance``: 1 = conditional only, 0 = unconditional, > 1 amplifies the attributes.
         ``temperature``: the starting noise's standard deviation (1 = the model's prior);
-        below 1 draws nearer the model's mode: less diverse, closer to the attributes.
+        below 1 draws nearer the model's mode: less diverse (BENCHMARKS.md: on the demo,
+        closer to the requested attributes).
         Results depend on ``seed`` and ``batch_size`` only, not on earlier calls.
         ``start``: these are volumes start..start+n-1 of a larger cohort drawn with the same
         seed (a multiple of ``batch_size``; see `shard`): each batch has its own seed.
