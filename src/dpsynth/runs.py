@@ -9,6 +9,7 @@ a run through these functions, never by opening its files.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import math
 import os
@@ -22,7 +23,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from dpsynth.attributes import ATTRIBUTES, INDEX
-from dpsynth.config import AutoencoderConfig, DenoiserConfig, DiffusionConfig
+from dpsynth.config import AutoencoderConfig, DenoiserConfig, DiffusionConfig, SamplingConfig
 from dpsynth.diffusion.pipeline import LatentDiffusion
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_bytes, read_json, sha256_file
@@ -54,6 +55,11 @@ def read_model_meta(run: str | os.PathLike, kind: str | None = None) -> dict[str
         what = "latent diffusion" if kind == "ldm" else kind
         raise DpsynthError(f"{Path(run)}: not a {what} run (model.json kind={meta['kind']!r})")
     return meta
+
+
+def sampling_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """A run's sampling settings (model.json); a key the run predates reads as its default."""
+    return {**dataclasses.asdict(SamplingConfig()), **meta.get("sampling", {})}
 
 
 def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor]) -> None:

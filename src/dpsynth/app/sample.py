@@ -24,6 +24,7 @@ from dpsynth.runs import (
     model_digest,
     parse_number,
     read_conditions_csv,
+    sampling_settings,
     write_attributes_csv,
 )
 from dpsynth.training.common import (
@@ -123,14 +124,14 @@ def sample_to_folder(
     if is_main():
         warn_out_of_range(table, pipe.run_meta.get("attribute_ranges", {}))
         warn_untaught(table, pipe.denoiser.attribute_encoder.untaught())
-    defaults = pipe.run_meta.get("sampling", {})
-    sampler = sampler or defaults.get("sampler", "ddim")
+    defaults = sampling_settings(pipe.run_meta)
+    sampler = sampler or defaults["sampler"]
     if steps is None and sampler != "ddpm":  # DDPM always runs all T steps
-        steps = defaults.get("steps")
+        steps = defaults["steps"]
     if guidance is None:
-        guidance = defaults.get("guidance", 1.0)
+        guidance = defaults["guidance"]
     if temperature is None:
-        temperature = defaults.get("temperature", 1.0)
+        temperature = defaults["temperature"]
     names = [f"synth_{i:05d}.nii.gz" for i in range(n)]
     with atomic_dir(out) if is_main() else contextlib.nullcontext() as tmp:
         tmp, part, ranks = _shards(tmp, n)

@@ -64,6 +64,7 @@ from dpsynth.runs import (
     model_digest,
     read_conditions_csv,
     read_model_meta,
+    sampling_settings,
     save_weights,
     write_attributes_csv,
 )
@@ -105,7 +106,6 @@ MODEL_SECTIONS = {
     "diffusion": tuple(f.name for f in dataclasses.fields(DiffusionConfig)),
     "sampling": tuple(f.name for f in dataclasses.fields(SamplingConfig)),
 }
-SAMPLING_DEFAULTS = dataclasses.asdict(SamplingConfig())
 # Non-private ledger uses whose outputs never reach the weights (their results stay in the
 # run folder and are not released). Any other non-private use is presumed to have shaped
 # the model, and a release is refused.
@@ -151,7 +151,7 @@ def release(
     _check_non_private_training(run, meta, ledger)
     # Folders sampled before the temperature setting existed drew at its default.
     provenance = {
-        "temperature": SAMPLING_DEFAULTS["temperature"],
+        "temperature": SamplingConfig.temperature,
         **_check_synthetic(run, synthetic),
     }
     if out.exists() and not (out / MANIFEST).is_file():
@@ -274,8 +274,7 @@ def _mechanism(entry) -> dict:
 def released_model_json(meta: dict) -> dict:
     """The run's model.json reduced to allow-listed keys, each value checked."""
     out: dict[str, Any] = {"kind": "ldm"}
-    # A run trained before a sampling setting existed samples with its default (sample.py).
-    meta = {**meta, "sampling": {**SAMPLING_DEFAULTS, **meta["sampling"]}}
+    meta = {**meta, "sampling": sampling_settings(meta)}  # as `dpsynth sample` reads them
     for section, keys in MODEL_SECTIONS.items():
         out[section] = {k: _plain(meta[section][k], f"{section}.{k}") for k in keys}
     out["latent_scale"] = _finite(meta["latent_scale"], "latent_scale")

@@ -29,7 +29,7 @@ from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.referee import META_FILE, Referee
 from dpsynth.io import nifti_bytes
 from dpsynth.privacy.attribute_fit import MODEL_FILE, load_attribute_model
-from dpsynth.runs import load
+from dpsynth.runs import load, sampling_settings
 
 REFEREE_SUBDIR = "referee"  # a referee inside the run folder is picked up without --referee
 REFEREE_NOTE = (
@@ -91,8 +91,9 @@ class Explorer:
         self.ranges = {
             a: tuple(float(v) for v in ranges.get(a, CLINICAL_RANGES[a])) for a in ATTRIBUTES
         }
-        self.guidance = float(meta.get("sampling", {}).get("guidance", 1.0))
-        self.temperature = float(meta.get("sampling", {}).get("temperature", 1.0))
+        sampling = sampling_settings(meta)
+        self.guidance = float(sampling["guidance"])
+        self.temperature = float(sampling["temperature"])
         self.max_guidance = max(self.defaults.max_guidance, self.guidance)
         self.max_steps = min(self.defaults.max_steps, self.pipe.num_train_timesteps)
         self.attribute_model = self._attribute_model()
