@@ -65,6 +65,9 @@ def run_dir(tmp_path_factory):
     )
     run = root / "run"
     shutil.copytree(_demo_ldm(), run)
+    meta = json.loads((run / "model.json").read_text())
+    meta["sampling"]["temperature"] = 0.8  # not the default, so the page must read the run's
+    (run / "model.json").write_text(json.dumps(meta))
     fit_attributes(cache, run, epsilon=2.0, seed=0)
     train_referee(cache, run / "referee", epochs=5, lr=3e-3, channels=(8, 16), seed=0)
     for secret in ("checkpoint", "eval"):
@@ -407,6 +410,7 @@ def test_page_in_headless_chromium(server, tmp_path):
         wait.until(lambda d: body().get_attribute("data-state") == "idle")
         assert driver.find_element(By.ID, "draw").is_displayed()
         assert driver.find_element(By.ID, "untaught-SEX").text == "not learned"
+        assert driver.find_element(By.ID, "temperature").text == "0.8 (the run's)"
         assert not driver.find_elements(By.ID, "untaught-LVEDV")
         driver.find_element(By.ID, "known-LVEDV").click()
         slider = driver.find_element(By.ID, "attr-LVEDV")
@@ -462,6 +466,7 @@ def test_generation_samples_at_the_runs_temperature(demo_explorer, monkeypatch, 
     meta["sampling"]["temperature"] = 0.8
     (run / "model.json").write_text(json.dumps(meta))
     assert Explorer(run).temperature == 0.8
+    assert Explorer(run).info()["defaults"]["temperature"] == 0.8
     seen = {}
     sample = demo_explorer.pipe.sample
 

@@ -298,6 +298,36 @@ def test_refuses_a_changed_synthetic_set(world, tmp_path, change):
     _refused(world, tmp_path / "b", match, synthetic=synthetic)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("sampler", "ddim\n" + "x" * 5000, "sampling.sampler: str .* is not one of"),
+        ("steps", "25", "sampling.steps: expected an integer"),
+        ("steps", 10**6, "sampling.steps: must be <= diffusion.timesteps"),
+        ("guidance", [3.0] * 100, "sampling.guidance: expected a number"),
+        ("temperature", 5.0, r"sampling.temperature: must be in \(0, 1\]"),
+        ("temperature", None, "sampling.temperature: expected a number"),
+        ("seed", {"patient": "id"}, "seed: expected an integer, got dict"),
+        ("seed", None, "seed: expected an integer, got NoneType"),
+    ],
+)
+def test_refuses_a_provenance_whose_sampling_settings_are_not_settings(
+    world, tmp_path, key, value, match
+):
+    """They are copied into public files (the bundle's provenance and model card)."""
+    synthetic = shutil.copytree(world["synthetic"], tmp_path / "s")
+    provenance = read_json(synthetic / "provenance.json")
+    provenance[key] = value
+    (synthetic / "provenance.json").write_text(json.dumps(provenance))
+    _refused(world, tmp_path / "b", f"provenance.json: .*{match}", synthetic=synthetic)
+
+
+def test_model_card_says_sampling_choices_on_private_data_are_not_covered(world):
+    card = " ".join((world["bundle"] / "MODEL_CARD.md").read_text().split())
+    assert "settings chosen by looking at results on private data are not covered" in card
+    assert "(sampler ddim, 2 steps, guidance 3.0, temperature 0.7)" in card
+
+
 def test_refuses_real_private_conditions(world, tmp_path, capsys):
     cache = Cache(world["private"])
     conditions = tmp_path / "real.csv"

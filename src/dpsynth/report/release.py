@@ -37,7 +37,14 @@ from typing import Any
 import numpy as np
 
 from dpsynth.attributes import ATTRIBUTES
-from dpsynth.config import Config, DenoiserConfig, DiffusionConfig, SamplingConfig, read_run_config
+from dpsynth.config import (
+    Config,
+    DenoiserConfig,
+    DiffusionConfig,
+    SamplingConfig,
+    config_from_dict,
+    read_run_config,
+)
 from dpsynth.errors import DpsynthError, ReleaseRefusedError
 from dpsynth.io import (
     atomic_dir,
@@ -149,11 +156,7 @@ def release(
                 f"{source} ({limit:g}){hint}"
             )
     _check_non_private_training(run, meta, ledger)
-    # Folders sampled before the temperature setting existed drew at its default.
-    provenance = {
-        "temperature": SamplingConfig.temperature,
-        **_check_synthetic(run, synthetic),
-    }
+    provenance = _check_synthetic(run, meta, synthetic)
     if out.exists() and not (out / MANIFEST).is_file():
         raise DpsynthError(f"{out}: exists and is not a release bundle; choose a new --out")
 
@@ -232,7 +235,7 @@ def _check_non_private_training(run: Path, meta: dict, ledger: Ledger) -> None:
             _refuse(f"{run}: a stage of its lineage trained without DP on private data")
 
 
-def _check_synthetic(run: Path, synthetic: Path) -> dict:
+def _check_synthetic(run: Path, meta: dict, synthetic: Path) -> dict:
     """The synthetic folder's provenance, after checking it was sampled from `run` as is."""
     path = synthetic / PROVENANCE_FILE
     if not path.is_file():
@@ -255,7 +258,28 @@ def _check_synthetic(run: Path, synthetic: Path) -> dict:
     for name, digest in files.items():
         if sha256_file(synthetic / name) != digest:
             _refuse(f"{synthetic / name}: changed since it was sampled")
-    return provenance
+    return {**provenance, **_sampling_settings(provenance, meta, path)}
+
+
+def _sampling_settings(provenance: dict, meta: dict, path: Path) -> dict:
+    """The sampler settings a provenance file names, checked by the config schema.
+
+    They are copied into the bundle's provenance and model card, public files, so they must
+    be the settings `dpsynth sample` writes and nothing else (no free text, no payload).
+    """
+    settings = {k: provenance.get(k) for k in ("sampler", "steps", "guidance")}
+    # Folders sampled before the temperature setting existed drew at its default.
+    settings["temperature"] = provenance.get("temperature", SamplingConfig.temperature)
+    try:
+        checked = config_from_dict(
+            {"diffusion": {"timesteps": meta["diffusion"]["timesteps"]}, "sampling": settings}
+        ).sampling
+    except DpsynthError as e:
+        _refuse(f"{path}: {e}")
+    seed = provenance.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        _refuse(f"{path}: seed: expected an integer, got {type(seed).__name__}")
+    return {**{k: getattr(checked, k) for k in settings}, "seed": seed}
 
 
 def _mechanism(entry) -> dict:
@@ -562,6 +586,9 @@ conditions: {CONDITIONING[provenance["conditioning"]]}.
   evaluation outputs and are not included.
 - Attribute values outside the ranges in `model/model.json` (`attribute_ranges`) ask the
   model to extrapolate.
+- The sampling settings (sampler, steps, guidance, temperature) are post-processing of the
+  model and do not change ε, but settings chosen by looking at results on private data are
+  not covered by it. dpsynth's presets were chosen on simulated patients.
 """
 
 

@@ -145,6 +145,7 @@ class Explorer:
                 "steps": min(self.defaults.steps, self.max_steps),
                 "guidance": self.guidance,
                 "seed": 0,
+                "temperature": self.temperature,  # shown, not asked: the run's setting
             },
             "limits": {"max_steps": self.max_steps, "max_guidance": self.max_guidance},
             "attribute_model": self.attribute_model is not None,

@@ -212,6 +212,7 @@
     $("steps").max = info.limits.max_steps;
     $("steps").value = d.steps;
     $("sampler").value = d.sampler;
+    $("temperature").textContent = `${d.temperature} (the run's)`;
     for (const id of ["guidance", "steps"]) {
       const update = () => { $(`${id}-value`).textContent = $(id).value; };
       $(id).addEventListener("input", update);
