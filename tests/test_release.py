@@ -305,10 +305,14 @@ def test_refuses_a_changed_synthetic_set(world, tmp_path, change):
         ("steps", "25", "sampling.steps: expected an integer"),
         ("steps", 10**6, "sampling.steps: must be <= diffusion.timesteps"),
         ("guidance", [3.0] * 100, "sampling.guidance: expected a number"),
+        ("guidance", float("inf"), "sampling.guidance: must be finite and >= 0"),
         ("temperature", 5.0, r"sampling.temperature: must be in \(0, 1\]"),
+        ("temperature", 10**400, "sampling.temperature: int .* is out of range"),
         ("temperature", None, "sampling.temperature: expected a number"),
-        ("seed", {"patient": "id"}, "seed: expected an integer, got dict"),
-        ("seed", None, "seed: expected an integer, got NoneType"),
+        ("seed", {"patient": "id"}, r"seed: expected an integer in \[0, 2\*\*64\), got \{"),
+        ("seed", None, "seed: expected an integer in .*, got None"),
+        ("seed", -1, "seed: expected an integer in .*, got -1"),
+        ("seed", 7**500, r"seed: expected an integer in .*, got \d+\.\.\.\d+$"),
     ],
 )
 def test_refuses_a_provenance_whose_sampling_settings_are_not_settings(
@@ -322,9 +326,52 @@ def test_refuses_a_provenance_whose_sampling_settings_are_not_settings(
     _refused(world, tmp_path / "b", f"provenance.json: .*{match}", synthetic=synthetic)
 
 
+def test_refusal_of_a_bad_provenance_is_one_short_line(world, tmp_path, capsys):
+    synthetic = shutil.copytree(world["synthetic"], tmp_path / "s")
+    provenance = read_json(synthetic / "provenance.json")
+    provenance["sampler"] = "ddim" + "x" * 5000
+    (synthetic / "provenance.json").write_text(json.dumps(provenance))
+    argv = [
+        "release",
+        str(world["dp"]),
+        "--synthetic",
+        str(synthetic),
+        "--out",
+        str(tmp_path / "b"),
+    ]
+    line = _one_line_error(capsys, argv)
+    assert "provenance.json: sampling.sampler:" in line and len(line) < 300
+
+
+def test_releases_the_checked_settings_and_a_ddpm_folder(world, tmp_path):
+    synthetic = sample_to_folder(world["dp"], tmp_path / "s", n=1, attributes="dp", sampler="ddpm")
+    provenance = read_json(synthetic / "provenance.json")
+    assert provenance["steps"] is None  # DDPM runs every step; sample records none
+    provenance["guidance"] = 3  # an int: the bundle holds the schema's float
+    (synthetic / "provenance.json").write_text(json.dumps(provenance))
+    released = read_json(
+        release(world["dp"], synthetic, tmp_path / "b") / "synthetic" / "provenance.json"
+    )
+    timesteps = read_json(world["dp"] / "model.json")["diffusion"]["timesteps"]
+    assert (released["sampler"], released["steps"]) == ("ddpm", timesteps)
+    assert isinstance(released["guidance"], float) and released["guidance"] == 3.0
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [(float("nan"), "NaN is not allowed"), ("ddim; see example.org", "is not one of")],
+)
+def test_refuses_a_run_whose_sampling_settings_are_not_settings(world, tmp_path, value, match):
+    run = shutil.copytree(world["dp"], tmp_path / "run")
+    meta = read_json(run / "model.json")
+    meta["sampling"]["guidance" if isinstance(value, float) else "sampler"] = value
+    (run / "model.json").write_text(json.dumps(meta))
+    _refused(world, tmp_path / "b", f"model.json: sampling.* {match}", run=run)
+
+
 def test_model_card_says_sampling_choices_on_private_data_are_not_covered(world):
     card = " ".join((world["bundle"] / "MODEL_CARD.md").read_text().split())
-    assert "settings chosen by looking at results on private data are not covered" in card
+    assert "settings chosen by looking at results on private data are not covered by ε" in card
     assert "(sampler ddim, 2 steps, guidance 3.0, temperature 0.7)" in card
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -296,9 +297,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 ) from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise DpsynthError(f"config: {key}: expected a number, got {_show(value)}")
-        if math.isnan(value):
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise DpsynthError(f"config: {key}: {_show(value)} is out of range") from None
+        if math.isnan(value):  # inf is allowed: privacy.epsilon: inf means no DP
             raise DpsynthError(f"config: {key}: NaN is not allowed")
-        return float(value)
+        return value
     if hint is str:
         if not isinstance(value, str):
             raise DpsynthError(f"config: {key}: expected a string, got {_show(value)}")
@@ -307,7 +312,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {reprlib.repr(value)}"  # cut short: errors stay one line
 
 
 def _check_consistency(c: Config) -> None:
@@ -400,7 +405,7 @@ def _check_consistency(c: Config) -> None:
         "sampling.steps",
         f"must be <= diffusion.timesteps ({df.timesteps})",
     )
-    need(sm.guidance >= 0, "sampling.guidance", "must be >= 0")
+    need(0 <= sm.guidance < math.inf, "sampling.guidance", "must be finite and >= 0")
     need(0 < sm.temperature <= 1, "sampling.temperature", "must be in (0, 1]")
 
 

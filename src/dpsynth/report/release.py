@@ -31,6 +31,7 @@ import dataclasses
 import math
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +108,10 @@ AUTOENCODER_KEYS = (
     "kind", "channels", "channel_multipliers", "num_res_blocks", "latent_channels",
     "norm_groups", "codebook_size", "code_dim",
 )  # fmt: skip
-MODEL_SECTIONS = {
+MODEL_SECTIONS = {  # and "sampling", every SamplingConfig key (released_model_json)
     "autoencoder": AUTOENCODER_KEYS,
     "denoiser": tuple(f.name for f in dataclasses.fields(DenoiserConfig)),
     "diffusion": tuple(f.name for f in dataclasses.fields(DiffusionConfig)),
-    "sampling": tuple(f.name for f in dataclasses.fields(SamplingConfig)),
 }
 # Non-private ledger uses whose outputs never reach the weights (their results stay in the
 # run folder and are not released). Any other non-private use is presumed to have shaped
@@ -171,13 +171,13 @@ def release(
         "evaluation_uses": [{"stage": e.stage, "note": e.note} for e in ledger if e.non_private],
         "conditioning": provenance["conditioning"],
     }
+    model = released_model_json(meta)
     with atomic_dir(out) as tmp:
-        _write_model(run, meta, tmp / MODEL_DIR)
+        _write_model(run, model, tmp / MODEL_DIR)
         _write_synthetic(synthetic, provenance, meta, tmp / SYNTHETIC_DIR)
         atomic_write_json(tmp / PRIVACY_JSON, privacy)
         atomic_write_text(tmp / PRIVACY_MD, privacy_markdown(privacy))
-        atomic_write_text(tmp / MODEL_CARD, model_card(released_model_json(meta), privacy,
-                                                       provenance))  # fmt: skip
+        atomic_write_text(tmp / MODEL_CARD, model_card(model, privacy, provenance))
         write_manifest(tmp)
     return out
 
@@ -262,24 +262,30 @@ def _check_synthetic(run: Path, meta: dict, synthetic: Path) -> dict:
 
 
 def _sampling_settings(provenance: dict, meta: dict, path: Path) -> dict:
-    """The sampler settings a provenance file names, checked by the config schema.
+    """The sampler settings a provenance file names, checked like model.json's.
 
     They are copied into the bundle's provenance and model card, public files, so they must
     be the settings `dpsynth sample` writes and nothing else (no free text, no payload).
     """
+    timesteps = meta["diffusion"]["timesteps"]
     settings = {k: provenance.get(k) for k in ("sampler", "steps", "guidance")}
+    if settings["sampler"] == "ddpm" and settings["steps"] is None:  # DDPM ran all T steps
+        settings["steps"] = timesteps
     # Folders sampled before the temperature setting existed drew at its default.
     settings["temperature"] = provenance.get("temperature", SamplingConfig.temperature)
-    try:
-        checked = config_from_dict(
-            {"diffusion": {"timesteps": meta["diffusion"]["timesteps"]}, "sampling": settings}
-        ).sampling
-    except DpsynthError as e:
-        _refuse(f"{path}: {e}")
     seed = provenance.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        _refuse(f"{path}: seed: expected an integer, got {type(seed).__name__}")
-    return {**{k: getattr(checked, k) for k in settings}, "seed": seed}
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        _refuse(f"{path}: seed: expected an integer in [0, 2**64), got {reprlib.repr(seed)}")
+    return {**_checked_sampling(settings, timesteps, str(path)), "seed": seed}
+
+
+def _checked_sampling(settings: dict, timesteps: int, where: str) -> dict:
+    """`settings` (keys of SamplingConfig) as the config schema reads them, else a refusal."""
+    try:
+        config = config_from_dict({"diffusion": {"timesteps": timesteps}, "sampling": settings})
+    except DpsynthError as e:
+        _refuse(f"{where}: {str(e).removeprefix('config: ')}")
+    return {k: getattr(config.sampling, k) for k in settings}
 
 
 def _mechanism(entry) -> dict:
@@ -298,9 +304,12 @@ def _mechanism(entry) -> dict:
 def released_model_json(meta: dict) -> dict:
     """The run's model.json reduced to allow-listed keys, each value checked."""
     out: dict[str, Any] = {"kind": "ldm"}
-    meta = {**meta, "sampling": sampling_settings(meta)}  # as `dpsynth sample` reads them
     for section, keys in MODEL_SECTIONS.items():
         out[section] = {k: _plain(meta[section][k], f"{section}.{k}") for k in keys}
+    # as `dpsynth sample` reads them, each checked by the config schema
+    out["sampling"] = _checked_sampling(
+        sampling_settings(meta), meta["diffusion"]["timesteps"], "model.json"
+    )
     out["latent_scale"] = _finite(meta["latent_scale"], "latent_scale")
     out["latent_scale_source"] = str(meta.get("latent_scale_source", ""))
     out["shape"] = [int(v) for v in meta["shape"]]
@@ -316,13 +325,21 @@ def released_model_json(meta: dict) -> dict:
 
 
 def _plain(value: Any, key: str) -> Any:
-    if isinstance(value, list):
+    """A setting's value: a name, a finite number, or a short list of them; no payload."""
+    if isinstance(value, list) and len(value) <= 16:
         return [_plain(v, key) for v in value]
-    if value is None or isinstance(value, (bool, int, float)):
+    if value is None or isinstance(value, bool):
+        return value
+    if (
+        isinstance(value, int)
+        and abs(value) < 2**63
+        or isinstance(value, float)
+        and math.isfinite(value)
+    ):
         return value
     if isinstance(value, str) and len(value) <= 32:  # a setting's name, not free text
         return value
-    raise DpsynthError(f"model.json: {key}: unexpected value {value!r}")
+    raise DpsynthError(f"model.json: {key}: unexpected value {reprlib.repr(value)}")
 
 
 def _finite(value: Any, key: str) -> float:
@@ -331,9 +348,9 @@ def _finite(value: Any, key: str) -> float:
     return float(value)
 
 
-def _write_model(run: Path, meta: dict, folder: Path) -> None:
+def _write_model(run: Path, model: dict, folder: Path) -> None:
     folder.mkdir()
-    atomic_write_json(folder / "model.json", released_model_json(meta))
+    atomic_write_json(folder / "model.json", model)
     for name in WEIGHT_FILES:  # tensors only: whatever metadata the file held stays behind
         save_weights(folder / name, load_weights(run / name))
 
@@ -588,7 +605,8 @@ conditions: {CONDITIONING[provenance["conditioning"]]}.
   model to extrapolate.
 - The sampling settings (sampler, steps, guidance, temperature) are post-processing of the
   model and do not change ε, but settings chosen by looking at results on private data are
-  not covered by it. dpsynth's presets were chosen on simulated patients.
+  not covered by ε. dpsynth's `demo` preset chose them on simulated patients; `paper`
+  keeps the study's guidance and starting noise.
 """
 
 
