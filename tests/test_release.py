@@ -21,7 +21,14 @@ from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
 from dpsynth.report.html import write_report
-from dpsynth.report.release import ALLOWED, MANIFEST, release, verify, write_manifest
+from dpsynth.report.release import (
+    ALLOWED,
+    AUTOENCODER_KEYS,
+    MANIFEST,
+    release,
+    verify,
+    write_manifest,
+)
 from dpsynth.runs import load
 from dpsynth.training.ldm import train_ldm
 
@@ -358,15 +365,75 @@ def test_releases_the_checked_settings_and_a_ddpm_folder(world, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("value", "match"),
-    [(float("nan"), "NaN is not allowed"), ("ddim; see example.org", "is not one of")],
+    ("path", "value", "match"),
+    [
+        ("sampling.guidance", float("nan"), "sampling.guidance: NaN is not allowed"),
+        ("sampling.sampler", "ddim; see example.org", "sampling.sampler: .* is not one of"),
+        ("sampling.batch_size", 10**50, r"sampling.batch_size: must be in \[1, 4096\]"),
+        ("sampling", "ddim", "sampling: expected a mapping"),
+        (
+            "denoiser.channel_multipliers",
+            [[1, 2]] * 16,
+            "denoiser.channel_multipliers.* expected an integer",
+        ),
+        ("denoiser.dropout", "free text in a float!", "denoiser.dropout: expected a number"),
+        ("diffusion.schedule", "see https://ex.org/a?b=1", "diffusion.schedule: .* is not one of"),
+        ("shape", "9" * 5000, "data.shape: expected a list"),
+        ("latent_scale", "1" * 5000, "latent_scale: expected a finite number, got '1111"),
+        (
+            "latent_scale_source",
+            "a note of any length",
+            "latent_scale_source: not one of the values",
+        ),
+        ("attribute_ranges.LVEDV", [1.0] * 1000, r"attribute_ranges.LVEDV: expected \[low, high\]"),
+        (
+            "attribute_ranges.LVEDV",
+            [300.0, 50.0],
+            "attribute_ranges.LVEDV: low 300 is above high 50",
+        ),
+    ],
 )
-def test_refuses_a_run_whose_sampling_settings_are_not_settings(world, tmp_path, value, match):
+def test_refuses_a_run_whose_model_json_holds_more_than_settings(
+    world, tmp_path, path, value, match
+):
+    """model.json is copied into the bundle (and the model card) value by value."""
     run = shutil.copytree(world["dp"], tmp_path / "run")
     meta = read_json(run / "model.json")
-    meta["sampling"]["guidance" if isinstance(value, float) else "sampler"] = value
+    *sections, key = path.split(".")
+    node = meta
+    for section in sections:
+        node = node[section]
+    node[key] = value
     (run / "model.json").write_text(json.dumps(meta))
-    _refused(world, tmp_path / "b", f"model.json: sampling.* {match}", run=run)
+    _refused(world, tmp_path / "b", f"model.json: {match}", run=run)
+
+
+def test_released_model_json_holds_the_allow_listed_keys_only(world):
+    model = read_json(world["bundle"] / "model" / "model.json")
+    assert set(model) == {"kind", "autoencoder", "denoiser", "diffusion", "sampling", "shape",
+                          "spacing", "latent_scale", "latent_scale_source", "attribute_ranges",
+                          "private"}  # fmt: skip
+    assert tuple(model["autoencoder"]) == AUTOENCODER_KEYS  # no loss weights, no weight paths
+    assert (
+        model["latent_scale_source"] == read_json(world["dp"] / "model.json")["latent_scale_source"]
+    )
+
+
+def test_refusal_of_a_bad_model_json_is_one_short_line(world, tmp_path, capsys):
+    run = shutil.copytree(world["dp"], tmp_path / "run")
+    meta = read_json(run / "model.json")
+    meta["denoiser"]["attention_levels"] = [["x" * 32] * 16] * 16
+    (run / "model.json").write_text(json.dumps(meta))
+    argv = [
+        "release",
+        str(run),
+        "--synthetic",
+        str(world["synthetic"]),
+        "--out",
+        str(tmp_path / "b"),
+    ]
+    line = _one_line_error(capsys, argv)
+    assert "model.json: denoiser.attention_levels" in line and len(line) < 300
 
 
 def test_model_card_says_sampling_choices_on_private_data_are_not_covered(world):

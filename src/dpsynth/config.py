@@ -406,6 +406,7 @@ def _check_consistency(c: Config) -> None:
         f"must be <= diffusion.timesteps ({df.timesteps})",
     )
     need(0 <= sm.guidance < math.inf, "sampling.guidance", "must be finite and >= 0")
+    need(1 <= sm.batch_size <= 4096, "sampling.batch_size", "must be in [1, 4096]")
     need(0 < sm.temperature <= 1, "sampling.temperature", "must be in (0, 1]")
 
 

@@ -57,6 +57,20 @@ def read_model_meta(run: str | os.PathLike, kind: str | None = None) -> dict[str
     return meta
 
 
+# Where a run's latent scale came from (model.json `latent_scale_source`): the only values
+# training writes, and so the only ones a release copies.
+SCALE_FROM_OWN_DATA = "public training data of this run"
+SCALE_FROM_INIT = "public: the pre-trained --init run"
+SCALE_FROM_DP_ESTIMATE = "DP estimate on the private training data (ledger: latent-scale)"
+SCALE_FROM_AUTOENCODER = "autoencoder run"  # an autoencoder run that predates the key
+LATENT_SCALE_SOURCES = (
+    SCALE_FROM_OWN_DATA,
+    SCALE_FROM_INIT,
+    SCALE_FROM_DP_ESTIMATE,
+    SCALE_FROM_AUTOENCODER,
+)
+
+
 def sampling_settings(meta: dict[str, Any]) -> dict[str, Any]:
     """A run's sampling settings (model.json); a key the run predates reads as its default."""
     return {**dataclasses.asdict(SamplingConfig()), **meta.get("sampling", {})}

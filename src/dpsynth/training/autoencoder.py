@@ -34,7 +34,14 @@ from dpsynth.models.discriminator import (
 from dpsynth.privacy.ledger import LedgerEntry
 from dpsynth.privacy.outputs import RECONSTRUCTION_FILE, labelled
 from dpsynth.privacy.statistics import dp_latent_scale, gaussian_noise_multiplier
-from dpsynth.runs import load_weights, read_model_meta, save_weights
+from dpsynth.runs import (
+    SCALE_FROM_DP_ESTIMATE,
+    SCALE_FROM_INIT,
+    SCALE_FROM_OWN_DATA,
+    load_weights,
+    read_model_meta,
+    save_weights,
+)
 from dpsynth.training import checkpoint as ckpt
 from dpsynth.training.common import (
     adopt_architecture,
@@ -260,9 +267,9 @@ def _latent_scale(model, cache: Cache, dp: bool, init_meta, scale_entry) -> tupl
         batches = (
             load_volumes(cache.images, rows[i : i + 8]).to(device) for i in range(0, len(rows), 8)
         )
-        return float(estimate_latent_scale(model, batches)), "public training data of this run"
+        return float(estimate_latent_scale(model, batches)), SCALE_FROM_OWN_DATA
     if init_meta is not None:
-        return float(init_meta["latent_scale"]), "public: the pre-trained --init run"
+        return float(init_meta["latent_scale"]), SCALE_FROM_INIT
     rows = cache.patient_rows("train")
     latents = encode_split(model, cache, rows.reshape(-1), scale=1.0, batch=8)
     scale, _ = dp_latent_scale(
@@ -271,7 +278,7 @@ def _latent_scale(model, cache: Cache, dp: bool, init_meta, scale_entry) -> tupl
         patients=np.repeat(np.arange(len(rows)), rows.shape[1]),
         accountant=scale_entry.accountant,
     )  # fmt: skip
-    return scale, "DP estimate on the private training data (ledger: latent-scale)"
+    return scale, SCALE_FROM_DP_ESTIMATE
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from dpsynth.io import atomic_write_json, hold_run
 from dpsynth.models.build import build_denoiser
 from dpsynth.privacy.ledger import LedgerEntry
 from dpsynth.runs import (
+    SCALE_FROM_AUTOENCODER,
     load_autoencoder,
     load_weights,
     make_pipeline,
@@ -284,7 +285,7 @@ def _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, parent
             "diffusion": plain["diffusion"],
             "sampling": plain["sampling"],
             "latent_scale": ae_meta["latent_scale"],
-            "latent_scale_source": ae_meta.get("latent_scale_source", "autoencoder run"),
+            "latent_scale_source": ae_meta.get("latent_scale_source", SCALE_FROM_AUTOENCODER),
             "shape": list(cache.shape),
             "spacing": list(cache.spacing),
             "attribute_ranges": _attribute_ranges(cache, dp, init_meta),
