@@ -378,7 +378,7 @@ def test_releases_the_checked_settings_and_a_ddpm_folder(world, tmp_path):
         ),
         ("denoiser.dropout", "free text in a float!", "denoiser.dropout: expected a number"),
         ("diffusion.schedule", "see https://ex.org/a?b=1", "diffusion.schedule: .* is not one of"),
-        ("shape", "9" * 5000, "data.shape: expected a list"),
+        ("shape", "9" * 5000, "shape: expected a list"),
         ("latent_scale", "1" * 5000, "latent_scale: expected a finite number, got '1111"),
         (
             "latent_scale_source",
@@ -391,6 +391,14 @@ def test_releases_the_checked_settings_and_a_ddpm_folder(world, tmp_path):
             [300.0, 50.0],
             "attribute_ranges.LVEDV: low 300 is above high 50",
         ),
+        (
+            "autoencoder.codebook_size",
+            10**4000,
+            "autoencoder.codebook_size: 1000.*0 is out of range",
+        ),
+        ("spacing", [float("inf"), 1.0, 1.0], "spacing: must be finite and > 0"),
+        ("denoiser.norm_groups", 0, "denoiser.norm_groups: must be >= 1"),
+        ("diffusion", None, "diffusion: expected a mapping"),
     ],
 )
 def test_refuses_a_run_whose_model_json_holds_more_than_settings(
@@ -414,9 +422,11 @@ def test_released_model_json_holds_the_allow_listed_keys_only(world):
                           "spacing", "latent_scale", "latent_scale_source", "attribute_ranges",
                           "private"}  # fmt: skip
     assert tuple(model["autoencoder"]) == AUTOENCODER_KEYS  # no loss weights, no weight paths
-    assert (
-        model["latent_scale_source"] == read_json(world["dp"] / "model.json")["latent_scale_source"]
-    )
+    run = read_json(world["dp"] / "model.json")
+    for section in ("autoencoder", "denoiser", "diffusion", "sampling"):  # the run's values
+        assert model[section] == {k: run[section][k] for k in model[section]}, section
+    for key in ("shape", "spacing", "latent_scale", "latent_scale_source", "attribute_ranges"):
+        assert model[key] == run[key], key
 
 
 def test_refusal_of_a_bad_model_json_is_one_short_line(world, tmp_path, capsys):

@@ -324,7 +324,7 @@ def _check_consistency(c: Config) -> None:
 
     s, h, w = c.data.shape
     need(min(s, h, w) >= 1, "data.shape", "every dimension must be >= 1")
-    need(all(x > 0 for x in c.data.spacing), "data.spacing", "spacings must be > 0")
+    need(all(0 < x < math.inf for x in c.data.spacing), "data.spacing", "must be finite and > 0")
     ae = c.autoencoder
     need(len(ae.channel_multipliers) >= 1, "autoencoder.channel_multipliers", "needs >= 1 level")
     factor = 2 ** (len(ae.channel_multipliers) - 1)
@@ -335,6 +335,7 @@ def _check_consistency(c: Config) -> None:
     )
     for key, v in (("channels", ae.channels), ("latent_channels", ae.latent_channels)):
         need(v >= 1, f"autoencoder.{key}", "must be >= 1")
+    need(ae.norm_groups >= 1, "autoencoder.norm_groups", "must be >= 1")
     need(ae.channels % ae.norm_groups == 0, "autoencoder.norm_groups", "must divide channels")
     if ae.kind == "vq":
         need(
@@ -359,6 +360,8 @@ def _check_consistency(c: Config) -> None:
         "denoiser.channel_multipliers",
         f"latent size {lh}x{lw} is not divisible by the denoiser down-sampling {dfactor}",
     )
+    for key, v in (("norm_groups", dn.norm_groups), ("num_heads", dn.num_heads)):
+        need(v >= 1, f"denoiser.{key}", "must be >= 1")
     need(dn.channels % dn.norm_groups == 0, "denoiser.norm_groups", "must divide channels")
     need(dn.channels % dn.num_heads == 0, "denoiser.num_heads", "must divide channels")
     need(0.0 <= dn.dropout < 1.0, "denoiser.dropout", "must be in [0, 1)")

@@ -142,6 +142,7 @@ def release(
     """
     run, synthetic, out = Path(run), Path(synthetic), Path(out)
     meta = read_model_meta(run, kind="ldm")
+    model = released_model_json(meta)  # the values the bundle copies, checked; the rest unread
     ledger = Ledger.load(run, missing_ok=True)
     dp = [e for e in ledger if not e.non_private and e.steps > 0]
     if not dp:
@@ -158,7 +159,7 @@ def release(
                 f"{source} ({limit:g}){hint}"
             )
     _check_non_private_training(run, meta, ledger)
-    provenance = _check_synthetic(run, meta, synthetic)
+    provenance = _check_synthetic(run, model, synthetic)
     if out.exists() and not (out / MANIFEST).is_file():
         raise DpsynthError(f"{out}: exists and is not a release bundle; choose a new --out")
 
@@ -173,10 +174,9 @@ def release(
         "evaluation_uses": [{"stage": e.stage, "note": e.note} for e in ledger if e.non_private],
         "conditioning": provenance["conditioning"],
     }
-    model = released_model_json(meta)
     with atomic_dir(out) as tmp:
         _write_model(run, model, tmp / MODEL_DIR)
-        _write_synthetic(synthetic, provenance, meta, tmp / SYNTHETIC_DIR)
+        _write_synthetic(synthetic, provenance, model, tmp / SYNTHETIC_DIR)
         atomic_write_json(tmp / PRIVACY_JSON, privacy)
         atomic_write_text(tmp / PRIVACY_MD, privacy_markdown(privacy))
         atomic_write_text(tmp / MODEL_CARD, model_card(model, privacy, provenance))
@@ -237,7 +237,7 @@ def _check_non_private_training(run: Path, meta: dict, ledger: Ledger) -> None:
             _refuse(f"{run}: a stage of its lineage trained without DP on private data")
 
 
-def _check_synthetic(run: Path, meta: dict, synthetic: Path) -> dict:
+def _check_synthetic(run: Path, model: dict, synthetic: Path) -> dict:
     """The synthetic folder's provenance, after checking it was sampled from `run` as is."""
     path = synthetic / PROVENANCE_FILE
     if not path.is_file():
@@ -260,16 +260,16 @@ def _check_synthetic(run: Path, meta: dict, synthetic: Path) -> dict:
     for name, digest in files.items():
         if sha256_file(synthetic / name) != digest:
             _refuse(f"{synthetic / name}: changed since it was sampled")
-    return {**provenance, **_sampling_settings(provenance, meta, path)}
+    return {**provenance, **_sampling_settings(provenance, model, path)}
 
 
-def _sampling_settings(provenance: dict, meta: dict, path: Path) -> dict:
+def _sampling_settings(provenance: dict, model: dict, path: Path) -> dict:
     """The sampler settings a provenance file names, checked like model.json's.
 
     They are copied into the bundle's provenance and model card, public files, so they must
     be the settings `dpsynth sample` writes and nothing else (no free text, no payload).
     """
-    timesteps = meta["diffusion"]["timesteps"]
+    timesteps = model["diffusion"]["timesteps"]
     settings = {k: provenance.get(k) for k in ("sampler", "steps", "guidance")}
     if settings["sampler"] == "ddpm" and settings["steps"] is None:  # DDPM ran all T steps
         settings["steps"] = timesteps
@@ -318,7 +318,7 @@ def released_model_json(meta: dict) -> dict:
     try:
         checked = config_from_dict(given).to_dict()
     except DpsynthError as e:
-        _refuse(f"model.json: {str(e).removeprefix('config: ')}")
+        _refuse(f"model.json: {str(e).removeprefix('config: ').removeprefix('data.')}")
     out: dict[str, Any] = {"kind": "ldm"}
     out |= {s: {k: checked[s][k] for k in keys} for s, keys in MODEL_SECTIONS.items()}
     out["sampling"] = checked["sampling"]
@@ -327,12 +327,36 @@ def released_model_json(meta: dict) -> dict:
     if out["latent_scale_source"] not in LATENT_SCALE_SOURCES:
         _refuse("model.json: latent_scale_source: not one of the values training writes")
     out["shape"], out["spacing"] = checked["data"]["shape"], checked["data"]["spacing"]
+    for key, value in _leaves(out):
+        _bounded(value, key)
     # DP runs take their ranges from the public --init run or the fixed clinical ranges
     # (training.ldm._attribute_ranges); runs without DP on private data are refused above.
     ranges = meta.get("attribute_ranges")
     out["attribute_ranges"] = {a: _range(ranges, a) for a in ATTRIBUTES}
     out["private"] = bool(meta.get("private"))
     return out
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    return [
+        leaf
+        for key, value in tree.items()
+        for leaf in (_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else
+                     [(f"{prefix}{key}", value)])
+    ]  # fmt: skip
+
+
+def _bounded(value: Any, key: str) -> None:
+    """What the schema leaves unbounded, bounded: no room for a payload in a setting."""
+    if isinstance(value, list):
+        if len(value) > 16:
+            _refuse(f"model.json: {key}: more than 16 values")
+        for v in value:
+            _bounded(v, key)
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**31:
+        _refuse(f"model.json: {key}: {reprlib.repr(value)} is out of range")
+    elif isinstance(value, float) and not math.isfinite(value):
+        _refuse(f"model.json: {key}: expected a finite number")
 
 
 def _range(ranges: Any, name: str) -> list[float]:
@@ -358,11 +382,11 @@ def _write_model(run: Path, model: dict, folder: Path) -> None:
         save_weights(folder / name, load_weights(run / name))
 
 
-def _write_synthetic(synthetic: Path, provenance: dict, meta: dict, folder: Path) -> None:
+def _write_synthetic(synthetic: Path, provenance: dict, model: dict, folder: Path) -> None:
     """Volumes with fresh headers (spacing from the model), conditions as parsed numbers."""
     folder.mkdir()
     names = [n for n in provenance["files"] if VOLUME_NAME.fullmatch(n)]  # sampling order
-    shape, spacing = tuple(meta["shape"]), tuple(meta["spacing"])
+    shape, spacing = tuple(model["shape"]), tuple(model["spacing"])
     for name in names:
         volume, _, _ = read_nifti(synthetic / name)
         if volume.shape != shape:
