@@ -260,10 +260,10 @@ def _check_synthetic(run: Path, model: dict, synthetic: Path) -> dict:
     for name, digest in files.items():
         if sha256_file(synthetic / name) != digest:
             _refuse(f"{synthetic / name}: changed since it was sampled")
-    return {**provenance, **_sampling_settings(provenance, model, path)}
+    return {**provenance, **_provenance_sampling(provenance, model, path)}
 
 
-def _sampling_settings(provenance: dict, model: dict, path: Path) -> dict:
+def _provenance_sampling(provenance: dict, model: dict, path: Path) -> dict:
     """The sampler settings a provenance file names, checked like model.json's.
 
     They are copied into the bundle's provenance and model card, public files, so they must
@@ -278,16 +278,17 @@ def _sampling_settings(provenance: dict, model: dict, path: Path) -> dict:
     seed = provenance.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         _refuse(f"{path}: seed: expected an integer in [0, 2**64), got {reprlib.repr(seed)}")
-    return {**_checked_sampling(settings, timesteps, str(path)), "seed": seed}
+    checked = _schema({"diffusion": {"timesteps": timesteps}, "sampling": settings}, str(path))
+    return {**{k: checked["sampling"][k] for k in settings}, "seed": seed}
 
 
-def _checked_sampling(settings: dict, timesteps: int, where: str) -> dict:
-    """`settings` (keys of SamplingConfig) as the config schema reads them, else a refusal."""
+def _schema(sections: dict, where: str) -> dict:
+    """`sections` as the config schema reads them (plain values, defaults filled in), else
+    a refusal naming `where`."""
     try:
-        config = config_from_dict({"diffusion": {"timesteps": timesteps}, "sampling": settings})
+        return config_from_dict(sections).to_dict()
     except DpsynthError as e:
-        _refuse(f"{where}: {str(e).removeprefix('config: ')}")
-    return {k: getattr(config.sampling, k) for k in settings}
+        _refuse(f"{where}: {str(e).removeprefix('config: ').removeprefix('data.')}")
 
 
 def _mechanism(entry) -> dict:
@@ -315,10 +316,7 @@ def released_model_json(meta: dict) -> dict:
     if not isinstance(meta.get("sampling", {}), dict):
         _refuse("model.json: sampling: expected a mapping")
     given["sampling"] = sampling_settings(meta)  # as `dpsynth sample` reads them
-    try:
-        checked = config_from_dict(given).to_dict()
-    except DpsynthError as e:
-        _refuse(f"model.json: {str(e).removeprefix('config: ').removeprefix('data.')}")
+    checked = _schema(given, "model.json")
     out: dict[str, Any] = {"kind": "ldm"}
     out |= {s: {k: checked[s][k] for k in keys} for s, keys in MODEL_SECTIONS.items()}
     out["sampling"] = checked["sampling"]
@@ -327,8 +325,7 @@ def released_model_json(meta: dict) -> dict:
     if out["latent_scale_source"] not in LATENT_SCALE_SOURCES:
         _refuse("model.json: latent_scale_source: not one of the values training writes")
     out["shape"], out["spacing"] = checked["data"]["shape"], checked["data"]["spacing"]
-    for key, value in _leaves(out):
-        _bounded(value, key)
+    _bounded(out, "")
     # DP runs take their ranges from the public --init run or the fixed clinical ranges
     # (training.ldm._attribute_ranges); runs without DP on private data are refused above.
     ranges = meta.get("attribute_ranges")
@@ -337,18 +334,12 @@ def released_model_json(meta: dict) -> dict:
     return out
 
 
-def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    return [
-        leaf
-        for key, value in tree.items()
-        for leaf in (_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else
-                     [(f"{prefix}{key}", value)])
-    ]  # fmt: skip
-
-
 def _bounded(value: Any, key: str) -> None:
     """What the schema leaves unbounded, bounded: no room for a payload in a setting."""
-    if isinstance(value, list):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _bounded(v, f"{key}.{k}" if key else k)
+    elif isinstance(value, list):
         if len(value) > 16:
             _refuse(f"model.json: {key}: more than 16 values")
         for v in value:
