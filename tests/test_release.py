@@ -112,10 +112,27 @@ def test_sample_cli_takes_a_temperature(world, tmp_path, capsys):
     assert main([*argv, "--temperature", "0.5"]) == 0
     assert read_json(tmp_path / "s" / "provenance.json")["temperature"] == 0.5
     capsys.readouterr()
-    assert "temperature must be in (0, 1], got 2" in _one_line_error(
+    assert "temperature: must be in (0, 1], got 2" in _one_line_error(
         capsys, [*argv[:-1], str(tmp_path / "t"), "--temperature", "2"]
     )
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--guidance", "-1", "guidance: must be finite and >= 0, got -1.0"),
+        ("--guidance", "inf", "guidance: must be finite and >= 0, got inf"),
+        ("--seed", "-1", r"--seed: expected an integer in [0, 2**64), got -1"),
+        ("--seed", str(2**64), f"--seed: expected an integer in [0, 2**64), got {2**64}"),
+    ],
+)
+def test_sample_refuses_what_a_release_would(world, tmp_path, capsys, flag, value, message):
+    """Settings a release refuses to copy are refused when sampling, before any work."""
+    out = tmp_path / "s"
+    argv = ["sample", str(world["dp"]), "--n", "1", "--steps", "2", "--out", str(out)]
+    assert message in _one_line_error(capsys, [*argv, flag, value])
+    assert not out.exists()
 
 
 def test_releases_a_run_and_samples_from_before_the_temperature_setting(world, tmp_path):
@@ -274,6 +291,26 @@ def test_refuses_a_non_dp_stage_on_private_data(world, tmp_path):
     (run / "model.json").write_text(json.dumps(meta))
     synthetic = sample_to_folder(run, tmp_path / "synthetic", n=1, steps=2)
     _refused(world, tmp_path / "b", "trained without DP on private data", run=run,
+             synthetic=synthetic, max_epsilon=BUDGET)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "lineage",
+    [
+        {"cache_id": "x", "dp": True},  # not a list
+        [{"cache_id": "PRIVATE", "dp": "false"}],  # a truthy string would have read as DP
+        [{"cache_id": "PRIVATE"}],
+        [["PRIVATE", False]],
+    ],
+)
+def test_refuses_a_lineage_it_cannot_read(world, tmp_path, lineage):
+    run = shutil.copytree(world["dp"], tmp_path / "odd")
+    meta = read_json(run / "model.json")
+    private = Cache(world["private"]).cache_id
+    meta["trained_on"] = json.loads(json.dumps(lineage).replace("PRIVATE", private))
+    (run / "model.json").write_text(json.dumps(meta))
+    synthetic = sample_to_folder(run, tmp_path / "synthetic", n=1, steps=2)
+    _refused(world, tmp_path / "b", "trained_on: expected a list of", run=run,
              synthetic=synthetic, max_epsilon=BUDGET)  # fmt: skip
 
 

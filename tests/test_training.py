@@ -29,7 +29,7 @@ from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.ledger import Ledger, format_ledger
 from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
 from dpsynth.privacy.statistics import gaussian_noise_multiplier
-from dpsynth.runs import load
+from dpsynth.runs import SCALE_FROM_DP_ESTIMATE, SCALE_FROM_INIT, load
 from dpsynth.training import checkpoint as ckpt
 from dpsynth.training.autoencoder import train_autoencoder
 from dpsynth.training.ldm import train_ldm
@@ -343,6 +343,7 @@ def test_dp_autoencoder_fine_tune_is_patient_level_and_keeps_public_scale(world,
     assert 3.0 < Ledger.load(run).total_epsilon(1e-5, accountant="rdp") <= 4.0 + 1e-9
     meta, public = read_json(run / "model.json"), read_json(world["ae"] / "model.json")
     assert meta["private"] is True and meta["latent_scale"] == public["latent_scale"]
+    assert meta["latent_scale_source"] == SCALE_FROM_INIT
     # The weights moved away from the public init: the stage really trained.
     before = ckpt.load_weights(world["ae"] / "autoencoder.safetensors")
     after = ckpt.load_weights(run / "autoencoder.safetensors")
@@ -362,10 +363,18 @@ def test_dp_autoencoder_from_scratch_charges_a_dp_latent_scale(world, tmp_path):
     assert stages["latent-scale"].sample_rate == 1.0 and stages["latent-scale"].steps == 1
     meta = read_json(run / "model.json")
     assert np.isfinite(meta["latent_scale"]) and meta["latent_scale"] > 0
-    assert meta["latent_scale_source"].startswith("DP estimate")
+    assert meta["latent_scale_source"] == SCALE_FROM_DP_ESTIMATE
     # Both mechanisms compose: more than the DP-SGD stage alone.
     alone = Ledger([stages["autoencoder-dp-sgd"]]).total_epsilon(1e-5, accountant="rdp")
     assert Ledger.load(run).total_epsilon(1e-5, accountant="rdp") > alone
+    # A DP autoencoder fine-tuned from this one keeps the scale, and its DP label: the
+    # scale is still the private estimate, not a public one.
+    child = train_autoencoder(world["private"], tmp_path / "ae_child",
+                              tiny(**{"privacy.epsilon": 4.0}), init=run, dp=True)  # fmt: skip
+    child_meta = read_json(child / "model.json")
+    assert child_meta["latent_scale"] == meta["latent_scale"]
+    assert child_meta["latent_scale_source"] == SCALE_FROM_DP_ESTIMATE
+    assert "latent-scale" in {e.stage for e in Ledger.load(child)}
 
 
 def test_ldm_on_dp_autoencoder_composes_both_stages(world, tmp_path):

@@ -408,9 +408,27 @@ def _check_consistency(c: Config) -> None:
         "sampling.steps",
         f"must be <= diffusion.timesteps ({df.timesteps})",
     )
-    need(0 <= sm.guidance < math.inf, "sampling.guidance", "must be finite and >= 0")
     need(1 <= sm.batch_size <= 4096, "sampling.batch_size", "must be in [1, 4096]")
-    need(0 < sm.temperature <= 1, "sampling.temperature", "must be in (0, 1]")
+    try:
+        check_sampling(sm.guidance, sm.temperature)
+    except DpsynthError as e:
+        raise DpsynthError(f"config: sampling.{e}") from None
+
+
+def check_sampling(guidance: float, temperature: float) -> None:
+    """The bounds every sampling obeys, from the config's `sampling` section or a `sample`
+    call's arguments (one-line DpsynthError naming the value)."""
+    if not 0 <= guidance < math.inf:
+        raise DpsynthError(f"guidance: must be finite and >= 0, got {reprlib.repr(guidance)}")
+    if not 0 < temperature <= 1:
+        raise DpsynthError(f"temperature: must be in (0, 1], got {reprlib.repr(temperature)}")
+
+
+def check_seed(seed: int) -> None:
+    """A sampling seed: an unsigned 64-bit integer, what provenance files record and a
+    release copies."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise DpsynthError(f"seed: expected an integer in [0, 2**64), got {reprlib.repr(seed)}")
 
 
 def _check_decay(need, name: str, section: TrainingConfig | PrivacyConfig) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch.distributed as dist
 
 from dpsynth.attributes import ATTRIBUTES, INDEX
+from dpsynth.config import check_seed
 from dpsynth.diffusion.pipeline import shard
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_dir, atomic_write_json, sha256_file, write_nifti
@@ -101,6 +102,10 @@ def sample_to_folder(
     """
     if n < 1:
         raise DpsynthError(f"--n: must be >= 1, got {n}")
+    try:
+        check_seed(seed)  # before it seeds the attribute draw
+    except DpsynthError as e:
+        raise DpsynthError(f"--{e}") from None
     if conditions_source not in CONDITIONING:
         raise DpsynthError(
             f"--conditions-source: {conditions_source!r} is not one of {', '.join(CONDITIONING)}"

@@ -16,6 +16,8 @@ from dpsynth.config import (
     DEFAULT_SHAPE,
     DEFAULT_SPACING,
     DEFAULT_TIMESTEPS,
+    check_sampling,
+    check_seed,
 )
 from dpsynth.data.cache import Cache, load_volumes
 from dpsynth.diffusion.schedulers import SamplerName, add_noise, make_scheduler
@@ -247,8 +249,11 @@ class LatentDiffusion(nn.Module):
             raise DpsynthError(
                 f"sample: n and batch_size must be positive, got {n} and {batch_size}"
             )
-        if not 0 < temperature <= 1:
-            raise DpsynthError(f"sample: temperature must be in (0, 1], got {temperature}")
+        try:
+            check_sampling(guidance, temperature)
+            check_seed(seed)
+        except DpsynthError as e:
+            raise DpsynthError(f"sample: {e}") from None
         if start < 0 or start % batch_size:
             raise DpsynthError(
                 f"sample: start must be a multiple of batch_size {batch_size}, got {start}"

@@ -43,6 +43,7 @@ from dpsynth.config import (
     DenoiserConfig,
     DiffusionConfig,
     SamplingConfig,
+    check_seed,
     config_from_dict,
     read_run_config,
 )
@@ -232,9 +233,22 @@ def _check_non_private_training(run: Path, meta: dict, ledger: Ledger) -> None:
         if e.non_private and e.stage not in EVALUATION_USES:
             _refuse(f"{run}: the ledger records a non-private use '{e.stage}' ({e.note})")
     private = {e.cache_id for e in ledger if e.cache_id}
-    for item in meta.get("trained_on", []):
-        if not item.get("dp") and item.get("cache_id") in private:
+    lineage = meta.get("trained_on", [])
+    # Fail closed: an entry this check cannot read might hide a stage trained without DP.
+    if not isinstance(lineage, list) or not all(_lineage_entry(item) for item in lineage):
+        _refuse(f"{run}: model.json trained_on: expected a list of {{cache_id, dp: true/false}}")
+    for item in lineage:
+        if not item["dp"] and item["cache_id"] in private:
             _refuse(f"{run}: a stage of its lineage trained without DP on private data")
+
+
+def _lineage_entry(item: Any) -> bool:
+    """Is `item` a model.json ``trained_on`` entry as training writes it?"""
+    return (
+        isinstance(item, dict)
+        and isinstance(item.get("cache_id"), str)
+        and isinstance(item.get("dp"), bool)
+    )
 
 
 def _check_synthetic(run: Path, model: dict, synthetic: Path) -> dict:
@@ -276,8 +290,10 @@ def _provenance_sampling(provenance: dict, model: dict, path: Path) -> dict:
     # Folders sampled before the temperature setting existed drew at its default.
     settings["temperature"] = provenance.get("temperature", SamplingConfig.temperature)
     seed = provenance.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        _refuse(f"{path}: seed: expected an integer in [0, 2**64), got {reprlib.repr(seed)}")
+    try:
+        check_seed(seed)
+    except DpsynthError as e:
+        _refuse(f"{path}: {e}")
     checked = _schema({"diffusion": {"timesteps": timesteps}, "sampling": settings}, str(path))
     return {**{k: checked["sampling"][k] for k in settings}, "seed": seed}
 

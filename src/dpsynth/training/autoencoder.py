@@ -260,7 +260,11 @@ def _reserve_latent_scale(cache: Cache, privacy) -> LedgerEntry:
 
 def _latent_scale(model, cache: Cache, dp: bool, init_meta, scale_entry) -> tuple[float, str]:
     """(scale, source): on this run's own training data when it is public; under DP, the
-    pre-trained --init run's, else the DP estimate that `scale_entry` charged."""
+    pre-trained --init run's, else the DP estimate that `scale_entry` charged.
+
+    An --init scale keeps its parent's label when the parent estimated it with DP: it is
+    still a DP statistic (charged in the parent's ledger, which this run inherits), and
+    the label reaches the released model card."""
     if not dp:
         rows = cache.volume_indices("train")[:256]
         device = next(model.parameters()).device
@@ -269,7 +273,9 @@ def _latent_scale(model, cache: Cache, dp: bool, init_meta, scale_entry) -> tupl
         )
         return float(estimate_latent_scale(model, batches)), SCALE_FROM_OWN_DATA
     if init_meta is not None:
-        return float(init_meta["latent_scale"]), SCALE_FROM_INIT
+        inherited = init_meta.get("latent_scale_source")
+        source = inherited if inherited == SCALE_FROM_DP_ESTIMATE else SCALE_FROM_INIT
+        return float(init_meta["latent_scale"]), source
     rows = cache.patient_rows("train")
     latents = encode_split(model, cache, rows.reshape(-1), scale=1.0, batch=8)
     scale, _ = dp_latent_scale(
