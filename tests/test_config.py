@@ -57,6 +57,14 @@ def test_bad_values_name_the_key(overrides, message):
     assert "\n" not in str(err.value)
 
 
+def test_a_retired_key_is_read_as_absent():
+    """Older runs' configs carry `sampling.batch_size`, which nothing ever read."""
+    c = config_from_dict({"sampling": {"batch_size": 16, "steps": 20}})
+    assert c.sampling.steps == 20 and "batch_size" not in c.to_dict()["sampling"]
+    with pytest.raises(DpsynthError, match="unknown key 'sampling.batch'"):
+        config_from_dict({"sampling": {"batch": 16}})
+
+
 def test_yaml_file_overrides_preset_and_accepts_yaml11_floats(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("ldm_training:\n  lr: 1e-4\nprivacy:\n  epsilon: inf\n")

@@ -136,7 +136,6 @@ class SamplingConfig:
     # The starting noise's standard deviation; below 1 trades diversity for control
     # (BENCHMARKS.md, "Sampling temperature"). 1 is the study's sampler.
     temperature: float = 1.0
-    batch_size: int = 16
 
 
 @dataclass(frozen=True)
@@ -234,6 +233,12 @@ def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
             base[key] = value
 
 
+# Keys that configs and model.json files of earlier runs carry but nothing reads any more:
+# accepted and dropped, so those runs still load. (`sampling.batch_size` was never read:
+# the sampler's batch is fixed because it is part of what a seed means, `SAMPLE_BATCH`.)
+RETIRED_KEYS = frozenset({"sampling.batch_size"})
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "config"
     if not isinstance(data, dict):
@@ -241,7 +246,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
-        if key not in names:
+        if key not in names and f"{prefix}{key}" not in RETIRED_KEYS:
             raise DpsynthError(f"config: unknown key '{prefix}{key}'")
     values = {}
     for f in dataclasses.fields(cls):
@@ -408,7 +413,6 @@ def _check_consistency(c: Config) -> None:
         "sampling.steps",
         f"must be <= diffusion.timesteps ({df.timesteps})",
     )
-    need(1 <= sm.batch_size <= 4096, "sampling.batch_size", "must be in [1, 4096]")
     try:
         check_sampling(sm.guidance, sm.temperature)
     except DpsynthError as e:
