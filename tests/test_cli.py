@@ -193,3 +193,26 @@ def test_budget_reads_model_json_through_the_validated_reader(tmp_path, capsys, 
     assert main(["budget", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "model.json: not a dpsynth model" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("trained_on", "message"),
+    [
+        ([{"cache_id": "c1", "dp": False}], "NOT DP: trained without DP on cache c1"),
+        ([{"cache_id": "c1", "dp": "false"}], "trained_on: expected a list of"),
+        ({"cache_id": "c1", "dp": False}, "trained_on: expected a list of"),
+    ],
+)
+def test_budget_reads_the_lineage_as_release_does(tmp_path, capsys, trained_on, message):
+    """A lineage `budget` cannot read is an error, not a DP epsilon (dp: "false" was DP)."""
+    from dpsynth.privacy.ledger import Ledger, LedgerEntry
+
+    ledger = Ledger([LedgerEntry.gaussian("statistic", 2.0, records=50, cache_id="c1")])
+    ledger.save(tmp_path / "ledger.json")
+    (tmp_path / "model.json").write_text(json.dumps({"kind": "ldm", "trained_on": trained_on}))
+    code = main(["budget", str(tmp_path)])
+    out, err = capsys.readouterr()
+    if message.startswith("NOT DP"):
+        assert code == 0 and message in out
+    else:
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
-from dpsynth.config import PRESETS, config_from_dict, load_config
+import dpsynth
+from dpsynth.config import PRESETS, config_from_dict, load_config, read_run_config
 from dpsynth.errors import DpsynthError
 
 
@@ -63,6 +65,14 @@ def test_a_retired_key_is_read_as_absent():
     assert c.sampling.steps == 20 and "batch_size" not in c.to_dict()["sampling"]
     with pytest.raises(DpsynthError, match="unknown key 'sampling.batch'"):
         config_from_dict({"sampling": {"batch": 16}})
+
+
+def test_the_shipped_public_runs_still_load():
+    """They were trained before `sampling.batch_size` was retired and still carry it."""
+    assets = Path(dpsynth.__file__).parent / "assets" / "demo"
+    for run in (assets / "autoencoder", assets / "ldm"):
+        assert "batch_size" in (run / "config.yaml").read_text().split("sampling:")[1]
+        assert read_run_config(run).sampling.steps >= 1
 
 
 def test_yaml_file_overrides_preset_and_accepts_yaml11_floats(tmp_path):

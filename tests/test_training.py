@@ -8,6 +8,7 @@ before any private step, and nothing private shapes the saved model.
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import nibabel as nib
@@ -375,6 +376,26 @@ def test_dp_autoencoder_from_scratch_charges_a_dp_latent_scale(world, tmp_path):
     assert child_meta["latent_scale"] == meta["latent_scale"]
     assert child_meta["latent_scale_source"] == SCALE_FROM_DP_ESTIMATE
     assert "latent-scale" in {e.stage for e in Ledger.load(child)}
+
+
+def test_dp_autoencoder_refuses_an_init_whose_scale_label_it_cannot_read(world, tmp_path):
+    parent = shutil.copytree(world["ae"], tmp_path / "ae_odd")
+    meta = read_json(parent / "model.json")
+    meta["latent_scale_source"] = "hand-edited"
+    (parent / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(DpsynthError, match="latent_scale_source 'hand-edited' is not one"):
+        train_autoencoder(world["private"], tmp_path / "ae_dp", tiny(), init=parent, dp=True)
+    assert not (tmp_path / "ae_dp" / "ledger.json").exists()  # refused before any DP step
+
+
+def test_a_parent_lineage_that_cannot_be_read_is_refused(world, tmp_path):
+    """dp: "false" is truthy: read loosely, it let a DP stage build on a non-DP one."""
+    parent = shutil.copytree(world["ae"], tmp_path / "ae_odd")
+    meta = read_json(parent / "model.json")
+    meta["trained_on"] = [{"cache_id": Cache(world["private"]).cache_id, "dp": "false"}]
+    (parent / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(DpsynthError, match="trained_on: expected a list of"):
+        train_autoencoder(world["private"], tmp_path / "ae_dp", tiny(), init=parent, dp=True)
 
 
 def test_ldm_on_dp_autoencoder_composes_both_stages(world, tmp_path):

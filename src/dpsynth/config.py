@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import reprlib
 import types
 import typing
@@ -419,19 +420,23 @@ def _check_consistency(c: Config) -> None:
         raise DpsynthError(f"config: sampling.{e}") from None
 
 
-def check_sampling(guidance: float, temperature: float) -> None:
+def check_sampling(guidance: float | None = None, temperature: float | None = None) -> None:
     """The bounds every sampling obeys, from the config's `sampling` section or a `sample`
-    call's arguments (one-line DpsynthError naming the value)."""
-    if not 0 <= guidance < math.inf:
+    call's arguments (one-line DpsynthError naming the value); None is not checked."""
+    if guidance is not None and (not _is_real(guidance) or not 0 <= guidance < math.inf):
         raise DpsynthError(f"guidance: must be finite and >= 0, got {reprlib.repr(guidance)}")
-    if not 0 < temperature <= 1:
+    if temperature is not None and (not _is_real(temperature) or not 0 < temperature <= 1):
         raise DpsynthError(f"temperature: must be in (0, 1], got {reprlib.repr(temperature)}")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_seed(seed: int) -> None:
     """A sampling seed: an unsigned 64-bit integer, what provenance files record and a
     release copies."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
         raise DpsynthError(f"seed: expected an integer in [0, 2**64), got {reprlib.repr(seed)}")
 
 

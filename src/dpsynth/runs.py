@@ -57,6 +57,22 @@ def read_model_meta(run: str | os.PathLike, kind: str | None = None) -> dict[str
     return meta
 
 
+def read_lineage(meta: dict[str, Any], where: str | os.PathLike) -> list[dict[str, Any]]:
+    """A model.json's ``trained_on``: [{cache_id, dp}], every cache its weights learned from
+    and whether with DP. Fails closed: an entry that cannot be read might hide a stage that
+    trained without DP (a ``dp`` of "false" would read as true). A run from before the field
+    (e.g. shipped public assets) has none."""
+    lineage = meta.get("trained_on", [])
+    if not isinstance(lineage, list) or not all(
+        isinstance(item, dict)
+        and isinstance(item.get("cache_id"), str)
+        and isinstance(item.get("dp"), bool)
+        for item in lineage
+    ):
+        raise DpsynthError(f"{where}: trained_on: expected a list of {{cache_id, dp: true/false}}")
+    return lineage
+
+
 # Where a run's latent scale came from (model.json `latent_scale_source`): the only values
 # training writes, and so the only ones a release copies.
 SCALE_FROM_OWN_DATA = "public training data of this run"

@@ -206,12 +206,12 @@ def cmd_budget(args: argparse.Namespace) -> None:
         print(json.dumps(result.to_json()) if args.json else format_plan(result))
         return
     from dpsynth.privacy.ledger import Ledger, format_ledger  # start-up time (module docstring)
-    from dpsynth.runs import MODEL_FILE, read_model_meta  # start-up time (module docstring)
+    from dpsynth.runs import MODEL_FILE, read_lineage, read_model_meta  # start-up time
 
     run = Path(args.target)
     ledger = Ledger.load(run)
-    trained_on = read_model_meta(run).get("trained_on", []) if (run / MODEL_FILE).exists() else []
-    not_dp = ledger.not_dp(trained_on)
+    meta = read_model_meta(run) if (run / MODEL_FILE).exists() else {}
+    not_dp = ledger.not_dp(read_lineage(meta, run / MODEL_FILE))
     if args.json:
         epsilon, delta, accountant = ledger.composed_epsilon()
         summary = {

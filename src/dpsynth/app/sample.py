@@ -13,7 +13,7 @@ import numpy as np
 import torch.distributed as dist
 
 from dpsynth.attributes import ATTRIBUTES, INDEX
-from dpsynth.config import check_seed
+from dpsynth.config import check_sampling, check_seed
 from dpsynth.diffusion.pipeline import shard
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_dir, atomic_write_json, sha256_file, write_nifti
@@ -102,10 +102,7 @@ def sample_to_folder(
     """
     if n < 1:
         raise DpsynthError(f"--n: must be >= 1, got {n}")
-    try:
-        check_seed(seed)  # before it seeds the attribute draw
-    except DpsynthError as e:
-        raise DpsynthError(f"--{e}") from None
+    _check_settings(guidance, temperature, seed)  # the user's, before any work
     if conditions_source not in CONDITIONING:
         raise DpsynthError(
             f"--conditions-source: {conditions_source!r} is not one of {', '.join(CONDITIONING)}"
@@ -178,6 +175,16 @@ def sample_to_folder(
             atomic_write_json(tmp / PROVENANCE_FILE, provenance)
     barrier()  # no rank returns before rank 0 has renamed the finished folder into place
     return Path(out)
+
+
+def _check_settings(guidance: float | None, temperature: float | None, seed: int) -> None:
+    """The flags given that `sample` and a later release refuse, as one line naming the flag
+    (the run's own settings were checked by the config schema when it was trained)."""
+    try:
+        check_sampling(guidance, temperature)
+        check_seed(seed)
+    except DpsynthError as e:
+        raise DpsynthError(f"--{e}") from None
 
 
 def _shards(tmp: Path | None, n: int) -> tuple[Path, slice, int]:

@@ -291,13 +291,14 @@ class Ledger:
         return [m for m in spent if m is not None]
 
     def not_dp(self, trained_on: Iterable[dict]) -> list[str]:
-        """Cache ids a model's ``trained_on`` says it learned WITHOUT DP that this ledger
-        names as private: ε then does not cover those weights at all."""
+        """Cache ids a model's ``trained_on`` (as `runs.read_lineage` reads it) says it
+        learned WITHOUT DP that this ledger names as private: ε then does not cover those
+        weights at all."""
         private = {e.cache_id for e in self if e.cache_id}
         return [
             item["cache_id"]
             for item in trained_on
-            if not item.get("dp") and item.get("cache_id") in private
+            if not item["dp"] and item["cache_id"] in private
         ]
 
     def default_delta(self) -> float:

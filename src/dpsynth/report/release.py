@@ -67,6 +67,7 @@ from dpsynth.privacy.ledger import Ledger
 from dpsynth.runs import (
     CONDITIONING,
     LATENT_SCALE_SOURCES,
+    MODEL_FILE,
     PROVENANCE_FILE,
     RELEASABLE_CONDITIONING,
     SCALE_FROM_AUTOENCODER,
@@ -74,6 +75,7 @@ from dpsynth.runs import (
     load_weights,
     model_digest,
     read_conditions_csv,
+    read_lineage,
     read_model_meta,
     sampling_settings,
     save_weights,
@@ -232,23 +234,12 @@ def _check_non_private_training(run: Path, meta: dict, ledger: Ledger) -> None:
     for e in ledger:
         if e.non_private and e.stage not in EVALUATION_USES:
             _refuse(f"{run}: the ledger records a non-private use '{e.stage}' ({e.note})")
-    private = {e.cache_id for e in ledger if e.cache_id}
-    lineage = meta.get("trained_on", [])
-    # Fail closed: an entry this check cannot read might hide a stage trained without DP.
-    if not isinstance(lineage, list) or not all(_lineage_entry(item) for item in lineage):
-        _refuse(f"{run}: model.json trained_on: expected a list of {{cache_id, dp: true/false}}")
-    for item in lineage:
-        if not item["dp"] and item["cache_id"] in private:
-            _refuse(f"{run}: a stage of its lineage trained without DP on private data")
-
-
-def _lineage_entry(item: Any) -> bool:
-    """Is `item` a model.json ``trained_on`` entry as training writes it?"""
-    return (
-        isinstance(item, dict)
-        and isinstance(item.get("cache_id"), str)
-        and isinstance(item.get("dp"), bool)
-    )
+    try:
+        lineage = read_lineage(meta, run / MODEL_FILE)
+    except DpsynthError as e:
+        _refuse(str(e))
+    if ledger.not_dp(lineage):
+        _refuse(f"{run}: a stage of its lineage trained without DP on private data")
 
 
 def _check_synthetic(run: Path, model: dict, synthetic: Path) -> dict:

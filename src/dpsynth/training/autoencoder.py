@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import reprlib
 import secrets
 import warnings
 from pathlib import Path
@@ -23,6 +24,7 @@ from dpsynth.config import Config
 from dpsynth.data.cache import Cache, load_volumes
 from dpsynth.data.figures import mid_slice_grid, slice_strips
 from dpsynth.diffusion.pipeline import encode_split, estimate_latent_scale
+from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_json, hold_run
 from dpsynth.models.build import build_autoencoder
 from dpsynth.models.discriminator import (
@@ -35,6 +37,8 @@ from dpsynth.privacy.ledger import LedgerEntry
 from dpsynth.privacy.outputs import RECONSTRUCTION_FILE, labelled
 from dpsynth.privacy.statistics import dp_latent_scale, gaussian_noise_multiplier
 from dpsynth.runs import (
+    LATENT_SCALE_SOURCES,
+    SCALE_FROM_AUTOENCODER,
     SCALE_FROM_DP_ESTIMATE,
     SCALE_FROM_INIT,
     SCALE_FROM_OWN_DATA,
@@ -71,14 +75,17 @@ def train_autoencoder(
     """Train an autoencoder run in `out`; returns the run folder.
 
     `init` fine-tunes a pre-trained autoencoder run (its architecture wins over `config`).
-    With `dp`, `data` is private: patient-level DP-SGD, no adversarial term, and a latent
-    scale that is public (the `init` run's) or a DP estimate charged to the ledger.
+    With `dp`, `data` is private: patient-level DP-SGD, no adversarial term, and the `init`
+    run's latent scale (with its label: public, or a DP estimate its ledger charged), else
+    a DP estimate charged to this run's ledger.
     """
     cache = Cache(data)
     rank = init_distributed(dp)
     init_meta = read_model_meta(init) if init else None
     if init_meta is not None:
         config = adopt_architecture(config, init_meta, ("autoencoder",))
+        if dp:
+            _inherited_source(init_meta)  # an unknown label is refused before any DP step
     parents = [Path(init)] if init else []
     refuse_mixed_lineage(cache.cache_id, cache.path, dp, parents)
     # Held until the model is written: a second process on this run is refused.
@@ -100,7 +107,7 @@ def train_autoencoder(
                     "(the discriminator would see private data without a guarantee)",
                     stacklevel=2,
                 )
-            # Without a public run to inherit it from, the latent scale is a DP statistic.
+            # Without an --init run to inherit it from, the latent scale is a DP statistic.
             scale_entry = None if init_meta else _reserve_latent_scale(cache, config.privacy)
             strategy = PrivateStrategy(
                 stage="autoencoder-dp-sgd", cache=cache, privacy=config.privacy, run=run,
@@ -273,9 +280,7 @@ def _latent_scale(model, cache: Cache, dp: bool, init_meta, scale_entry) -> tupl
         )
         return float(estimate_latent_scale(model, batches)), SCALE_FROM_OWN_DATA
     if init_meta is not None:
-        inherited = init_meta.get("latent_scale_source")
-        source = inherited if inherited == SCALE_FROM_DP_ESTIMATE else SCALE_FROM_INIT
-        return float(init_meta["latent_scale"]), source
+        return float(init_meta["latent_scale"]), _inherited_source(init_meta)
     rows = cache.patient_rows("train")
     latents = encode_split(model, cache, rows.reshape(-1), scale=1.0, batch=8)
     scale, _ = dp_latent_scale(
@@ -285,6 +290,17 @@ def _latent_scale(model, cache: Cache, dp: bool, init_meta, scale_entry) -> tupl
         accountant=scale_entry.accountant,
     )  # fmt: skip
     return scale, SCALE_FROM_DP_ESTIMATE
+
+
+def _inherited_source(init_meta: dict) -> str:
+    """The label of a scale taken from the --init run: DP stays DP; an unknown label is
+    refused rather than guessed public."""
+    inherited = init_meta.get("latent_scale_source", SCALE_FROM_AUTOENCODER)
+    if inherited not in LATENT_SCALE_SOURCES:
+        raise DpsynthError(
+            f"--init: latent_scale_source {reprlib.repr(inherited)} is not one training writes"
+        )
+    return SCALE_FROM_DP_ESTIMATE if inherited == SCALE_FROM_DP_ESTIMATE else SCALE_FROM_INIT
 
 
 @torch.no_grad()
