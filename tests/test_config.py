@@ -5,10 +5,19 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
 import dpsynth
-from dpsynth.config import PRESETS, config_from_dict, load_config, read_run_config
+from dpsynth.config import (
+    PRESETS,
+    check_sampling,
+    check_seed,
+    config_from_dict,
+    load_config,
+    read_run_config,
+)
 from dpsynth.errors import DpsynthError
 
 
@@ -67,12 +76,32 @@ def test_a_retired_key_is_read_as_absent():
         config_from_dict({"sampling": {"batch": 16}})
 
 
-def test_the_shipped_public_runs_still_load():
-    """They were trained before `sampling.batch_size` was retired and still carry it."""
+def test_a_run_saved_before_the_key_was_retired_still_loads(tmp_path):
     assets = Path(dpsynth.__file__).parent / "assets" / "demo"
-    for run in (assets / "autoencoder", assets / "ldm"):
-        assert "batch_size" in (run / "config.yaml").read_text().split("sampling:")[1]
+    for run in (assets / "autoencoder", assets / "ldm"):  # whatever they carry today
         assert read_run_config(run).sampling.steps >= 1
+    old = load_config("demo").to_dict()
+    old["sampling"]["batch_size"] = 16  # as every run saved before it was retired
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert read_run_config(tmp_path).sampling == load_config("demo").sampling
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"guidance": True}, "guidance: must be finite and >= 0, got True"),
+        ({"guidance": "3"}, "guidance: must be finite and >= 0, got '3'"),
+        ({"temperature": True}, r"temperature: must be in \(0, 1\], got True"),
+        ({"temperature": float("nan")}, r"temperature: must be in \(0, 1\], got nan"),
+    ],
+)
+def test_sampling_bounds_refuse_what_is_not_a_number(kwargs, message):
+    with pytest.raises(DpsynthError, match=message):
+        check_sampling(**kwargs)
+    check_sampling(guidance=3, temperature=np.float32(0.8))  # numpy numbers are numbers
+    check_seed(np.uint64(2**64 - 1))
+    with pytest.raises(DpsynthError, match="seed: expected an integer"):
+        check_seed(True)
 
 
 def test_yaml_file_overrides_preset_and_accepts_yaml11_floats(tmp_path):

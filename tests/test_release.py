@@ -121,8 +121,8 @@ def test_sample_cli_takes_a_temperature(world, tmp_path, capsys):
 @pytest.mark.parametrize(
     "flag, value, message",
     [
-        ("--guidance", "-1", "guidance: must be finite and >= 0, got -1.0"),
-        ("--guidance", "inf", "guidance: must be finite and >= 0, got inf"),
+        ("--guidance", "-1", "--guidance: must be finite and >= 0, got -1.0"),
+        ("--guidance", "inf", "--guidance: must be finite and >= 0, got inf"),
         ("--seed", "-1", r"--seed: expected an integer in [0, 2**64), got -1"),
         ("--seed", str(2**64), f"--seed: expected an integer in [0, 2**64), got {2**64}"),
     ],
@@ -301,6 +301,7 @@ def test_refuses_a_non_dp_stage_on_private_data(world, tmp_path):
         [{"cache_id": "PRIVATE", "dp": "false"}],  # a truthy string would have read as DP
         [{"cache_id": "PRIVATE"}],
         [["PRIVATE", False]],
+        None,  # the key deleted
     ],
 )
 def test_refuses_a_lineage_it_cannot_read(world, tmp_path, lineage):
@@ -308,10 +309,12 @@ def test_refuses_a_lineage_it_cannot_read(world, tmp_path, lineage):
     meta = read_json(run / "model.json")
     private = Cache(world["private"]).cache_id
     meta["trained_on"] = json.loads(json.dumps(lineage).replace("PRIVATE", private))
+    if lineage is None:
+        del meta["trained_on"]
     (run / "model.json").write_text(json.dumps(meta))
     synthetic = sample_to_folder(run, tmp_path / "synthetic", n=1, steps=2)
-    _refused(world, tmp_path / "b", "trained_on: expected a list of", run=run,
-             synthetic=synthetic, max_epsilon=BUDGET)  # fmt: skip
+    match = "no trained_on" if lineage is None else "trained_on: expected a list of"
+    _refused(world, tmp_path / "b", match, run=run, synthetic=synthetic, max_epsilon=BUDGET)
 
 
 def test_refuses_a_run_without_dp(world, tmp_path):

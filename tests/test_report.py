@@ -378,6 +378,27 @@ def test_report_states_the_composed_epsilon_that_budget_states(tmp_path, capsys)
         assert f"{eps:.3g}" in html and f"{first:.3g}" not in html, section
 
 
+def test_report_states_no_epsilon_for_a_lineage_trained_without_dp(tmp_path, capsys):
+    """What `budget` calls NOT DP, and release refuses, the report must not give an ε."""
+    from dpsynth.app.cli import main
+
+    run = tmp_path / "nodp"
+    run.mkdir()
+    Ledger([LedgerEntry.gaussian("ldm-dp", 1.7, records=50, cache_id="c0ffee")]).save(run)
+    lineage = [{"cache_id": "c0ffee", "dp": False}, {"cache_id": "c0ffee", "dp": True}]
+    atomic_write_json(run / "model.json", {"kind": "ldm", "trained_on": lineage})
+    eps = Ledger.load(run).composed_epsilon()[0]
+    assert len(f"{eps:.3g}") >= 3  # digits the page would not hold by chance
+    assert main(["budget", str(run / "ledger.json"), "--json"]) == 0  # the file, not the run
+    assert json.loads(capsys.readouterr().out)["epsilon"] is None
+    text = write_report(run, tmp_path / "out").read_text()
+    for section in ("summary", "ledger"):
+        html = text.split(f'<section id="{section}">')[1].split("</section>")[0]
+        composed = html.replace(str(tmp_path), "").split("<h3>Stages</h3>")[0]
+        assert "∞" in composed and f"{eps:.3g}" not in composed, section
+    assert "<b>NOT DP</b>: a stage of this model trained without DP on cache c0ffee" in text
+
+
 def test_missing_pieces_render_notes(tmp_path):
     run = tmp_path / "empty-run"
     run.mkdir()

@@ -383,9 +383,19 @@ def test_dp_autoencoder_refuses_an_init_whose_scale_label_it_cannot_read(world, 
     meta = read_json(parent / "model.json")
     meta["latent_scale_source"] = "hand-edited"
     (parent / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(DpsynthError, match="latent_scale_source 'hand-edited' is not one"):
+    with pytest.raises(DpsynthError, match="ae_odd/model.json: latent_scale_source: not one"):
         train_autoencoder(world["private"], tmp_path / "ae_dp", tiny(), init=parent, dp=True)
     assert not (tmp_path / "ae_dp" / "ledger.json").exists()  # refused before any DP step
+    del meta["latent_scale_source"]  # a DP parent without one: DP estimate or public?
+    meta["private"] = True
+    (parent / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(DpsynthError, match="a DP autoencoder without latent_scale_source"):
+        train_autoencoder(world["private"], tmp_path / "ae_dp", tiny(), init=parent, dp=True)
+    with pytest.raises(DpsynthError, match="latent_scale_source: not one"):  # nor an LDM on it
+        meta["latent_scale_source"] = "hand-edited"
+        (parent / "model.json").write_text(json.dumps(meta))
+        train_ldm(world["private"], parent, tmp_path / "ldm", tiny(), init=world["ldm"], dp=True)
+    assert not (tmp_path / "ldm" / "ledger.json").exists()
 
 
 def test_a_parent_lineage_that_cannot_be_read_is_refused(world, tmp_path):

@@ -87,6 +87,16 @@ LATENT_SCALE_SOURCES = (
 )
 
 
+def read_scale_source(meta: dict[str, Any], where: str | os.PathLike) -> str:
+    """A model.json's `latent_scale_source`, one of `LATENT_SCALE_SOURCES` (a run from before
+    the key reads as `SCALE_FROM_AUTOENCODER`); anything else is a one-line error, since the
+    label travels into child runs and releases."""
+    source = meta.get("latent_scale_source", SCALE_FROM_AUTOENCODER)
+    if source not in LATENT_SCALE_SOURCES:
+        raise DpsynthError(f"{where}: latent_scale_source: not one of the values training writes")
+    return source
+
+
 def sampling_settings(meta: dict[str, Any]) -> dict[str, Any]:
     """A run's sampling settings (model.json); a key the run predates reads as its default."""
     return {**dataclasses.asdict(SamplingConfig()), **meta.get("sampling", {})}

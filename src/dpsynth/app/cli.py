@@ -208,8 +208,8 @@ def cmd_budget(args: argparse.Namespace) -> None:
     from dpsynth.privacy.ledger import Ledger, format_ledger  # start-up time (module docstring)
     from dpsynth.runs import MODEL_FILE, read_lineage, read_model_meta  # start-up time
 
-    run = Path(args.target)
-    ledger = Ledger.load(run)
+    ledger = Ledger.load(args.target)
+    run = Path(args.target).parent if Path(args.target).suffix == ".json" else Path(args.target)
     meta = read_model_meta(run) if (run / MODEL_FILE).exists() else {}
     not_dp = ledger.not_dp(read_lineage(meta, run / MODEL_FILE))
     if args.json:

@@ -179,7 +179,7 @@ def sample_to_folder(
 
 def _check_settings(guidance: float | None, temperature: float | None, seed: int) -> None:
     """The flags given that `sample` and a later release refuse, as one line naming the flag
-    (the run's own settings were checked by the config schema when it was trained)."""
+    (settings left to the run's model.json are checked by `LatentDiffusion.sample`)."""
     try:
         check_sampling(guidance, temperature)
         check_seed(seed)

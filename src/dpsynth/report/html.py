@@ -31,7 +31,7 @@ from dpsynth.privacy.one_run_audit import AUDIT_DIR, AUDIT_FILE
 from dpsynth.privacy.outputs import EVAL_SUBDIR, FIDELITY_FILE
 from dpsynth.report import figures
 from dpsynth.report.release import MODEL_CARD, PRIVACY_MD, verify
-from dpsynth.runs import MODEL_FILE, read_model_meta
+from dpsynth.runs import MODEL_FILE, read_lineage, read_model_meta
 
 N_SHOWN = 6  # volumes per set in the sample grids
 
@@ -238,6 +238,7 @@ class _Privacy:
     stages: list[list[Any]]
     non_private: list[Any]  # LedgerEntry objects flagged non_private
     records: int | None
+    not_dp: list[str]  # private caches the lineage learned WITHOUT DP: ε is then ∞
 
 
 STAGE_COLUMNS = (
@@ -255,9 +256,15 @@ STAGE_COLUMNS = (
 
 
 def _read_privacy(path: Path) -> _Privacy:
-    """Load RUN/ledger.json; its ε is `Ledger.composed_epsilon`, as budget and release state."""
+    """Load RUN/ledger.json; its ε is `Ledger.composed_epsilon`, as budget and release state,
+    and ∞ when the run's lineage trained without DP on a cache the ledger names private."""
     ledger = Ledger.load(path)
     epsilon, delta, accountant = ledger.composed_epsilon()
+    model = path.parent / MODEL_FILE
+    meta = read_model_meta(path.parent) if model.exists() else {}
+    not_dp = ledger.not_dp(read_lineage(meta, model))
+    if not_dp:
+        epsilon = math.inf
     dp = [e for e in ledger if not e.non_private]
     stages = []
     for e in dp:
@@ -284,6 +291,7 @@ def _read_privacy(path: Path) -> _Privacy:
         stages=stages,
         non_private=[e for e in ledger if e.non_private],
         records=max((e.records for e in dp), default=None),
+        not_dp=not_dp,
     )
 
 
@@ -409,6 +417,11 @@ def _section_ledger(ctx: _Context) -> str:
             + _evaluation_only(ctx)
         )
     parts = [
+        f'<p class="warn"><b>NOT DP</b>: a stage of this model trained without DP on cache '
+        f"{_e(cache_id)}, which the ledger names as private (ε = ∞).</p>"
+        for cache_id in p.not_dp
+    ]
+    parts += [
         _table(
             ["composed ε (whole lineage)", "δ", "accountant"], [[p.epsilon, p.delta, p.accountant]]
         ),

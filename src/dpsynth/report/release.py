@@ -66,17 +66,16 @@ from dpsynth.privacy.accounting import (
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.runs import (
     CONDITIONING,
-    LATENT_SCALE_SOURCES,
     MODEL_FILE,
     PROVENANCE_FILE,
     RELEASABLE_CONDITIONING,
-    SCALE_FROM_AUTOENCODER,
     WEIGHT_FILES,
     load_weights,
     model_digest,
     read_conditions_csv,
     read_lineage,
     read_model_meta,
+    read_scale_source,
     sampling_settings,
     save_weights,
     write_attributes_csv,
@@ -234,6 +233,8 @@ def _check_non_private_training(run: Path, meta: dict, ledger: Ledger) -> None:
     for e in ledger:
         if e.non_private and e.stage not in EVALUATION_USES:
             _refuse(f"{run}: the ledger records a non-private use '{e.stage}' ({e.note})")
+    if "trained_on" not in meta:  # every run since the field carries it; deleted, it hides
+        _refuse(f"{run / MODEL_FILE}: no trained_on, so its lineage cannot be checked")
     try:
         lineage = read_lineage(meta, run / MODEL_FILE)
     except DpsynthError as e:
@@ -328,9 +329,10 @@ def released_model_json(meta: dict) -> dict:
     out |= {s: {k: checked[s][k] for k in keys} for s, keys in MODEL_SECTIONS.items()}
     out["sampling"] = checked["sampling"]
     out["latent_scale"] = _finite(meta.get("latent_scale"), "latent_scale")
-    out["latent_scale_source"] = meta.get("latent_scale_source", SCALE_FROM_AUTOENCODER)
-    if out["latent_scale_source"] not in LATENT_SCALE_SOURCES:
-        _refuse("model.json: latent_scale_source: not one of the values training writes")
+    try:
+        out["latent_scale_source"] = read_scale_source(meta, MODEL_FILE)
+    except DpsynthError as e:
+        _refuse(str(e))
     out["shape"], out["spacing"] = checked["data"]["shape"], checked["data"]["spacing"]
     _bounded(out, "")
     # DP runs take their ranges from the public --init run or the fixed clinical ranges

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import reprlib
 import secrets
 import warnings
 from pathlib import Path
@@ -37,13 +36,13 @@ from dpsynth.privacy.ledger import LedgerEntry
 from dpsynth.privacy.outputs import RECONSTRUCTION_FILE, labelled
 from dpsynth.privacy.statistics import dp_latent_scale, gaussian_noise_multiplier
 from dpsynth.runs import (
-    LATENT_SCALE_SOURCES,
-    SCALE_FROM_AUTOENCODER,
+    MODEL_FILE,
     SCALE_FROM_DP_ESTIMATE,
     SCALE_FROM_INIT,
     SCALE_FROM_OWN_DATA,
     load_weights,
     read_model_meta,
+    read_scale_source,
     save_weights,
 )
 from dpsynth.training import checkpoint as ckpt
@@ -84,8 +83,8 @@ def train_autoencoder(
     init_meta = read_model_meta(init) if init else None
     if init_meta is not None:
         config = adopt_architecture(config, init_meta, ("autoencoder",))
-        if dp:
-            _inherited_source(init_meta)  # an unknown label is refused before any DP step
+    # Under DP the --init run's scale is kept; its label is read before any DP step.
+    init_scale = _init_scale(init, init_meta) if dp and init_meta is not None else None
     parents = [Path(init)] if init else []
     refuse_mixed_lineage(cache.cache_id, cache.path, dp, parents)
     # Held until the model is written: a second process on this run is refused.
@@ -122,7 +121,7 @@ def train_autoencoder(
         model.load_state_dict(trainer.averaged_weights())
         model.eval()
         if rank == 0:  # under torchrun every rank holds the same weights; one writes them
-            scale = _latent_scale(model, cache, dp, init_meta, scale_entry)
+            scale = _latent_scale(model, cache, dp, init_scale, scale_entry)
             _finish(run, model, cache, config, scale, private=dp, parents=parents)
             if not dp and init is not None:  # a public stage still carries what its parents spent
                 carry_lineage(run, parents)
@@ -265,7 +264,7 @@ def _reserve_latent_scale(cache: Cache, privacy) -> LedgerEntry:
     )  # fmt: skip
 
 
-def _latent_scale(model, cache: Cache, dp: bool, init_meta, scale_entry) -> tuple[float, str]:
+def _latent_scale(model, cache: Cache, dp: bool, init_scale, scale_entry) -> tuple[float, str]:
     """(scale, source): on this run's own training data when it is public; under DP, the
     pre-trained --init run's, else the DP estimate that `scale_entry` charged.
 
@@ -279,8 +278,8 @@ def _latent_scale(model, cache: Cache, dp: bool, init_meta, scale_entry) -> tupl
             load_volumes(cache.images, rows[i : i + 8]).to(device) for i in range(0, len(rows), 8)
         )
         return float(estimate_latent_scale(model, batches)), SCALE_FROM_OWN_DATA
-    if init_meta is not None:
-        return float(init_meta["latent_scale"]), _inherited_source(init_meta)
+    if init_scale is not None:
+        return init_scale
     rows = cache.patient_rows("train")
     latents = encode_split(model, cache, rows.reshape(-1), scale=1.0, batch=8)
     scale, _ = dp_latent_scale(
@@ -292,15 +291,16 @@ def _latent_scale(model, cache: Cache, dp: bool, init_meta, scale_entry) -> tupl
     return scale, SCALE_FROM_DP_ESTIMATE
 
 
-def _inherited_source(init_meta: dict) -> str:
-    """The label of a scale taken from the --init run: DP stays DP; an unknown label is
-    refused rather than guessed public."""
-    inherited = init_meta.get("latent_scale_source", SCALE_FROM_AUTOENCODER)
-    if inherited not in LATENT_SCALE_SOURCES:
-        raise DpsynthError(
-            f"--init: latent_scale_source {reprlib.repr(inherited)} is not one training writes"
-        )
-    return SCALE_FROM_DP_ESTIMATE if inherited == SCALE_FROM_DP_ESTIMATE else SCALE_FROM_INIT
+def _init_scale(init: str | os.PathLike, init_meta: dict) -> tuple[float, str]:
+    """(scale, source) a DP run keeps from its --init run: a DP estimate stays labelled one;
+    a DP parent without a label is refused rather than guessed public."""
+    where = Path(init) / MODEL_FILE
+    if init_meta.get("private") and "latent_scale_source" not in init_meta:
+        raise DpsynthError(f"{where}: a DP autoencoder without latent_scale_source")
+    source = read_scale_source(init_meta, where)
+    return float(init_meta["latent_scale"]), (
+        SCALE_FROM_DP_ESTIMATE if source == SCALE_FROM_DP_ESTIMATE else SCALE_FROM_INIT
+    )
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_text
 from dpsynth.privacy.distributed import launched_world_size
 from dpsynth.privacy.ledger import Ledger
-from dpsynth.runs import read_lineage, read_model_meta
+from dpsynth.runs import MODEL_FILE, read_lineage, read_model_meta
 
 
 def prepare_run_dir(out: str | os.PathLike, resume: bool) -> Path:
@@ -158,7 +158,7 @@ def trained_on(cache_id: str, dp: bool, parents: Sequence[Path]) -> list[dict]:
     """
     items = [{"cache_id": cache_id, "dp": bool(dp)}]
     for parent in parents:
-        for item in read_lineage(_model_meta(parent), parent):
+        for item in read_lineage(read_model_meta(parent), Path(parent) / MODEL_FILE):
             if item not in items:
                 items.append(item)
     return items
@@ -175,7 +175,7 @@ def refuse_mixed_lineage(cache_id: str, cache: Path, dp: bool, parents: Sequence
 
     for parent in parents:
         ledger = {e.cache_id for e in Ledger.load(parent, missing_ok=True)}  # its lineage too
-        for item in read_lineage(_model_meta(parent), parent):
+        for item in read_lineage(read_model_meta(parent), Path(parent) / MODEL_FILE):
             if item["cache_id"] == cache_id and item["dp"] != dp:
                 raise DpsynthError(
                     f"{parent}: trained {'with' if item['dp'] else 'without'} DP on the "
@@ -187,10 +187,6 @@ def refuse_mixed_lineage(cache_id: str, cache: Path, dp: bool, parents: Sequence
                 f"{parent}: trained with DP on the private cache {cache} (its ledger names "
                 f"cache id {cache_id}); train on it with --dp"
             )
-
-
-def _model_meta(run: Path) -> dict:
-    return read_model_meta(run)
 
 
 def adopt_architecture(config: Config, init_meta: dict, sections: tuple[str, ...]) -> Config:

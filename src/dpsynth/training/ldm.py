@@ -29,11 +29,12 @@ from dpsynth.io import atomic_write_json, hold_run
 from dpsynth.models.build import build_denoiser
 from dpsynth.privacy.ledger import LedgerEntry
 from dpsynth.runs import (
-    SCALE_FROM_AUTOENCODER,
+    MODEL_FILE,
     load_autoencoder,
     load_weights,
     make_pipeline,
     read_model_meta,
+    read_scale_source,
     save_weights,
 )
 from dpsynth.training.common import (
@@ -92,6 +93,8 @@ def train_ldm(
     rank = init_distributed(dp)
     device = pick_device()
     ae, ae_meta = load_autoencoder(autoencoder, device)
+    # The scale's label travels into this run's model.json: read it before any training.
+    ae_meta["latent_scale_source"] = read_scale_source(ae_meta, Path(autoencoder) / MODEL_FILE)
     if list(ae_meta["shape"]) != list(cache.shape):
         raise DpsynthError(
             f"{data}: volumes are {list(cache.shape)} but the autoencoder was trained on "
@@ -285,7 +288,7 @@ def _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, parent
             "diffusion": plain["diffusion"],
             "sampling": plain["sampling"],
             "latent_scale": ae_meta["latent_scale"],
-            "latent_scale_source": ae_meta.get("latent_scale_source", SCALE_FROM_AUTOENCODER),
+            "latent_scale_source": ae_meta["latent_scale_source"],
             "shape": list(cache.shape),
             "spacing": list(cache.spacing),
             "attribute_ranges": _attribute_ranges(cache, dp, init_meta),
