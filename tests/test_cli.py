@@ -198,7 +198,10 @@ def test_budget_reads_model_json_through_the_validated_reader(tmp_path, capsys, 
 @pytest.mark.parametrize(
     ("trained_on", "message"),
     [
-        ([{"cache_id": "c1", "dp": False}], "NOT DP: trained without DP on cache c1"),
+        (
+            [{"cache_id": "c1", "dp": False}],
+            "epsilon = inf: NOT DP\n  trained without DP on cache c1",
+        ),
         ([{"cache_id": "c1", "dp": "false"}], "trained_on: expected a list of"),
         ({"cache_id": "c1", "dp": False}, "trained_on: expected a list of"),
     ],
@@ -212,7 +215,7 @@ def test_budget_reads_the_lineage_as_release_does(tmp_path, capsys, trained_on, 
     (tmp_path / "model.json").write_text(json.dumps({"kind": "ldm", "trained_on": trained_on}))
     code = main(["budget", str(tmp_path)])
     out, err = capsys.readouterr()
-    if message.startswith("NOT DP"):
-        assert code == 0 and message in out
+    if "NOT DP" in message:
+        assert code == 0 and message in out and "epsilon = 1" not in out
     else:
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1

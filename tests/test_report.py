@@ -397,6 +397,7 @@ def test_report_states_no_epsilon_for_a_lineage_trained_without_dp(tmp_path, cap
         composed = html.replace(str(tmp_path), "").split("<h3>Stages</h3>")[0]
         assert "∞" in composed and f"{eps:.3g}" not in composed, section
     assert "<b>NOT DP</b>: a stage of this model trained without DP on cache c0ffee" in text
+    assert "Protected:" not in text  # no promise for a model that learned patients un-noised
 
 
 def test_missing_pieces_render_notes(tmp_path):

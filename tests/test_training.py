@@ -389,7 +389,7 @@ def test_dp_autoencoder_refuses_an_init_whose_scale_label_it_cannot_read(world, 
     del meta["latent_scale_source"]  # a DP parent without one: DP estimate or public?
     meta["private"] = True
     (parent / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(DpsynthError, match="a DP autoencoder without latent_scale_source"):
+    with pytest.raises(DpsynthError, match="a DP run without latent_scale_source"):
         train_autoencoder(world["private"], tmp_path / "ae_dp", tiny(), init=parent, dp=True)
     with pytest.raises(DpsynthError, match="latent_scale_source: not one"):  # nor an LDM on it
         meta["latent_scale_source"] = "hand-edited"
@@ -648,7 +648,8 @@ def test_non_dp_stage_refuses_data_a_parent_trained_on_with_dp(world, tmp_path, 
     meta["trained_on"].insert(0, {"cache_id": private.cache_id, "dp": False})
     (old / "model.json").write_text(json.dumps(meta))
     out = _budget_total(old, capsys)
-    assert f"NOT DP: trained without DP on cache {private.cache_id}" in out
+    assert f"epsilon = inf: NOT DP\n  trained without DP on cache {private.cache_id}" in out
+    assert "Total: epsilon = inf" in out and out.count("Total:") == 1  # no finite total
     assert main(["budget", str(old), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["epsilon"] is None and summary["not_dp"] == [private.cache_id]

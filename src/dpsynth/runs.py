@@ -88,9 +88,12 @@ LATENT_SCALE_SOURCES = (
 
 
 def read_scale_source(meta: dict[str, Any], where: str | os.PathLike) -> str:
-    """A model.json's `latent_scale_source`, one of `LATENT_SCALE_SOURCES` (a run from before
-    the key reads as `SCALE_FROM_AUTOENCODER`); anything else is a one-line error, since the
-    label travels into child runs and releases."""
+    """A model.json's `latent_scale_source`, one of `LATENT_SCALE_SOURCES` (a public run from
+    before the key reads as `SCALE_FROM_AUTOENCODER`); anything else, or a DP run without
+    the key (its scale might be a DP estimate), is a one-line error, since the label travels
+    into child runs and releases."""
+    if meta.get("private") and "latent_scale_source" not in meta:
+        raise DpsynthError(f"{where}: a DP run without latent_scale_source")
     source = meta.get("latent_scale_source", SCALE_FROM_AUTOENCODER)
     if source not in LATENT_SCALE_SOURCES:
         raise DpsynthError(f"{where}: latent_scale_source: not one of the values training writes")

@@ -223,10 +223,7 @@ def cmd_budget(args: argparse.Namespace) -> None:
         }
         print(json.dumps(summary, indent=2))
     else:
-        print(format_ledger(ledger))
-        for cache_id in not_dp:
-            print(f"NOT DP: trained without DP on cache {cache_id}, which the ledger names as "
-                  "private; the epsilon above does not cover this model")  # fmt: skip
+        print(format_ledger(ledger, not_dp))
 
 
 def cmd_train_referee(args: argparse.Namespace) -> None:

@@ -36,7 +36,7 @@ import numbers
 import operator
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -423,8 +423,9 @@ def _ledger_path(path: str | Path) -> Path:
     return path if path.suffix == ".json" else path / LEDGER_FILE
 
 
-def format_ledger(ledger: Ledger) -> str:
-    """Human-readable ledger for ``dpsynth budget RUN``: the composed ε of `composed_epsilon`."""
+def format_ledger(ledger: Ledger, not_dp: Sequence[str] = ()) -> str:
+    """Human-readable ledger for ``dpsynth budget RUN``: the composed ε of `composed_epsilon`,
+    or none at all where the model learned a private cache without DP (`Ledger.not_dp`)."""
     total, delta, accountant = ledger.composed_epsilon()
     dp = [e for e in ledger if not e.non_private]
     other = [e for e in ledger if e.non_private]
@@ -445,6 +446,13 @@ def format_ledger(ledger: Ledger) -> str:
     if other:
         lines.append("Non-private uses of private data (outputs not released, not covered by ε):")
         lines += [f"  {e.stage:<20} {e.records:>8} records  {e.note}" for e in other]
+    if not_dp:
+        lines.append("Total: epsilon = inf: NOT DP")
+        lines += [
+            f"  trained without DP on cache {cache_id}, which the ledger names as private"
+            for cache_id in not_dp
+        ]
+        return "\n".join(lines)
     lines.append(
         f"Total: epsilon = {total:.4g} at delta = {delta:g} "
         f"({accountant} accountant, all {len(dp)} mechanism(s) composed)"

@@ -365,7 +365,7 @@ def _section_summary(ctx: _Context) -> str:
         cards.append(("ε per patient", _num(run.privacy.epsilon, 3)))
         cards.append(("δ", _num(run.privacy.delta, 2)))
     elif "privacy" in run.errors:
-        cards.append(("ε", "ledger unreadable"))
+        cards.append(("ε", "unreadable (ledger section)"))
     else:
         cards.append(("ε", "∞ (no ledger)"))
     metrics = _metrics(run)
@@ -425,7 +425,7 @@ def _section_ledger(ctx: _Context) -> str:
         _table(
             ["composed ε (whole lineage)", "δ", "accountant"], [[p.epsilon, p.delta, p.accountant]]
         ),
-        _explain_epsilon(p.epsilon, p.delta, p.records),
+        "" if p.not_dp else _explain_epsilon(p.epsilon, p.delta, p.records),
         "<h3>Stages</h3>",
         _table(STAGE_COLUMNS, p.stages) if p.stages else _missing("the ledger lists no DP stage"),
     ]

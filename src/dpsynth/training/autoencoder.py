@@ -23,7 +23,6 @@ from dpsynth.config import Config
 from dpsynth.data.cache import Cache, load_volumes
 from dpsynth.data.figures import mid_slice_grid, slice_strips
 from dpsynth.diffusion.pipeline import encode_split, estimate_latent_scale
-from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_json, hold_run
 from dpsynth.models.build import build_autoencoder
 from dpsynth.models.discriminator import (
@@ -292,12 +291,8 @@ def _latent_scale(model, cache: Cache, dp: bool, init_scale, scale_entry) -> tup
 
 
 def _init_scale(init: str | os.PathLike, init_meta: dict) -> tuple[float, str]:
-    """(scale, source) a DP run keeps from its --init run: a DP estimate stays labelled one;
-    a DP parent without a label is refused rather than guessed public."""
-    where = Path(init) / MODEL_FILE
-    if init_meta.get("private") and "latent_scale_source" not in init_meta:
-        raise DpsynthError(f"{where}: a DP autoencoder without latent_scale_source")
-    source = read_scale_source(init_meta, where)
+    """(scale, source) a DP run keeps from its --init run: a DP estimate stays labelled one."""
+    source = read_scale_source(init_meta, Path(init) / MODEL_FILE)
     return float(init_meta["latent_scale"]), (
         SCALE_FROM_DP_ESTIMATE if source == SCALE_FROM_DP_ESTIMATE else SCALE_FROM_INIT
     )
