@@ -500,6 +500,9 @@ def test_model_card_says_sampling_choices_on_private_data_are_not_covered(world)
     card = " ".join((world["bundle"] / "MODEL_CARD.md").read_text().split())
     assert "settings chosen by looking at results on private data are not covered by ε" in card
     assert "(sampler ddim, 2 steps, guidance 3.0, temperature 0.7)" in card
+    # The scale's label is the autoencoder run's own ("this run" there), said so on the card.
+    source = read_json(world["dp"] / "model.json")["latent_scale_source"]
+    assert f"(where the autoencoder's run took it from: {source})" in card
 
 
 def test_refuses_real_private_conditions(world, tmp_path, capsys):

@@ -602,7 +602,7 @@ differential privacy {_headline(privacy)} per patient (see PRIVACY.md).**
 - Conditions: the 14 attributes {", ".join(ATTRIBUTES)}; an empty value means unknown.
 - Autoencoder: {ae["kind"].upper()}, {ae["channels"]} channels, multipliers
   {_listed(ae["channel_multipliers"])}; latent scale {model["latent_scale"]:.6g}
-  ({model["latent_scale_source"]}).
+  (where the autoencoder's run took it from: {model["latent_scale_source"]}).
 - Denoiser: UNet, {den["channels"]} channels, multipliers {_listed(den["channel_multipliers"])},
   attention at level(s) {_listed(attention) or "none"} (in-plane, across slices, and
   cross-attention to the attributes).
