@@ -73,6 +73,12 @@ def read_lineage(meta: dict[str, Any], where: str | os.PathLike) -> list[dict[st
     return lineage
 
 
+def run_lineage(run: str | os.PathLike) -> list[dict[str, Any]]:
+    """`read_lineage` of a run folder's model.json; a folder without one has none."""
+    path = Path(run) / MODEL_FILE
+    return read_lineage(read_model_meta(run) if path.exists() else {}, path)
+
+
 # Where a run's latent scale came from (model.json `latent_scale_source`): the only values
 # training writes, and so the only ones a release copies.
 SCALE_FROM_OWN_DATA = "public training data of this run"

@@ -206,12 +206,11 @@ def cmd_budget(args: argparse.Namespace) -> None:
         print(json.dumps(result.to_json()) if args.json else format_plan(result))
         return
     from dpsynth.privacy.ledger import Ledger, format_ledger  # start-up time (module docstring)
-    from dpsynth.runs import MODEL_FILE, read_lineage, read_model_meta  # start-up time
+    from dpsynth.runs import run_lineage  # start-up time (module docstring)
 
     ledger = Ledger.load(args.target)
     run = Path(args.target).parent if Path(args.target).suffix == ".json" else Path(args.target)
-    meta = read_model_meta(run) if (run / MODEL_FILE).exists() else {}
-    not_dp = ledger.not_dp(read_lineage(meta, run / MODEL_FILE))
+    not_dp = ledger.not_dp(run_lineage(run))
     if args.json:
         epsilon, delta, accountant = ledger.composed_epsilon()
         summary = {

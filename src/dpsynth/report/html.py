@@ -31,7 +31,7 @@ from dpsynth.privacy.one_run_audit import AUDIT_DIR, AUDIT_FILE
 from dpsynth.privacy.outputs import EVAL_SUBDIR, FIDELITY_FILE
 from dpsynth.report import figures
 from dpsynth.report.release import MODEL_CARD, PRIVACY_MD, verify
-from dpsynth.runs import MODEL_FILE, read_lineage, read_model_meta
+from dpsynth.runs import MODEL_FILE, read_model_meta, run_lineage
 
 N_SHOWN = 6  # volumes per set in the sample grids
 
@@ -260,9 +260,7 @@ def _read_privacy(path: Path) -> _Privacy:
     and ∞ when the run's lineage trained without DP on a cache the ledger names private."""
     ledger = Ledger.load(path)
     epsilon, delta, accountant = ledger.composed_epsilon()
-    model = path.parent / MODEL_FILE
-    meta = read_model_meta(path.parent) if model.exists() else {}
-    not_dp = ledger.not_dp(read_lineage(meta, model))
+    not_dp = ledger.not_dp(run_lineage(path.parent))
     if not_dp:
         epsilon = math.inf
     dp = [e for e in ledger if not e.non_private]

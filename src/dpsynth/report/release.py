@@ -26,12 +26,14 @@ mechanisms by the accountant named.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
 import os
 import re
 import reprlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +192,15 @@ def _refuse(message: str) -> None:
     raise ReleaseRefusedError(f"release refused: {message}")
 
 
+@contextlib.contextmanager
+def _refusing(where: str = "") -> Iterator[None]:
+    """A check's one-line DpsynthError becomes a release refusal, `where` first."""
+    try:
+        yield
+    except DpsynthError as e:
+        _refuse(f"{where}{e}")
+
+
 def _run_config(run: Path, max_epsilon: float | None) -> Config | None:
     config = read_run_config(run)
     if config is not None:
@@ -235,10 +246,8 @@ def _check_non_private_training(run: Path, meta: dict, ledger: Ledger) -> None:
             _refuse(f"{run}: the ledger records a non-private use '{e.stage}' ({e.note})")
     if "trained_on" not in meta:  # every run since the field carries it; deleted, it hides
         _refuse(f"{run / MODEL_FILE}: no trained_on, so its lineage cannot be checked")
-    try:
+    with _refusing():
         lineage = read_lineage(meta, run / MODEL_FILE)
-    except DpsynthError as e:
-        _refuse(str(e))
     if ledger.not_dp(lineage):
         _refuse(f"{run}: a stage of its lineage trained without DP on private data")
 
@@ -282,10 +291,8 @@ def _provenance_sampling(provenance: dict, model: dict, path: Path) -> dict:
     # Folders sampled before the temperature setting existed drew at its default.
     settings["temperature"] = provenance.get("temperature", SamplingConfig.temperature)
     seed = provenance.get("seed")
-    try:
+    with _refusing(f"{path}: "):
         check_seed(seed)
-    except DpsynthError as e:
-        _refuse(f"{path}: {e}")
     checked = _schema({"diffusion": {"timesteps": timesteps}, "sampling": settings}, str(path))
     return {**{k: checked["sampling"][k] for k in settings}, "seed": seed}
 
@@ -329,10 +336,8 @@ def released_model_json(meta: dict) -> dict:
     out |= {s: {k: checked[s][k] for k in keys} for s, keys in MODEL_SECTIONS.items()}
     out["sampling"] = checked["sampling"]
     out["latent_scale"] = _finite(meta.get("latent_scale"), "latent_scale")
-    try:
+    with _refusing():
         out["latent_scale_source"] = read_scale_source(meta, MODEL_FILE)
-    except DpsynthError as e:
-        _refuse(str(e))
     out["shape"], out["spacing"] = checked["data"]["shape"], checked["data"]["spacing"]
     _bounded(out, "")
     # DP runs take their ranges from the public --init run or the fixed clinical ranges

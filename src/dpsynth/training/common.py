@@ -18,7 +18,7 @@ from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_text
 from dpsynth.privacy.distributed import launched_world_size
 from dpsynth.privacy.ledger import Ledger
-from dpsynth.runs import MODEL_FILE, read_lineage, read_model_meta
+from dpsynth.runs import run_lineage
 
 
 def prepare_run_dir(out: str | os.PathLike, resume: bool) -> Path:
@@ -158,7 +158,7 @@ def trained_on(cache_id: str, dp: bool, parents: Sequence[Path]) -> list[dict]:
     """
     items = [{"cache_id": cache_id, "dp": bool(dp)}]
     for parent in parents:
-        for item in read_lineage(read_model_meta(parent), Path(parent) / MODEL_FILE):
+        for item in run_lineage(parent):
             if item not in items:
                 items.append(item)
     return items
@@ -175,7 +175,7 @@ def refuse_mixed_lineage(cache_id: str, cache: Path, dp: bool, parents: Sequence
 
     for parent in parents:
         ledger = {e.cache_id for e in Ledger.load(parent, missing_ok=True)}  # its lineage too
-        for item in read_lineage(read_model_meta(parent), Path(parent) / MODEL_FILE):
+        for item in run_lineage(parent):
             if item["cache_id"] == cache_id and item["dp"] != dp:
                 raise DpsynthError(
                     f"{parent}: trained {'with' if item['dp'] else 'without'} DP on the "
