@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import struct
 
@@ -14,8 +15,11 @@ from test_training import public_world, tiny
 
 from dpsynth.app.cli import main
 from dpsynth.app.sample import sample_to_folder
+from dpsynth.attributes import INDEX
 from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError, ReleaseRefusedError
+from dpsynth.evaluation.referee import train_referee
+from dpsynth.evaluation.selection import candidate_seed, request_error, sample_best_of
 from dpsynth.io import read_json
 from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
@@ -558,3 +562,157 @@ def test_demo_ends_with_a_verified_release(world, tmp_path, monkeypatch):
     assert summary["epsilon"] == ledger.total_epsilon(accountant=summary["accountant"]) <= BUDGET
     text = (out / "report" / "index.html").read_text()
     assert 'href="../release/PRIVACY.md"' in text
+
+
+# --- best-of-k sampling: a public selector's choice is post-processing ----------------------
+
+
+class _IntensitySelector:
+    """A stand-in segmenter: bright voxels are LV blood pool, mid-grey ones RV blood pool."""
+
+    def segment(self, volumes):
+        return np.where(volumes > 0.6, 1, np.where(volumes > 0.4, 3, 0)).astype(np.uint8)
+
+
+def test_best_of_k_keeps_each_volumes_nearest_candidate(world):
+    pipe = load(world["dp"])
+    table = Cache(world["private"]).attributes[:6].astype(np.float32)
+    settings = {"steps": 2, "progress": False}
+    draws = np.stack([pipe.sample(6, attributes=table, seed=candidate_seed(5, c), **settings)
+                      for c in range(3)])  # fmt: skip
+    errors = np.stack([request_error(_IntensitySelector(), d, table, pipe.spacing) for d in draws])
+    chosen = errors.argmin(0)
+    best = sample_best_of(pipe, 6, table, 5, 3, _IntensitySelector(), **settings)
+    np.testing.assert_array_equal(best, draws[chosen, np.arange(6)])
+    assert len(set(chosen)) > 1  # the choice is not degenerate here
+    assert np.all(errors.min(0) <= errors[0]) and errors.min(0).sum() < errors[0].sum()
+    np.testing.assert_array_equal(  # k = 1 is plain sampling with the seed
+        sample_best_of(pipe, 6, table, 5, 1, **settings), draws[0]
+    )
+
+
+def test_candidate_seeds_are_distinct_and_start_at_the_seed():
+    seeds = [candidate_seed(7, c) for c in range(16)]
+    assert seeds[0] == 7 and len(set(seeds)) == 16 and all(0 <= s < 2**63 for s in seeds)
+    assert candidate_seed(8, 1) != seeds[1]
+
+
+def test_request_error_is_relative_and_phase_matched():
+    spacing = (10.0, 1.0, 1.0)  # 0.01 mL per voxel
+    volumes = np.zeros((2, 2, 10, 10), dtype=np.float32)
+    volumes[:, 0, :, :5] = 1.0  # 50 voxels = 0.5 mL LV
+    volumes[:, 1, :, :5] = 0.5  # 50 voxels = 0.5 mL RV
+    table = np.full((2, 14), np.nan, dtype=np.float32)
+    table[:, INDEX["LVEDV"]], table[:, INDEX["RVEDV"]] = 1.0, 0.5
+    table[:, INDEX["LVESV"]], table[:, INDEX["RVESV"]] = 0.25, 0.25
+    table[:, INDEX["ESED"]] = (1, 0)
+    error = request_error(_IntensitySelector(), volumes, table, spacing)
+    np.testing.assert_allclose(error, [0.5 + 0.0, 1.0 + 1.0])
+    volumes[1, 1] = 0  # no RV blood pool found: that candidate can never be chosen
+    assert request_error(_IntensitySelector(), volumes, table, spacing)[1] == np.inf
+
+
+@pytest.fixture(scope="module")
+def selectors(world, tmp_path_factory):
+    """A segmenter of the public cache (a valid selector) and one of the private cache."""
+    root = tmp_path_factory.mktemp("selectors")
+    kw = {"epochs": 1, "channels": (4, 8), "batch_size": 4}
+    return {"public": train_referee(world["public"], root / "public", public=True, **kw),
+            "private": train_referee(world["private"], root / "private", **kw)}  # fmt: skip
+
+
+def test_a_public_selector_is_labelled_public_and_names_its_cache(world, selectors):
+    meta = read_json(selectors["public"] / "referee.json")
+    assert meta["cache_id"] == Cache(world["public"]).cache_id and meta["public"] is True
+    assert not (selectors["public"] / "EVALUATION_ONLY.txt").exists()
+    assert (selectors["private"] / "EVALUATION_ONLY.txt").exists()
+
+
+def test_best_of_k_folder_releases_with_its_selector_named(world, selectors, tmp_path):
+    synthetic = sample_to_folder(world["dp"], tmp_path / "s", n=3, attributes="dp", steps=2,
+                                 candidates=2, selector=selectors["public"])  # fmt: skip
+    provenance = read_json(synthetic / "provenance.json")
+    assert provenance["candidates"] == 2
+    assert provenance["selector"]["cache_id"] == Cache(world["public"]).cache_id
+    bundle = release(world["dp"], synthetic, tmp_path / "b")
+    released = read_json(bundle / "synthetic" / "provenance.json")
+    assert released["candidates"] == 2 and released["selector"] == provenance["selector"]
+    assert "best of 2 candidates" in (bundle / "MODEL_CARD.md").read_text()
+    assert read_json(world["synthetic"] / "provenance.json")["candidates"] == 1
+    assert "candidates" not in (world["bundle"] / "MODEL_CARD.md").read_text()
+    verify(bundle)
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text(
+        json.dumps({"controllability": {"LVESV": {"r": 0.8, "mae": 9.0, "n": 2, "slope": 1.0}}})
+    )
+    report = write_report(world["dp"], tmp_path / "report", eval_dir=evaluation,
+                          synthetic_dir=synthetic)  # fmt: skip
+    assert "best of 2 candidates" in report.read_text()
+    plain = write_report(world["dp"], tmp_path / "plain", eval_dir=evaluation,
+                         synthetic_dir=world["synthetic"])  # fmt: skip
+    assert "candidates" not in plain.read_text()
+
+
+def test_sample_refuses_a_selector_that_learned_from_private_data(
+    world, selectors, tmp_path, capsys
+):
+    out = tmp_path / "s"
+    argv = ["sample", str(world["dp"]), "--n", "1", "--steps", "2", "--out", str(out),
+            "--candidates", "2", "--selector", str(selectors["private"])]  # fmt: skip
+    assert "which the run's ledger names as private" in _one_line_error(capsys, argv)
+    assert not out.exists()
+    unnamed = shutil.copytree(selectors["public"], tmp_path / "unnamed")
+    meta = read_json(unnamed / "referee.json")
+    del meta["cache_id"]
+    (unnamed / "referee.json").write_text(json.dumps(meta))
+    assert "names no cache_id" in _one_line_error(capsys, [*argv[:-1], str(unnamed)])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--candidates", "2"], "--selector: give it exactly when --candidates is above 1"),
+        (["--selector", "x"], "--selector: give it exactly when --candidates is above 1"),
+        (["--candidates", "0"], "--candidates: expected an integer in [1, 16], got 0"),
+        (["--candidates", "17"], "--candidates: expected an integer in [1, 16], got 17"),
+    ],
+)
+def test_sample_refuses_a_bad_best_of_k_request(world, tmp_path, capsys, extra, message):
+    out = tmp_path / "s"
+    argv = ["sample", str(world["dp"]), "--n", "1", "--steps", "2", "--out", str(out)]
+    assert message in _one_line_error(capsys, [*argv, *extra])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"candidates": 2, "selector": "private"}, "which the run's ledger names as private"),
+        ({"candidates": 2}, "selector: expected {cache_id, weights_sha256}"),
+        ({"candidates": 2, "selector": {"cache_id": "x", "weights_sha256": "y"}}, "selector: exp"),
+        ({"selector": "public"}, "selector: given, but no choice was made"),
+        ({"candidates": True}, "candidates: expected an integer in"),
+        ({"candidates": 99}, "candidates: expected an integer in"),
+    ],
+)
+def test_release_refuses_a_choice_it_cannot_vouch_for(world, tmp_path, change, match):
+    """The provenance's selector is copied into the bundle and must not be private data's."""
+    synthetic = shutil.copytree(world["synthetic"], tmp_path / "s")
+    provenance = read_json(synthetic / "provenance.json")
+    for key, value in change.items():
+        if value in ("public", "private"):
+            value = {"cache_id": Cache(world[value]).cache_id, "weights_sha256": "0" * 64}
+        provenance[key] = value
+    (synthetic / "provenance.json").write_text(json.dumps(provenance))
+    _refused(world, tmp_path / "b", re.escape(match), synthetic=synthetic)
+
+
+def test_shipped_demo_selector_is_public():
+    from dpsynth.app.demo import demo_assets
+
+    selector = demo_assets() / "selector"
+    meta = read_json(selector / "referee.json")
+    assert meta["public"] is True and len(meta["cache_id"]) == 32
+    assert not (selector / "EVALUATION_ONLY.txt").exists()

@@ -440,6 +440,22 @@ def check_seed(seed: int) -> None:
         raise DpsynthError(f"seed: expected an integer in [0, 2**64), got {reprlib.repr(seed)}")
 
 
+MAX_CANDIDATES = 16  # best-of-k sampling costs k samplings; more would rarely pay
+
+
+def check_candidates(candidates: int) -> None:
+    """How many candidates best-of-k sampling draws per volume: an integer in [1, 16]."""
+    if (
+        isinstance(candidates, bool)
+        or not isinstance(candidates, numbers.Integral)
+        or not 1 <= candidates <= MAX_CANDIDATES
+    ):
+        raise DpsynthError(
+            f"candidates: expected an integer in [1, {MAX_CANDIDATES}], "
+            f"got {reprlib.repr(candidates)}"
+        )
+
+
 def _check_decay(need, name: str, section: TrainingConfig | PrivacyConfig) -> None:
     if section.lr_decay_epochs is not None:
         need(section.lr_decay_epochs > 0, f"{name}.lr_decay_epochs", "must be > 0")

@@ -162,6 +162,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         args.run, args.out, n=args.n, attributes=args.attributes, settings=args.set,
         sampler=args.sampler, steps=args.steps, guidance=args.guidance,
         temperature=args.temperature, seed=args.seed, conditions_source=args.conditions_source,
+        candidates=args.candidates, selector=args.selector,
     )  # fmt: skip
     if is_main():  # under torchrun, rank 0 speaks for the job
         print(f"{args.n} volumes -> {out}")
@@ -228,7 +229,8 @@ def cmd_budget(args: argparse.Namespace) -> None:
 def cmd_train_referee(args: argparse.Namespace) -> None:
     from dpsynth.evaluation.referee import train_referee  # start-up time (module docstring)
 
-    out = train_referee(args.data, args.out, epochs=args.epochs, seed=args.seed)
+    out = train_referee(args.data, args.out, epochs=args.epochs, seed=args.seed,
+                        public=args.public)  # fmt: skip
     print(f"referee -> {out}")
 
 
@@ -424,6 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature", type=float, help="starting noise's sd, in (0, 1]; default: the run's"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=1,
+        help="draw this many per volume and keep the one whose LV/RV volumes --selector "
+        "measures nearest the request (default 1: no choice)",
+    )
+    p.add_argument(
+        "--selector",
+        type=Path,
+        help="segmenter trained on PUBLIC data only (dpsynth train-referee on a public cache); "
+        "one trained on the run's private data is refused",
+    )
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_sample)
 
@@ -470,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--public",
+        action="store_true",
+        help="the data is public (a selector for `sample --candidates`): not labelled "
+        "evaluation-only",
+    )
     p.set_defaults(func=cmd_train_referee)
 
     p = sub.add_parser(

@@ -13,9 +13,10 @@ import numpy as np
 import torch.distributed as dist
 
 from dpsynth.attributes import ATTRIBUTES, INDEX
-from dpsynth.config import check_sampling, check_seed
+from dpsynth.config import check_candidates, check_sampling, check_seed
 from dpsynth.diffusion.pipeline import shard
 from dpsynth.errors import DpsynthError
+from dpsynth.evaluation.selection import load_selector, sample_best_of
 from dpsynth.io import atomic_dir, atomic_write_json, sha256_file, write_nifti
 from dpsynth.privacy.attribute_fit import load_attribute_model
 from dpsynth.runs import (
@@ -90,6 +91,8 @@ def sample_to_folder(
     temperature: float | None = None,
     seed: int = 0,
     conditions_source: str = "user",
+    candidates: int = 1,
+    selector: str | os.PathLike | None = None,
 ) -> Path:
     """Sample `n` volumes into `out`: `synth_00000.nii.gz`, ..., `attributes.csv` and
     `provenance.json` (the model's digest, the conditions' source, each file's SHA-256).
@@ -97,12 +100,16 @@ def sample_to_folder(
     Conditioning: a CSV, `attributes="dp"` (the run's DP attribute model), `--set` values
     applied to every row, or nothing (all unknown). `conditions_source` says where a CSV's
     rows came from (a key of `CONDITIONING`); `dpsynth release` refuses "private".
+    `candidates` > 1: each volume is the best of that many, chosen by the segmenter at
+    `selector`, trained on public data only (`dpsynth.evaluation.selection`).
     Under torchrun each rank samples its share (`pipeline.shard`) on its own GPU; the
     folder equals the one-process folder for the same seed.
     """
     if n < 1:
         raise DpsynthError(f"--n: must be >= 1, got {n}")
-    _check_settings(guidance, temperature, seed)  # the user's, before any work
+    _check_settings(guidance, temperature, seed, candidates)  # the user's, before any work
+    if (candidates > 1) != (selector is not None):
+        raise DpsynthError("--selector: give it exactly when --candidates is above 1")
     if conditions_source not in CONDITIONING:
         raise DpsynthError(
             f"--conditions-source: {conditions_source!r} is not one of {', '.join(CONDITIONING)}"
@@ -115,6 +122,7 @@ def sample_to_folder(
     join_process_group()  # under torchrun: each rank samples its own share (see `_shards`)
     run = Path(run)
     pipe = load(run, device=pick_device())
+    chooser, chooser_record = load_selector(selector, run) if selector else (None, None)
     if attributes == "dp":
         table = _dp_conditions(run, n, seed)
     elif attributes is not None:
@@ -139,14 +147,17 @@ def sample_to_folder(
         tmp, part, ranks = _shards(tmp, n)
         try:
             count = part.stop - part.start  # 0 on a rank left without a whole batch
-            volumes = pipe.sample(
+            volumes = sample_best_of(
+                pipe,
                 count,
-                attributes=table[part],
+                table[part],
+                seed,
+                candidates,
+                chooser,
                 sampler=sampler,
                 steps=steps,
                 guidance=guidance,
                 temperature=temperature,
-                seed=seed,
                 progress=is_main(),
                 start=part.start,
             ) if count else []  # fmt: skip
@@ -170,6 +181,8 @@ def sample_to_folder(
                 "guidance": guidance,
                 "temperature": temperature,
                 "seed": seed,
+                "candidates": candidates,
+                **({"selector": chooser_record} if chooser_record else {}),
                 "files": {p: digests[p] for p in [*names, "attributes.csv"]},
             }
             atomic_write_json(tmp / PROVENANCE_FILE, provenance)
@@ -177,12 +190,15 @@ def sample_to_folder(
     return Path(out)
 
 
-def _check_settings(guidance: float | None, temperature: float | None, seed: int) -> None:
+def _check_settings(
+    guidance: float | None, temperature: float | None, seed: int, candidates: int
+) -> None:
     """The flags given that `sample` and a later release refuse, as one line naming the flag
     (settings left to the run's model.json are checked by `LatentDiffusion.sample`)."""
     try:
         check_sampling(guidance, temperature)
         check_seed(seed)
+        check_candidates(candidates)
     except DpsynthError as e:
         raise DpsynthError(f"--{e}") from None
 

@@ -3,6 +3,8 @@
 It measures synthetic volumes for controllability and gives encoder features for the
 FD-referee distance and memorisation checks. It is an evaluation tool trained on real
 data without DP: its weights must never be released with a model or a synthetic set.
+Trained on public data (`public=True`), the same network is the selector of best-of-k
+sampling (`dpsynth.evaluation.selection`); its meta names its cache by id for that check.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from monai.networks.nets import UNet
 from safetensors.torch import load_file, save_file
 
 from dpsynth.attributes import INDEX
+from dpsynth.data.cache import Cache
 from dpsynth.data.volumes import VolumeSet, check_volume_array, load_volume_set
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_dir, atomic_write_json, read_json
@@ -119,13 +122,16 @@ class Referee:
         return cls(net, meta)
 
     def save(self, path: str | Path) -> Path:
+        """Weights and meta; labelled evaluation-only unless the meta says it learned from
+        public data only."""
         with atomic_dir(path) as tmp:
             save_file(
                 {k: v.contiguous() for k, v in self.net.state_dict().items()},
                 str(tmp / WEIGHTS_FILE),
             )
             atomic_write_json(tmp / META_FILE, self.meta)
-            mark_evaluation_only(tmp)
+            if self.meta.get("public") is not True:
+                mark_evaluation_only(tmp)
         return Path(path)
 
     @torch.no_grad()
@@ -240,8 +246,14 @@ def train_referee(
     channels: tuple[int, ...] = (16, 32, 64),
     seed: int = 0,
     downsample: int = 1,
+    public: bool = False,
 ) -> Path:
-    """Train the referee on a prepared cache's train split and save it to `out`."""
+    """Train the referee on a prepared cache's train split and save it to `out`.
+
+    `public`: the caller's word that the cache holds public data only; the folder is then
+    not labelled evaluation-only (e.g. the shipped demo selector). Either way the meta
+    names the cache by id, which is what best-of-k sampling checks against a run's ledger.
+    """
     train = load_volume_set(cache_path, split="train")
     referee = fit_referee(
         train,
@@ -252,4 +264,8 @@ def train_referee(
         seed=seed,
         downsample=downsample,
     )
+    referee.meta["cache_id"] = Cache(cache_path).cache_id
+    if public:
+        referee.meta["public"] = True
+        referee.meta["release"] = "public: trained on public data only; never released itself"
     return referee.save(out)

@@ -45,11 +45,13 @@ from dpsynth.config import (
     DenoiserConfig,
     DiffusionConfig,
     SamplingConfig,
+    check_candidates,
     check_seed,
     config_from_dict,
     read_run_config,
 )
 from dpsynth.errors import DpsynthError, ReleaseRefusedError
+from dpsynth.evaluation.selection import check_selector_record, refuse_private_selector
 from dpsynth.io import (
     atomic_dir,
     atomic_write_json,
@@ -163,7 +165,7 @@ def release(
                 f"{source} ({limit:g}){hint}"
             )
     _check_non_private_training(run, meta, ledger)
-    provenance = _check_synthetic(run, model, synthetic)
+    provenance = _check_synthetic(run, model, synthetic, ledger)
     if out.exists() and not (out / MANIFEST).is_file():
         raise DpsynthError(f"{out}: exists and is not a release bundle; choose a new --out")
 
@@ -252,8 +254,9 @@ def _check_non_private_training(run: Path, meta: dict, ledger: Ledger) -> None:
         _refuse(f"{run}: a stage of its lineage trained without DP on private data")
 
 
-def _check_synthetic(run: Path, model: dict, synthetic: Path) -> dict:
-    """The synthetic folder's provenance, after checking it was sampled from `run` as is."""
+def _check_synthetic(run: Path, model: dict, synthetic: Path, ledger: Ledger) -> dict:
+    """The synthetic folder's provenance, after checking it was sampled from `run` as is and,
+    for best-of-k sampling, chosen by a segmenter that never learned from private data."""
     path = synthetic / PROVENANCE_FILE
     if not path.is_file():
         _refuse(f"{synthetic}: no {PROVENANCE_FILE}; sample it with `dpsynth sample {run}`")
@@ -275,7 +278,23 @@ def _check_synthetic(run: Path, model: dict, synthetic: Path) -> dict:
     for name, digest in files.items():
         if sha256_file(synthetic / name) != digest:
             _refuse(f"{synthetic / name}: changed since it was sampled")
-    return {**provenance, **_provenance_sampling(provenance, model, path)}
+    return {**provenance, **_provenance_sampling(provenance, model, path),
+            **_provenance_selection(provenance, ledger, path)}  # fmt: skip
+
+
+def _provenance_selection(provenance: dict, ledger: Ledger, path: Path) -> dict:
+    """`candidates` (1 for folders from before best-of-k) and, above 1, the `selector`
+    record, refused when the run's ledger names the selector's cache as private."""
+    candidates = provenance.get("candidates", 1)
+    with _refusing(f"{path}: "):
+        check_candidates(candidates)
+        if candidates == 1:
+            if "selector" in provenance:
+                raise DpsynthError("selector: given, but no choice was made (candidates 1)")
+            return {"candidates": 1}
+        selector = check_selector_record(provenance.get("selector"), path)
+        refuse_private_selector(selector, ledger, f"{path}: selector")
+    return {"candidates": candidates, "selector": selector}
 
 
 def _provenance_sampling(provenance: dict, model: dict, path: Path) -> dict:
@@ -402,7 +421,9 @@ def _write_synthetic(synthetic: Path, provenance: dict, model: dict, folder: Pat
         _refuse(f"{synthetic / 'attributes.csv'}: its rows do not list the volumes in order")
     write_attributes_csv(folder / "attributes.csv", names, table)
     kept = {k: provenance.get(k) for k in ("model_digest", "conditioning", "sampler", "steps",
-                                           "guidance", "temperature", "seed")}  # fmt: skip
+                                           "guidance", "temperature", "seed", "candidates")}  # fmt: skip
+    if "selector" in provenance:
+        kept["selector"] = provenance["selector"]
     kept["conditioning_meaning"] = CONDITIONING[kept["conditioning"]]
     kept["files"] = {n: sha256_file(folder / n) for n in [*names, "attributes.csv"]}
     atomic_write_json(folder / PROVENANCE_FILE, kept)
@@ -625,7 +646,7 @@ dpsynth sample model --n 16 --attributes my_conditions.csv --out my_samples
 `synthetic/` holds {n} volumes sampled by the data steward (sampler
 {provenance.get("sampler")}, {provenance.get("steps")} steps, guidance
 {provenance.get("guidance")}, temperature {provenance.get("temperature")}); their
-conditions: {CONDITIONING[provenance["conditioning"]]}.
+conditions: {CONDITIONING[provenance["conditioning"]]}.{_selection_sentence(provenance)}
 
 ## Limits
 
@@ -640,6 +661,20 @@ conditions: {CONDITIONING[provenance["conditioning"]]}.
   not covered by ε. dpsynth's `demo` preset chose them on simulated patients; `paper`
   keeps the study's guidance and starting noise, with DDIM at 25 steps chosen on public data.
 """
+
+
+def _selection_sentence(provenance: dict) -> str:
+    k = provenance["candidates"]
+    if k == 1:
+        return ""
+    return (
+        f"\nEach is the best of {k} candidates: the one whose LV and RV blood-pool volumes a "
+        "segmenter trained on public data only (cache id "
+        f"{provenance['selector']['cache_id']}) measured nearest the request. This choice is "
+        "post-processing of the model: it does not change ε. Volumes sampled from `model/` "
+        "are plain draws unless `dpsynth sample` is given `--candidates` and a `--selector` "
+        "of your own, trained on public data."
+    )
 
 
 def _listed(values: list) -> str:
