@@ -436,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--selector",
         type=Path,
-        help="segmenter trained on PUBLIC data only (dpsynth train-referee on a public cache); "
-        "one trained on the run's private data is refused",
+        help="segmenter declared trained on PUBLIC data only (`dpsynth train-referee --public` "
+        "on a public cache); one trained on a cache the run's ledger names is refused",
     )
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_sample)

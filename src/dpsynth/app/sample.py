@@ -26,6 +26,7 @@ from dpsynth.runs import (
     model_digest,
     parse_number,
     read_conditions_csv,
+    read_model_meta,
     sampling_settings,
     write_attributes_csv,
 )
@@ -119,10 +120,10 @@ def sample_to_folder(
     elif conditions_source == "dp":
         raise DpsynthError("--conditions-source dp: use --attributes dp")
 
-    join_process_group()  # under torchrun: each rank samples its own share (see `_shards`)
     run = Path(run)
+    chooser, chooser_record = _selector(run, selector) if candidates > 1 else (None, None)
+    join_process_group()  # under torchrun: each rank samples its own share (see `_shards`)
     pipe = load(run, device=pick_device())
-    chooser, chooser_record = load_selector(selector, run) if selector else (None, None)
     if attributes == "dp":
         table = _dp_conditions(run, n, seed)
     elif attributes is not None:
@@ -201,6 +202,13 @@ def _check_settings(
         check_candidates(candidates)
     except DpsynthError as e:
         raise DpsynthError(f"--{e}") from None
+
+
+def _selector(run: Path, selector: str | os.PathLike) -> tuple:
+    """The best-of-k selector and its provenance record, checked against the run's model.json
+    grid and ledger before any work."""
+    meta = read_model_meta(run, kind="ldm")
+    return load_selector(selector, run, tuple(meta["shape"]), tuple(meta["spacing"]))
 
 
 def _shards(tmp: Path | None, n: int) -> tuple[Path, slice, int]:

@@ -179,6 +179,7 @@ def release(
         "mechanisms": [_mechanism(e) for e in dp],
         "evaluation_uses": [{"stage": e.stage, "note": e.note} for e in ledger if e.non_private],
         "conditioning": provenance["conditioning"],
+        "candidates": provenance["candidates"],
     }
     with atomic_dir(out) as tmp:
         _write_model(run, model, tmp / MODEL_DIR)
@@ -292,8 +293,8 @@ def _provenance_selection(provenance: dict, ledger: Ledger, path: Path) -> dict:
             if "selector" in provenance:
                 raise DpsynthError("selector: given, but no choice was made (candidates 1)")
             return {"candidates": 1}
-        selector = check_selector_record(provenance.get("selector"), path)
-        refuse_private_selector(selector, ledger, f"{path}: selector")
+        selector = check_selector_record(provenance.get("selector"), "selector")
+        refuse_private_selector(selector, ledger, "selector")
     return {"candidates": candidates, "selector": selector}
 
 
@@ -422,8 +423,6 @@ def _write_synthetic(synthetic: Path, provenance: dict, model: dict, folder: Pat
     write_attributes_csv(folder / "attributes.csv", names, table)
     kept = {k: provenance.get(k) for k in ("model_digest", "conditioning", "sampler", "steps",
                                            "guidance", "temperature", "seed", "candidates")}  # fmt: skip
-    if "selector" in provenance:
-        kept["selector"] = provenance["selector"]
     kept["conditioning_meaning"] = CONDITIONING[kept["conditioning"]]
     kept["files"] = {n: sha256_file(folder / n) for n in [*names, "attributes.csv"]}
     atomic_write_json(folder / PROVENANCE_FILE, kept)
@@ -599,7 +598,7 @@ Conditions of the synthetic volumes (`synthetic/attributes.csv`): {source}.
   inference) is likewise not part of this release and not covered by ε.
 - The sample rates and step counts above were set from the number of training patients,
   which they therefore reveal; as usual for DP-SGD that number is treated as public.
-- Public data used for pre-training is not protected (it is public).
+- Public data used for pre-training is not protected (it is public).{_selection_caveat(privacy)}
 - Differential privacy limits what anyone can learn about one patient; it does not hide
   facts about the population that the data were meant to show.
 - The guarantee assumes the noise and the patient sampling were secret: the training
@@ -607,6 +606,18 @@ Conditions of the synthetic volumes (`synthetic/attributes.csv`): {source}.
 - It covers only what the ledger of this run recorded; uses of the same patients outside
   dpsynth are not counted.
 """
+
+
+def _selection_caveat(privacy: dict) -> str:
+    k = privacy.get("candidates", 1)
+    if k == 1:
+        return ""
+    return (
+        f"\n- Each synthetic volume is the best of {k} draws, chosen by a segmenter that the "
+        "data steward declared trained on public data only. If it learned from private "
+        "patients, its choices are not covered by ε; dpsynth checked only that it learned "
+        "from no data this run's ledger names."
+    )
 
 
 def model_card(model: dict, privacy: dict, provenance: dict) -> str:
@@ -669,11 +680,11 @@ def _selection_sentence(provenance: dict) -> str:
         return ""
     return (
         f"\nEach is the best of {k} candidates: the one whose LV and RV blood-pool volumes a "
-        "segmenter trained on public data only (cache id "
-        f"{provenance['selector']['cache_id']}) measured nearest the request. This choice is "
-        "post-processing of the model: it does not change ε. Volumes sampled from `model/` "
-        "are plain draws unless `dpsynth sample` is given `--candidates` and a `--selector` "
-        "of your own, trained on public data."
+        "segmenter measured nearest the request. The data steward declared that segmenter "
+        "trained on public data only (dpsynth checked that it learned from no data the "
+        "run's ledger names); the choice is then post-processing and does not change ε "
+        "(PRIVACY.md). Volumes sampled from `model/` are plain draws unless `dpsynth "
+        "sample` is given `--candidates` and a `--selector` of your own."
     )
 
 
