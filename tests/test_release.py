@@ -22,6 +22,7 @@ from dpsynth.evaluation.referee import train_referee
 from dpsynth.evaluation.selection import (
     MISSING,
     candidate_seed,
+    load_selector,
     request_error,
     sample_best_of,
 )
@@ -731,10 +732,11 @@ def test_release_refuses_a_choice_it_cannot_vouch_for(world, tmp_path, change, m
 def test_shipped_demo_selector_is_public():
     from dpsynth.app.demo import demo_assets
 
-    selector = demo_assets() / "selector"
-    meta = read_json(selector / "referee.json")
-    assert meta["public"] is True and len(meta["cache_id"]) == 32
-    assert not (selector / "EVALUATION_ONLY.txt").exists()
+    selector, ldm = demo_assets() / "selector", demo_assets() / "ldm"
+    model = read_json(ldm / "model.json")
+    referee, record = load_selector(selector, ldm, model["shape"], model["spacing"])
+    assert record["cache_id"] == read_json(selector / "referee.json")["cache_id"]
+    assert referee.meta["public"] is True and not (selector / "EVALUATION_ONLY.txt").exists()
 
 
 def test_best_of_k_of_a_shard_equals_the_whole_cohorts_rows(world):
