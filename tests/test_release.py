@@ -20,7 +20,6 @@ from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError, ReleaseRefusedError
 from dpsynth.evaluation.referee import train_referee
 from dpsynth.evaluation.selection import (
-    MISSING,
     candidate_seed,
     load_selector,
     request_error,
@@ -586,8 +585,8 @@ def test_best_of_k_keeps_each_volumes_nearest_candidate(world):
     settings = {"steps": 2, "progress": False}
     draws = np.stack([pipe.sample(6, attributes=table, seed=candidate_seed(5, c), **settings)
                       for c in range(3)])  # fmt: skip
-    errors = np.stack([request_error(_IntensitySelector(), d, table, pipe.spacing) for d in draws])
-    chosen = errors.argmin(0)
+    scores = [request_error(_IntensitySelector(), d, table, pipe.spacing) for d in draws]
+    chosen = np.stack([m * 1e9 + e for m, e in scores]).argmin(0)  # missing first, then error
     best = sample_best_of(pipe, 6, table, 5, 3, _IntensitySelector(), **settings)
     np.testing.assert_array_equal(best, draws[chosen, np.arange(6)])
     assert len(set(chosen)) > 1  # the choice is not degenerate here
@@ -611,10 +610,14 @@ def test_request_error_is_relative_and_phase_matched():
     table[:, INDEX["LVEDV"]], table[:, INDEX["RVEDV"]] = 1.0, 0.5
     table[:, INDEX["LVESV"]], table[:, INDEX["RVESV"]] = 0.25, 0.25
     table[:, INDEX["ESED"]] = (1, 0)
-    error = request_error(_IntensitySelector(), volumes, table, spacing)
+    missing, error = request_error(_IntensitySelector(), volumes, table, spacing)
     np.testing.assert_allclose(error, [0.5 + 0.0, 1.0 + 1.0])
-    volumes[1, 1] = 0  # no RV blood pool found: worse than any candidate that has one
-    assert request_error(_IntensitySelector(), volumes, table, spacing)[1] == 1.0 + MISSING
+    np.testing.assert_array_equal(missing, [0, 0])
+    volumes[1, 1] = 0  # no RV blood pool found: ranks behind any candidate that has one
+    missing, error = request_error(_IntensitySelector(), volumes, table, spacing)
+    assert missing[1] == 1 and error[1] == 1.0
+    table[0, INDEX["LVEDV"]] = np.inf  # not a request the choice can compare
+    assert request_error(_IntensitySelector(), volumes, table, spacing)[1][0] == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -634,7 +637,7 @@ def test_a_public_selector_is_labelled_public_and_names_its_cache(world, selecto
     assert (selectors["evaluation"] / "EVALUATION_ONLY.txt").exists()
 
 
-def test_best_of_k_folder_releases_with_its_selector_named(world, selectors, tmp_path):
+def test_best_of_k_folder_releases_saying_how_it_was_chosen(world, selectors, tmp_path):
     synthetic = sample_to_folder(world["dp"], tmp_path / "s", n=3, attributes="dp", steps=2,
                                  candidates=2, selector=selectors["public"])  # fmt: skip
     provenance = read_json(synthetic / "provenance.json")
@@ -653,17 +656,16 @@ def test_best_of_k_folder_releases_with_its_selector_named(world, selectors, tmp
     assert read_json(world["synthetic"] / "provenance.json")["candidates"] == 1
     assert "candidates" not in (world["bundle"] / "MODEL_CARD.md").read_text()
     verify(bundle)
-    evaluation = tmp_path / "eval"
-    evaluation.mkdir()
-    (evaluation / "metrics.json").write_text(
-        json.dumps({"controllability": {"LVESV": {"r": 0.8, "mae": 9.0, "n": 2, "slope": 1.0}}})
-    )
-    report = write_report(world["dp"], tmp_path / "report", eval_dir=evaluation,
-                          synthetic_dir=synthetic)  # fmt: skip
-    assert "best of 2 candidates" in report.read_text()
-    plain = write_report(world["dp"], tmp_path / "plain", eval_dir=evaluation,
-                         synthetic_dir=world["synthetic"])  # fmt: skip
-    assert "candidates" not in plain.read_text()
+    table = {"LVESV": {"r": 0.8, "mae": 9.0, "n": 2, "slope": 1.0}}
+    for folder, name in ((synthetic, "chosen"), (world["synthetic"], "plain")):
+        evaluation = tmp_path / f"eval_{name}"
+        evaluation.mkdir()
+        metrics = {"synthetic": str(folder), "controllability": table}
+        (evaluation / "metrics.json").write_text(json.dumps(metrics))
+        # The caveat follows the evaluated set, whichever set the report shows.
+        report = write_report(world["dp"], tmp_path / f"report_{name}", eval_dir=evaluation,
+                              synthetic_dir=world["synthetic"])  # fmt: skip
+        assert ("best of 2 candidates" in report.read_text()) == (name == "chosen")
 
 
 def test_sample_refuses_a_selector_that_learned_from_private_data(
@@ -676,11 +678,20 @@ def test_sample_refuses_a_selector_that_learned_from_private_data(
     assert not out.exists()
     argv[-1] = str(selectors["evaluation"])  # a referee not declared public
     assert "not declared trained on public data only" in _one_line_error(capsys, argv)
+    marked = shutil.copytree(selectors["public"], tmp_path / "marked")
+    (marked / "EVALUATION_ONLY.txt").write_text("evaluation only")  # declared, yet labelled
+    assert "not declared trained on public data only" in _one_line_error(
+        capsys, [*argv[:-1], str(marked)]
+    )
+    old_run = _run_with_an_unnamed_ledger_entry(world, tmp_path)
+    assert "names no cache" in _one_line_error(
+        capsys, [argv[0], str(old_run), *argv[2:-1], str(selectors["public"])]
+    )
     moved = shutil.copytree(selectors["public"], tmp_path / "moved")
     meta = read_json(moved / "referee.json")
     meta["shape"] = [13, 96, 96]
     (moved / "referee.json").write_text(json.dumps(meta))
-    assert "trained on (13, 96, 96)" in _one_line_error(capsys, [*argv[:-1], str(moved)])
+    assert "made for shape [13, 96, 96]" in _one_line_error(capsys, [*argv[:-1], str(moved)])
     assert not out.exists()
     unnamed = shutil.copytree(selectors["public"], tmp_path / "unnamed")
     meta = read_json(unnamed / "referee.json")
@@ -688,6 +699,15 @@ def test_sample_refuses_a_selector_that_learned_from_private_data(
     (unnamed / "referee.json").write_text(json.dumps(meta))
     assert "names no cache_id" in _one_line_error(capsys, [*argv[:-1], str(unnamed)])
     assert not out.exists()
+
+
+def _run_with_an_unnamed_ledger_entry(world, tmp_path):
+    """A copy of the DP run whose ledger has an entry from before cache ids (format 1)."""
+    run = shutil.copytree(world["dp"], tmp_path / "old_ledger_run")
+    ledger = read_json(run / "ledger.json")
+    ledger["entries"][-1]["cache_id"] = ""
+    (run / "ledger.json").write_text(json.dumps(ledger))
+    return run
 
 
 @pytest.mark.parametrize(
@@ -710,20 +730,29 @@ def test_sample_refuses_a_bad_best_of_k_request(world, tmp_path, capsys, extra, 
     "change, match",
     [
         ({"candidates": 2, "selector": "private"}, "which the run's ledger names as private"),
-        ({"candidates": 2}, "selector: expected {cache_id, weights_sha256}"),
+        ({"candidates": 2}, "selector: expected {cache_id, weights_sha256, public: true"),
         ({"candidates": 2, "selector": {"cache_id": "x", "weights_sha256": "y"}}, "selector: exp"),
+        ({"candidates": 2, "selector": "undeclared"}, "selector: expected {cache_id"),
+        ({"candidates": 2, "selector": "other grid"}, "selector: made for shape [13, 96, 96]"),
         ({"selector": "public"}, "selector: given, but no choice was made"),
         ({"candidates": True}, "candidates: expected an integer in"),
         ({"candidates": 99}, "candidates: expected an integer in"),
     ],
 )
 def test_release_refuses_a_choice_it_cannot_vouch_for(world, tmp_path, change, match):
-    """The provenance's selector is copied into the bundle and must not be private data's."""
+    """The bundle says its volumes were chosen by a segmenter declared public: release
+    refuses a record that does not declare it, or names private data."""
     synthetic = shutil.copytree(world["synthetic"], tmp_path / "s")
     provenance = read_json(synthetic / "provenance.json")
+    model = read_json(world["dp"] / "model.json")
     for key, value in change.items():
-        if value in ("public", "private"):
-            value = {"cache_id": Cache(world[value]).cache_id, "weights_sha256": "0" * 64}
+        if value in ("public", "private", "undeclared", "other grid"):
+            cache = world["private" if value == "private" else "public"]
+            value = {"cache_id": Cache(cache).cache_id, "weights_sha256": "0" * 64,
+                     "public": value != "undeclared", "shape": model["shape"],
+                     "spacing": model["spacing"]}  # fmt: skip
+            if change[key] == "other grid":
+                value["shape"] = [13, 96, 96]
         provenance[key] = value
     (synthetic / "provenance.json").write_text(json.dumps(provenance))
     _refused(world, tmp_path / "b", re.escape(match), synthetic=synthetic)
@@ -747,6 +776,8 @@ def test_best_of_k_of_a_shard_equals_the_whole_cohorts_rows(world):
     whole = sample_best_of(pipe, 20, table, 3, 2, _IntensitySelector(), **kw)
     shard = sample_best_of(pipe, 4, table[16:], 3, 2, _IntensitySelector(), start=16, **kw)
     np.testing.assert_array_equal(shard, whole[16:])
+    first = pipe.sample(4, attributes=table[16:], seed=3, start=16, **kw)
+    assert not np.array_equal(shard, first)  # some row of the shard took its 2nd candidate
 
 
 def test_best_of_k_without_anything_to_compare_is_plain_sampling(world):
@@ -755,7 +786,9 @@ def test_best_of_k_without_anything_to_compare_is_plain_sampling(world):
     table[0, INDEX["ESED"]] = 1
     table[0, INDEX["LVEDV"]] = 0.0  # a requested 0 is no request, not a division by zero
     kw = {"steps": 2, "progress": False}
-    with pytest.warns(UserWarning, match="no volume requests an LV or RV volume"):
+    with pytest.warns(
+        UserWarning, match=r"no volume \(of this share\) requests an LV or RV volume"
+    ):
         best = sample_best_of(pipe, 3, table, 4, 3, _IntensitySelector(), **kw)
     np.testing.assert_array_equal(best, pipe.sample(3, attributes=table, seed=4, **kw))
 
@@ -770,3 +803,10 @@ def test_train_referee_cli_declares_a_public_selector(world, tmp_path):
     assert read_json(synthetic / "provenance.json")["selector"]["cache_id"] == (
         Cache(world["public"]).cache_id
     )
+
+
+def test_release_refuses_a_choice_when_the_ledger_names_no_cache(world, selectors, tmp_path):
+    synthetic = sample_to_folder(world["dp"], tmp_path / "s", n=1, steps=2, candidates=2,
+                                 selector=selectors["public"])  # fmt: skip
+    old_run = _run_with_an_unnamed_ledger_entry(world, tmp_path)
+    _refused(world, tmp_path / "b", "names no cache", run=old_run, synthetic=synthetic)

@@ -1,7 +1,7 @@
 """`make demo`: the whole pipeline on embedded phantoms, sized for 2 CPU cores.
 
 public phantoms (acdc-like) ─► pre-trained autoencoder + LDM (+ best-of-k selector),
-                                shipped, see `pretrain`
+                                shipped, see `pretrain_public`
 private phantoms (ukbb-like) ─► DP fine-tune at ε ─► DP attribute model ─► sample
                                   ─► referee ─► evaluate ─► release bundle ─► report
 
@@ -157,9 +157,9 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
     synthetic = out / "synthetic"
     with Stage("sample from DP attributes", synthetic, keep, timings) as done:
         if not done:
-            # Plain draws: best of k with the shipped selector lifts the ES volumes' r by
-            # 0.15-0.25 but costs k - 1 more samplings, over the demo's time budget
-            # (BENCHMARKS.md, "Best-of-k sampling"; README, "What make demo does").
+            # Plain draws: best of 3 with the shipped selector lifts LVESV r by 0.2-0.33
+            # but costs 2 more samplings, over the demo's time budget (BENCHMARKS.md,
+            # "Best-of-k sampling"; README, "What make demo does").
             sample_to_folder(ldm_run, synthetic, n=N_SYNTHETIC, attributes="dp", seed=0)
     referee = out / "referee"
     with Stage("train referee (evaluation only)", referee, keep, timings) as done:

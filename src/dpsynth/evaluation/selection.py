@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from dpsynth.attributes import INDEX
+from dpsynth.attributes import INDEX, N_ATTRIBUTES
 from dpsynth.config import check_candidates
 from dpsynth.data.measure import measure_volume
 from dpsynth.diffusion.pipeline import SAMPLE_BATCH
@@ -41,7 +43,6 @@ from dpsynth.privacy.outputs import MARKER_FILE
 SELECTED_ATTRIBUTES = ("LVEDV", "LVESV", "RVEDV", "RVESV")
 CACHE_ID = re.compile(r"[0-9a-f]{32}")  # `Cache.cache_id`: a uuid4 in hex
 SHA256 = re.compile(r"[0-9a-f]{64}")
-MISSING = 1e6  # error per requested structure the segmenter does not find: worse than any miss
 
 
 def candidate_seed(seed: int, candidate: int) -> int:
@@ -53,18 +54,43 @@ def candidate_seed(seed: int, candidate: int) -> int:
     return int(state[0] >> 1)
 
 
-def check_selector_record(record: Any, where: str | os.PathLike) -> dict[str, str]:
-    """A provenance file's `selector`: exactly {cache_id, weights_sha256} in hex."""
+def check_selector_record(
+    record: Any, where: str | os.PathLike, shape: Sequence[int], spacing: Sequence[float]
+) -> dict[str, Any]:
+    """A provenance file's `selector`: exactly {cache_id, weights_sha256, public, shape,
+    spacing}: the cache it learned from (hex id), its weights' digest, the steward's
+    declaration that the cache is public (true), and the model's grid (`shape`, `spacing`)."""
+    keys = {"cache_id", "weights_sha256", "public", "shape", "spacing"}
     if not (
         isinstance(record, dict)
-        and set(record) == {"cache_id", "weights_sha256"}
+        and set(record) == keys
         and isinstance(record["cache_id"], str)
         and CACHE_ID.fullmatch(record["cache_id"])
         and isinstance(record["weights_sha256"], str)
         and SHA256.fullmatch(record["weights_sha256"])
+        and record["public"] is True
     ):
-        raise DpsynthError(f"{where}: selector: expected {{cache_id, weights_sha256}} in hex")
+        raise DpsynthError(
+            f"{where}: expected {{cache_id, weights_sha256, public: true, shape, spacing}} "
+            "as `dpsynth sample --selector` writes it"
+        )
+    if not _same_grid(record["shape"], record["spacing"], shape, spacing):
+        raise DpsynthError(
+            f"{where}: made for shape {reprlib.repr(record['shape'])} at "
+            f"{reprlib.repr(record['spacing'])} mm, the model makes {tuple(shape)} at "
+            f"{tuple(spacing)} mm"
+        )
     return dict(record)
+
+
+def _same_grid(shape: Any, spacing: Any, model_shape: Sequence, model_spacing: Sequence) -> bool:
+    try:
+        same_shape = [int(v) for v in shape] == [int(v) for v in model_shape]
+        return same_shape and np.allclose(
+            np.asarray(spacing, float), np.asarray(model_spacing, float)
+        )
+    except (TypeError, ValueError):
+        return False
 
 
 def refuse_private_selector(record: dict[str, str], ledger: Ledger, where: str) -> None:
@@ -84,10 +110,10 @@ def refuse_private_selector(record: dict[str, str], ledger: Ledger, where: str) 
 
 
 def load_selector(
-    path: str | os.PathLike, run: str | os.PathLike, shape: tuple, spacing: tuple
-) -> tuple[Referee, dict[str, str]]:
+    path: str | os.PathLike, run: str | os.PathLike, shape: Sequence[int], spacing: Sequence[float]
+) -> tuple[Referee, dict[str, Any]]:
     """The segmenter at `path` and its provenance record, after checking that it is declared
-    public, never learned from data `run`'s ledger names, and reads `shape` at `spacing`."""
+    public, never learned from a cache `run`'s ledger names, and reads `shape` at `spacing`."""
     path = Path(path)
     where = f"--selector {path}"
     if not (path / META_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
@@ -104,45 +130,48 @@ def load_selector(
         )
     if "cache_id" not in meta:
         raise DpsynthError(f"{where}: its meta names no cache_id, so its data is unknown")
-    record = {"cache_id": meta["cache_id"], "weights_sha256": sha256_file(path / WEIGHTS_FILE)}
-    record = check_selector_record(record, where)
+    record = {
+        "cache_id": meta["cache_id"],
+        "weights_sha256": sha256_file(path / WEIGHTS_FILE),
+        "public": True,
+        "shape": meta.get("shape"),
+        "spacing": meta.get("spacing"),
+    }
+    record = check_selector_record(record, where, shape, spacing)
     refuse_private_selector(record, Ledger.load(run, missing_ok=True), where)
-    grid = (tuple(meta.get("shape", ())), tuple(float(s) for s in meta.get("spacing", ())))
-    if grid != (tuple(shape), tuple(float(s) for s in spacing)):
-        raise DpsynthError(
-            f"{where}: trained on {grid[0]} at {grid[1]} mm, the model makes {tuple(shape)} "
-            f"at {tuple(spacing)} mm"
-        )
     return Referee.load(path), record
 
 
 def request_error(
     selector: Segmenter, volumes: np.ndarray, attributes: np.ndarray, spacing: tuple
-) -> np.ndarray:
-    """Per volume, the summed relative error of the selected volumes its phase requests, as
-    `selector` measures them; `MISSING` for each such structure it does not find. A volume
-    that requests none (or whose phase is unknown) scores 0."""
-    error = np.zeros(len(volumes))
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per volume, how many of the selected volumes its phase requests `selector` does not
+    find, and the summed relative error of those it finds; candidates rank by the first,
+    then the second. A volume that requests none (or whose phase is unknown) scores (0, 0)."""
+    missing, error = np.zeros(len(volumes), dtype=int), np.zeros(len(volumes))
     wanted = selectable(attributes)
     for i, mask in enumerate(selector.segment(volumes)):
         measured = measure_volume(mask, spacing)
         for attribute in wanted[i]:
             requested = float(attributes[i, INDEX[attribute]])
             found = measured[MEASURED_ATTRIBUTES[attribute][0]]
-            error[i] += abs(found - requested) / requested if np.isfinite(found) else MISSING
-    return error
+            if np.isfinite(found):
+                error[i] += abs(found - requested) / requested
+            else:
+                missing[i] += 1
+    return missing, error
 
 
 def selectable(attributes: np.ndarray) -> list[list[str]]:
     """Per row, the selected attributes the choice can compare: requested (finite, > 0) and
-    of the row's phase."""
+    of the row's phase (the per-phase rule of `controllability.MEASURED_ATTRIBUTES`)."""
     rows = []
     for row in attributes:
         phase = row[INDEX["ESED"]]
         rows.append([
             a
             for a in SELECTED_ATTRIBUTES
-            if MEASURED_ATTRIBUTES[a][1] == phase and row[INDEX[a]] > 0  # NaN compares False
+            if MEASURED_ATTRIBUTES[a][1] == phase and 0 < row[INDEX[a]] < np.inf  # NaN: False
         ])  # fmt: skip
     return rows
 
@@ -160,18 +189,27 @@ def sample_best_of(
 ) -> np.ndarray:
     """`pipe.sample(n, attributes, seed=seed, start=start, **settings)`, drawn `candidates`
     times (seeds from `candidate_seed`), keeping per volume the candidate nearest its
-    request; ties keep the earlier candidate. Sampling batch by batch keeps two batches in
-    memory, and any batch-aligned `start` gives the volumes one call over the cohort would."""
+    request; ties keep the earlier candidate. `selector` must have passed `load_selector`
+    (a segmenter of public data). Sampling is batch by batch (`SAMPLE_BATCH`), so any
+    batch-aligned `start` gives the volumes one call over the cohort would; a batch with
+    nothing to compare keeps its first candidate without drawing the others."""
     check_candidates(candidates)
     if candidates == 1:
         return pipe.sample(n, attributes=attributes, seed=seed, start=start, progress=progress,
                            **settings)  # fmt: skip
     if selector is None:
         raise DpsynthError("--selector: best-of-k sampling needs one")
+    if "batch_size" in settings:
+        raise DpsynthError("best-of-k samples in batches of SAMPLE_BATCH; no batch_size")
+    attributes = np.asarray(attributes, dtype=np.float32)
+    if n < 1 or attributes.shape != (n, N_ATTRIBUTES):
+        raise DpsynthError(
+            f"attributes: expected shape ({n}, {N_ATTRIBUTES}), got {attributes.shape}"
+        )
     if not any(selectable(attributes)):
         warnings.warn(
-            f"best of {candidates}: no volume requests an LV or RV volume of a known phase, so "
-            "every volume is its first candidate",
+            f"best of {candidates}: no volume (of this share) requests an LV or RV volume of a "
+            "known phase, so every volume is its first candidate",
             stacklevel=2,
         )
     out = []
@@ -180,20 +218,25 @@ def sample_best_of(
     try:
         for offset in range(0, n, SAMPLE_BATCH):
             rows = attributes[offset : offset + SAMPLE_BATCH]
-            best, error = None, None
-            for candidate in range(candidates):
-                volumes = pipe.sample(
-                    len(rows), attributes=rows, seed=candidate_seed(seed, candidate),
-                    start=start + offset, progress=False, **settings,
-                )  # fmt: skip
-                e = request_error(selector, volumes, rows, pipe.spacing)
-                if best is None:
-                    best, error = volumes, e
-                else:
-                    better = e < error
-                    best[better], error[better] = volumes[better], e[better]
-                bar.update(len(rows))
-            out.append(best)
+            out.append(_best_of_batch(pipe, rows, seed, candidates, selector, start + offset,
+                                      bar, settings))  # fmt: skip
     finally:
         bar.close()
     return np.concatenate(out)
+
+
+def _best_of_batch(pipe, rows, seed, candidates, selector, start, bar, settings) -> np.ndarray:
+    """One sampling batch's chosen volumes (see `sample_best_of`)."""
+    tries = candidates if any(selectable(rows)) else 1
+    best = missing = error = None
+    for candidate in range(tries):
+        volumes = pipe.sample(len(rows), attributes=rows, seed=candidate_seed(seed, candidate),
+                              start=start, progress=False, **settings)  # fmt: skip
+        m, e = request_error(selector, volumes, rows, pipe.spacing)
+        if best is None:
+            best, missing, error = volumes, m, e
+        else:
+            better = (m < missing) | ((m == missing) & (e < error))
+            best[better], missing[better], error[better] = volumes[better], m[better], e[better]
+        bar.update(len(rows) * (candidates if tries == 1 else 1))
+    return best

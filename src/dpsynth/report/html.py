@@ -615,7 +615,8 @@ def _controllability_table(summary: dict) -> str:
 
 
 def _candidates(synthetic_dir: str | os.PathLike | None) -> int:
-    """How many candidates each synthetic volume was chosen from (1: plain sampling)."""
+    """How many candidates each volume of the evaluated synthetic set was chosen from
+    (1: plain sampling, or no provenance to say)."""
     path = Path(synthetic_dir) / PROVENANCE_FILE if synthetic_dir else None
     if path is None or not path.is_file():
         return 1
@@ -1024,7 +1025,7 @@ def write_report(
         train=_load_set(run, "real", real, "train") if real_is_cache and _audit(run) else None,
         release=Path(release) if release is not None else None,
         release_link=Path(os.path.relpath(release, out_dir)).as_posix() if release else "",
-        candidates=_candidates(synthetic_dir),
+        candidates=_candidates(recorded.get("synthetic")),  # the set the figures measured
     )
     body = "".join(
         f'<section id="{sid}"><h2>{_e(title)}</h2>{_render(fn, ctx)}</section>'

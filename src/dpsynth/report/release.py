@@ -14,12 +14,14 @@ private cache's id) cannot slip in::
       model/autoencoder.safetensors
       synthetic/synth_NNNNN.nii.gz   the synthetic volumes, headers written afresh
       synthetic/attributes.csv       their conditions
-      synthetic/provenance.json      model digest, conditioning source, file digests
+      synthetic/provenance.json      model digest, conditioning source, sampler settings,
+                                     best of k (`candidates`), file digests
       SHA256SUMS                     SHA-256 of every other file (`sha256sum -c SHA256SUMS`)
 
 `release` refuses (one line, exit 2) when the ledger's composed ε is above the budget the
 user set, a stage without DP learned from data a DP entry marks private, the synthetic set
-was not sampled from this run, or its conditions were real private attributes.
+was not sampled from this run, its volumes were chosen by a selector not declared public or
+trained on a cache the ledger names, or its conditions were real private attributes.
 `verify` re-checks a bundle anywhere: the file list and digests, and ε recomputed from the
 mechanisms by the accountant named.
 """
@@ -280,12 +282,13 @@ def _check_synthetic(run: Path, model: dict, synthetic: Path, ledger: Ledger) ->
         if sha256_file(synthetic / name) != digest:
             _refuse(f"{synthetic / name}: changed since it was sampled")
     return {**provenance, **_provenance_sampling(provenance, model, path),
-            **_provenance_selection(provenance, ledger, path)}  # fmt: skip
+            **_provenance_selection(provenance, model, ledger, path)}  # fmt: skip
 
 
-def _provenance_selection(provenance: dict, ledger: Ledger, path: Path) -> dict:
+def _provenance_selection(provenance: dict, model: dict, ledger: Ledger, path: Path) -> dict:
     """`candidates` (1 for folders from before best-of-k) and, above 1, the `selector`
-    record, refused when the run's ledger names the selector's cache as private."""
+    record: declared public, made for the model's grid, and refused when the run's ledger
+    names its cache (or has an entry naming none)."""
     candidates = provenance.get("candidates", 1)
     with _refusing(f"{path}: "):
         check_candidates(candidates)
@@ -293,7 +296,8 @@ def _provenance_selection(provenance: dict, ledger: Ledger, path: Path) -> dict:
             if "selector" in provenance:
                 raise DpsynthError("selector: given, but no choice was made (candidates 1)")
             return {"candidates": 1}
-        selector = check_selector_record(provenance.get("selector"), "selector")
+        selector = check_selector_record(provenance.get("selector"), "selector",
+                                         model["shape"], model["spacing"])  # fmt: skip
         refuse_private_selector(selector, ledger, "selector")
     return {"candidates": candidates, "selector": selector}
 
@@ -609,14 +613,15 @@ Conditions of the synthetic volumes (`synthetic/attributes.csv`): {source}.
 
 
 def _selection_caveat(privacy: dict) -> str:
+    """PRIVACY.md's "not covered" item for best-of-k sampling (none for plain draws)."""
     k = privacy.get("candidates", 1)
     if k == 1:
         return ""
     return (
         f"\n- Each synthetic volume is the best of {k} draws, chosen by a segmenter that the "
         "data steward declared trained on public data only. If it learned from private "
-        "patients, its choices are not covered by ε; dpsynth checked only that it learned "
-        "from no data this run's ledger names."
+        "patients, its choices are not covered by ε; dpsynth checked only that the cache "
+        "it names is not one this run's ledger names."
     )
 
 
@@ -667,24 +672,25 @@ conditions: {CONDITIONING[provenance["conditioning"]]}.{_selection_sentence(prov
   evaluation outputs and are not included.
 - Attribute values outside the ranges in `model/model.json` (`attribute_ranges`) ask the
   model to extrapolate.
-- The sampling settings (sampler, steps, guidance, temperature) are post-processing of the
-  model and do not change ε, but settings chosen by looking at results on private data are
-  not covered by ε. dpsynth's `demo` preset chose them on simulated patients; `paper`
+- The sampling settings (sampler, steps, guidance, temperature, best of k) are
+  post-processing of the model and do not change ε, but settings chosen by looking at
+  results on private data are not covered by ε. dpsynth's `demo` preset chose them on simulated patients; `paper`
   keeps the study's guidance and starting noise, with DDIM at 25 steps chosen on public data.
 """
 
 
 def _selection_sentence(provenance: dict) -> str:
+    """The model card's words on best-of-k sampling (none for plain draws)."""
     k = provenance["candidates"]
     if k == 1:
         return ""
     return (
         f"\nEach is the best of {k} candidates: the one whose LV and RV blood-pool volumes a "
         "segmenter measured nearest the request. The data steward declared that segmenter "
-        "trained on public data only (dpsynth checked that it learned from no data the "
-        "run's ledger names); the choice is then post-processing and does not change ε "
-        "(PRIVACY.md). Volumes sampled from `model/` are plain draws unless `dpsynth "
-        "sample` is given `--candidates` and a `--selector` of your own."
+        "trained on public data only (dpsynth checked only that the cache it names is not "
+        "one this run's ledger names); the choice is then post-processing and does not "
+        "change ε (PRIVACY.md). Volumes sampled from `model/` are plain draws unless "
+        "`dpsynth sample` is given `--candidates` and a `--selector` of your own."
     )
 
 
