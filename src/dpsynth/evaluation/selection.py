@@ -227,7 +227,7 @@ def sample_best_of(
 
 def _best_of_batch(pipe, rows, seed, candidates, selector, start, bar, settings) -> np.ndarray:
     """One sampling batch's chosen volumes (see `sample_best_of`)."""
-    tries = candidates if any(selectable(rows)) else 1
+    tries = candidates if any(selectable(rows)) else 1  # nothing to compare: keep the first
     best = missing = error = None
     for candidate in range(tries):
         volumes = pipe.sample(len(rows), attributes=rows, seed=candidate_seed(seed, candidate),
@@ -238,5 +238,6 @@ def _best_of_batch(pipe, rows, seed, candidates, selector, start, bar, settings)
         else:
             better = (m < missing) | ((m == missing) & (e < error))
             best[better], missing[better], error[better] = volumes[better], m[better], e[better]
-        bar.update(len(rows) * (candidates if tries == 1 else 1))
+        bar.update(len(rows))
+    bar.update(len(rows) * (candidates - tries))  # the draws this batch did not need
     return best

@@ -299,7 +299,7 @@ def _provenance_selection(provenance: dict, model: dict, ledger: Ledger, path: P
         selector = check_selector_record(provenance.get("selector"), "selector",
                                          model["shape"], model["spacing"])  # fmt: skip
         refuse_private_selector(selector, ledger, "selector")
-    return {"candidates": candidates, "selector": selector}
+    return {"candidates": candidates}  # the bundle names no selector (see _write_synthetic)
 
 
 def _provenance_sampling(provenance: dict, model: dict, path: Path) -> dict:
@@ -425,8 +425,9 @@ def _write_synthetic(synthetic: Path, provenance: dict, model: dict, folder: Pat
     if files != names:
         _refuse(f"{synthetic / 'attributes.csv'}: its rows do not list the volumes in order")
     write_attributes_csv(folder / "attributes.csv", names, table)
-    kept = {k: provenance.get(k) for k in ("model_digest", "conditioning", "sampler", "steps",
-                                           "guidance", "temperature", "seed", "candidates")}  # fmt: skip
+    names_kept = ("model_digest", "conditioning", "sampler", "steps", "guidance", "temperature",
+                  "seed", "candidates")  # fmt: skip
+    kept = {k: provenance.get(k) for k in names_kept}
     kept["conditioning_meaning"] = CONDITIONING[kept["conditioning"]]
     kept["files"] = {n: sha256_file(folder / n) for n in [*names, "attributes.csv"]}
     atomic_write_json(folder / PROVENANCE_FILE, kept)
@@ -674,8 +675,9 @@ conditions: {CONDITIONING[provenance["conditioning"]]}.{_selection_sentence(prov
   model to extrapolate.
 - The sampling settings (sampler, steps, guidance, temperature, best of k) are
   post-processing of the model and do not change ε, but settings chosen by looking at
-  results on private data are not covered by ε. dpsynth's `demo` preset chose them on simulated patients; `paper`
-  keeps the study's guidance and starting noise, with DDIM at 25 steps chosen on public data.
+  results on private data are not covered by ε. dpsynth's `demo` preset chose them on
+  simulated patients; `paper` keeps the study's guidance and starting noise, with DDIM at
+  25 steps chosen on public data.
 """
 
 
