@@ -17,11 +17,13 @@ from dpsynth.app.cli import main
 from dpsynth.app.sample import sample_to_folder
 from dpsynth.attributes import INDEX
 from dpsynth.data.cache import Cache
+from dpsynth.diffusion.pipeline import candidate_seed
 from dpsynth.errors import DpsynthError, ReleaseRefusedError
+from dpsynth.evaluation import selection
 from dpsynth.evaluation.referee import train_referee
 from dpsynth.evaluation.selection import (
-    candidate_seed,
     load_selector,
+    nearest_candidate,
     request_error,
     sample_best_of,
 )
@@ -579,20 +581,53 @@ class _IntensitySelector:
         return np.where(volumes > 0.6, 1, np.where(volumes > 0.4, 3, 0)).astype(np.uint8)
 
 
-def test_best_of_k_keeps_each_volumes_nearest_candidate(world):
+def test_best_of_k_finishes_each_volumes_nearest_candidate(world, monkeypatch):
+    """The selector reads each candidate's prediction after 2 of 3 steps; the volume kept is
+    the finished trajectory of the candidate it ranks first."""
     pipe = load(world["dp"])
     table = Cache(world["private"]).attributes[:6].astype(np.float32)
-    settings = {"steps": 2, "progress": False}
+    settings = {"steps": 3, "progress": False}
     draws = np.stack([pipe.sample(6, attributes=table, seed=candidate_seed(5, c), **settings)
                       for c in range(3)])  # fmt: skip
-    scores = [request_error(_IntensitySelector(), d, table, pipe.spacing) for d in draws]
-    chosen = np.stack([m * 1e9 + e for m, e in scores]).argmin(0)  # missing first, then error
+    seen = []
+
+    def recording(selector, spacing):
+        choose = nearest_candidate(selector, spacing)
+
+        def record(predicted, attributes):
+            scores = [request_error(selector, p, attributes, spacing) for p in predicted]
+            seen.append((choose(predicted, attributes), scores))
+            return seen[-1][0]
+
+        return record
+
+    monkeypatch.setattr(selection, "nearest_candidate", recording)
     best = sample_best_of(pipe, 6, table, 5, 3, _IntensitySelector(), **settings)
-    np.testing.assert_array_equal(best, draws[chosen, np.arange(6)])
+    ((chosen, scores),) = seen
+    np.testing.assert_array_equal(chosen, np.stack([m * 1e9 + e for m, e in scores]).argmin(0))
+    np.testing.assert_allclose(best, draws[chosen, np.arange(6)], atol=1e-6)
     assert len(set(chosen)) > 1  # the choice is not degenerate here
     np.testing.assert_array_equal(  # k = 1 is plain sampling with the seed
         sample_best_of(pipe, 6, table, 5, 1, **settings), draws[0]
     )
+
+
+def test_nearest_candidate_ranks_missing_volumes_first_and_keeps_the_earlier_on_ties():
+    spacing = (10.0, 1.0, 1.0)  # 0.01 mL per voxel
+    table = np.full((2, 14), np.nan, dtype=np.float32)
+    table[:, INDEX["LVEDV"]], table[:, INDEX["RVEDV"]], table[:, INDEX["ESED"]] = (
+        1.0,
+        0.5,
+        1,
+    )  # 1: ED
+    predicted = np.zeros((3, 2, 1, 10, 20), dtype=np.float32)
+    predicted[:, :, 0, :, :5] = 1.0  # LV 0.5 mL: relative error 0.5
+    predicted[:, :, 0, :, 12:17] = 0.5  # RV 0.5 mL: exact
+    predicted[1, :, 0, :, :10] = 1.0  # candidate 1: LV exact ...
+    predicted[1, :, 0, :, 12:17] = 0.0  # ... but no RV found
+    predicted[2, 1, 0, :, :10] = 1.0  # row 1, candidate 2: both exact
+    chosen = nearest_candidate(_IntensitySelector(), spacing)(predicted, table)
+    np.testing.assert_array_equal(chosen, [0, 2])  # row 0: 0 and 2 tie, 1 misses the RV
 
 
 def test_candidate_seeds_are_distinct_and_start_at_the_seed():

@@ -433,3 +433,55 @@ def test_a_cohorts_batches_can_be_drawn_apart_and_equal_one_draw(sampler):
     assert np.abs(whole[0] - whole[2]).max() > 1e-4  # batches do not repeat one another's noise
     with pytest.raises(DpsynthError, match="start must be a multiple of batch_size 2"):
         pipe.sample(1, attrs[:1], start=1, **kw)
+
+
+# --- best-of-k: several trajectories per volume, one finished -----------------------------
+
+
+class RecordingChooser:
+    """Keeps a fixed candidate per volume and records what it was shown."""
+
+    def __init__(self, picks) -> None:
+        self.picks, self.calls = np.asarray(picks), []
+
+    def __call__(self, predicted, attributes):
+        self.calls.append((predicted, attributes))
+        return self.picks[: len(attributes)]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_a_kept_candidate_is_what_its_seed_draws_alone(sampler):
+    """Choosing after ceil(0.4 * 5) = 2 of 5 steps, then finishing the kept trajectories
+    (the multistep solver's state narrowed with them)."""
+    from dpsynth.diffusion.pipeline import candidate_seed
+
+    pipe = tiny_pipeline(num_train_timesteps=20)
+    with torch.no_grad():
+        pipe.autoencoder.decoder.conv_out.bias.fill_(0.5)
+    attrs = raw_attributes(5)
+    kw = dict(sampler=sampler, steps=5, guidance=2.0, batch_size=4, progress=False)
+    alone = np.stack([pipe.sample(5, attrs, seed=candidate_seed(9, c), **kw) for c in range(3)])
+    chooser = RecordingChooser([2, 0, 1, 2])
+    kept = pipe.sample(5, attrs, seed=9, candidates=3, choose=chooser, **kw)
+    picks = np.array([2, 0, 1, 2, 2])  # batches of 4 and 1
+    np.testing.assert_allclose(kept, alone[picks, np.arange(5)], atol=1e-6)
+    assert [p.shape for p, _ in chooser.calls] == [(3, 4, 5, 8, 8), (3, 1, 5, 8, 8)]
+    np.testing.assert_array_equal(chooser.calls[1][1], attrs[4:])
+    shown = chooser.calls[0][0]  # each candidate's prediction, 2 of 5 steps in
+    assert shown.min() >= 0 and shown.max() <= 1
+    err = np.abs(shown[:, None] - alone[None, :, :4]).mean(axis=(2, 3, 4, 5))
+    assert (err.argmin(axis=1) == np.arange(3)).all()  # nearest its own final volume
+    one = pipe.sample(5, attrs, seed=9, candidates=1, **kw)
+    np.testing.assert_array_equal(one, pipe.sample(5, attrs, seed=9, **kw))
+
+
+def test_best_of_k_refuses_a_bad_choice():
+    pipe = tiny_pipeline(num_train_timesteps=10)
+    attrs = raw_attributes(2)
+    kw = dict(steps=2, progress=False)
+    with pytest.raises(DpsynthError, match="choose must return 2 candidate indices in 0..1"):
+        pipe.sample(2, attrs, candidates=2, choose=RecordingChooser([0, 2]), **kw)
+    with pytest.raises(DpsynthError, match="give `choose` exactly when candidates is above 1"):
+        pipe.sample(2, attrs, candidates=2, **kw)
+    with pytest.raises(DpsynthError, match="candidates"):
+        pipe.sample(2, attrs, candidates=0, choose=RecordingChooser([0, 0]), **kw)

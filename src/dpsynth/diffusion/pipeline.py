@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -16,19 +17,23 @@ from dpsynth.config import (
     DEFAULT_SHAPE,
     DEFAULT_SPACING,
     DEFAULT_TIMESTEPS,
+    check_candidates,
     check_sampling,
     check_seed,
 )
 from dpsynth.data.cache import Cache, load_volumes
-from dpsynth.diffusion.schedulers import SamplerName, add_noise, make_scheduler
+from dpsynth.diffusion.schedulers import SamplerName, add_noise, keep_rows, make_scheduler
 from dpsynth.errors import DpsynthError
 from dpsynth.models.blocks import single_as_pair
 
 __all__ = [
+    "CHOICE_FRACTION",
     "SAMPLE_BATCH",
+    "Chooser",
     "DenoisingObjective",
     "LatentDiffusion",
     "batch_seed",
+    "candidate_seed",
     "encode_scaled",
     "encode_split",
     "estimate_latent_scale",
@@ -36,12 +41,29 @@ __all__ = [
 ]
 
 SAMPLE_BATCH = 16  # volumes per denoiser call when sampling; part of what a seed means
+# Best-of-k chooses among the candidates after this fraction of the sampling steps, from
+# their predicted clean volumes: on the demo's DP model, choosing after 4 of 10 DDIM steps
+# kept the final reading's choice for 90 % of 120 volumes and scored as well (BENCHMARKS.md,
+# "Choosing early"), and only the kept trajectory runs the remaining steps.
+CHOICE_FRACTION = 0.4
+# (predicted clean volumes (k, b, S, H, W) in [0, 1], the batch's raw attributes (b, 14))
+# -> the candidate to keep for each of the b volumes, shape (b,).
+Chooser = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
     """The noise seed of one sampling batch: a pure function of (seed, batch index), so any
     process can draw any batch of a cohort and get the volumes one process would."""
     return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def candidate_seed(seed: int, candidate: int) -> int:
+    """The sampling seed of best-of-k candidate `candidate` (0 keeps `seed`, so one candidate
+    is plain sampling); the others are NumPy's independent child streams of `seed`."""
+    if candidate == 0:
+        return seed
+    state = np.random.SeedSequence(seed, spawn_key=(candidate,)).generate_state(1, np.uint64)
+    return int(state[0] >> 1)
 
 
 def shard(n: int, rank: int, world_size: int, batch_size: int = SAMPLE_BATCH) -> slice:
@@ -230,6 +252,8 @@ class LatentDiffusion(nn.Module):
         batch_size: int = SAMPLE_BATCH,
         progress: bool = True,
         start: int = 0,
+        candidates: int = 1,
+        choose: Chooser | None = None,
     ) -> np.ndarray:
         """Generate ``n`` volumes (n, S, H, W) in [0, 1].
 
@@ -244,6 +268,10 @@ class LatentDiffusion(nn.Module):
         Results depend on ``seed`` and ``batch_size`` only, not on earlier calls.
         ``start``: these are volumes start..start+n-1 of a larger cohort drawn with the same
         seed (a multiple of ``batch_size``; see `shard`): each batch has its own seed.
+        ``candidates`` > 1: each volume starts that many trajectories (seeds from
+        `candidate_seed`); after `CHOICE_FRACTION` of the steps ``choose`` picks one per
+        volume from their predicted clean volumes, and only that one is finished. With the
+        deterministic samplers the kept volume is the one its candidate's seed draws alone.
         """
         if n < 1 or batch_size < 1:
             raise DpsynthError(
@@ -252,8 +280,11 @@ class LatentDiffusion(nn.Module):
         try:
             check_sampling(guidance, temperature)
             check_seed(seed)
+            check_candidates(candidates)
         except DpsynthError as e:
             raise DpsynthError(f"sample: {e}") from None
+        if (candidates > 1) != (choose is not None):
+            raise DpsynthError("sample: give `choose` exactly when candidates is above 1")
         if start < 0 or start % batch_size:
             raise DpsynthError(
                 f"sample: start must be a multiple of batch_size {batch_size}, got {start}"
@@ -279,25 +310,57 @@ class LatentDiffusion(nn.Module):
         bar = tqdm(total=n * steps, desc=f"sampling ({sampler})", unit="step", disable=not progress)
         try:
             for offset in range(0, n, batch_size):
-                cond = cond_all[offset : offset + batch_size]
-                b = cond.shape[0]
-                batch_index = (start + offset) // batch_size
-                generator = torch.Generator(device).manual_seed(batch_seed(seed, batch_index))
-                x = temperature * torch.randn(
-                    (b, *self.latent_shape), generator=generator, device=device
-                )
-                scheduler.set_timesteps(steps)  # multistep solvers keep per-trajectory state
-                for t in scheduler.timesteps:
-                    t_batch = torch.full((b,), int(t), device=device, dtype=torch.long)
-                    eps = self._guided_eps(x, t_batch, cond, guidance)
-                    x = scheduler.step(eps, int(t), x, generator=generator)[0]
-                    bar.update(b)
-                volumes = self.decode(x).clamp(0.0, 1.0)
-                out[offset : offset + b] = volumes[:, 0].cpu().numpy()
+                rows = slice(offset, offset + batch_size)
+                generators = [
+                    torch.Generator(device).manual_seed(
+                        batch_seed(candidate_seed(seed, c), (start + offset) // batch_size)
+                    )
+                    for c in range(candidates)
+                ]
+                x = self._trajectories(
+                    cond_all[rows], attributes[rows], scheduler, guidance, temperature,
+                    generators, choose, bar,
+                )  # fmt: skip
+                out[rows] = self.decode(x).clamp(0.0, 1.0)[:, 0].cpu().numpy()
         finally:
             bar.close()
             self.train(was_training)
         return out
+
+    def _trajectories(
+        self, cond, attributes, scheduler, guidance, temperature, generators, choose, bar
+    ) -> torch.Tensor:
+        """One batch's final latents: a trajectory per generator (candidate), narrowed to
+        ``choose``'s pick per volume after `CHOICE_FRACTION` of the steps."""
+        b, steps = cond.shape[0], scheduler.num_inference_steps
+        x = torch.cat([
+            temperature * torch.randn((b, *self.latent_shape), generator=g, device=cond.device)
+            for g in generators
+        ])  # fmt: skip
+        choice_step = math.ceil(CHOICE_FRACTION * steps) if len(generators) > 1 else None
+        scheduler.set_timesteps(steps)  # multistep solvers keep per-trajectory state
+        for i, t in enumerate(scheduler.timesteps, start=1):
+            t_batch = torch.full((b,), int(t), device=cond.device, dtype=torch.long)
+            # Candidates go through the denoiser one batch at a time, so each sees the
+            # batch plain sampling would (and memory stays that of plain sampling).
+            eps = torch.cat([self._guided_eps(xc, t_batch, cond, guidance) for xc in x.split(b)])
+            x, x0 = scheduler.step(eps, int(t), x, generator=generators[0])
+            if i == choice_step:
+                keep = self._choice(x0, attributes, len(generators), choose)
+                x = x[keep]
+                keep_rows(scheduler, keep)
+            bar.update(b)
+        return x
+
+    def _choice(self, x0: Tensor, attributes: np.ndarray, k: int, choose: Chooser) -> Tensor:
+        """The rows of the k stacked candidate batches that ``choose`` keeps, one per volume."""
+        b = len(attributes)
+        predicted = torch.cat([self.decode(z) for z in x0.split(b)])  # plain sampling's memory
+        predicted = predicted.clamp(0.0, 1.0)[:, 0].cpu().numpy()
+        chosen = np.asarray(choose(predicted.reshape(k, b, *self.volume_shape), attributes))
+        if chosen.shape != (b,) or not np.isin(chosen, np.arange(k)).all():
+            raise DpsynthError(f"sample: choose must return {b} candidate indices in 0..{k - 1}")
+        return torch.from_numpy(chosen.astype(np.int64) * b + np.arange(b)).to(x0.device)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from monai.networks.schedulers import DDPMScheduler, Scheduler
 from dpsynth.config import DEFAULT_BETA_END, DEFAULT_BETA_START, DEFAULT_TIMESTEPS
 from dpsynth.errors import DpsynthError
 
-__all__ = ["ODESolverScheduler", "add_noise", "make_scheduler"]
+__all__ = ["ODESolverScheduler", "add_noise", "keep_rows", "make_scheduler"]
 
 SamplerName = Literal["ddpm", "ddim", "dpm++"]
 
@@ -52,6 +52,12 @@ class ODESolverScheduler(Scheduler):
         self.timesteps = torch.linspace(last, 0, num_inference_steps, device=device).round().long()
         self._index = 0
         self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (x0, h) of last step
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Narrow the multistep state to batch rows ``rows`` (trajectories dropped mid-way)."""
+        if self._previous is not None:
+            x0_prev, h_prev = self._previous
+            self._previous = (x0_prev[rows], h_prev)
 
     def _alpha_sigma_lambda(self, timestep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         alpha_bar = self.alphas_cumprod[timestep].double()
@@ -122,6 +128,13 @@ def make_scheduler(
         scheduler = ODESolverScheduler(num_train_timesteps, order=order, **schedule_args)
     scheduler.set_timesteps(steps)
     return scheduler
+
+
+def keep_rows(scheduler: Scheduler, rows: torch.Tensor) -> None:
+    """Keep only batch rows ``rows`` of a scheduler's per-trajectory state: the ODE solvers'
+    last data prediction; MONAI's DDPM keeps none (its noise comes from the generator)."""
+    if isinstance(scheduler, ODESolverScheduler):
+        scheduler.keep_rows(rows)
 
 
 def add_noise(

@@ -1,5 +1,6 @@
-"""Best-of-k sampling: draw k candidate volumes per condition and keep the one whose LV and
-RV blood-pool volumes a segmenter trained on public data measures nearest the request.
+"""Best-of-k sampling: start k candidate trajectories per condition and finish the one whose
+LV and RV blood-pool volumes a segmenter trained on public data measures nearest the request
+(read from each candidate's predicted clean volume part-way, `pipeline.CHOICE_FRACTION`).
 
 Why: the demo's generator gets an end-systolic cavity right only to about 3 pixels of
 diameter, as much as the cohort varies (BENCHMARKS.md, "Best-of-k sampling"); drawing a few
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from dpsynth.attributes import INDEX, N_ATTRIBUTES
 from dpsynth.config import check_candidates
 from dpsynth.data.measure import measure_volume
-from dpsynth.diffusion.pipeline import SAMPLE_BATCH
+from dpsynth.diffusion.pipeline import SAMPLE_BATCH, Chooser
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.controllability import MEASURED_ATTRIBUTES, Segmenter
 from dpsynth.evaluation.referee import META_FILE, WEIGHTS_FILE, Referee
@@ -43,15 +44,6 @@ from dpsynth.privacy.outputs import MARKER_FILE
 SELECTED_ATTRIBUTES = ("LVEDV", "LVESV", "RVEDV", "RVESV")
 CACHE_ID = re.compile(r"[0-9a-f]{32}")  # `Cache.cache_id`: a uuid4 in hex
 SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def candidate_seed(seed: int, candidate: int) -> int:
-    """The sampling seed of candidate `candidate` (0 keeps `seed`, so k = 1 is plain sampling);
-    the others are NumPy's independent child streams of `seed`."""
-    if candidate == 0:
-        return seed
-    state = np.random.SeedSequence(seed, spawn_key=(candidate,)).generate_state(1, np.uint64)
-    return int(state[0] >> 1)
 
 
 def check_selector_record(
@@ -176,6 +168,19 @@ def selectable(attributes: np.ndarray) -> list[list[str]]:
     return rows
 
 
+def nearest_candidate(selector: Segmenter, spacing: tuple) -> Chooser:
+    """A `LatentDiffusion.sample` chooser: per volume, the candidate whose predicted volume
+    `request_error` ranks first (fewest selected volumes not found, then the least summed
+    relative error; ties keep the earlier candidate)."""
+
+    def choose(predicted: np.ndarray, attributes: np.ndarray) -> np.ndarray:
+        scores = [request_error(selector, volumes, attributes, spacing) for volumes in predicted]
+        missing, error = (np.stack(s) for s in zip(*scores, strict=True))
+        return np.lexsort((error, missing), axis=0)[0]  # stable: ties keep the earlier
+
+    return choose
+
+
 def sample_best_of(
     pipe: Any,
     n: int,
@@ -187,12 +192,11 @@ def sample_best_of(
     progress: bool = True,
     **settings: Any,
 ) -> np.ndarray:
-    """`pipe.sample(n, attributes, seed=seed, start=start, **settings)`, drawn `candidates`
-    times (seeds from `candidate_seed`), keeping per volume the candidate nearest its
-    request; ties keep the earlier candidate. `selector` must have passed `load_selector`
-    (a segmenter of public data). Sampling is batch by batch (`SAMPLE_BATCH`), so any
-    batch-aligned `start` gives the volumes one call over the cohort would; a batch with
-    nothing to compare keeps its first candidate without drawing the others."""
+    """`pipe.sample(n, attributes, seed=seed, start=start, **settings)` with `candidates`
+    trajectories per volume, keeping the one `nearest_candidate` ranks first by `selector`
+    (which must have passed `load_selector`: a segmenter of public data). Sampling is batch
+    by batch (`SAMPLE_BATCH`), so any batch-aligned `start` gives the volumes one call over
+    the cohort would; a batch with nothing to compare is sampled plainly."""
     check_candidates(candidates)
     if candidates == 1:
         return pipe.sample(n, attributes=attributes, seed=seed, start=start, progress=progress,
@@ -212,32 +216,17 @@ def sample_best_of(
             "known phase, so every volume is its first candidate",
             stacklevel=2,
         )
+    choose = nearest_candidate(selector, pipe.spacing)
     out = []
-    bar = tqdm(total=n * candidates, desc=f"sampling, best of {candidates}", unit="volume",
-               disable=not progress)  # fmt: skip
-    try:
+    with tqdm(total=n, desc=f"sampling, best of {candidates}", unit="volume",
+              disable=not progress) as bar:  # fmt: skip
         for offset in range(0, n, SAMPLE_BATCH):
             rows = attributes[offset : offset + SAMPLE_BATCH]
-            out.append(_best_of_batch(pipe, rows, seed, candidates, selector, start + offset,
-                                      bar, settings))  # fmt: skip
-    finally:
-        bar.close()
+            compare = any(selectable(rows))  # nothing to compare: keep the first candidate
+            out.append(pipe.sample(
+                len(rows), attributes=rows, seed=seed, start=start + offset, progress=False,
+                candidates=candidates if compare else 1, choose=choose if compare else None,
+                **settings,
+            ))  # fmt: skip
+            bar.update(len(rows))
     return np.concatenate(out)
-
-
-def _best_of_batch(pipe, rows, seed, candidates, selector, start, bar, settings) -> np.ndarray:
-    """One sampling batch's chosen volumes (see `sample_best_of`)."""
-    tries = candidates if any(selectable(rows)) else 1  # nothing to compare: keep the first
-    best = missing = error = None
-    for candidate in range(tries):
-        volumes = pipe.sample(len(rows), attributes=rows, seed=candidate_seed(seed, candidate),
-                              start=start, progress=False, **settings)  # fmt: skip
-        m, e = request_error(selector, volumes, rows, pipe.spacing)
-        if best is None:
-            best, missing, error = volumes, m, e
-        else:
-            better = (m < missing) | ((m == missing) & (e < error))
-            best[better], missing[better], error[better] = volumes[better], m[better], e[better]
-        bar.update(len(rows))
-    bar.update(len(rows) * (candidates - tries))  # the draws this batch did not need
-    return best
