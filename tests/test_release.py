@@ -683,7 +683,7 @@ def test_best_of_k_folder_releases_saying_how_it_was_chosen(world, selectors, tm
     assert released["candidates"] == 2 and "selector" not in released  # no id, no digest
     assert "best of 2 candidates" in (bundle / "MODEL_CARD.md").read_text()
     assert (
-        "best of 2 draws, chosen by a segmenter that the data steward declared"
+        "best of 2 candidates, chosen by a segmenter that the data steward declared"
         in (bundle / "PRIVACY.md").read_text()
     )
     assert "best of" not in (world["bundle"] / "PRIVACY.md").read_text()

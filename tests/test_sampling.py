@@ -464,15 +464,36 @@ def test_a_kept_candidate_is_what_its_seed_draws_alone(sampler):
     chooser = RecordingChooser([2, 0, 1, 2])
     kept = pipe.sample(5, attrs, seed=9, candidates=3, choose=chooser, **kw)
     picks = np.array([2, 0, 1, 2, 2])  # batches of 4 and 1
-    np.testing.assert_allclose(kept, alone[picks, np.arange(5)], atol=1e-6)
+    np.testing.assert_array_equal(kept, alone[picks, np.arange(5)])
     assert [p.shape for p, _ in chooser.calls] == [(3, 4, 5, 8, 8), (3, 1, 5, 8, 8)]
     np.testing.assert_array_equal(chooser.calls[1][1], attrs[4:])
     shown = chooser.calls[0][0]  # each candidate's prediction, 2 of 5 steps in
     assert shown.min() >= 0 and shown.max() <= 1
     err = np.abs(shown[:, None] - alone[None, :, :4]).mean(axis=(2, 3, 4, 5))
     assert (err.argmin(axis=1) == np.arange(3)).all()  # nearest its own final volume
-    one = pipe.sample(5, attrs, seed=9, candidates=1, **kw)
-    np.testing.assert_array_equal(one, pipe.sample(5, attrs, seed=9, **kw))
+
+
+def test_best_of_k_finishes_only_the_kept_trajectories():
+    """Every candidate runs the first ceil(0.4 * steps) steps in batches of plain sampling's
+    size; then one trajectory per volume runs the rest, from what the chooser saw then."""
+    pipe = tiny_pipeline(num_train_timesteps=20)
+    pipe.denoiser = CountingDenoiser(pipe.denoiser)
+    with torch.no_grad():
+        pipe.autoencoder.decoder.conv_out.bias.fill_(0.5)
+    attrs = raw_attributes(3)
+    chooser = RecordingChooser([1, 2, 0])
+    kept = pipe.sample(3, attrs, steps=10, guidance=2.0, seed=1, candidates=3, choose=chooser,
+                       progress=False)  # fmt: skip
+    assert pipe.denoiser.calls == [6] * (3 * 4) + [6] * 6  # 4 steps x 3 candidates, then 6
+    shown = chooser.calls[0][0][[1, 2, 0], [0, 1, 2]]  # the kept candidates' predictions
+    assert np.abs(shown - kept).max() > 1e-3  # read part-way, not from finished volumes
+
+
+@pytest.mark.parametrize(("steps", "step"), [(1, 1), (2, 1), (3, 2), (10, 4), (25, 10), (150, 60)])
+def test_the_choice_comes_after_40_percent_of_the_steps(steps, step):
+    from dpsynth.diffusion.pipeline import choice_step_of
+
+    assert choice_step_of(steps) == step
 
 
 def test_best_of_k_refuses_a_bad_choice():

@@ -440,7 +440,7 @@ def check_seed(seed: int) -> None:
         raise DpsynthError(f"seed: expected an integer in [0, 2**64), got {reprlib.repr(seed)}")
 
 
-MAX_CANDIDATES = 16  # best-of-k sampling costs k samplings; more would rarely pay
+MAX_CANDIDATES = 16  # best-of-k runs k trajectories 40 % of the way; more would rarely pay
 
 
 def check_candidates(candidates: int) -> None:

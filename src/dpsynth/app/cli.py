@@ -430,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--candidates",
         type=int,
         default=1,
-        help="draw this many per volume and keep the one whose LV/RV volumes --selector "
-        "measures nearest the request (default 1: no choice)",
+        help="start this many trajectories per volume and finish the one whose LV/RV volumes "
+        "--selector measures nearest the request, part-way (default 1: no choice)",
     )
     p.add_argument(
         "--selector",

@@ -34,6 +34,7 @@ __all__ = [
     "LatentDiffusion",
     "batch_seed",
     "candidate_seed",
+    "choice_step_of",
     "encode_scaled",
     "encode_split",
     "estimate_latent_scale",
@@ -64,6 +65,12 @@ def candidate_seed(seed: int, candidate: int) -> int:
         return seed
     state = np.random.SeedSequence(seed, spawn_key=(candidate,)).generate_state(1, np.uint64)
     return int(state[0] >> 1)
+
+
+def choice_step_of(steps: int) -> int:
+    """The step (1..steps) after which best-of-k chooses: `CHOICE_FRACTION` of them, rounded
+    up (rounded to 9 decimals first, so 0.4 * 10 is 4, not 5 by a float's last bit)."""
+    return max(1, math.ceil(round(CHOICE_FRACTION * steps, 9)))
 
 
 def shard(n: int, rank: int, world_size: int, batch_size: int = SAMPLE_BATCH) -> slice:
@@ -265,13 +272,17 @@ class LatentDiffusion(nn.Module):
         ``temperature``: the starting noise's standard deviation (1 = the model's prior);
         below 1 draws nearer the model's mode: less diverse (BENCHMARKS.md: on the demo,
         closer to the requested attributes).
-        Results depend on ``seed`` and ``batch_size`` only, not on earlier calls.
+        Results depend on ``seed``, ``batch_size`` and the choice only, not on earlier calls.
         ``start``: these are volumes start..start+n-1 of a larger cohort drawn with the same
         seed (a multiple of ``batch_size``; see `shard`): each batch has its own seed.
         ``candidates`` > 1: each volume starts that many trajectories (seeds from
         `candidate_seed`); after `CHOICE_FRACTION` of the steps ``choose`` picks one per
         volume from their predicted clean volumes, and only that one is finished. With the
-        deterministic samplers the kept volume is the one its candidate's seed draws alone.
+        deterministic samplers the kept volume is the one its candidate's seed draws alone;
+        DDPM draws every candidate's step noise from candidate 0's generator (valid draws,
+        not those). ``choose`` must be a function of public data and the model's outputs
+        only (`evaluation.selection.nearest_candidate` with a selector that passed
+        `load_selector`), or ε does not cover the choice.
         """
         if n < 1 or batch_size < 1:
             raise DpsynthError(
@@ -337,7 +348,7 @@ class LatentDiffusion(nn.Module):
             temperature * torch.randn((b, *self.latent_shape), generator=g, device=cond.device)
             for g in generators
         ])  # fmt: skip
-        choice_step = math.ceil(CHOICE_FRACTION * steps) if len(generators) > 1 else None
+        choice_step = choice_step_of(steps) if len(generators) > 1 else None
         scheduler.set_timesteps(steps)  # multistep solvers keep per-trajectory state
         for i, t in enumerate(scheduler.timesteps, start=1):
             t_batch = torch.full((b,), int(t), device=cond.device, dtype=torch.long)
@@ -355,8 +366,9 @@ class LatentDiffusion(nn.Module):
     def _choice(self, x0: Tensor, attributes: np.ndarray, k: int, choose: Chooser) -> Tensor:
         """The rows of the k stacked candidate batches that ``choose`` keeps, one per volume."""
         b = len(attributes)
-        predicted = torch.cat([self.decode(z) for z in x0.split(b)])  # plain sampling's memory
-        predicted = predicted.clamp(0.0, 1.0)[:, 0].cpu().numpy()
+        # One candidate batch on the device at a time, as in plain sampling.
+        predicted = torch.cat([self.decode(z).clamp(0.0, 1.0)[:, 0].cpu() for z in x0.split(b)])
+        predicted = predicted.numpy()
         chosen = np.asarray(choose(predicted.reshape(k, b, *self.volume_shape), attributes))
         if chosen.shape != (b,) or not np.isin(chosen, np.arange(k)).all():
             raise DpsynthError(f"sample: choose must return {b} candidate indices in 0..{k - 1}")

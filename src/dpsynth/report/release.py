@@ -619,7 +619,7 @@ def _selection_caveat(privacy: dict) -> str:
     if k == 1:
         return ""
     return (
-        f"\n- Each synthetic volume is the best of {k} draws, chosen by a segmenter that the "
+        f"\n- Each synthetic volume is the best of {k} candidates, chosen by a segmenter that the "
         "data steward declared trained on public data only. If it learned from private "
         "patients, its choices are not covered by ε; dpsynth checked only that the cache "
         "it names is not one this run's ledger names."
@@ -687,9 +687,9 @@ def _selection_sentence(provenance: dict) -> str:
     if k == 1:
         return ""
     return (
-        f"\nEach is the best of {k} candidates: the one whose LV and RV blood-pool volumes a "
-        "segmenter measured nearest the request. The data steward declared that segmenter "
-        "trained on public data only (dpsynth checked only that the cache it names is not "
+        f"\nEach is the best of {k} candidates: the one a segmenter judged nearest the "
+        "request by its LV and RV blood-pool volumes. The data steward declared that "
+        "segmenter trained on public data only (dpsynth checked only that the cache it names is not "
         "one this run's ledger names); the choice is then post-processing and does not "
         "change ε (PRIVACY.md). Volumes sampled from `model/` are plain draws unless "
         "`dpsynth sample` is given `--candidates` and a `--selector` of your own."
