@@ -219,7 +219,9 @@ def test_bundle_bytes_name_no_private_data(world):
                           "delta", "note"} for m in privacy["mechanisms"])  # fmt: skip
 
 
-@pytest.mark.parametrize("tamper", ["volume", "extra", "missing", "epsilon", "no privacy.md"])
+@pytest.mark.parametrize(
+    "tamper", ["volume", "extra", "missing", "epsilon", "no privacy.md", "candidates"]
+)
 def test_tampered_bundle_fails_verify(world, tmp_path, capsys, tamper):
     bundle = shutil.copytree(world["bundle"], tmp_path / "bundle")
     volume = bundle / "synthetic" / "synth_00001.nii.gz"
@@ -239,6 +241,13 @@ def test_tampered_bundle_fails_verify(world, tmp_path, capsys, tamper):
         (bundle / MANIFEST).unlink()
         write_manifest(bundle)
         message = "incomplete bundle"
+    elif tamper == "candidates":  # best-of-3 volumes passed off as plain draws, or back
+        provenance = read_json(bundle / "synthetic" / "provenance.json")
+        provenance["candidates"] = 3
+        (bundle / "synthetic" / "provenance.json").write_text(json.dumps(provenance))
+        (bundle / MANIFEST).unlink()
+        write_manifest(bundle)
+        message = "disagree on how many candidates"
     else:  # a lower ε stated, with the manifest updated to match: the recomputation catches it
         privacy = read_json(bundle / "privacy.json")
         privacy["epsilon"] /= 2

@@ -495,6 +495,11 @@ def verify(bundle: str | os.PathLike) -> dict:
         raise DpsynthError(f"{bundle}: the synthetic set's model digest is not the bundle's model")
     if provenance.get("conditioning") not in RELEASABLE_CONDITIONING:
         raise DpsynthError(f"{bundle}: the synthetic set's conditioning is not releasable")
+    if provenance.get("candidates", 1) != privacy.get("candidates", 1):  # 1: older bundles
+        raise DpsynthError(
+            f"{bundle}: privacy.json and the synthetic set's provenance disagree on how many "
+            "candidates each volume was chosen from"
+        )
     return {
         "epsilon": epsilon,
         "delta": privacy["delta"],
