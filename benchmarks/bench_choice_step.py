@@ -37,6 +37,8 @@ from dpsynth.runs import load, read_conditions_csv, sampling_settings
 def predictions(pipe, table: np.ndarray, k: int) -> np.ndarray:
     """Predicted clean latents (k, steps, n, ...) of each candidate after each step."""
     s = sampling_settings(pipe.run_meta)
+    if s["sampler"] == "ddpm":  # its steps draw noise: a choice would not fix the trajectory
+        raise SystemExit("bench_choice_step: the run samples with ddpm; use ddim or dpm++")
     n = len(table)
     out = np.zeros((k, s["steps"], n, *pipe.latent_shape), np.float32)
     cond_all = pipe.normalize_attributes(torch.from_numpy(table))
@@ -61,7 +63,7 @@ def decode(pipe, latents: np.ndarray) -> np.ndarray:
     ])  # fmt: skip
 
 
-def score(table, chosen, measured, spacing) -> dict:
+def score(table, chosen, measured) -> dict:
     """Per-phase r and MAE % of the kept volumes (`measured[c][i]`: candidate c, volume i)."""
     result = {}
     for name in SELECTED_ATTRIBUTES:
@@ -80,7 +82,9 @@ def score(table, chosen, measured, spacing) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", default="runs/demo")
-    parser.add_argument("--conditions", required=True, help="attributes.csv of the volumes")
+    parser.add_argument("--conditions", required=True,
+                        help="attributes.csv of the volumes (6 significant digits: the volumes "
+                        "match the folder's to rounding, not bit for bit)")  # fmt: skip
     parser.add_argument("--candidates", type=int, default=3)
     parser.add_argument("--reader", help="a second reader folder (optional)")
     parser.add_argument("--out", help="write the figures here as JSON")
@@ -115,7 +119,7 @@ def main() -> None:
                 [decode(pipe, x0[c, step - 1]) for c in range(k)]
             )  # fmt: skip
             row = {"agrees_with_final": float(np.mean(chosen == final_choice[k]))}
-            row |= {name: score(table, chosen, m, pipe.spacing) for name, m in measured.items()}
+            row |= {name: score(table, chosen, m) for name, m in measured.items()}
             results[f"k={k} step={step}"] = row
             print(f"k={k} step={step}/{steps}: {json.dumps(row)}", flush=True)
     if args.out:

@@ -685,7 +685,7 @@ def test_best_of_k_folder_releases_saying_how_it_was_chosen(world, selectors, tm
     synthetic = sample_to_folder(world["dp"], tmp_path / "s", n=3, attributes="dp", steps=2,
                                  candidates=2, selector=selectors["public"])  # fmt: skip
     provenance = read_json(synthetic / "provenance.json")
-    assert provenance["candidates"] == 2
+    assert provenance["candidates"] == 2 and provenance["choice_fraction"] == 0.4
     assert provenance["selector"]["cache_id"] == Cache(world["public"]).cache_id
     bundle = release(world["dp"], synthetic, tmp_path / "b")
     released = read_json(bundle / "synthetic" / "provenance.json")

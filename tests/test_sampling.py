@@ -12,6 +12,7 @@ from torch.func import functional_call, grad, vmap
 
 from dpsynth.attributes import N_ATTRIBUTES, denormalize, normalize
 from dpsynth.diffusion import LatentDiffusion, add_noise, estimate_latent_scale, make_scheduler
+from dpsynth.diffusion.pipeline import candidate_seed, choice_step_of
 from dpsynth.errors import DpsynthError
 from dpsynth.models import KLAutoencoder
 
@@ -453,8 +454,6 @@ class RecordingChooser:
 def test_a_kept_candidate_is_what_its_seed_draws_alone(sampler):
     """Choosing after ceil(0.4 * 5) = 2 of 5 steps, then finishing the kept trajectories
     (the multistep solver's state narrowed with them)."""
-    from dpsynth.diffusion.pipeline import candidate_seed
-
     pipe = tiny_pipeline(num_train_timesteps=20)
     with torch.no_grad():
         pipe.autoencoder.decoder.conv_out.bias.fill_(0.5)
@@ -473,26 +472,26 @@ def test_a_kept_candidate_is_what_its_seed_draws_alone(sampler):
     assert (err.argmin(axis=1) == np.arange(3)).all()  # nearest its own final volume
 
 
-def test_best_of_k_finishes_only_the_kept_trajectories():
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_best_of_k_finishes_only_the_kept_trajectories(sampler):
     """Every candidate runs the first ceil(0.4 * steps) steps in batches of plain sampling's
     size; then one trajectory per volume runs the rest, from what the chooser saw then."""
-    pipe = tiny_pipeline(num_train_timesteps=20)
+    pipe = tiny_pipeline(num_train_timesteps=10)
     pipe.denoiser = CountingDenoiser(pipe.denoiser)
     with torch.no_grad():
         pipe.autoencoder.decoder.conv_out.bias.fill_(0.5)
     attrs = raw_attributes(3)
     chooser = RecordingChooser([1, 2, 0])
-    kept = pipe.sample(3, attrs, steps=10, guidance=2.0, seed=1, candidates=3, choose=chooser,
-                       progress=False)  # fmt: skip
+    kept = pipe.sample(3, attrs, sampler, steps=None if sampler == "ddpm" else 10, guidance=2.0,
+                       seed=1, candidates=3, choose=chooser, progress=False)  # fmt: skip
     assert pipe.denoiser.calls == [6] * (3 * 4) + [6] * 6  # 4 steps x 3 candidates, then 6
     shown = chooser.calls[0][0][[1, 2, 0], [0, 1, 2]]  # the kept candidates' predictions
     assert np.abs(shown - kept).max() > 1e-3  # read part-way, not from finished volumes
+    assert kept.min() >= 0 and kept.max() <= 1 and np.isfinite(kept).all()
 
 
 @pytest.mark.parametrize(("steps", "step"), [(1, 1), (2, 1), (3, 2), (10, 4), (25, 10), (150, 60)])
 def test_the_choice_comes_after_40_percent_of_the_steps(steps, step):
-    from dpsynth.diffusion.pipeline import choice_step_of
-
     assert choice_step_of(steps) == step
 
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from dpsynth.attributes import ATTRIBUTES, INDEX
 from dpsynth.config import check_candidates, check_sampling, check_seed
-from dpsynth.diffusion.pipeline import shard
+from dpsynth.diffusion.pipeline import CHOICE_FRACTION, shard
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.selection import load_selector, sample_best_of
 from dpsynth.io import atomic_dir, atomic_write_json, sha256_file, write_nifti
@@ -121,7 +121,7 @@ def sample_to_folder(
         raise DpsynthError("--conditions-source dp: use --attributes dp")
 
     run = Path(run)
-    chooser, chooser_record = _selector(run, selector) if candidates > 1 else (None, None)
+    segmenter, selector_record = _selector(run, selector) if candidates > 1 else (None, None)
     join_process_group()  # under torchrun: each rank samples its own share (see `_shards`)
     pipe = load(run, device=pick_device())
     if attributes == "dp":
@@ -154,7 +154,7 @@ def sample_to_folder(
                 table[part],
                 seed,
                 candidates,
-                chooser,
+                segmenter,
                 sampler=sampler,
                 steps=steps,
                 guidance=guidance,
@@ -183,7 +183,12 @@ def sample_to_folder(
                 "temperature": temperature,
                 "seed": seed,
                 "candidates": candidates,
-                **({"selector": chooser_record} if chooser_record else {}),
+                # The rule's version: folders without it were chosen from finished volumes.
+                **(
+                    {"selector": selector_record, "choice_fraction": CHOICE_FRACTION}
+                    if selector_record
+                    else {}
+                ),
                 "files": {p: digests[p] for p in [*names, "attributes.csv"]},
             }
             atomic_write_json(tmp / PROVENANCE_FILE, provenance)

@@ -69,7 +69,7 @@ def candidate_seed(seed: int, candidate: int) -> int:
 
 def choice_step_of(steps: int) -> int:
     """The step (1..steps) after which best-of-k chooses: `CHOICE_FRACTION` of them, rounded
-    up (rounded to 9 decimals first, so 0.4 * 10 is 4, not 5 by a float's last bit)."""
+    up (rounded to 9 decimals first, so a fraction's float error cannot add a step)."""
     return max(1, math.ceil(round(CHOICE_FRACTION * steps, 9)))
 
 
@@ -272,7 +272,8 @@ class LatentDiffusion(nn.Module):
         ``temperature``: the starting noise's standard deviation (1 = the model's prior);
         below 1 draws nearer the model's mode: less diverse (BENCHMARKS.md: on the demo,
         closer to the requested attributes).
-        Results depend on ``seed``, ``batch_size`` and the choice only, not on earlier calls.
+        Results depend on ``seed``, ``batch_size``, ``candidates`` and the choice only, not
+        on earlier calls.
         ``start``: these are volumes start..start+n-1 of a larger cohort drawn with the same
         seed (a multiple of ``batch_size``; see `shard`): each batch has its own seed.
         ``candidates`` > 1: each volume starts that many trajectories (seeds from

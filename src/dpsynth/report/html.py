@@ -636,8 +636,8 @@ def _section_controllability(ctx: _Context) -> str:
     parts = []
     if summary:
         chosen = (
-            f" Each synthetic volume is the best of {ctx.candidates} candidates: the one whose "
-            "LV and RV volumes a segmenter declared public measured nearest the request, so "
+            f" Each synthetic volume is the best of {ctx.candidates} candidates: the one a "
+            "segmenter declared public judged nearest the request by its LV and RV volumes, so "
             "these figures are higher than plain draws would score (BENCHMARKS.md, "
             '"Best-of-k sampling": both, under the referee and an independent reader).'
             if ctx.candidates > 1
