@@ -113,6 +113,25 @@ def test_save_load_roundtrip(trained, tmp_path):
     np.testing.assert_array_equal(loaded.segment(train.volumes), referee.segment(train.volumes))
 
 
+def test_a_loaded_referee_convolves_channels_last_with_the_same_values(trained, tmp_path):
+    """The referee's U-Net is stored channels-last (faster oneDNN 3D convolutions), also after
+    save/load; it reads as the default layout does, to float rounding."""
+    import copy
+
+    train, referee = trained
+    loaded = Referee.load(referee.save(tmp_path / "ref"))
+    convs = [m for m in loaded.net.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(
+        c.weight.is_contiguous(memory_format=torch.channels_last_3d) for c in convs
+    )
+    plain = copy.deepcopy(loaded.net).to(memory_format=torch.contiguous_format)
+    x = torch.from_numpy(train.volumes[:4]).unsqueeze(1).float()
+    with torch.no_grad():
+        got, want = loaded.net(x), plain.unet(x)
+    assert got[0].is_contiguous()
+    torch.testing.assert_close(got[0], want, atol=1e-4, rtol=0)
+
+
 def test_a_referee_reading_at_half_resolution_segments_at_the_input_grid(tmp_path):
     """downsample=2 (the demo's referee): it learns from 2x2-averaged volumes, returns masks
     at the input's grid, and keeps its reading scale through save/load."""

@@ -419,6 +419,36 @@ def test_one_volume_decodes_on_the_fast_convolution_path():
     torch.testing.assert_close(volume, pair[:1], atol=1e-5, rtol=0)
 
 
+def test_a_loaded_autoencoder_runs_channels_last_with_the_same_values():
+    """`load` stores the frozen autoencoder channels-last (faster oneDNN 3D convolutions);
+    encode and decode give what the default layout gives, and hand back default-layout
+    tensors (what the denoiser and DP-SGD's taps see is unchanged)."""
+    import copy
+
+    import dpsynth
+    from dpsynth.app.demo import demo_assets
+
+    pipe = dpsynth.load(demo_assets() / "ldm")
+    convs = [m for m in pipe.autoencoder.modules() if isinstance(m, nn.Conv3d)]
+    assert convs and all(
+        c.weight.is_contiguous(memory_format=torch.channels_last_3d) for c in convs
+    )
+    plain = copy.deepcopy(pipe.autoencoder).to(memory_format=torch.contiguous_format)
+    assert not plain.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, *pipe.latent_shape, generator=g)
+    volumes = pipe.decode(latents)
+    assert volumes.is_contiguous()
+    with torch.no_grad():
+        expected = plain.decode_latent(latents / pipe.latent_scale)
+        torch.testing.assert_close(volumes, expected, atol=1e-4, rtol=0)
+        z = pipe.encode(volumes)
+        assert z.is_contiguous()
+        torch.testing.assert_close(
+            z, plain.encode_latent(volumes) * pipe.latent_scale, atol=1e-4, rtol=0
+        )
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_a_cohorts_batches_can_be_drawn_apart_and_equal_one_draw(sampler):
     """What torchrun sharding relies on: batch k's volumes depend on (seed, k) only."""
