@@ -75,3 +75,15 @@ def tiny_denoiser(num_slices: int = 13, dropout: float = 0.0) -> LatentDenoiser:
             norm_groups=4,
         )
     )
+
+
+def stored_channels_last(net: torch.nn.Module) -> list[bool]:
+    """Per 3D convolution of `net` whose weight's layout shows (several input channels and a
+    kernel wider than 1: other weights have both layouts at once), whether it is stored
+    channels-last."""
+    convs = [
+        m
+        for m in net.modules()
+        if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1 and max(m.kernel_size) > 1
+    ]
+    return [c.weight.is_contiguous(memory_format=torch.channels_last_3d) for c in convs]

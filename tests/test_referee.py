@@ -7,6 +7,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from conftest import stored_channels_last
 
 from dpsynth.attributes import ATTRIBUTES, INDEX, N_ATTRIBUTES
 from dpsynth.data.cache import FORMAT_VERSION
@@ -120,16 +121,16 @@ def test_a_loaded_referee_convolves_channels_last_with_the_same_values(trained, 
 
     train, referee = trained
     loaded = Referee.load(referee.save(tmp_path / "ref"))
-    convs = [m for m in loaded.net.modules() if isinstance(m, torch.nn.Conv3d)]
-    assert convs and all(
-        c.weight.is_contiguous(memory_format=torch.channels_last_3d) for c in convs
-    )
+
+    assert stored_channels_last(loaded.net) and all(stored_channels_last(loaded.net))
     plain = copy.deepcopy(loaded.net).to(memory_format=torch.contiguous_format)
+    assert not any(stored_channels_last(plain))
     x = torch.from_numpy(train.volumes[:4]).unsqueeze(1).float()
     with torch.no_grad():
-        got, want = loaded.net(x), plain.unet(x)
-    assert got[0].is_contiguous()
-    torch.testing.assert_close(got[0], want, atol=1e-4, rtol=0)
+        got, want = loaded.net(x), plain(x)
+    assert got[0].is_contiguous()  # the logits: default layout for every caller
+    for g, w in zip(got, want, strict=True):  # logits, ED logit, pooled features
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=0)
 
 
 def test_a_referee_reading_at_half_resolution_segments_at_the_input_grid(tmp_path):

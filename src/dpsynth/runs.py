@@ -27,6 +27,7 @@ from dpsynth.config import AutoencoderConfig, DenoiserConfig, DiffusionConfig, S
 from dpsynth.diffusion.pipeline import LatentDiffusion
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_bytes, read_json, sha256_file
+from dpsynth.models.blocks import convolve_channels_last
 from dpsynth.models.build import build_autoencoder, build_denoiser
 
 MODEL_FILE = "model.json"
@@ -138,9 +139,8 @@ def load_autoencoder(run: str | os.PathLike, device: torch.device) -> tuple[torc
     meta = read_model_meta(run)
     model = build_autoencoder(AutoencoderConfig(**lists_to_tuples(meta["autoencoder"])))
     model.load_state_dict(load_weights(run / "autoencoder.safetensors"))
-    # Frozen, so only ever run forward: its convolutions are fastest channels-last.
-    model.to(device, memory_format=torch.channels_last_3d).eval().requires_grad_(False)
-    return model, meta
+    model.to(device).eval().requires_grad_(False)
+    return convolve_channels_last(model), meta  # frozen: no DP-SGD taps read it
 
 
 def make_pipeline(

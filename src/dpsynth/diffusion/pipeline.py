@@ -24,7 +24,7 @@ from dpsynth.config import (
 from dpsynth.data.cache import Cache, load_volumes
 from dpsynth.diffusion.schedulers import SamplerName, add_noise, keep_rows, make_scheduler
 from dpsynth.errors import DpsynthError
-from dpsynth.models.blocks import channels_last, single_as_pair
+from dpsynth.models.blocks import single_as_pair
 
 __all__ = [
     "CHOICE_FRACTION",
@@ -88,7 +88,9 @@ def shard(n: int, rank: int, world_size: int, batch_size: int = SAMPLE_BATCH) ->
 
 def encode_scaled(autoencoder: nn.Module, volumes: torch.Tensor, scale: float) -> torch.Tensor:
     """Volumes (B, 1, S, H, W) to the denoiser's latents: the one place latents are scaled."""
-    return (autoencoder.encode_latent(channels_last(volumes)) * scale).contiguous()
+    # contiguous: a channels-last autoencoder (`runs.load_autoencoder`) hands back
+    # channels-last latents; the denoiser and DP-SGD's taps get the default layout.
+    return (autoencoder.encode_latent(volumes) * scale).contiguous()
 
 
 @torch.no_grad()
@@ -208,8 +210,7 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents to volumes (B, 1, S, H, W), not clipped."""
-        latents = channels_last(latents / self.latent_scale)
-        return single_as_pair(self.autoencoder.decode_latent, latents).contiguous()
+        return single_as_pair(self.autoencoder.decode_latent, latents / self.latent_scale)
 
     def denoising_loss(
         self,

@@ -26,7 +26,7 @@ from dpsynth.data.cache import Cache
 from dpsynth.data.volumes import VolumeSet, check_volume_array, load_volume_set
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_dir, atomic_write_json, read_json
-from dpsynth.models.blocks import channels_last, single_as_pair
+from dpsynth.models.blocks import convolve_channels_last, single_as_pair
 from dpsynth.privacy.outputs import mark_evaluation_only
 
 N_CLASSES = 4  # background, LV blood pool, LV myocardium, RV blood pool
@@ -63,7 +63,7 @@ class RefereeNet(torch.nn.Module):
         self.phase_head = torch.nn.Linear(channels[-1], 1)
         self._bottleneck: torch.Tensor | None = None
         _bottom_layer(self.unet).register_forward_hook(self._keep_bottleneck)
-        self.unet.to(memory_format=torch.channels_last_3d)  # see `blocks.channels_last`
+        convolve_channels_last(self.unet)
 
     def _keep_bottleneck(self, module, inputs, output) -> None:
         self._bottleneck = output
@@ -77,7 +77,7 @@ class RefereeNet(torch.nn.Module):
                     f"referee: in-plane size {tuple(x.shape[-2:])} not divisible by {d}"
                 )
             x = F.avg_pool3d(x, (1, d, d))
-        logits = self.unet(channels_last(x)).contiguous()
+        logits = self.unet(x).contiguous()  # channels-last out of a channels-last net
         if d > 1:
             logits = F.interpolate(logits, scale_factor=(1, d, d), mode="trilinear")
         features = self._bottleneck.mean(dim=(2, 3, 4))

@@ -44,15 +44,20 @@ def single_as_pair(fn, *tensors: torch.Tensor):
     return tuple(o[:1] for o in out) if isinstance(out, tuple) else out[:1]
 
 
-def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """A batch of volumes (B, C, S, H, W) stored channels-last.
+def convolve_channels_last(module: nn.Module) -> nn.Module:
+    """`module`, its weights stored channels-last when they are on the CPU.
 
-    oneDNN's 3D convolutions on the CPU run faster on this layout when the weights use it
-    too (``module.to(memory_format=torch.channels_last_3d)``): the demo autoencoder decodes
-    1.8x and encodes 1.4x faster, the referee trains 1.3x faster (BENCHMARKS.md,
-    "Channels-last convolutions"). The values change by float rounding only.
+    oneDNN's 3D convolutions run faster in that layout, and PyTorch takes it for any
+    convolution whose weight has it: the demo autoencoder decodes 1.8x and encodes 1.4x
+    faster, the referee trains 1.3x faster (BENCHMARKS.md, "Channels-last convolutions");
+    values change by float rounding only. Outputs with several channels then come out
+    channels-last too, so callers hand back `.contiguous()` tensors. Not for a model
+    DP-SGD trains: its gradient taps read default-layout views. Other devices are left as
+    they are (not measured).
     """
-    return x.contiguous(memory_format=torch.channels_last_3d)
+    if next(module.parameters()).device.type == "cpu":
+        module.to(memory_format=torch.channels_last_3d)
+    return module
 
 
 def check_norm_groups(num_groups: int, *widths: int) -> None:
