@@ -29,7 +29,7 @@ from dpsynth.diffusion.schedulers import make_scheduler
 from dpsynth.evaluation.controllability import MEASURED_ATTRIBUTES
 from dpsynth.evaluation.referee import Referee
 from dpsynth.evaluation.second_reader import SecondReader
-from dpsynth.evaluation.selection import SELECTED_ATTRIBUTES, nearest_candidate
+from dpsynth.evaluation.selection import SELECTION_WEIGHTS, nearest_candidate
 from dpsynth.runs import load, read_conditions_csv, sampling_settings
 
 
@@ -64,9 +64,10 @@ def decode(pipe, latents: np.ndarray) -> np.ndarray:
 
 
 def score(table, chosen, measured) -> dict:
-    """Per-phase r and MAE % of the kept volumes (`measured[c][i]`: candidate c, volume i)."""
+    """Per-phase r and MAE % of what the choice compares, read on the kept volumes
+    (`measured[c][i]`: candidate c, volume i)."""
     result = {}
-    for name in SELECTED_ATTRIBUTES:
+    for name in SELECTION_WEIGHTS:
         key, phase = MEASURED_ATTRIBUTES[name]
         pairs = [
             (table[i, INDEX[name]], measured[chosen[i]][i][key])

@@ -664,6 +664,26 @@ def test_request_error_is_relative_and_phase_matched():
     assert request_error(_IntensitySelector(), volumes, table, spacing)[1][0] == 0.0
 
 
+def test_request_error_weighs_the_wall_thickness_half(monkeypatch):
+    """Wall thickness counts at half the weight of a volume, and one not found counts as
+    missing; the phase's own thickness only."""
+    import dpsynth.evaluation.selection as selection
+
+    readings = iter([
+        {"LV_ML": 1.5, "RV_ML": 1.0, "MYO_THICK": 12.0},  # ED: LV +50 %, wall +50 %
+        {"LV_ML": 1.0, "RV_ML": 1.0, "MYO_THICK": float("nan")},  # ES: wall not found
+    ])  # fmt: skip
+    monkeypatch.setattr(selection, "measure_volume", lambda mask, spacing: next(readings))
+    table = np.full((2, 14), np.nan, dtype=np.float32)
+    table[:, INDEX["LVEDV"]], table[:, INDEX["RVEDV"]], table[:, INDEX["MYOEDTHICK"]] = 1, 1, 8
+    table[:, INDEX["LVESV"]], table[:, INDEX["RVESV"]], table[:, INDEX["MYOESTHICK"]] = 1, 1, 10
+    table[:, INDEX["ESED"]] = (1, 0)
+    volumes = np.zeros((2, 2, 4, 4), dtype=np.float32)
+    missing, error = request_error(_IntensitySelector(), volumes, table, (10.0, 1.0, 1.0))
+    np.testing.assert_allclose(error, [0.5 + 0.5 * 0.5, 0.0])
+    np.testing.assert_array_equal(missing, [0, 1])
+
+
 @pytest.fixture(scope="module")
 def selectors(world, tmp_path_factory):
     """A segmenter of the public cache (a valid selector) and one of the private cache."""
@@ -831,7 +851,7 @@ def test_best_of_k_without_anything_to_compare_is_plain_sampling(world):
     table[0, INDEX["LVEDV"]] = 0.0  # a requested 0 is no request, not a division by zero
     kw = {"steps": 2, "progress": False}
     with pytest.warns(
-        UserWarning, match=r"no volume \(of this share\) requests an LV or RV volume"
+        UserWarning, match=r"no volume \(of this share\) requests a volume or wall thickness"
     ):
         best = sample_best_of(pipe, 3, table, 4, 3, _IntensitySelector(), **kw)
     np.testing.assert_array_equal(best, pipe.sample(3, attributes=table, seed=4, **kw))

@@ -637,7 +637,7 @@ def _section_controllability(ctx: _Context) -> str:
     if summary:
         chosen = (
             f" Each synthetic volume is the best of {ctx.candidates} candidates: the one a "
-            "segmenter declared public judged nearest the request by its LV and RV volumes, so "
+            "segmenter declared public judged nearest the requested cardiac measurements, so "
             "these figures are higher than plain draws would score (BENCHMARKS.md, "
             '"Best-of-k sampling": both, under the referee and an independent reader).'
             if ctx.candidates > 1

@@ -693,7 +693,7 @@ def _selection_sentence(provenance: dict) -> str:
         return ""
     return (
         f"\nEach is the best of {k} candidates: the one a segmenter judged nearest the "
-        "request by its LV and RV blood-pool volumes. The data steward declared that "
+        "requested cardiac measurements. The data steward declared that "
         "segmenter trained on public data only (dpsynth checked only that the cache it names is not "
         "one this run's ledger names); the choice is then post-processing and does not "
         "change ε (PRIVACY.md). Volumes sampled from `model/` are plain draws unless "
