@@ -706,6 +706,8 @@ def test_best_of_k_folder_releases_saying_how_it_was_chosen(world, selectors, tm
                                  candidates=2, selector=selectors["public"])  # fmt: skip
     provenance = read_json(synthetic / "provenance.json")
     assert provenance["candidates"] == 2 and provenance["choice_fraction"] == 0.4
+    assert provenance["choice_weights"] == {"LVEDV": 1, "LVESV": 1, "RVEDV": 1, "RVESV": 1,
+                                            "MYOEDTHICK": 0.5, "MYOESTHICK": 0.5}  # fmt: skip
     assert provenance["selector"]["cache_id"] == Cache(world["public"]).cache_id
     bundle = release(world["dp"], synthetic, tmp_path / "b")
     released = read_json(bundle / "synthetic" / "provenance.json")

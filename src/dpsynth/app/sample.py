@@ -16,7 +16,7 @@ from dpsynth.attributes import ATTRIBUTES, INDEX
 from dpsynth.config import check_candidates, check_sampling, check_seed
 from dpsynth.diffusion.pipeline import CHOICE_FRACTION, shard
 from dpsynth.errors import DpsynthError
-from dpsynth.evaluation.selection import load_selector, sample_best_of
+from dpsynth.evaluation.selection import SELECTION_WEIGHTS, load_selector, sample_best_of
 from dpsynth.io import atomic_dir, atomic_write_json, sha256_file, write_nifti
 from dpsynth.privacy.attribute_fit import load_attribute_model
 from dpsynth.runs import (
@@ -183,9 +183,14 @@ def sample_to_folder(
                 "temperature": temperature,
                 "seed": seed,
                 "candidates": candidates,
-                # The rule's version: folders without it were chosen from finished volumes.
+                # The rule: folders without choice_fraction were chosen from finished
+                # volumes; without choice_weights, by the LV and RV volumes at equal weights.
                 **(
-                    {"selector": selector_record, "choice_fraction": CHOICE_FRACTION}
+                    {
+                        "selector": selector_record,
+                        "choice_fraction": CHOICE_FRACTION,
+                        "choice_weights": dict(SELECTION_WEIGHTS),
+                    }
                     if selector_record
                     else {}
                 ),
