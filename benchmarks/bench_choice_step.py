@@ -29,7 +29,7 @@ from dpsynth.diffusion.schedulers import make_scheduler
 from dpsynth.evaluation.controllability import MEASURED_ATTRIBUTES
 from dpsynth.evaluation.referee import Referee
 from dpsynth.evaluation.second_reader import SecondReader
-from dpsynth.evaluation.selection import SELECTION_WEIGHTS, nearest_candidate
+from dpsynth.evaluation.selection import SELECTION_WEIGHTS, nearest_candidate, selectable
 from dpsynth.runs import load, read_conditions_csv, sampling_settings
 
 
@@ -67,14 +67,15 @@ def score(table, chosen, measured) -> dict:
     """Per-phase r and MAE % of what the choice compares, read on the kept volumes
     (`measured[c][i]`: candidate c, volume i)."""
     result = {}
+    wanted = selectable(table)
     for name in SELECTION_WEIGHTS:
-        key, phase = MEASURED_ATTRIBUTES[name]
-        pairs = [
-            (table[i, INDEX[name]], measured[chosen[i]][i][key])
-            for i in range(len(table))
-            if table[i, INDEX["ESED"]] == phase and np.isfinite(table[i, INDEX[name]])
-        ]
-        req, got = np.array([p for p in pairs if np.isfinite(p[1])]).T
+        key = MEASURED_ATTRIBUTES[name][0]
+        pairs = [(table[i, INDEX[name]], measured[chosen[i]][i][key])
+                 for i in range(len(table)) if name in wanted[i]]  # fmt: skip
+        pairs = [p for p in pairs if np.isfinite(p[1])]
+        if len(pairs) < 2:  # nothing to correlate (e.g. conditions without thickness)
+            continue
+        req, got = np.array(pairs).T
         mae = np.mean(np.abs(req - got)) / np.mean(req) * 100
         result[name] = (round(float(np.corrcoef(req, got)[0, 1]), 3), round(float(mae), 1))
     return result
@@ -86,7 +87,7 @@ def main() -> None:
     parser.add_argument("--conditions", required=True,
                         help="attributes.csv of the volumes (6 significant digits: the volumes "
                         "match the folder's to rounding, not bit for bit)")  # fmt: skip
-    parser.add_argument("--candidates", type=int, default=3)
+    parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--reader", help="a second reader folder (optional)")
     parser.add_argument("--out", help="write the figures here as JSON")
     args = parser.parse_args()

@@ -665,23 +665,27 @@ def test_request_error_is_relative_and_phase_matched():
 
 
 def test_request_error_weighs_the_wall_thickness_half(monkeypatch):
-    """Wall thickness counts at half the weight of a volume, and one not found counts as
-    missing; the phase's own thickness only."""
+    """Wall thickness counts at half the weight of a volume, each phase's own; one not found
+    counts as missing; a thickness request of 0 or inf is not compared."""
     import dpsynth.evaluation.selection as selection
 
     readings = iter([
         {"LV_ML": 1.5, "RV_ML": 1.0, "MYO_THICK": 12.0},  # ED: LV +50 %, wall +50 %
+        {"LV_ML": 1.0, "RV_ML": 1.0, "MYO_THICK": 8.0},  # ES: wall -20 %
         {"LV_ML": 1.0, "RV_ML": 1.0, "MYO_THICK": float("nan")},  # ES: wall not found
+        {"LV_ML": 1.0, "RV_ML": 1.0, "MYO_THICK": 30.0},  # ES: wall not requested (0)
+        {"LV_ML": 1.0, "RV_ML": 1.0, "MYO_THICK": 30.0},  # ES: wall not requested (inf)
     ])  # fmt: skip
     monkeypatch.setattr(selection, "measure_volume", lambda mask, spacing: next(readings))
-    table = np.full((2, 14), np.nan, dtype=np.float32)
+    table = np.full((5, 14), np.nan, dtype=np.float32)
     table[:, INDEX["LVEDV"]], table[:, INDEX["RVEDV"]], table[:, INDEX["MYOEDTHICK"]] = 1, 1, 8
     table[:, INDEX["LVESV"]], table[:, INDEX["RVESV"]], table[:, INDEX["MYOESTHICK"]] = 1, 1, 10
-    table[:, INDEX["ESED"]] = (1, 0)
-    volumes = np.zeros((2, 2, 4, 4), dtype=np.float32)
+    table[3, INDEX["MYOESTHICK"]], table[4, INDEX["MYOESTHICK"]] = 0, np.inf
+    table[:, INDEX["ESED"]] = (1, 0, 0, 0, 0)
+    volumes = np.zeros((5, 2, 4, 4), dtype=np.float32)
     missing, error = request_error(_IntensitySelector(), volumes, table, (10.0, 1.0, 1.0))
-    np.testing.assert_allclose(error, [0.5 + 0.5 * 0.5, 0.0])
-    np.testing.assert_array_equal(missing, [0, 1])
+    np.testing.assert_allclose(error, [0.5 + 0.5 * 0.5, 0.5 * 0.2, 0.0, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_array_equal(missing, [0, 0, 1, 0, 0])
 
 
 @pytest.fixture(scope="module")

@@ -431,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="start this many trajectories per volume and finish the one whose LV/RV volumes "
-        "--selector measures nearest the request, part-way (default 1: no choice)",
+        "and LV wall thickness (half weight) --selector measures nearest the request, "
+        "part-way (default 1: no choice)",
     )
     p.add_argument(
         "--selector",

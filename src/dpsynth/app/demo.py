@@ -158,10 +158,10 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
     synthetic = out / "synthetic"
     with Stage("sample from DP attributes", synthetic, keep, timings) as done:
         if not done:
-            # Best of 4 by the public selector, chosen part-way: LVESV r +0.1-0.35 over
-            # plain draws on four DP models, +0.02-0.07 over best of 3; channels-last
-            # convolutions paid for the time (BENCHMARKS.md, "Choosing early",
-            # "Channels-last convolutions").
+            # Best of 4 by the public selector, chosen part-way: on three DP models LVESV
+            # r +0.09-0.37 over plain draws, +0.02-0.07 over best of 3; channels-last
+            # convolutions paid for the time (BENCHMARKS.md, "Best of 4, and what else
+            # the choice could weigh", "Channels-last convolutions").
             sample_to_folder(ldm_run, synthetic, n=N_SYNTHETIC, attributes="dp", seed=0,
                              candidates=CANDIDATES, selector=public / "selector")  # fmt: skip
     referee = out / "referee"

@@ -184,7 +184,8 @@ def sample_to_folder(
                 "seed": seed,
                 "candidates": candidates,
                 # The rule: folders without choice_fraction were chosen from finished
-                # volumes; without choice_weights, by the LV and RV volumes at equal weights.
+                # volumes; without choice_weights (before a5225b6), by the LV and RV volumes
+                # at equal weights (at 9366f2e alone: SELECTION_WEIGHTS' thickness too).
                 **(
                     {
                         "selector": selector_record,

@@ -43,9 +43,10 @@ __all__ = [
 
 SAMPLE_BATCH = 16  # volumes per denoiser call when sampling; part of what a seed means
 # Best-of-k chooses among the candidates after this fraction of the sampling steps, from
-# their predicted clean volumes: on the demo's DP model, choosing after 4 of 10 DDIM steps
-# kept the final reading's choice for 90 % of 120 volumes and scored as well (BENCHMARKS.md,
-# "Choosing early"), and only the kept trajectory runs the remaining steps.
+# their predicted clean volumes: on the demo's DP model, choosing (best of 3, by the LV and
+# RV volumes) after 4 of 10 DDIM steps kept the final reading's choice for 90 % of 120
+# volumes and scored as well (BENCHMARKS.md, "Choosing early"), and only the kept
+# trajectory runs the remaining steps.
 CHOICE_FRACTION = 0.4
 # (predicted clean volumes (k, b, S, H, W) in [0, 1], the batch's raw attributes (b, 14))
 # -> the candidate to keep for each of the b volumes, shape (b,).

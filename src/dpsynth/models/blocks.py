@@ -48,7 +48,7 @@ def convolve_channels_last(module: nn.Module) -> nn.Module:
     """`module`, its weights stored channels-last when they are on the CPU.
 
     oneDNN's 3D convolutions run faster in that layout, and PyTorch takes it for any
-    convolution whose weight has it: the demo autoencoder decodes 1.8x and encodes 1.4x
+    convolution whose weight has it: the demo autoencoder decodes 1.4x and encodes 1.3x
     faster, the referee trains 1.3x faster (BENCHMARKS.md, "Channels-last convolutions");
     values change by float rounding only. Outputs with several channels then come out
     channels-last too, so callers hand back `.contiguous()` tensors. Not for a model

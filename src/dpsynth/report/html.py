@@ -637,9 +637,11 @@ def _section_controllability(ctx: _Context) -> str:
     if summary:
         chosen = (
             f" Each synthetic volume is the best of {ctx.candidates} candidates: the one a "
-            "segmenter declared public judged nearest the requested cardiac measurements, so "
-            "these figures are higher than plain draws would score (BENCHMARKS.md, "
-            '"Best-of-k sampling": both, under the referee and an independent reader).'
+            "segmenter declared public judged nearest the requested LV and RV volumes (and "
+            "wall thickness, where the folder's provenance lists choice_weights), so those "
+            "figures are usually higher than plain draws would score; ANGLE and DEPTH are "
+            'not in the choice (BENCHMARKS.md, "Best of 4, and what else the choice could '
+            'weigh": under the referee and an independent reader).'
             if ctx.candidates > 1
             else ""
         )
