@@ -42,8 +42,8 @@ from dpsynth.privacy.outputs import MARKER_FILE
 
 # What the choice compares, each with its weight in the summed relative error. Wall
 # thickness counts half: a segmenter reading at 3.65 mm sees a 5-10 mm wall coarsely (the
-# referee's ceiling r is 0.72-0.87), yet at half weight it lifted thickness r by 0.03 on
-# average (-0.01 to +0.08; two DP models, both readers) for 0.01 of the volumes' (up to
+# referee's ceiling r is 0.72-0.87), yet at half weight it lifted thickness r by 0.04 on
+# average (-0.01 to +0.09; three DP models, both readers) for 0.01 of the volumes' (up to
 # 0.03; BENCHMARKS.md, "Best of 4, and what else the choice could weigh").
 SELECTION_WEIGHTS = {
     "LVEDV": 1.0, "LVESV": 1.0, "RVEDV": 1.0, "RVESV": 1.0, "MYOEDTHICK": 0.5, "MYOESTHICK": 0.5,
