@@ -371,9 +371,10 @@ class LatentDiffusion(nn.Module):
         """The rows of the k stacked candidate batches that ``choose`` keeps, one per volume."""
         b = len(attributes)
         # One candidate batch on the device at a time, as in plain sampling.
-        predicted = torch.cat([self.decode(z).clamp(0.0, 1.0)[:, 0].cpu() for z in x0.split(b)])
-        predicted = predicted.numpy()
-        chosen = np.asarray(choose(predicted.reshape(k, b, *self.volume_shape), attributes))
+        predicted = np.stack(
+            [self.decode(z).clamp(0.0, 1.0)[:, 0].cpu().numpy() for z in x0.split(b)]
+        )  # (k, b, S, H, W)
+        chosen = np.asarray(choose(predicted, attributes))
         if chosen.shape != (b,) or not np.isin(chosen, np.arange(k)).all():
             raise DpsynthError(f"sample: choose must return {b} candidate indices in 0..{k - 1}")
         return torch.from_numpy(chosen.astype(np.int64) * b + np.arange(b)).to(x0.device)
