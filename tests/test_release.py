@@ -533,6 +533,7 @@ def test_refuses_real_private_conditions(world, tmp_path, capsys):
             "--conditions-source", "private", "--steps", "2", "--out", str(tmp_path / "s")]  # fmt: skip
     assert main(argv) == 0
     assert read_json(tmp_path / "s" / "provenance.json")["conditioning"] == "private"
+    assert "never release" in (tmp_path / "s" / "EVALUATION_ONLY.txt").read_text()
     _refused(world, tmp_path / "b", r"real private attributes \(evaluation only\)",
              synthetic=tmp_path / "s")  # fmt: skip
 

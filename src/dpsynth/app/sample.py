@@ -19,6 +19,7 @@ from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.selection import SELECTION_WEIGHTS, load_selector, sample_best_of
 from dpsynth.io import atomic_dir, atomic_write_json, sha256_file, write_nifti
 from dpsynth.privacy.attribute_fit import load_attribute_model
+from dpsynth.privacy.outputs import mark_evaluation_only
 from dpsynth.runs import (
     CONDITIONING,
     PROVENANCE_FILE,
@@ -100,7 +101,8 @@ def sample_to_folder(
 
     Conditioning: a CSV, `attributes="dp"` (the run's DP attribute model), `--set` values
     applied to every row, or nothing (all unknown). `conditions_source` says where a CSV's
-    rows came from (a key of `CONDITIONING`); `dpsynth release` refuses "private".
+    rows came from (a key of `CONDITIONING`); "private" folders are labelled evaluation only
+    (`EVALUATION_ONLY.txt`) and `dpsynth release` refuses them.
     `candidates` > 1: each volume is the best of that many, chosen by the segmenter at
     `selector`, trained on public data only (`dpsynth.evaluation.selection`).
     Under torchrun each rank samples its share (`pipeline.shard`) on its own GPU; the
@@ -173,6 +175,8 @@ def sample_to_folder(
         if is_main():
             write_attributes_csv(tmp / "attributes.csv", names, table)
             digests["attributes.csv"] = sha256_file(tmp / "attributes.csv")
+            if conditions_source == "private":  # real private attributes, in clear
+                mark_evaluation_only(tmp)
             provenance = {
                 "model_digest": model_digest(run),
                 "conditioning": conditions_source,
