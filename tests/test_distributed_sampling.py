@@ -28,23 +28,30 @@ def test_shards_are_disjoint_batch_aligned_and_cover_the_cohort(n, world):
     assert max(sizes) - min(sizes) <= SAMPLE_BATCH  # whole batches, spread evenly
 
 
-def _sample(tmp_path, out: str, launcher: list[str]) -> None:
+def _sample(tmp_path, out: str, launcher: list[str], extra: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # both runs on one thread: same arithmetic
     command = [*launcher, "sample", str(demo_assets() / "ldm"),
                "--n", str(N), "--attributes", str(tmp_path / "rows.csv"), "--steps", "2",
-               "--seed", "3", "--out", str(tmp_path / out)]  # fmt: skip
+               "--seed", "3", "--out", str(tmp_path / out), *extra]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_torchrun_sample_equals_single_process(tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--candidates", "2", "--selector", str(demo_assets() / "selector")]],
+    ids=["plain", "best-of-2"],
+)
+def test_torchrun_sample_equals_single_process(tmp_path, extra):
     rows = np.random.default_rng(0).uniform(60, 200, size=(N, 2))  # a distinct row per volume
-    with (tmp_path / "rows.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([["LVEDV", "RVEDV"], *rows.round(1).tolist()])
-    _sample(tmp_path, "single", [sys.executable, "-m", "dpsynth"])
+    with (tmp_path / "rows.csv").open("w", newline="") as f:  # ED rows: volumes to compare
+        csv.writer(f).writerows(
+            [["LVEDV", "RVEDV", "ESED"], *(r + [1] for r in rows.round(1).tolist())]
+        )
+    _sample(tmp_path, "single", [sys.executable, "-m", "dpsynth"], extra)
     # `--` ends torchrun's options: its argparse would take `--n` for its own `--nnodes`.
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    _sample(tmp_path, "ranks", [*torchrun, "--nproc_per_node=2", "-m", "dpsynth", "--"])
+    _sample(tmp_path, "ranks", [*torchrun, "--nproc_per_node=2", "-m", "dpsynth", "--"], extra)
 
     single, ranks = tmp_path / "single", tmp_path / "ranks"
     assert sorted(p.name for p in ranks.iterdir()) == sorted(p.name for p in single.iterdir())
@@ -55,6 +62,7 @@ def test_torchrun_sample_equals_single_process(tmp_path):
     assert {k: v for k, v in a.items() if k != "files"} == {
         k: v for k, v in b.items() if k != "files"
     }
+    assert b["candidates"] == (2 if extra else 1) and ("selector" in b) == bool(extra)
     volumes = [name for name in a["files"] if name.endswith(".nii.gz")]
     assert len(volumes) == N
     first = read_nifti(single / volumes[0])[0]
