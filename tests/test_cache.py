@@ -74,9 +74,11 @@ def test_shared_patients_finds_any_overlap_not_only_equal_data(tmp_path):
     _write_cache(tmp_path / "other", n_patients=10, seed=1)
     full, fewer, other = (Cache(tmp_path / n) for n in ("all", "fewer", "other"))
     assert not full.same_data(fewer)  # not the same data...
-    assert full.shared_patients(fewer) == fewer.shared_patients(full) == 4  # ...but overlapping
-    assert full.shared_patients(other) == 0 and full.shared_patients(full) == 10
-    digests = full.meta["patient_digests"]
+    assert full.shared_patients(fewer.patient_digests) == 4  # ...but overlapping
+    assert fewer.shared_patients(full.patient_digests) == 4
+    assert full.shared_patients(other.patient_digests) == 0
+    assert full.shared_patients(full.patient_digests) == 10
+    digests = full.patient_digests
     assert len(digests) == 10 and len(set(digests)) == 10 and len(digests[0]) == 32
     with pytest.raises(DpsynthError, match=r"hold the same data \(4 patients in both\)"):
         refuse_same_data(tmp_path / "fewer", tmp_path / "all")

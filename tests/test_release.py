@@ -8,6 +8,8 @@ import json
 import re
 import shutil
 import struct
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,6 +79,8 @@ def _private_needles(world) -> dict[str, bytes]:
     needles = {"cache path": str(world["private"]).encode()}
     for key in ("cache_id", "content_digest"):
         needles[key] = meta[key].removeprefix("sha256:").encode()
+    for i, digest in enumerate(meta["patient_digests"]):
+        needles[f"patient digest {i}"] = digest.encode()
     for patient in np.unique(Cache(world["private"]).patients):
         needles[f"patient {patient}"] = str(patient).encode()
     needles["evaluation-only label"] = EVALUATION_ONLY_LABEL.encode()  # e.g. metrics.jsonl
@@ -696,14 +700,91 @@ def selectors(world, tmp_path_factory):
     kw = {"epochs": 1, "channels": (4, 8), "batch_size": 4}
     return {"public": train_referee(world["public"], root / "public", public=True, **kw),
             "private": train_referee(world["private"], root / "private", public=True, **kw),
+            "reprepared": train_referee(_reprepared(world["private"], root), root / "again",
+                                        public=True, **kw),
             "evaluation": train_referee(world["public"], root / "evaluation", **kw)}  # fmt: skip
+
+
+def _reprepared(cache: Path, root: Path) -> Path:
+    """The same patients prepared alike under a new cache id, as `dpsynth prepare` run again
+    on the private data would leave them: the ledger's id check cannot see it."""
+    copy = shutil.copytree(cache, root / "private_again")
+    meta = read_json(copy / "meta.json")
+    meta["cache_id"] = "f" * 32
+    (copy / "meta.json").write_text(json.dumps(meta))
+    return copy
 
 
 def test_a_public_selector_is_labelled_public_and_names_its_cache(world, selectors):
     meta = read_json(selectors["public"] / "referee.json")
     assert meta["cache_id"] == Cache(world["public"]).cache_id and meta["public"] is True
+    assert meta["patient_digests"] == Cache(world["public"]).patient_digests
+    assert len(meta["patient_digests"]) == len(np.unique(Cache(world["public"]).patients))
     assert not (selectors["public"] / "EVALUATION_ONLY.txt").exists()
     assert (selectors["evaluation"] / "EVALUATION_ONLY.txt").exists()
+    assert "patient_digests" not in read_json(selectors["evaluation"] / "referee.json")
+
+
+def test_sample_refuses_a_selector_of_private_patients_under_another_cache_id(
+    world, selectors, tmp_path, capsys
+):
+    """Review finding: a selector trained on the private data prepared again passed the
+    ledger's cache-id check; given the run's private cache, its patient digests do not."""
+    out = tmp_path / "s"
+    argv = ["sample", str(world["dp"]), "--n", "1", "--steps", "2", "--out", str(out),
+            "--candidates", "2", "--selector", str(selectors["reprepared"])]  # fmt: skip
+    n = len(np.unique(Cache(world["private"]).patients))
+    error = _one_line_error(capsys, [*argv, "--private", str(world["private"])])
+    assert f"learned from {n} patients of the private cache" in error
+    assert not out.exists()
+    # Without the private cache at hand only the declaration stands, and sampling says so.
+    with pytest.warns(UserWarning, match="not checked against the run's private patients"):
+        sample_to_folder(world["dp"], tmp_path / "warned", n=1, steps=2, candidates=2,
+                         selector=selectors["reprepared"])  # fmt: skip
+    # The public selector shares no patient with it: the check passes, and says nothing.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sample_to_folder(world["dp"], tmp_path / "ok", n=1, steps=2, candidates=2,
+                         selector=selectors["public"], private=world["private"])  # fmt: skip
+    assert not [w for w in caught if "not checked" in str(w.message)]
+    assert read_json(tmp_path / "ok" / "provenance.json")["selector"]["patients_checked"] is True
+    # The bundle says which checks were made, and still names no selector nor digest.
+    for folder, checked in ((tmp_path / "ok", True), (tmp_path / "warned", False)):
+        bundle = release(world["dp"], folder, tmp_path / f"bundle_{checked}")
+        verify(bundle)
+        assert read_json(bundle / "privacy.json")["selector_patients_checked"] is checked
+        words = "none of the patients it learned from is in this run's private cache"
+        for name in ("PRIVACY.md", "MODEL_CARD.md"):
+            text = (bundle / name).read_text()
+            assert (words in text) is checked
+            assert ("dpsynth checked only that the cache" in text) is not checked
+        assert _leaks(bundle, _private_needles(world)) == []
+    capsys.readouterr()  # the progress bars
+    public = [*argv[:-1], str(selectors["public"])]
+    assert "--private: give it only with --selector" in _one_line_error(
+        capsys, [*argv[:-4], "--private", str(world["private"])]
+    )
+    assert f"--private {world['public']}: not a cache the run's ledger names" in (
+        _one_line_error(capsys, [*public, "--private", str(world["public"])])
+    )
+    undigested = shutil.copytree(selectors["public"], tmp_path / "undigested")
+    meta = read_json(undigested / "referee.json")
+    del meta["patient_digests"]  # a selector trained before the field existed
+    (undigested / "referee.json").write_text(json.dumps(meta))
+    assert "lists no patient digests" in _one_line_error(
+        capsys, [*argv[:-1], str(undigested), "--private", str(world["private"])]
+    )
+    assert not out.exists()
+
+
+def test_train_referee_refuses_to_declare_public_a_cache_without_patient_digests(world, tmp_path):
+    old = shutil.copytree(world["public"], tmp_path / "old_cache")
+    meta = read_json(old / "meta.json")
+    del meta["patient_digests"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DpsynthError, match="lists no patient digests"):
+        train_referee(old, tmp_path / "sel", epochs=1, channels=(4, 8), public=True)
+    assert not (tmp_path / "sel").exists()
 
 
 def test_best_of_k_folder_releases_saying_how_it_was_chosen(world, selectors, tmp_path):
@@ -834,8 +915,10 @@ def test_shipped_demo_selector_is_public():
 
     selector, ldm = demo_assets() / "selector", demo_assets() / "ldm"
     model = read_json(ldm / "model.json")
-    referee, record = load_selector(selector, ldm, model["shape"], model["spacing"])
+    with pytest.warns(UserWarning, match="not checked against the run's private patients"):
+        referee, record = load_selector(selector, ldm, model["shape"], model["spacing"])
     assert record["cache_id"] == read_json(selector / "referee.json")["cache_id"]
+    assert len(set(referee.meta["patient_digests"])) == 240  # the public phantoms (PUBLIC)
     assert referee.meta["public"] is True and not (selector / "EVALUATION_ONLY.txt").exists()
 
 

@@ -162,7 +162,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         args.run, args.out, n=args.n, attributes=args.attributes, settings=args.set,
         sampler=args.sampler, steps=args.steps, guidance=args.guidance,
         temperature=args.temperature, seed=args.seed, conditions_source=args.conditions_source,
-        candidates=args.candidates, selector=args.selector,
+        candidates=args.candidates, selector=args.selector, private=args.private,
     )  # fmt: skip
     if is_main():  # under torchrun, rank 0 speaks for the job
         print(f"{args.n} volumes -> {out}")
@@ -439,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="segmenter declared trained on PUBLIC data only (`dpsynth train-referee --public` "
         "on a public cache); one trained on a cache the run's ledger names is refused",
+    )
+    p.add_argument(
+        "--private",
+        type=Path,
+        help="the run's private cache, where it is at hand: --selector is refused if it "
+        "learned from any of its patients, whatever the cache id (without it, a warning)",
     )
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_sample)

@@ -95,6 +95,7 @@ def sample_to_folder(
     conditions_source: str = "user",
     candidates: int = 1,
     selector: str | os.PathLike | None = None,
+    private: str | os.PathLike | None = None,
 ) -> Path:
     """Sample `n` volumes into `out`: `synth_00000.nii.gz`, ..., `attributes.csv` and
     `provenance.json` (the model's digest, the conditions' source, each file's SHA-256).
@@ -104,7 +105,8 @@ def sample_to_folder(
     rows came from (a key of `CONDITIONING`); "private" folders are labelled evaluation only
     (`EVALUATION_ONLY.txt`) and `dpsynth release` refuses them.
     `candidates` > 1: each volume is the best of that many, chosen by the segmenter at
-    `selector`, trained on public data only (`dpsynth.evaluation.selection`).
+    `selector`, trained on public data only (`dpsynth.evaluation.selection`); `private`,
+    the run's private cache, lets sampling refuse a selector that learned from its patients.
     Under torchrun each rank samples its share (`pipeline.shard`) on its own GPU; the
     folder equals the one-process folder for the same seed.
     """
@@ -113,6 +115,8 @@ def sample_to_folder(
     _check_settings(guidance, temperature, seed, candidates)  # the user's, before any work
     if (candidates > 1) != (selector is not None):
         raise DpsynthError("--selector: give it exactly when --candidates is above 1")
+    if private is not None and selector is None:
+        raise DpsynthError("--private: give it only with --selector (it checks the selector)")
     if conditions_source not in CONDITIONING:
         raise DpsynthError(
             f"--conditions-source: {conditions_source!r} is not one of {', '.join(CONDITIONING)}"
@@ -123,7 +127,9 @@ def sample_to_folder(
         raise DpsynthError("--conditions-source dp: use --attributes dp")
 
     run = Path(run)
-    segmenter, selector_record = _selector(run, selector) if candidates > 1 else (None, None)
+    segmenter, selector_record = (
+        _selector(run, selector, private) if candidates > 1 else (None, None)
+    )
     join_process_group()  # under torchrun: each rank samples its own share (see `_shards`)
     pipe = load(run, device=pick_device())
     if attributes == "dp":
@@ -219,11 +225,11 @@ def _check_settings(
         raise DpsynthError(f"--{e}") from None
 
 
-def _selector(run: Path, selector: str | os.PathLike) -> tuple:
+def _selector(run: Path, selector: str | os.PathLike, private: str | os.PathLike | None) -> tuple:
     """The best-of-k selector and its provenance record, checked against the run's model.json
     grid and ledger before any work."""
     meta = read_model_meta(run, kind="ldm")
-    return load_selector(selector, run, tuple(meta["shape"]), tuple(meta["spacing"]))
+    return load_selector(selector, run, tuple(meta["shape"]), tuple(meta["spacing"]), private)
 
 
 def _shards(tmp: Path | None, n: int) -> tuple[Path, slice, int]:

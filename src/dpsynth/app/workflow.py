@@ -65,7 +65,7 @@ def refuse_same_data(public: str | os.PathLike, private: str | os.PathLike) -> N
     same data prepared again, or any patient of it at the same grid): they have no DP."""
 
     public_cache, private_cache = Cache(public), Cache(private)
-    shared = public_cache.shared_patients(private_cache)
+    shared = public_cache.shared_patients(private_cache.patient_digests)
     if public_cache.same_data(private_cache) or shared:
         raise DpsynthError(
             f"--public {public} and --private {private} hold the same data ({shared} patients "

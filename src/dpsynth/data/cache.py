@@ -13,7 +13,9 @@ One format, one module: :class:`CacheWriter` writes it (for :mod:`dpsynth.data.p
 cache, which is private and never released; it only tells whether two caches at hand hold
 the same data, however they were split. ``patient_digests`` (a SHA-256 prefix of each
 patient's two prepared volumes) stay inside too: they tell whether two caches share any
-patient (a subset, a superset, one patient skipped), for the public-vs-private refusal.
+patient (a subset, a superset, one patient skipped), for the public-vs-private refusal. Only
+a public cache's are copied out, into a best-of-k selector's meta, so that sampling can
+refuse a selector that learned from patients of the run's private cache.
 
 Every patient has two consecutive rows, ED then ES. Arrays are opened with
 ``np.load(mmap_mode="r")`` so cohorts larger than RAM are read lazily, page by page.
@@ -26,7 +28,7 @@ import hashlib
 import io
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -214,11 +216,16 @@ class Cache:
             digest is not None and digest == other.meta.get("content_digest")
         )
 
-    def shared_patients(self, other: Cache) -> int:
-        """How many patients' prepared volumes appear in both caches (0 for caches written
-        before patient digests existed; `same_data` still covers copies of those)."""
-        mine = set(self.meta.get("patient_digests", ()))
-        return len(mine.intersection(other.meta.get("patient_digests", ())))
+    @property
+    def patient_digests(self) -> list[str]:
+        """Each patient's digest (empty for caches written before they existed)."""
+        return list(self.meta.get("patient_digests", ()))
+
+    def shared_patients(self, digests: Iterable[str]) -> int:
+        """How many of the patients `digests` names (another cache's, a public selector's)
+        this cache holds, prepared alike (0 for caches written before patient digests
+        existed; `same_data` still covers copies of those)."""
+        return len(set(self.patient_digests).intersection(digests))
 
     @property
     def spacing(self) -> tuple[float, float, float]:

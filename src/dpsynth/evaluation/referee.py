@@ -252,9 +252,18 @@ def train_referee(
     """Train the referee on a prepared cache's train split and save it to `out`.
 
     `public`: the caller's word that the cache holds public data only; the folder is then
-    not labelled evaluation-only (e.g. the shipped demo selector). Either way the meta
-    names the cache by id, which is what best-of-k sampling checks against a run's ledger.
+    not labelled evaluation-only (e.g. the shipped demo selector), and its meta lists the
+    cache's patient digests. Either way the meta names the cache by id. Best-of-k sampling
+    checks the id against a run's ledger, and the digests against the private cache when it
+    is at hand, so that the same patients prepared again under a new id are refused too.
     """
+    cache = Cache(cache_path)
+    if public and not cache.patient_digests:
+        raise DpsynthError(
+            f"{cache_path}: lists no patient digests (prepared by an older dpsynth), so a "
+            "selector trained on it could not be checked against private data; re-run "
+            "`dpsynth prepare`"
+        )
     train = load_volume_set(cache_path, split="train")
     referee = fit_referee(
         train,
@@ -265,8 +274,9 @@ def train_referee(
         seed=seed,
         downsample=downsample,
     )
-    referee.meta["cache_id"] = Cache(cache_path).cache_id
-    if public:
+    referee.meta["cache_id"] = cache.cache_id
+    if public:  # digests of public patients only: an evaluation referee's meta never has them
+        referee.meta["patient_digests"] = cache.patient_digests
         referee.meta["public"] = True
         referee.meta["release"] = "public: trained on public data only; never released itself"
     return referee.save(out)

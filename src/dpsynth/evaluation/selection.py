@@ -11,9 +11,11 @@ Privacy: choosing among a DP model's outputs with a function of public data alon
 post-processing, so ε is unchanged. A segmenter that learned from private data would not be:
 its choices would carry that data. That the selector's data is public is the data
 steward's declaration (`dpsynth train-referee --public`), as it is for `--init` runs;
-`load_selector` refuses a selector without it, and one whose cache the run's ledger names.
-It cannot detect the private patients prepared again under a new cache id, or another
-private cohort the run never touched.
+`load_selector` refuses a selector without it, one whose cache the run's ledger names, and,
+when the run's private cache is at hand (`sample --private`), one that learned from any of
+its patients prepared alike under another cache id (by the patient digests a public
+selector's meta lists). It cannot detect those patients prepared differently (another grid,
+another crop), or another private cohort the run never touched.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 
 from dpsynth.attributes import INDEX, N_ATTRIBUTES
 from dpsynth.config import check_candidates
+from dpsynth.data.cache import Cache
 from dpsynth.data.measure import measure_volume
 from dpsynth.diffusion.pipeline import SAMPLE_BATCH, Chooser
 from dpsynth.errors import DpsynthError
@@ -49,6 +52,7 @@ SELECTION_WEIGHTS = {
     "LVEDV": 1.0, "LVESV": 1.0, "RVEDV": 1.0, "RVESV": 1.0, "MYOEDTHICK": 0.5, "MYOESTHICK": 0.5,
 }  # fmt: skip
 CACHE_ID = re.compile(r"[0-9a-f]{32}")  # `Cache.cache_id`: a uuid4 in hex
+PATIENT_DIGEST = re.compile(r"[0-9a-f]{32}")  # one of `Cache.patient_digests`
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -56,12 +60,15 @@ def check_selector_record(
     record: Any, where: str | os.PathLike, shape: Sequence[int], spacing: Sequence[float]
 ) -> dict[str, Any]:
     """A provenance file's `selector`: exactly {cache_id, weights_sha256, public, shape,
-    spacing}: the cache it learned from (hex id), its weights' digest, the steward's
-    declaration that the cache is public (true), and the model's grid (`shape`, `spacing`)."""
+    spacing, patients_checked}: the cache it learned from (hex id), its weights' digest, the
+    steward's declaration that the cache is public (true), the model's grid (`shape`,
+    `spacing`), and whether its patients were checked against the run's private cache
+    (`refuse_shared_patients`; absent in folders sampled before that check existed)."""
     keys = {"cache_id", "weights_sha256", "public", "shape", "spacing"}
     if not (
         isinstance(record, dict)
-        and set(record) == keys
+        and set(record) in (keys, keys | {"patients_checked"})
+        and isinstance(record.get("patients_checked", False), bool)
         and isinstance(record["cache_id"], str)
         and CACHE_ID.fullmatch(record["cache_id"])
         and isinstance(record["weights_sha256"], str)
@@ -69,7 +76,8 @@ def check_selector_record(
         and record["public"] is True
     ):
         raise DpsynthError(
-            f"{where}: expected {{cache_id, weights_sha256, public: true, shape, spacing}} "
+            f"{where}: expected {{cache_id, weights_sha256, public: true, shape, spacing, "
+            "patients_checked}} "
             "as `dpsynth sample --selector` writes it"
         )
     if not _same_grid(record["shape"], record["spacing"], shape, spacing):
@@ -107,11 +115,55 @@ def refuse_private_selector(record: dict[str, str], ledger: Ledger, where: str) 
         )
 
 
+def refuse_shared_patients(
+    meta: dict[str, Any], private: str | os.PathLike | None, ledger: Ledger, where: str
+) -> None:
+    """Refuse a selector that learned from any patient of `private`, the run's private cache,
+    prepared alike (under any cache id); warn that no such check was made without it."""
+    digests = meta.get("patient_digests")
+    if not (
+        isinstance(digests, list)
+        and digests
+        and all(isinstance(d, str) and PATIENT_DIGEST.fullmatch(d) for d in digests)
+    ):
+        raise DpsynthError(
+            f"{where}: its meta lists no patient digests (trained by an older dpsynth), so it "
+            "cannot be checked against private patients; train it again with "
+            "`dpsynth train-referee --public`"
+        )
+    if private is None:
+        warnings.warn(
+            f"{where} was not checked against the run's private patients; give --private "
+            "CACHE (the cache the run trained on) where it is at hand",
+            stacklevel=3,
+        )
+        return
+    cache = Cache(private)
+    if cache.cache_id not in {e.cache_id for e in ledger}:
+        raise DpsynthError(f"--private {private}: not a cache the run's ledger names")
+    if not cache.patient_digests:
+        raise DpsynthError(
+            f"--private {private}: lists no patient digests (prepared by an older dpsynth); "
+            "re-run `dpsynth prepare`"
+        )
+    shared = cache.shared_patients(digests)
+    if shared:
+        raise DpsynthError(
+            f"{where}: learned from {shared} patients of the private cache {private}; "
+            "best-of-k needs a segmenter trained on public data only"
+        )
+
+
 def load_selector(
-    path: str | os.PathLike, run: str | os.PathLike, shape: Sequence[int], spacing: Sequence[float]
+    path: str | os.PathLike,
+    run: str | os.PathLike,
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    private: str | os.PathLike | None = None,
 ) -> tuple[Referee, dict[str, Any]]:
     """The segmenter at `path` and its provenance record, after checking that it is declared
-    public, never learned from a cache `run`'s ledger names, and reads `shape` at `spacing`."""
+    public, never learned from a cache `run`'s ledger names nor from a patient of `private`
+    (the run's private cache, when at hand), and reads `shape` at `spacing`."""
     path = Path(path)
     where = f"--selector {path}"
     if not (path / META_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
@@ -134,9 +186,12 @@ def load_selector(
         "public": True,
         "shape": meta.get("shape"),
         "spacing": meta.get("spacing"),
+        "patients_checked": private is not None,
     }
     record = check_selector_record(record, where, shape, spacing)
-    refuse_private_selector(record, Ledger.load(run, missing_ok=True), where)
+    ledger = Ledger.load(run, missing_ok=True)
+    refuse_private_selector(record, ledger, where)
+    refuse_shared_patients(meta, private, ledger, where)
     return Referee.load(path), record
 
 

@@ -182,6 +182,7 @@ def release(
         "evaluation_uses": [{"stage": e.stage, "note": e.note} for e in ledger if e.non_private],
         "conditioning": provenance["conditioning"],
         "candidates": provenance["candidates"],
+        **_selector_checks(provenance),
     }
     with atomic_dir(out) as tmp:
         _write_model(run, model, tmp / MODEL_DIR)
@@ -283,6 +284,15 @@ def _check_synthetic(run: Path, model: dict, synthetic: Path, ledger: Ledger) ->
             _refuse(f"{synthetic / name}: changed since it was sampled")
     return {**provenance, **_provenance_sampling(provenance, model, path),
             **_provenance_selection(provenance, model, ledger, path)}  # fmt: skip
+
+
+def _selector_checks(provenance: dict) -> dict:
+    """What dpsynth checked of a best-of-k selector, for privacy.json: whether the private
+    cache was at hand to refuse one that learned from its patients (False for folders
+    sampled before the check existed); nothing for plain draws."""
+    if provenance["candidates"] == 1:
+        return {}
+    return {"selector_patients_checked": provenance["selector"].get("patients_checked", False)}
 
 
 def _provenance_selection(provenance: dict, model: dict, ledger: Ledger, path: Path) -> dict:
@@ -626,9 +636,18 @@ def _selection_caveat(privacy: dict) -> str:
     return (
         f"\n- Each synthetic volume is the best of {k} candidates, chosen by a segmenter that the "
         "data steward declared trained on public data only. If it learned from private "
-        "patients, its choices are not covered by ε; dpsynth checked only that the cache "
-        "it names is not one this run's ledger names."
+        f"patients, its choices are not covered by ε; {_selector_checked_words(privacy)}."
     )
+
+
+def _selector_checked_words(privacy: dict) -> str:
+    if privacy.get("selector_patients_checked"):
+        return (
+            "dpsynth checked that the cache it names is not one this run's ledger names, and "
+            "that none of the patients it learned from is in this run's private cache as "
+            "prepared for it (the same patients prepared differently would not be seen)"
+        )
+    return "dpsynth checked only that the cache it names is not one this run's ledger names"
 
 
 def model_card(model: dict, privacy: dict, provenance: dict) -> str:
@@ -668,7 +687,7 @@ dpsynth sample model --n 16 --attributes my_conditions.csv --out my_samples
 `synthetic/` holds {n} volumes sampled by the data steward (sampler
 {provenance.get("sampler")}, {provenance.get("steps")} steps, guidance
 {provenance.get("guidance")}, temperature {provenance.get("temperature")}); their
-conditions: {CONDITIONING[provenance["conditioning"]]}.{_selection_sentence(provenance)}
+conditions: {CONDITIONING[provenance["conditioning"]]}.{_selection_sentence(privacy)}
 
 ## Limits
 
@@ -686,16 +705,16 @@ conditions: {CONDITIONING[provenance["conditioning"]]}.{_selection_sentence(prov
 """
 
 
-def _selection_sentence(provenance: dict) -> str:
+def _selection_sentence(privacy: dict) -> str:
     """The model card's words on best-of-k sampling (none for plain draws)."""
-    k = provenance["candidates"]
+    k = privacy["candidates"]
     if k == 1:
         return ""
     return (
         f"\nEach is the best of {k} candidates: the one a segmenter judged nearest the "
         "requested cardiac measurements. The data steward declared that "
-        "segmenter trained on public data only (dpsynth checked only that the cache it names is not "
-        "one this run's ledger names); the choice is then post-processing and does not "
+        f"segmenter trained on public data only ({_selector_checked_words(privacy)}); "
+        "the choice is then post-processing and does not "
         "change ε (PRIVACY.md). Volumes sampled from `model/` are plain draws unless "
         "`dpsynth sample` is given `--candidates` and a `--selector` of your own."
     )
