@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_training import public_world, tiny
+from test_training import SHAPE, SPACING, public_world, tiny
 
 from dpsynth.app.cli import main
 from dpsynth.app.sample import sample_to_folder
 from dpsynth.attributes import INDEX
 from dpsynth.data.cache import Cache
+from dpsynth.data.prepare import prepare
 from dpsynth.diffusion.pipeline import candidate_seed
 from dpsynth.errors import DpsynthError, ReleaseRefusedError
 from dpsynth.evaluation import selection
@@ -562,23 +563,36 @@ def test_report_links_and_verifies_the_release(world, tmp_path):
     assert "does not verify" in text[text.index('<section id="release">') :]
 
 
-def test_demo_ends_with_a_verified_release(world, tmp_path, monkeypatch):
-    """`dpsynth demo --keep` over finished tiny stages: its last steps write demo/release and
-    a report that verifies and links it (the expensive stages are kept, not re-run)."""
+def test_demo_ends_with_a_verified_release(world, selectors, tmp_path, monkeypatch):
+    """`dpsynth demo --keep` over finished tiny stages: it samples best of k with the public
+    selector, checked against its private cache, then writes demo/release and a report that
+    verifies and links it (the expensive stages are kept, not re-run)."""
     from dpsynth.app import demo
 
     out = tmp_path / "demo"
     (out / "data" / "ukbb_raw").mkdir(parents=True)
     shutil.copytree(world["private"], out / "data" / "ukbb_cache")
     shutil.copytree(world["dp"], out / "ldm_dp")  # DP fine-tune + DP attribute model
-    shutil.copytree(world["synthetic"], out / "synthetic")
     (out / "referee").mkdir()
     (out / "ldm_dp" / "eval").mkdir()
     (out / "ldm_dp" / "eval" / "metrics.json").write_text("{}")
-    monkeypatch.setattr(demo, "demo_assets", lambda: world["root"])
+    assets = tmp_path / "assets"
+    shutil.copytree(world["ldm"], assets / "ldm")  # the shipped public models, as found
+    shutil.copytree(selectors["public"], assets / "selector")
+    monkeypatch.setattr(demo, "demo_assets", lambda: assets)
     monkeypatch.setattr(demo, "load_config", lambda *a, **k: tiny())
-    assert demo.run_demo(out, fresh=False)["release"] == str(out / "release")
+    monkeypatch.setattr(demo, "N_SYNTHETIC", 3)
+    monkeypatch.setattr(demo, "CANDIDATES", 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert demo.run_demo(out, fresh=False)["release"] == str(out / "release")
+    assert not [w for w in caught if "not checked" in str(w.message)]
+    selector = read_json(out / "synthetic" / "provenance.json")["selector"]
+    assert selector["patients_checked"] is True
+    assert selector["cache_id"] == Cache(world["public"]).cache_id
     summary = verify(out / "release")
+    privacy = read_json(out / "release" / "privacy.json")
+    assert privacy["candidates"] == 2 and privacy["selector_patients_checked"] is True
     ledger = Ledger.load(out / "ldm_dp")
     assert summary["epsilon"] == ledger.total_epsilon(accountant=summary["accountant"]) <= BUDGET
     text = (out / "report" / "index.html").read_text()
@@ -700,19 +714,17 @@ def selectors(world, tmp_path_factory):
     kw = {"epochs": 1, "channels": (4, 8), "batch_size": 4}
     return {"public": train_referee(world["public"], root / "public", public=True, **kw),
             "private": train_referee(world["private"], root / "private", public=True, **kw),
-            "reprepared": train_referee(_reprepared(world["private"], root), root / "again",
-                                        public=True, **kw),
+            "reprepared": train_referee(_reprepared(world, root), root / "again", public=True,
+                                        **kw),
             "evaluation": train_referee(world["public"], root / "evaluation", **kw)}  # fmt: skip
 
 
-def _reprepared(cache: Path, root: Path) -> Path:
-    """The same patients prepared alike under a new cache id, as `dpsynth prepare` run again
-    on the private data would leave them: the ledger's id check cannot see it."""
-    copy = shutil.copytree(cache, root / "private_again")
-    meta = read_json(copy / "meta.json")
-    meta["cache_id"] = "f" * 32
-    (copy / "meta.json").write_text(json.dumps(meta))
-    return copy
+def _reprepared(world: dict, root: Path) -> Path:
+    """The private patients prepared again (another seed, another split): a new cache id,
+    which the ledger's id check cannot see, and the same prepared volumes."""
+    raw = world["root"] / "ukbb_raw"
+    return prepare("ukbb", raw, root / "private_again", seed=2, shape=SHAPE, spacing=SPACING,
+                   attributes_csv=raw / "attributes.csv", split=(0.6, 0.2, 0.2)).out  # fmt: skip
 
 
 def test_a_public_selector_is_labelled_public_and_names_its_cache(world, selectors):
@@ -738,14 +750,16 @@ def test_sample_refuses_a_selector_of_private_patients_under_another_cache_id(
     assert f"learned from {n} patients of the private cache" in error
     assert not out.exists()
     # Without the private cache at hand only the declaration stands, and sampling says so.
-    with pytest.warns(UserWarning, match="not checked against the run's private patients"):
+    with pytest.warns(
+        UserWarning, match="not checked against the patients of 1 of the 1 private caches"
+    ):
         sample_to_folder(world["dp"], tmp_path / "warned", n=1, steps=2, candidates=2,
                          selector=selectors["reprepared"])  # fmt: skip
     # The public selector shares no patient with it: the check passes, and says nothing.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sample_to_folder(world["dp"], tmp_path / "ok", n=1, steps=2, candidates=2,
-                         selector=selectors["public"], private=world["private"])  # fmt: skip
+                         selector=selectors["public"], private=[world["private"]])  # fmt: skip
     assert not [w for w in caught if "not checked" in str(w.message)]
     assert read_json(tmp_path / "ok" / "provenance.json")["selector"]["patients_checked"] is True
     # The bundle says which checks were made, and still names no selector nor digest.
@@ -753,7 +767,7 @@ def test_sample_refuses_a_selector_of_private_patients_under_another_cache_id(
         bundle = release(world["dp"], folder, tmp_path / f"bundle_{checked}")
         verify(bundle)
         assert read_json(bundle / "privacy.json")["selector_patients_checked"] is checked
-        words = "none of the patients it learned from is in this run's private cache"
+        words = "none of the patients its folder lists as its training data is in a private"
         for name in ("PRIVACY.md", "MODEL_CARD.md"):
             text = (bundle / name).read_text()
             assert (words in text) is checked
@@ -775,6 +789,55 @@ def test_sample_refuses_a_selector_of_private_patients_under_another_cache_id(
         capsys, [*argv[:-1], str(undigested), "--private", str(world["private"])]
     )
     assert not out.exists()
+
+
+def test_one_shared_patient_refuses_a_selector(world, selectors, tmp_path, capsys):
+    listed = shutil.copytree(selectors["public"], tmp_path / "one")
+    meta = read_json(listed / "referee.json")
+    meta["patient_digests"].append(Cache(world["private"]).patient_digests[-1])
+    (listed / "referee.json").write_text(json.dumps(meta))
+    argv = ["sample", str(world["dp"]), "--n", "1", "--steps", "2", "--out", str(tmp_path / "s"),
+            "--candidates", "2", "--selector", str(listed), "--private", str(world["private"])]  # fmt: skip
+    assert "learned from 1 patients of the private cache" in _one_line_error(capsys, argv)
+    assert not (tmp_path / "s").exists()
+
+
+def test_patients_are_checked_only_when_every_private_cache_of_the_ledger_is(
+    world, selectors, tmp_path
+):
+    """Review finding: one --private cache of several (e.g. not the validation cache) made
+    the bundle say the selector's patients were checked against "this run's private cache"."""
+    run = shutil.copytree(world["dp"], tmp_path / "two_caches")
+    validation = _reprepared(world, tmp_path)
+    ledger = Ledger.load(run)
+    ledger.add(LedgerEntry.non_private_use("ldm-validation", 3, "validation loss",
+                                           cache_id=Cache(validation).cache_id))  # fmt: skip
+    ledger.save(run / "ledger.json")
+    kw = {"n": 1, "steps": 2, "candidates": 2, "selector": selectors["public"]}
+    with pytest.warns(UserWarning, match="patients of 1 of the 2 private caches"):
+        one = sample_to_folder(run, tmp_path / "one", private=[world["private"]], **kw)
+    assert read_json(one / "provenance.json")["selector"]["patients_checked"] is False
+    both = sample_to_folder(run, tmp_path / "both", private=[world["private"], validation], **kw)
+    assert read_json(both / "provenance.json")["selector"]["patients_checked"] is True
+    with pytest.raises(DpsynthError, match="learned from .* patients of the private cache"):
+        sample_to_folder(run, tmp_path / "no", **{**kw, "selector": selectors["reprepared"]},
+                         private=[validation])  # fmt: skip
+
+
+def test_verify_refuses_a_bundle_that_claims_checks_privacy_md_does_not_state(
+    world, selectors, tmp_path
+):
+    synthetic = sample_to_folder(world["dp"], tmp_path / "s", n=1, steps=2, candidates=2,
+                                 selector=selectors["public"])  # fmt: skip
+    bundle = release(world["dp"], synthetic, tmp_path / "b")
+    for value, match in ((True, "does not say how its volumes were chosen"),
+                         ("yes", "selector_patients_checked is not a boolean")):  # fmt: skip
+        privacy = read_json(bundle / "privacy.json")
+        privacy["selector_patients_checked"] = value
+        (bundle / "privacy.json").write_text(json.dumps(privacy))
+        write_manifest(bundle)
+        with pytest.raises(DpsynthError, match=match):
+            verify(bundle)
 
 
 def test_train_referee_refuses_to_declare_public_a_cache_without_patient_digests(world, tmp_path):
@@ -915,8 +978,7 @@ def test_shipped_demo_selector_is_public():
 
     selector, ldm = demo_assets() / "selector", demo_assets() / "ldm"
     model = read_json(ldm / "model.json")
-    with pytest.warns(UserWarning, match="not checked against the run's private patients"):
-        referee, record = load_selector(selector, ldm, model["shape"], model["spacing"])
+    referee, record = load_selector(selector, ldm, model["shape"], model["spacing"])
     assert record["cache_id"] == read_json(selector / "referee.json")["cache_id"]
     assert len(set(referee.meta["patient_digests"])) == 240  # the public phantoms (PUBLIC)
     assert referee.meta["public"] is True and not (selector / "EVALUATION_ONLY.txt").exists()

@@ -443,8 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--private",
         type=Path,
-        help="the run's private cache, where it is at hand: --selector is refused if it "
-        "learned from any of its patients, whatever the cache id (without it, a warning)",
+        action="append",
+        default=[],
+        metavar="CACHE",
+        help="a private cache the run's ledger names, where it is at hand (repeat for each): "
+        "--selector is refused if its meta lists any of the cache's patients, whatever the "
+        "cache id; unchecked caches get a warning",
     )
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_sample)
@@ -496,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--public",
         action="store_true",
         help="the data is public (a selector for `sample --candidates`): not labelled "
-        "evaluation-only",
+        "evaluation-only, and its meta lists the cache's patient digests (never use it on "
+        "private data)",
     )
     p.set_defaults(func=cmd_train_referee)
 

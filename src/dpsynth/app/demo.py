@@ -164,7 +164,7 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
             # the choice could weigh", "Channels-last convolutions").
             sample_to_folder(ldm_run, synthetic, n=N_SYNTHETIC, attributes="dp", seed=0,
                              candidates=CANDIDATES, selector=public / "selector",
-                             private=private)  # fmt: skip
+                             private=[private])  # fmt: skip
     referee = out / "referee"
     with Stage("train referee (evaluation only)", referee, keep, timings) as done:
         if not done:

@@ -95,7 +95,7 @@ def sample_to_folder(
     conditions_source: str = "user",
     candidates: int = 1,
     selector: str | os.PathLike | None = None,
-    private: str | os.PathLike | None = None,
+    private: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Sample `n` volumes into `out`: `synth_00000.nii.gz`, ..., `attributes.csv` and
     `provenance.json` (the model's digest, the conditions' source, each file's SHA-256).
@@ -106,7 +106,7 @@ def sample_to_folder(
     (`EVALUATION_ONLY.txt`) and `dpsynth release` refuses them.
     `candidates` > 1: each volume is the best of that many, chosen by the segmenter at
     `selector`, trained on public data only (`dpsynth.evaluation.selection`); `private`,
-    the run's private cache, lets sampling refuse a selector that learned from its patients.
+    the run's private caches, lets sampling refuse a selector that learned from their patients.
     Under torchrun each rank samples its share (`pipeline.shard`) on its own GPU; the
     folder equals the one-process folder for the same seed.
     """
@@ -115,7 +115,7 @@ def sample_to_folder(
     _check_settings(guidance, temperature, seed, candidates)  # the user's, before any work
     if (candidates > 1) != (selector is not None):
         raise DpsynthError("--selector: give it exactly when --candidates is above 1")
-    if private is not None and selector is None:
+    if private and selector is None:
         raise DpsynthError("--private: give it only with --selector (it checks the selector)")
     if conditions_source not in CONDITIONING:
         raise DpsynthError(
@@ -225,7 +225,7 @@ def _check_settings(
         raise DpsynthError(f"--{e}") from None
 
 
-def _selector(run: Path, selector: str | os.PathLike, private: str | os.PathLike | None) -> tuple:
+def _selector(run: Path, selector: str | os.PathLike, private: Sequence) -> tuple:
     """The best-of-k selector and its provenance record, checked against the run's model.json
     grid and ledger before any work."""
     meta = read_model_meta(run, kind="ldm")

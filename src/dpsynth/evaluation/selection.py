@@ -12,10 +12,10 @@ post-processing, so ε is unchanged. A segmenter that learned from private data 
 its choices would carry that data. That the selector's data is public is the data
 steward's declaration (`dpsynth train-referee --public`), as it is for `--init` runs;
 `load_selector` refuses a selector without it, one whose cache the run's ledger names, and,
-when the run's private cache is at hand (`sample --private`), one that learned from any of
-its patients prepared alike under another cache id (by the patient digests a public
-selector's meta lists). It cannot detect those patients prepared differently (another grid,
-another crop), or another private cohort the run never touched.
+for each of the run's private caches at hand (`sample --private`), one whose meta lists any
+of its patients (the digests of byte-identical prepared volumes, whatever the cache id).
+It cannot detect those patients prepared otherwise (another grid, crop or library
+version), a meta edited by hand, or another private cohort the run never touched.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ def check_selector_record(
     """A provenance file's `selector`: exactly {cache_id, weights_sha256, public, shape,
     spacing, patients_checked}: the cache it learned from (hex id), its weights' digest, the
     steward's declaration that the cache is public (true), the model's grid (`shape`,
-    `spacing`), and whether its patients were checked against the run's private cache
-    (`refuse_shared_patients`; absent in folders sampled before that check existed)."""
+    `spacing`), and whether the patients its meta lists were checked against every private
+    cache the run's ledger names (`refuse_shared_patients`; absent in folders sampled
+    before that check existed)."""
     keys = {"cache_id", "weights_sha256", "public", "shape", "spacing"}
     if not (
         isinstance(record, dict)
@@ -116,10 +117,11 @@ def refuse_private_selector(record: dict[str, str], ledger: Ledger, where: str) 
 
 
 def refuse_shared_patients(
-    meta: dict[str, Any], private: str | os.PathLike | None, ledger: Ledger, where: str
-) -> None:
-    """Refuse a selector that learned from any patient of `private`, the run's private cache,
-    prepared alike (under any cache id); warn that no such check was made without it."""
+    meta: dict[str, Any], private: Sequence[str | os.PathLike], ledger: Ledger, where: str
+) -> bool:
+    """Refuse a selector that learned from any patient of the `private` caches (each one the
+    run's ledger names), matched by byte-identical prepared volumes under any cache id.
+    True when they cover every cache the ledger names; otherwise warn what went unchecked."""
     digests = meta.get("patient_digests")
     if not (
         isinstance(digests, list)
@@ -131,27 +133,31 @@ def refuse_shared_patients(
             "cannot be checked against private patients; train it again with "
             "`dpsynth train-referee --public`"
         )
-    if private is None:
+    named, checked = {e.cache_id for e in ledger}, set()
+    for path in private:
+        cache = Cache(path)
+        if cache.cache_id not in named:
+            raise DpsynthError(f"--private {path}: not a cache the run's ledger names")
+        if not cache.patient_digests:
+            raise DpsynthError(
+                f"--private {path}: lists no patient digests (prepared by an older dpsynth); "
+                "re-run `dpsynth prepare`"
+            )
+        shared = cache.shared_patients(digests)
+        if shared:
+            raise DpsynthError(
+                f"{where}: learned from {shared} patients of the private cache {path}; "
+                "best-of-k needs a segmenter trained on public data only"
+            )
+        checked.add(cache.cache_id)
+    if named - checked:
         warnings.warn(
-            f"{where} was not checked against the run's private patients; give --private "
-            "CACHE (the cache the run trained on) where it is at hand",
+            f"{where} was not checked against the patients of {len(named - checked)} of the "
+            f"{len(named)} private caches the run's ledger names; give --private CACHE for "
+            "each, where they are at hand",
             stacklevel=3,
         )
-        return
-    cache = Cache(private)
-    if cache.cache_id not in {e.cache_id for e in ledger}:
-        raise DpsynthError(f"--private {private}: not a cache the run's ledger names")
-    if not cache.patient_digests:
-        raise DpsynthError(
-            f"--private {private}: lists no patient digests (prepared by an older dpsynth); "
-            "re-run `dpsynth prepare`"
-        )
-    shared = cache.shared_patients(digests)
-    if shared:
-        raise DpsynthError(
-            f"{where}: learned from {shared} patients of the private cache {private}; "
-            "best-of-k needs a segmenter trained on public data only"
-        )
+    return not named - checked
 
 
 def load_selector(
@@ -159,11 +165,11 @@ def load_selector(
     run: str | os.PathLike,
     shape: Sequence[int],
     spacing: Sequence[float],
-    private: str | os.PathLike | None = None,
+    private: Sequence[str | os.PathLike] = (),
 ) -> tuple[Referee, dict[str, Any]]:
     """The segmenter at `path` and its provenance record, after checking that it is declared
-    public, never learned from a cache `run`'s ledger names nor from a patient of `private`
-    (the run's private cache, when at hand), and reads `shape` at `spacing`."""
+    public, never learned from a cache `run`'s ledger names nor from a patient of the
+    `private` caches at hand, and reads `shape` at `spacing`."""
     path = Path(path)
     where = f"--selector {path}"
     if not (path / META_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
@@ -186,12 +192,12 @@ def load_selector(
         "public": True,
         "shape": meta.get("shape"),
         "spacing": meta.get("spacing"),
-        "patients_checked": private is not None,
+        "patients_checked": False,
     }
     record = check_selector_record(record, where, shape, spacing)
     ledger = Ledger.load(run, missing_ok=True)
     refuse_private_selector(record, ledger, where)
-    refuse_shared_patients(meta, private, ledger, where)
+    record["patients_checked"] = refuse_shared_patients(meta, private, ledger, where)
     return Referee.load(path), record
 
 

@@ -21,7 +21,9 @@ private cache's id) cannot slip in::
 `release` refuses (one line, exit 2) when the ledger's composed ε is above the budget the
 user set, a stage without DP learned from data a DP entry marks private, the synthetic set
 was not sampled from this run, its volumes were chosen by a selector not declared public or
-trained on a cache the ledger names, or its conditions were real private attributes.
+trained on a cache the ledger names, or its conditions were real private attributes. For a
+best-of-k set, privacy.json also says whether `sample --private` checked the selector's
+listed patients against every private cache the ledger names (`selector_patients_checked`).
 `verify` re-checks a bundle anywhere: the file list and digests, and ε recomputed from the
 mechanisms by the accountant named.
 """
@@ -500,6 +502,12 @@ def verify(bundle: str | os.PathLike) -> dict:
         )
     if _headline(privacy) not in (bundle / PRIVACY_MD).read_text():
         raise DpsynthError(f"{bundle / PRIVACY_MD}: does not state ε = {stated:.4g}")
+    if not isinstance(privacy.get("selector_patients_checked", False), bool):
+        raise DpsynthError(f"{bundle / PRIVACY_JSON}: selector_patients_checked is not a boolean")
+    if _selection_caveat(privacy) not in (bundle / PRIVACY_MD).read_text():
+        raise DpsynthError(
+            f"{bundle / PRIVACY_MD}: does not say how its volumes were chosen as privacy.json does"
+        )
     provenance = read_json(bundle / SYNTHETIC_DIR / PROVENANCE_FILE)
     if provenance.get("model_digest") != model_digest(bundle / MODEL_DIR):
         raise DpsynthError(f"{bundle}: the synthetic set's model digest is not the bundle's model")
@@ -644,8 +652,9 @@ def _selector_checked_words(privacy: dict) -> str:
     if privacy.get("selector_patients_checked"):
         return (
             "dpsynth checked that the cache it names is not one this run's ledger names, and "
-            "that none of the patients it learned from is in this run's private cache as "
-            "prepared for it (the same patients prepared differently would not be seen)"
+            "that none of the patients its folder lists as its training data is in a private "
+            "cache this run's ledger names (by byte-identical prepared volumes: the same "
+            "patients prepared otherwise would not be seen)"
         )
     return "dpsynth checked only that the cache it names is not one this run's ledger names"
 
