@@ -254,8 +254,8 @@ def train_referee(
     `public`: the caller's word that the cache holds public data only; the folder is then
     not labelled evaluation-only (e.g. the shipped demo selector), and its meta lists the
     cache's patient digests. Either way the meta names the cache by id. Best-of-k sampling
-    checks the id against a run's ledger, and the digests against the private cache when it
-    is at hand, so that the same patients prepared again under a new id are refused too.
+    checks the id against a run's ledger, and the digests against the run's private caches
+    at hand, so that the same patients prepared again under a new id are refused too.
     """
     cache = Cache(cache_path)
     if public and not cache.patient_digests:

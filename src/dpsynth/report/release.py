@@ -289,9 +289,9 @@ def _check_synthetic(run: Path, model: dict, synthetic: Path, ledger: Ledger) ->
 
 
 def _selector_checks(provenance: dict) -> dict:
-    """What dpsynth checked of a best-of-k selector, for privacy.json: whether the private
-    cache was at hand to refuse one that learned from its patients (False for folders
-    sampled before the check existed); nothing for plain draws."""
+    """What dpsynth checked of a best-of-k selector, for privacy.json: whether every private
+    cache the ledger names was at hand to refuse one that learned from their patients (False
+    for folders sampled before the check existed); nothing for plain draws."""
     if provenance["candidates"] == 1:
         return {}
     return {"selector_patients_checked": provenance["selector"].get("patients_checked", False)}
