@@ -588,7 +588,7 @@ def test_demo_ends_with_a_verified_release(world, selectors, tmp_path, monkeypat
         assert demo.run_demo(out, fresh=False)["release"] == str(out / "release")
     assert not [w for w in caught if "not checked" in str(w.message)]
     selector = read_json(out / "synthetic" / "provenance.json")["selector"]
-    assert selector["patients_checked"] is True
+    assert selector["patients_checked_against"] == [Cache(world["private"]).cache_id]
     assert selector["cache_id"] == Cache(world["public"]).cache_id
     summary = verify(out / "release")
     privacy = read_json(out / "release" / "privacy.json")
@@ -761,7 +761,8 @@ def test_sample_refuses_a_selector_of_private_patients_under_another_cache_id(
         sample_to_folder(world["dp"], tmp_path / "ok", n=1, steps=2, candidates=2,
                          selector=selectors["public"], private=[world["private"]])  # fmt: skip
     assert not [w for w in caught if "not checked" in str(w.message)]
-    assert read_json(tmp_path / "ok" / "provenance.json")["selector"]["patients_checked"] is True
+    checked = read_json(tmp_path / "ok" / "provenance.json")["selector"]["patients_checked_against"]
+    assert checked == [Cache(world["private"]).cache_id]
     # The bundle says which checks were made, and still names no selector nor digest.
     for folder, checked in ((tmp_path / "ok", True), (tmp_path / "warned", False)):
         bundle = release(world["dp"], folder, tmp_path / f"bundle_{checked}")
@@ -816,9 +817,20 @@ def test_patients_are_checked_only_when_every_private_cache_of_the_ledger_is(
     kw = {"n": 1, "steps": 2, "candidates": 2, "selector": selectors["public"]}
     with pytest.warns(UserWarning, match="patients of 1 of the 2 private caches"):
         one = sample_to_folder(run, tmp_path / "one", private=[world["private"]], **kw)
-    assert read_json(one / "provenance.json")["selector"]["patients_checked"] is False
     both = sample_to_folder(run, tmp_path / "both", private=[world["private"], validation], **kw)
-    assert read_json(both / "provenance.json")["selector"]["patients_checked"] is True
+    ids = sorted(Cache(c).cache_id for c in (world["private"], validation))
+    assert read_json(both / "provenance.json")["selector"]["patients_checked_against"] == ids
+    for folder, checked in ((one, False), (both, True)):
+        bundle = release(run, folder, tmp_path / f"bundle_{checked}")
+        assert read_json(bundle / "privacy.json")["selector_patients_checked"] is checked
+    # A cache the ledger names only after sampling was not checked: the bundle says so.
+    later = Ledger.load(run)
+    later.add(LedgerEntry.non_private_use("ldm-validation", 3, "validation loss",
+                                          cache_id="e" * 32))  # fmt: skip
+    later.save(run / "ledger.json")
+    bundle = release(run, both, tmp_path / "bundle_later")
+    assert read_json(bundle / "privacy.json")["selector_patients_checked"] is False
+    assert "dpsynth checked only that the cache" in (bundle / "PRIVACY.md").read_text()
     with pytest.raises(DpsynthError, match="learned from .* patients of the private cache"):
         sample_to_folder(run, tmp_path / "no", **{**kw, "selector": selectors["reprepared"]},
                          private=[validation])  # fmt: skip
@@ -830,14 +842,25 @@ def test_verify_refuses_a_bundle_that_claims_checks_privacy_md_does_not_state(
     synthetic = sample_to_folder(world["dp"], tmp_path / "s", n=1, steps=2, candidates=2,
                                  selector=selectors["public"])  # fmt: skip
     bundle = release(world["dp"], synthetic, tmp_path / "b")
-    for value, match in ((True, "does not say how its volumes were chosen"),
-                         ("yes", "selector_patients_checked is not a boolean")):  # fmt: skip
-        privacy = read_json(bundle / "privacy.json")
+    verify(bundle)
+    cases = ((bundle, True, "PRIVACY.md: does not say how its volumes were chosen"),
+             (bundle, "yes", "selector_patients_checked must be a boolean"),
+             (world["bundle"], False, "given only when candidates is above 1"))  # fmt: skip
+    for original, value, match in cases:
+        edited = shutil.copytree(original, tmp_path / f"edited_{value}")
+        privacy = read_json(edited / "privacy.json")
         privacy["selector_patients_checked"] = value
-        (bundle / "privacy.json").write_text(json.dumps(privacy))
-        write_manifest(bundle)
+        (edited / "privacy.json").write_text(json.dumps(privacy))
+        write_manifest(edited)
         with pytest.raises(DpsynthError, match=match):
-            verify(bundle)
+            verify(edited)
+    # The model card is held to privacy.json too.
+    edited = shutil.copytree(bundle, tmp_path / "edited_card")
+    card = (edited / "MODEL_CARD.md").read_text()
+    (edited / "MODEL_CARD.md").write_text(card.replace("checked only", "checked"))
+    write_manifest(edited)
+    with pytest.raises(DpsynthError, match="MODEL_CARD.md: does not say how"):
+        verify(edited)
 
 
 def test_train_referee_refuses_to_declare_public_a_cache_without_patient_digests(world, tmp_path):

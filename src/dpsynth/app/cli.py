@@ -447,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="CACHE",
         help="a private cache the run's ledger names, where it is at hand (repeat for each): "
-        "--selector is refused if its meta lists any of the cache's patients, whatever the "
-        "cache id; unchecked caches get a warning",
+        "--selector is refused if its meta lists any of the cache's patients (by "
+        "byte-identical prepared volumes), whatever the cache id; unchecked caches get a "
+        "warning",
     )
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_sample)

@@ -60,16 +60,18 @@ def check_selector_record(
     record: Any, where: str | os.PathLike, shape: Sequence[int], spacing: Sequence[float]
 ) -> dict[str, Any]:
     """A provenance file's `selector`: exactly {cache_id, weights_sha256, public, shape,
-    spacing, patients_checked}: the cache it learned from (hex id), its weights' digest, the
-    steward's declaration that the cache is public (true), the model's grid (`shape`,
-    `spacing`), and whether the patients its meta lists were checked against every private
-    cache the run's ledger names (`refuse_shared_patients`; absent in folders sampled
-    before that check existed)."""
+    spacing, patients_checked_against}: the cache it learned from (hex id), its weights'
+    digest, the steward's declaration that the cache is public (true), the model's grid
+    (`shape`, `spacing`), and the ids of the private caches the patients its meta lists were
+    checked against (`refuse_shared_patients`; absent in folders sampled before that check
+    existed)."""
     keys = {"cache_id", "weights_sha256", "public", "shape", "spacing"}
+    checked = record.get("patients_checked_against", []) if isinstance(record, dict) else None
     if not (
         isinstance(record, dict)
-        and set(record) in (keys, keys | {"patients_checked"})
-        and isinstance(record.get("patients_checked", False), bool)
+        and set(record) in (keys, keys | {"patients_checked_against"})
+        and isinstance(checked, list)
+        and all(isinstance(c, str) and CACHE_ID.fullmatch(c) for c in checked)
         and isinstance(record["cache_id"], str)
         and CACHE_ID.fullmatch(record["cache_id"])
         and isinstance(record["weights_sha256"], str)
@@ -78,7 +80,7 @@ def check_selector_record(
     ):
         raise DpsynthError(
             f"{where}: expected {{cache_id, weights_sha256, public: true, shape, spacing, "
-            "patients_checked}} "
+            "patients_checked_against}} "
             "as `dpsynth sample --selector` writes it"
         )
     if not _same_grid(record["shape"], record["spacing"], shape, spacing):
@@ -118,10 +120,10 @@ def refuse_private_selector(record: dict[str, str], ledger: Ledger, where: str) 
 
 def refuse_shared_patients(
     meta: dict[str, Any], private: Sequence[str | os.PathLike], ledger: Ledger, where: str
-) -> bool:
-    """Refuse a selector that learned from any patient of the `private` caches (each one the
-    run's ledger names), matched by byte-identical prepared volumes under any cache id.
-    True when they cover every cache the ledger names; otherwise warn what went unchecked."""
+) -> list[str]:
+    """Refuse a selector whose meta lists any patient of the `private` caches (each one the
+    run's ledger names), matched by byte-identical prepared volumes under any cache id, and
+    return the ids checked; warn when they do not cover every cache the ledger names."""
     digests = meta.get("patient_digests")
     if not (
         isinstance(digests, list)
@@ -157,7 +159,7 @@ def refuse_shared_patients(
             "each, where they are at hand",
             stacklevel=3,
         )
-    return not named - checked
+    return sorted(checked)
 
 
 def load_selector(
@@ -192,12 +194,12 @@ def load_selector(
         "public": True,
         "shape": meta.get("shape"),
         "spacing": meta.get("spacing"),
-        "patients_checked": False,
+        "patients_checked_against": [],
     }
     record = check_selector_record(record, where, shape, spacing)
     ledger = Ledger.load(run, missing_ok=True)
     refuse_private_selector(record, ledger, where)
-    record["patients_checked"] = refuse_shared_patients(meta, private, ledger, where)
+    record["patients_checked_against"] = refuse_shared_patients(meta, private, ledger, where)
     return Referee.load(path), record
 
 

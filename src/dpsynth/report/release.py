@@ -184,7 +184,7 @@ def release(
         "evaluation_uses": [{"stage": e.stage, "note": e.note} for e in ledger if e.non_private],
         "conditioning": provenance["conditioning"],
         "candidates": provenance["candidates"],
-        **_selector_checks(provenance),
+        **_selector_checks(provenance, ledger),
     }
     with atomic_dir(out) as tmp:
         _write_model(run, model, tmp / MODEL_DIR)
@@ -288,13 +288,16 @@ def _check_synthetic(run: Path, model: dict, synthetic: Path, ledger: Ledger) ->
             **_provenance_selection(provenance, model, ledger, path)}  # fmt: skip
 
 
-def _selector_checks(provenance: dict) -> dict:
-    """What dpsynth checked of a best-of-k selector, for privacy.json: whether every private
-    cache the ledger names was at hand to refuse one that learned from their patients (False
-    for folders sampled before the check existed); nothing for plain draws."""
+def _selector_checks(provenance: dict, ledger: Ledger) -> dict:
+    """What dpsynth checked of a best-of-k selector, for privacy.json: whether sampling
+    checked its listed patients against every private cache the ledger names now (a cache
+    added to the ledger after sampling was not; folders sampled before the check existed
+    list none); nothing for plain draws."""
     if provenance["candidates"] == 1:
         return {}
-    return {"selector_patients_checked": provenance["selector"].get("patients_checked", False)}
+    named = {e.cache_id for e in ledger}
+    checked = set(provenance["selector"].get("patients_checked_against", []))
+    return {"selector_patients_checked": bool(named) and named <= checked}
 
 
 def _provenance_selection(provenance: dict, model: dict, ledger: Ledger, path: Path) -> dict:
@@ -502,12 +505,7 @@ def verify(bundle: str | os.PathLike) -> dict:
         )
     if _headline(privacy) not in (bundle / PRIVACY_MD).read_text():
         raise DpsynthError(f"{bundle / PRIVACY_MD}: does not state ε = {stated:.4g}")
-    if not isinstance(privacy.get("selector_patients_checked", False), bool):
-        raise DpsynthError(f"{bundle / PRIVACY_JSON}: selector_patients_checked is not a boolean")
-    if _selection_caveat(privacy) not in (bundle / PRIVACY_MD).read_text():
-        raise DpsynthError(
-            f"{bundle / PRIVACY_MD}: does not say how its volumes were chosen as privacy.json does"
-        )
+    _verify_selection_words(bundle, privacy)
     provenance = read_json(bundle / SYNTHETIC_DIR / PROVENANCE_FILE)
     if provenance.get("model_digest") != model_digest(bundle / MODEL_DIR):
         raise DpsynthError(f"{bundle}: the synthetic set's model digest is not the bundle's model")
@@ -648,13 +646,33 @@ def _selection_caveat(privacy: dict) -> str:
     )
 
 
+def _verify_selection_words(bundle: Path, privacy: dict) -> None:
+    """PRIVACY.md and the model card state the choice as privacy.json records it, and
+    `selector_patients_checked` is a boolean, given only for a choice (bundles from before
+    the check have none: they say only the cache id was checked)."""
+    if "selector_patients_checked" in privacy and (
+        privacy.get("candidates", 1) == 1
+        or not isinstance(privacy["selector_patients_checked"], bool)
+    ):
+        raise DpsynthError(
+            f"{bundle / PRIVACY_JSON}: selector_patients_checked must be a boolean, given only "
+            "when candidates is above 1"
+        )
+    for name, words in ((PRIVACY_MD, _selection_caveat), (MODEL_CARD, _selection_sentence)):
+        if words(privacy) not in (bundle / name).read_text():
+            raise DpsynthError(
+                f"{bundle / name}: does not say how its volumes were chosen as privacy.json does"
+            )
+
+
 def _selector_checked_words(privacy: dict) -> str:
     if privacy.get("selector_patients_checked"):
         return (
-            "dpsynth checked that the cache it names is not one this run's ledger names, and "
-            "that none of the patients its folder lists as its training data is in a private "
-            "cache this run's ledger names (by byte-identical prepared volumes: the same "
-            "patients prepared otherwise would not be seen)"
+            "dpsynth checked that the cache it names is not one this run's ledger names, and, "
+            "when sampling (as `dpsynth sample` recorded it), that none of the patients its "
+            "folder lists as its training data is in a private cache this run's ledger names "
+            "(by byte-identical prepared volumes: the same patients prepared otherwise would "
+            "not be seen)"
         )
     return "dpsynth checked only that the cache it names is not one this run's ledger names"
 
@@ -716,7 +734,7 @@ conditions: {CONDITIONING[provenance["conditioning"]]}.{_selection_sentence(priv
 
 def _selection_sentence(privacy: dict) -> str:
     """The model card's words on best-of-k sampling (none for plain draws)."""
-    k = privacy["candidates"]
+    k = privacy.get("candidates", 1)
     if k == 1:
         return ""
     return (
