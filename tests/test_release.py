@@ -683,10 +683,15 @@ def test_request_error_is_relative_and_phase_matched():
     assert request_error(_IntensitySelector(), volumes, table, spacing)[1][0] == 0.0
 
 
-def test_request_error_weighs_the_wall_thickness_half(monkeypatch):
-    """Wall thickness counts at half the weight of a volume, each phase's own; one not found
-    counts as missing; a thickness request of 0 or inf is not compared."""
+def test_request_error_weighs_each_measurement_by_its_weight(monkeypatch):
+    """Each relative error counts at its `SELECTION_WEIGHTS` weight (here the wall thickness
+    at half a volume's, to tell them apart), each phase's own; a wall not found counts as
+    missing; a thickness request of 0 or inf is not compared."""
     import dpsynth.evaluation.selection as selection
+
+    assert set(selection.SELECTION_WEIGHTS.values()) == {1.0}  # what ships: all equal
+    monkeypatch.setitem(selection.SELECTION_WEIGHTS, "MYOEDTHICK", 0.5)
+    monkeypatch.setitem(selection.SELECTION_WEIGHTS, "MYOESTHICK", 0.5)
 
     readings = iter([
         {"LV_ML": 1.5, "RV_ML": 1.0, "MYO_THICK": 12.0},  # ED: LV +50 %, wall +50 %
@@ -879,7 +884,7 @@ def test_best_of_k_folder_releases_saying_how_it_was_chosen(world, selectors, tm
     provenance = read_json(synthetic / "provenance.json")
     assert provenance["candidates"] == 2 and provenance["choice_fraction"] == 0.4
     assert provenance["choice_weights"] == {"LVEDV": 1, "LVESV": 1, "RVEDV": 1, "RVESV": 1,
-                                            "MYOEDTHICK": 0.5, "MYOESTHICK": 0.5}  # fmt: skip
+                                            "MYOEDTHICK": 1, "MYOESTHICK": 1}  # fmt: skip
     assert provenance["selector"]["cache_id"] == Cache(world["public"]).cache_id
     bundle = release(world["dp"], synthetic, tmp_path / "b")
     released = read_json(bundle / "synthetic" / "provenance.json")

@@ -431,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="start this many trajectories per volume and finish the one whose LV/RV volumes "
-        "and LV wall thickness (half weight) --selector measures nearest the request, "
+        "and LV wall thickness --selector measures nearest the request, "
         "part-way (default 1: no choice)",
     )
     p.add_argument(

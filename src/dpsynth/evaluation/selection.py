@@ -44,12 +44,12 @@ from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.outputs import MARKER_FILE
 
 # What the choice compares, each with its weight in the summed relative error. Wall
-# thickness counts half: a segmenter reading at 3.65 mm sees a 5-10 mm wall coarsely (the
-# referee's ceiling r is 0.72-0.87), yet at half weight it lifted thickness r by 0.04 on
-# average (-0.01 to +0.09; three DP models, both readers) for 0.01 of the volumes' (up to
-# 0.03; BENCHMARKS.md, "Best of 4, and what else the choice could weigh").
+# thickness counts as much as a volume: over five DP models and both readers, full weight
+# lifted thickness r by 0.03 on average over half weight (-0.01 to +0.09) for 0.005 of the
+# volumes' (-0.02 to +0.02), and half weight had lifted it 0.04 over none (BENCHMARKS.md,
+# "Best of 4, and what else the choice could weigh", "Five DP models").
 SELECTION_WEIGHTS = {
-    "LVEDV": 1.0, "LVESV": 1.0, "RVEDV": 1.0, "RVESV": 1.0, "MYOEDTHICK": 0.5, "MYOESTHICK": 0.5,
+    "LVEDV": 1.0, "LVESV": 1.0, "RVEDV": 1.0, "RVESV": 1.0, "MYOEDTHICK": 1.0, "MYOESTHICK": 1.0,
 }  # fmt: skip
 CACHE_ID = re.compile(r"[0-9a-f]{32}")  # `Cache.cache_id`: a uuid4 in hex
 PATIENT_DIGEST = re.compile(r"[0-9a-f]{32}")  # one of `Cache.patient_digests`
