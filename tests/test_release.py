@@ -797,6 +797,21 @@ def test_sample_refuses_a_selector_of_private_patients_under_another_cache_id(
     assert not out.exists()
 
 
+def test_sample_cli_says_in_one_line_what_it_did_not_check(world, selectors, tmp_path, capsys):
+    argv = ["sample", str(world["dp"]), "--n", "1", "--steps", "2", "--out", str(tmp_path / "s"),
+            "--candidates", "2", "--selector", str(selectors["public"])]  # fmt: skip
+    assert main(argv) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "not checked" in line]
+    assert lines == [
+        f"warning: --selector {selectors['public']} was not checked against the patients of 1 "
+        "of the 1 private caches the run's ledger names; give --private CACHE for each, where "
+        "they are at hand"
+    ]
+    checked = [*argv[:7], str(tmp_path / "t"), *argv[8:], "--private", str(world["private"])]
+    assert main(checked) == 0
+    assert "not checked" not in capsys.readouterr().err
+
+
 def test_one_shared_patient_refuses_a_selector(world, selectors, tmp_path, capsys):
     listed = shutil.copytree(selectors["public"], tmp_path / "one")
     meta = read_json(listed / "referee.json")
