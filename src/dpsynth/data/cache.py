@@ -221,6 +221,15 @@ class Cache:
         """Each patient's digest (empty for caches written before they existed)."""
         return list(self.meta.get("patient_digests", ()))
 
+    def require_patient_digests(self, where: str) -> list[str]:
+        """`patient_digests`, or a one-line error naming `where` for a cache without them."""
+        if not self.patient_digests:
+            raise DpsynthError(
+                f"{where}: lists no patient digests (prepared by an older dpsynth); re-run "
+                "`dpsynth prepare`"
+            )
+        return self.patient_digests
+
     def shared_patients(self, digests: Iterable[str]) -> int:
         """How many of the patients `digests` names (another cache's, a public selector's)
         this cache holds, prepared alike (0 for caches written before patient digests

@@ -258,12 +258,7 @@ def train_referee(
     at hand, so that the same patients prepared again under a new id are refused too.
     """
     cache = Cache(cache_path)
-    if public and not cache.patient_digests:
-        raise DpsynthError(
-            f"{cache_path}: lists no patient digests (prepared by an older dpsynth), so a "
-            "selector trained on it could not be checked against private data; re-run "
-            "`dpsynth prepare`"
-        )
+    digests = cache.require_patient_digests(str(cache_path)) if public else None
     train = load_volume_set(cache_path, split="train")
     referee = fit_referee(
         train,
@@ -276,7 +271,7 @@ def train_referee(
     )
     referee.meta["cache_id"] = cache.cache_id
     if public:  # digests of public patients only: an evaluation referee's meta never has them
-        referee.meta["patient_digests"] = cache.patient_digests
+        referee.meta["patient_digests"] = digests
         referee.meta["public"] = True
         referee.meta["release"] = "public: trained on public data only; never released itself"
     return referee.save(out)

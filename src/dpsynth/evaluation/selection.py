@@ -135,16 +135,12 @@ def refuse_shared_patients(
             "cannot be checked against private patients; train it again with "
             "`dpsynth train-referee --public`"
         )
-    named, checked = {e.cache_id for e in ledger}, set()
+    named, checked = ledger.cache_ids, set()
     for path in private:
         cache = Cache(path)
         if cache.cache_id not in named:
             raise DpsynthError(f"--private {path}: not a cache the run's ledger names")
-        if not cache.patient_digests:
-            raise DpsynthError(
-                f"--private {path}: lists no patient digests (prepared by an older dpsynth); "
-                "re-run `dpsynth prepare`"
-            )
+        cache.require_patient_digests(f"--private {path}")
         shared = cache.shared_patients(digests)
         if shared:
             raise DpsynthError(

@@ -290,15 +290,19 @@ class Ledger:
         ]
         return [m for m in spent if m is not None]
 
+    @property
+    def cache_ids(self) -> set[str]:
+        """The ids of the caches (private data) this ledger's entries name."""
+        return {e.cache_id for e in self if e.cache_id}
+
     def not_dp(self, trained_on: Iterable[dict]) -> list[str]:
         """Cache ids a model's ``trained_on`` (as `runs.read_lineage` reads it) says it
         learned WITHOUT DP that this ledger names as private: ε then does not cover those
         weights at all."""
-        private = {e.cache_id for e in self if e.cache_id}
         return [
             item["cache_id"]
             for item in trained_on
-            if not item["dp"] and item["cache_id"] in private
+            if not item["dp"] and item["cache_id"] in self.cache_ids
         ]
 
     def default_delta(self) -> float:

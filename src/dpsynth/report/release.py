@@ -295,9 +295,8 @@ def _selector_checks(provenance: dict, ledger: Ledger) -> dict:
     list none); nothing for plain draws."""
     if provenance["candidates"] == 1:
         return {}
-    named = {e.cache_id for e in ledger}
     checked = set(provenance["selector"].get("patients_checked_against", []))
-    return {"selector_patients_checked": bool(named) and named <= checked}
+    return {"selector_patients_checked": bool(ledger.cache_ids) and ledger.cache_ids <= checked}
 
 
 def _provenance_selection(provenance: dict, model: dict, ledger: Ledger, path: Path) -> dict:

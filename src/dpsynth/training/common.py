@@ -174,7 +174,7 @@ def refuse_mixed_lineage(cache_id: str, cache: Path, dp: bool, parents: Sequence
     """
 
     for parent in parents:
-        ledger = {e.cache_id for e in Ledger.load(parent, missing_ok=True)}  # its lineage too
+        ledger = Ledger.load(parent, missing_ok=True).cache_ids  # its lineage too
         for item in run_lineage(parent):
             if item["cache_id"] == cache_id and item["dp"] != dp:
                 raise DpsynthError(
