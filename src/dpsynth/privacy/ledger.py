@@ -299,10 +299,11 @@ class Ledger:
         """Cache ids a model's ``trained_on`` (as `runs.read_lineage` reads it) says it
         learned WITHOUT DP that this ledger names as private: ε then does not cover those
         weights at all."""
+        private = self.cache_ids
         return [
             item["cache_id"]
             for item in trained_on
-            if not item["dp"] and item["cache_id"] in self.cache_ids
+            if not item["dp"] and item["cache_id"] in private
         ]
 
     def default_delta(self) -> float:
