@@ -58,7 +58,7 @@ def predictions(pipe, table: np.ndarray, k: int) -> np.ndarray:
 
 def decode(pipe, latents: np.ndarray) -> np.ndarray:
     return np.concatenate([
-        pipe.decode(torch.from_numpy(latents[i : i + SAMPLE_BATCH])).clamp(0, 1)[:, 0].numpy()
+        pipe.decode_volumes(torch.from_numpy(latents[i : i + SAMPLE_BATCH]))
         for i in range(0, len(latents), SAMPLE_BATCH)
     ])  # fmt: skip
 

@@ -89,7 +89,7 @@ def decoded_noise(shape, n: int, seed: int) -> dict[str, np.ndarray]:
     generator = torch.Generator().manual_seed(seed)
     prior = torch.randn((n, *trained.latent_shape), generator=generator)
     return {
-        "noise: public AE decodes prior": trained.decode(prior)[:, 0].clamp(0, 1).numpy(),
+        "noise: public AE decodes prior": trained.decode_volumes(prior),
         "noise: untrained LDM": untrained.sample(n, steps=10, seed=seed, progress=False),
     }
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dpsynth.attributes import N_ATTRIBUTES, denormalize, normalize
+from dpsynth.data.intensity import normalise_each
 from dpsynth.diffusion import LatentDiffusion, add_noise, estimate_latent_scale, make_scheduler
 from dpsynth.diffusion.pipeline import candidate_seed, choice_step_of
 from dpsynth.errors import DpsynthError
@@ -240,7 +241,8 @@ class OracleDenoiser(nn.Module):
     "sampler,steps", [("ddpm", None), ("ddim", 25), ("ddim", 5), ("dpm++", 25), ("dpm++", 5)]
 )
 def test_sampler_with_oracle_denoiser_recovers_the_clean_volume(sampler, steps):
-    """With a perfect ε-model every sampler must land on x0; checks scale, steps, decode."""
+    """With a perfect ε-model every sampler must land on x0, put on the data's intensity
+    convention; checks scale, steps, decode."""
     target = torch.rand(3, 1, 5, 8, 8) * 0.8 + 0.1
     scale = 0.5
     pipe = LatentDiffusion(
@@ -251,7 +253,7 @@ def test_sampler_with_oracle_denoiser_recovers_the_clean_volume(sampler, steps):
     )
     out = pipe.sample(3, sampler=sampler, steps=steps, batch_size=3, progress=False)
     assert out.shape == (3, 5, 8, 8) and out.dtype == np.float32
-    assert np.abs(out - target[:, 0].numpy()).max() < 1e-3
+    assert np.abs(out - normalise_each(target[:, 0].numpy())).max() < 1e-3
 
 
 def test_ddpm_and_ddim_run_end_to_end_in_unit_range():
@@ -497,6 +499,26 @@ def test_a_kept_candidate_is_what_its_seed_draws_alone(sampler):
     assert shown.min() >= 0 and shown.max() <= 1
     err = np.abs(shown[:, None] - alone[None, :, :4]).mean(axis=(2, 3, 4, 5))
     assert (err.argmin(axis=1) == np.arange(3)).all()  # nearest its own final volume
+
+
+def test_sampled_volumes_and_the_candidates_shown_follow_the_data_intensity_convention():
+    """As in a prepared cache, each volume's 0.5th and 99.5th intensity percentiles map to
+    0 and 1 and what lies beyond is clipped: the volumes kept and the candidates the chooser
+    reads span exactly [0, 1], with few voxels clipped. The decoder's own output, here
+    squeezed near 0.5, does not."""
+    pipe = tiny_pipeline(num_train_timesteps=10)
+    with torch.no_grad():
+        pipe.autoencoder.decoder.conv_out.bias.fill_(0.5)
+        pipe.autoencoder.decoder.conv_out.weight.mul_(0.05)
+    attrs, chooser = raw_attributes(3), RecordingChooser([1, 0, 1])
+    kept = pipe.sample(3, attrs, steps=4, seed=2, candidates=2, choose=chooser, progress=False)
+    shown = chooser.calls[0][0].reshape(-1, 5, 8, 8)
+    for volume in (*kept, *shown):
+        assert volume.min() == 0.0 and volume.max() == 1.0
+        assert np.mean((volume == 0.0) | (volume == 1.0)) < 0.02
+    with torch.no_grad():
+        raw = pipe.decode(torch.randn(6, *pipe.latent_shape))[:, 0].numpy()
+    assert (raw.min(axis=(1, 2, 3)) > 0.05).all() and (raw.max(axis=(1, 2, 3)) < 0.95).all()
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])

@@ -28,13 +28,12 @@ from dpsynth.data.cache import (
     SPLITS,
     CacheWriter,
 )
+from dpsynth.data.intensity import NORMALISATION, normalise
 from dpsynth.data.layouts import Volume, load_patient, read_layout
 from dpsynth.data.measure import heart_depth, measure_volume
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_dir
 from dpsynth.orientation import frame
-
-NORMALISATION = {"method": "percentile", "low": 0.5, "high": 99.5, "clip": [0.0, 1.0]}
 
 
 @dataclass
@@ -194,7 +193,7 @@ def preprocess_volume(
         image = ndimage.zoom(image, zoom, order=1, mode="nearest", grid_mode=True)
         if mask is not None:
             mask = ndimage.zoom(mask, zoom, order=0, mode="nearest", grid_mode=True)
-    image = _normalise(image)
+    image = normalise(image)
     if volume.affine is not None:
         image, mask = to_canonical(image, mask, volume.affine, spacing)
     if mask is not None and (mask > 0).any():
@@ -271,14 +270,6 @@ def _apex_first(mask: np.ndarray) -> bool:
         return False
     # Sign of the least-squares slope of cavity area against slice index.
     return float(np.cov(index, area[index])[0, 1]) > 0
-
-
-def _normalise(image: np.ndarray) -> np.ndarray:
-    """Robust per-volume scaling to [0, 1]: percentiles 0.5 and 99.5, then clipping."""
-    lo, hi = np.percentile(image, (NORMALISATION["low"], NORMALISATION["high"]))
-    if hi <= lo:
-        return np.zeros_like(image, dtype=np.float32)
-    return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
 def _window(size: int, target: int, centre: float) -> tuple[slice, slice]:

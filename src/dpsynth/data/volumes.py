@@ -11,6 +11,7 @@ import numpy as np
 
 from dpsynth.attributes import ATTRIBUTES, N_ATTRIBUTES
 from dpsynth.data.cache import Cache, is_cache
+from dpsynth.data.intensity import normalise
 from dpsynth.errors import DpsynthError
 from dpsynth.io import read_nifti
 
@@ -81,15 +82,12 @@ def check_compatible(a: VolumeSet, b: VolumeSet) -> None:
         )
 
 
-def normalise_intensity(volume: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """Map a volume to [0, 1]; outside [0, 1] use percentiles so a few hot voxels don't rule."""
+def normalise_intensity(volume: np.ndarray) -> np.ndarray:
+    """A volume in [0, 1] as it is; any other on the prepared data's convention."""
     volume = np.nan_to_num(np.asarray(volume, dtype=np.float32))
     if volume.min() >= 0.0 and volume.max() <= 1.0:
         return volume
-    lo, hi = np.percentile(volume, [low, high])
-    if hi <= lo:
-        return np.zeros_like(volume)
-    return np.clip((volume - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    return normalise(volume)
 
 
 def _load_cache(path: Path, split: str | None) -> VolumeSet:

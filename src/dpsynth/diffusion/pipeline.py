@@ -22,6 +22,7 @@ from dpsynth.config import (
     check_seed,
 )
 from dpsynth.data.cache import Cache, load_volumes
+from dpsynth.data.intensity import normalise_each
 from dpsynth.diffusion.schedulers import SamplerName, add_noise, keep_rows, make_scheduler
 from dpsynth.errors import DpsynthError
 from dpsynth.models.blocks import single_as_pair
@@ -213,6 +214,11 @@ class LatentDiffusion(nn.Module):
         """Scaled latents to volumes (B, 1, S, H, W), not clipped."""
         return single_as_pair(self.autoencoder.decode_latent, latents / self.latent_scale)
 
+    def decode_volumes(self, latents: torch.Tensor) -> np.ndarray:
+        """Scaled latents to volumes (B, S, H, W) on the prepared data's intensity
+        convention (`dpsynth.data.intensity`), as the sampler returns them."""
+        return normalise_each(self.decode(latents)[:, 0].float().cpu().numpy())
+
     def denoising_loss(
         self,
         latents: torch.Tensor,
@@ -265,7 +271,7 @@ class LatentDiffusion(nn.Module):
         candidates: int = 1,
         choose: Chooser | None = None,
     ) -> np.ndarray:
-        """Generate ``n`` volumes (n, S, H, W) in [0, 1].
+        """Generate ``n`` volumes (n, S, H, W) on the data's intensity convention, in [0, 1].
 
         ``attributes``: raw values (n, 14), NaN = unknown; None samples unconditionally.
         ``sampler``: "ddim" (deterministic), "dpm++" (DPM-Solver++(2M), deterministic) or
@@ -336,7 +342,7 @@ class LatentDiffusion(nn.Module):
                     cond_all[rows], attributes[rows], scheduler, guidance, temperature,
                     generators, choose, bar,
                 )  # fmt: skip
-                out[rows] = self.decode(x).clamp(0.0, 1.0)[:, 0].cpu().numpy()
+                out[rows] = self.decode_volumes(x)
         finally:
             bar.close()
             self.train(was_training)
@@ -371,9 +377,7 @@ class LatentDiffusion(nn.Module):
         """The rows of the k stacked candidate batches that ``choose`` keeps, one per volume."""
         b = len(attributes)
         # One candidate batch on the device at a time, as in plain sampling.
-        predicted = np.stack(
-            [self.decode(z).clamp(0.0, 1.0)[:, 0].cpu().numpy() for z in x0.split(b)]
-        )  # (k, b, S, H, W)
+        predicted = np.stack([self.decode_volumes(z) for z in x0.split(b)])  # (k, b, S, H, W)
         chosen = np.asarray(choose(predicted, attributes))
         if chosen.shape != (b,) or not np.isin(chosen, np.arange(k)).all():
             raise DpsynthError(f"sample: choose must return {b} candidate indices in 0..{k - 1}")

@@ -351,7 +351,12 @@ def _finish(
 
 
 def reconstruct(model, x: torch.Tensor) -> torch.Tensor:
-    """Deterministic reconstruction (posterior mean): draws nothing from the RNG."""
+    """Deterministic reconstruction (posterior mean): draws nothing from the RNG.
+
+    The decoder's own output, clipped, as the study scores it: the sampler's intensity
+    convention (`dpsynth.data.intensity`) is not applied, so PSNR and SSIM measure the
+    autoencoder alone (BENCHMARKS.md, "Decoded volumes on the data's intensity convention").
+    """
     return model.decode_latent(model.encode_latent(x)).float().clamp(0, 1)
 
 
