@@ -1,6 +1,7 @@
 """Evaluation: volume sets, FRD, FID path, MS-SSIM, controllability, utility, metrics.json."""
 
 import csv
+import hashlib
 import importlib
 import json
 
@@ -11,6 +12,7 @@ from scipy.ndimage import gaussian_filter
 from test_referee import SPACING, phantoms, write_cache
 
 from dpsynth.attributes import INDEX
+from dpsynth.data.intensity import normalise, normalise_each
 from dpsynth.data.volumes import check_compatible, load_volume_set, normalise_intensity
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.controllability import (
@@ -55,6 +57,18 @@ def test_nifti_folder_errors(tmp_path):
         load_volume_set(tmp_path)
     with pytest.raises(DpsynthError, match="differs"):
         check_compatible(phantoms(2), phantoms(2, shape=(5, 16, 20)))
+
+
+def test_the_intensity_convention_keeps_its_bytes():
+    """`prepare` writes these bytes into every cache, and patient digests (the selector's
+    check) hash them: a change here must be deliberate. Pinned against the function as it
+    was in `prepare` before it moved to `dpsynth.data.intensity`."""
+    v = np.random.default_rng(7).gamma(2.0, 100.0, size=(3, 16, 20)).astype(np.float32)
+    v[0, 0, 0] = 1e5
+    digest = hashlib.sha256(normalise(v).tobytes()).hexdigest()
+    assert digest == "5ba5e1b4185aa465ec22bd01e07cc91fa08f3a2beb8af60d3604759165fb0a90"
+    assert normalise(np.full((2, 3, 3), 7.0)).tolist() == np.zeros((2, 3, 3)).tolist()
+    assert normalise_each(np.empty((0, 2, 3, 3))).dtype == np.float32
 
 
 def test_normalise_intensity_is_robust_to_outliers():

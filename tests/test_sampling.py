@@ -502,10 +502,10 @@ def test_a_kept_candidate_is_what_its_seed_draws_alone(sampler):
 
 
 def test_sampled_volumes_and_the_candidates_shown_follow_the_data_intensity_convention():
-    """As in a prepared cache, each volume's 0.5th and 99.5th intensity percentiles map to
-    0 and 1 and what lies beyond is clipped: the volumes kept and the candidates the chooser
-    reads span exactly [0, 1], with few voxels clipped. The decoder's own output, here
-    squeezed near 0.5, does not."""
+    """The prepared data's convention (`dpsynth.data.intensity`: each volume's 0.5th and
+    99.5th percentiles to 0 and 1, beyond them clipped): the volumes kept and the candidates
+    the chooser reads span exactly [0, 1], with few voxels clipped. The decoder's own
+    output, here squeezed near 0.5, does not."""
     pipe = tiny_pipeline(num_train_timesteps=10)
     with torch.no_grad():
         pipe.autoencoder.decoder.conv_out.bias.fill_(0.5)

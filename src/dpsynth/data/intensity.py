@@ -1,10 +1,12 @@
 """The intensity convention every prepared volume follows, and the one function that applies it.
 
 `prepare` scales each volume so that its 0.5th and 99.5th intensity percentiles map to 0
-and 1, then clips. A decoded volume does not follow it by itself: the autoencoder lifts
-the darkest voxels (lungs, air) and rarely reaches full brightness, so the sampler puts
-each decoded volume on the same convention before anyone reads it (BENCHMARKS.md,
-"Fidelity metrics that rank", "Decoded volumes on the data's intensity convention").
+and 1, then clips. It does so on the whole field of view, before the crop around the
+heart, so a cached volume's own percentiles are near 0 and 1, not exactly (on the demo's
+test split they are exactly 0 and 1). A decoded volume does not follow the convention by
+itself: the autoencoder lifts the darkest voxels (lungs, air) and rarely reaches full
+brightness, so the sampler puts each volume it decodes on the convention before anyone
+reads it (BENCHMARKS.md, "Decoded volumes on the data's intensity convention").
 """
 
 from __future__ import annotations
@@ -27,4 +29,6 @@ def normalise(volume: np.ndarray) -> np.ndarray:
 
 def normalise_each(volumes: np.ndarray) -> np.ndarray:
     """`normalise` applied to each volume of a batch (N, S, H, W)."""
-    return np.stack([normalise(v) for v in volumes]) if len(volumes) else volumes
+    if len(volumes) == 0:
+        return np.asarray(volumes, dtype=np.float32)
+    return np.stack([normalise(v) for v in volumes])

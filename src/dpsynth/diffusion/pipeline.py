@@ -217,7 +217,10 @@ class LatentDiffusion(nn.Module):
     def decode_volumes(self, latents: torch.Tensor) -> np.ndarray:
         """Scaled latents to volumes (B, S, H, W) on the prepared data's intensity
         convention (`dpsynth.data.intensity`), as the sampler returns them."""
-        return normalise_each(self.decode(latents)[:, 0].float().cpu().numpy())
+        volumes = self.decode(latents)[:, 0].float().cpu().numpy()
+        if not np.isfinite(volumes).all():  # one NaN would turn its whole volume to NaN
+            raise DpsynthError("sample: the autoencoder decoded non-finite values")
+        return normalise_each(volumes)
 
     def denoising_loss(
         self,
