@@ -57,11 +57,27 @@ def test_sweep_refuses_public_equal_to_private(caches, tmp_path):
     assert not (tmp_path / "s" / "public").exists()  # refused before any training
 
 
-def _fake_evaluation(monkeypatch):
-    """Sampling, the referee and evaluation are the demo's, tested elsewhere; stub them
-    where the sweep looks them up (its module; the recorded runs are not loadable)."""
-    monkeypatch.setattr(sweep, "train_referee", lambda data, out, **kw: out.mkdir())
-    monkeypatch.setattr(sweep, "sample_to_folder", lambda run, out, **kw: out.mkdir())
+def _fake_evaluation(monkeypatch) -> dict:
+    """Sampling, the referee, the selector and evaluation are the demo's, tested elsewhere;
+    stub them where the sweep looks them up (its module; the recorded runs are not
+    loadable). Returns what they were called with."""
+    calls: dict = {"referee": [], "selector": [], "sample": {}}
+
+    def fake(kind):
+        def train(data, out, **kw):
+            calls[kind].append((data, out))
+            out.mkdir(parents=True)
+
+        return train
+
+    monkeypatch.setattr(sweep, "train_demo_referee", fake("referee"))
+    monkeypatch.setattr(sweep, "train_selector", fake("selector"))
+
+    def sample(run, out, **kw):
+        calls["sample"][run.name] = kw
+        out.mkdir()
+
+    monkeypatch.setattr(sweep, "sample_to_folder", sample)
     monkeypatch.setattr(sweep, "load", lambda run: None)
 
     def evaluate(real, synthetic, out, **kw):
@@ -69,6 +85,7 @@ def _fake_evaluation(monkeypatch):
         atomic_write_json(out / "metrics.json", {"metrics": {"frd": {"value": 1.0}}})
 
     monkeypatch.setattr(sweep, "evaluate", evaluate)
+    return calls
 
 
 def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_path, monkeypatch):
@@ -77,7 +94,7 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
     from dpsynth.privacy.planner import plan
     from dpsynth.training.common import public_total_steps
 
-    _fake_evaluation(monkeypatch)
+    calls = _fake_evaluation(monkeypatch)
     public_runs, cells = [], {}
     monkeypatch.setattr(sweep, "pretrain_public_models",
                         lambda data, out, config: public_runs.append((data, out)))  # fmt: skip
@@ -99,6 +116,18 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
     rows = sweep.run_sweep(out, public=public, private=private, epsilons="0.1,inf", config=config)
     assert [name for name, cell in cells.items() if cell["resume"]] == ["eps0.1_scratch"]
     assert public_runs == [(public, out / "public")]
+    # Every cell samples as the demo does: best of CANDIDATES by a selector of the public
+    # cache, checked against the private one; one referee of the private cache.
+    assert calls["selector"] == [(public, out / "public" / "selector")]
+    assert calls["referee"] == [(private, out / "referee")]
+    assert len(calls["sample"]) == 4
+    for kw in calls["sample"].values():
+        assert (kw["candidates"], kw["selector"], kw["private"]) == (
+            sweep.CANDIDATES,
+            out / "public" / "selector",
+            [private],
+        )
+        assert kw["conditions_source"] == "private" and sweep.CANDIDATES > 1
     assert list(cells) == [r["cell"] for r in rows] == [
         "eps0.1_pretrain", "eps0.1_scratch", "epsinf_pretrain", "epsinf_scratch",
     ]  # fmt: skip

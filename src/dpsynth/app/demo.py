@@ -110,6 +110,13 @@ def train_selector(public_cache: Path, out: Path) -> Path:
                          downsample=REFEREE_DOWNSAMPLE, public=True)  # fmt: skip
 
 
+def train_demo_referee(private_cache: Path, out: Path) -> Path:
+    """The referee the demo and the sweep measure with (evaluation only: it learns the
+    private training split)."""
+    return train_referee(private_cache, out, epochs=REFEREE_EPOCHS, channels=(8, 16, 32), seed=0,
+                         downsample=REFEREE_DOWNSAMPLE)  # fmt: skip
+
+
 def demo_dp_recipe():
     """The demo's DP LDM recipe, planned from its preset without running it, for
     `dpsynth audit-privacy --demo-recipe` when there is no runs/demo."""
@@ -168,8 +175,7 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
     referee = out / "referee"
     with Stage("train referee (evaluation only)", referee, keep, timings) as done:
         if not done:
-            train_referee(private, referee, epochs=REFEREE_EPOCHS, channels=(8, 16, 32), seed=0,
-                          downsample=REFEREE_DOWNSAMPLE)  # fmt: skip
+            train_demo_referee(private, referee)
     eval_dir = ldm_run / "eval"
     with Stage("evaluate", eval_dir / "metrics.json", keep, timings) as done:
         if not done:

@@ -8,8 +8,9 @@ pre-trained or from scratch, runs the same number of optimiser steps: the DP pla
 ceil(privacy.epochs × patients / privacy.batch_size), which depends on neither ε nor the
 initialisation; the ε = ∞ cells take those steps with 2 × privacy.batch_size volumes (both
 phases of privacy.batch_size patients). Each cell samples volumes conditioned on the
-private TEST split's attributes (evaluation only: these volumes are never released), and
-is evaluated against the real test split with one shared referee.
+private TEST split's attributes (evaluation only: these volumes are never released) the way
+`make demo` samples (each the best of `CANDIDATES` by the public selector), and is evaluated
+against the real test split with the demo's referee, trained once.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from dpsynth.app.demo import (
+    CANDIDATES,
     PRIVATE,
-    REFEREE_EPOCHS,
     _with,
     demo_assets,
     pretrain_public,
     simulate_and_prepare,
+    train_demo_referee,
+    train_selector,
 )
 from dpsynth.app.sample import sample_to_folder
 from dpsynth.app.workflow import pretrain_public_models, refuse_same_data, train_stage
@@ -36,8 +39,8 @@ from dpsynth.attributes import ATTRIBUTES
 from dpsynth.config import Config, load_config
 from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
+from dpsynth.evaluation.controllability import PER_PHASE
 from dpsynth.evaluation.evaluate import evaluate
-from dpsynth.evaluation.referee import train_referee
 from dpsynth.io import atomic_write_json, atomic_write_text, read_json
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.outputs import mark_evaluation_only
@@ -116,7 +119,7 @@ def run_sweep(
     models = _public_models(out, preset, public, config)
     referee = out / "referee"
     if not referee.exists():
-        train_referee(private, referee, epochs=REFEREE_EPOCHS, channels=(8, 16, 32), seed=0)
+        train_demo_referee(private, referee)
     conditions = _test_conditions(private, out / "conditions.csv")
 
     rows = []
@@ -126,7 +129,8 @@ def run_sweep(
         synthetic = out / f"{cell.name}_synthetic"
         if not synthetic.exists():
             sample_to_folder(run, synthetic, n=N_SAMPLES, attributes=conditions, seed=0,
-                             conditions_source="private")  # fmt: skip
+                             conditions_source="private", candidates=CANDIDATES,
+                             selector=models / "selector", private=[private])  # fmt: skip
         if not (run / "eval" / "metrics.json").exists():
             evaluate(private, synthetic, run / "eval", referee=referee, pipeline=load(run),
                      metrics=("frd", "fd_referee", "ms_ssim", "controllability", "audit"))  # fmt: skip
@@ -141,10 +145,12 @@ def run_sweep(
 
 
 def _public_models(out: Path, preset: str, public, config: Config) -> Path:
-    """A folder with the public `autoencoder` and `ldm` runs."""
+    """A folder with the public `autoencoder` and `ldm` runs and the best-of-k `selector`."""
 
     if public is not None:
         pretrain_public_models(public, out / "public", config)
+        if not (out / "public" / "selector").exists():
+            train_selector(public, out / "public" / "selector")
         return out / "public"
     shipped = demo_assets()
     if preset == "demo" and (shipped / "ldm" / "model.json").exists():
@@ -220,6 +226,7 @@ def _row(cell: Cell, ledger, result) -> dict:
         "fd_referee": _metric(result, "fd_referee"),
         "ms_ssim": _metric(result, "ms_ssim"),
         "lv_volume_r": (ctrl.get("LV_VOLUME") or {}).get("r"),
+        "per_phase_r": [(ctrl.get(name) or {}).get("r") for name in PER_PHASE],
         "esed_accuracy": _metric(result, "esed_accuracy"),
         "mia_auc": mia.get("auc"),
     }
@@ -234,14 +241,19 @@ def _fmt(value, digits=3) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| ε target | ε spent | pre-training | steps | FRD | FD-referee | MS-SSIM | LV volume r | ES/ED acc. | MIA AUC (patient) |"
-    lines = [head, "|" + "---|" * 10]
+    head = (
+        "| ε target | ε spent | pre-training | steps | FRD | FD-referee | MS-SSIM | LV volume r "
+        f"| r: {', '.join(PER_PHASE)} | ES/ED acc. | MIA AUC (patient) |"
+    )
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(
             f"| {_fmt(r['epsilon_target'])} | {_fmt(r['epsilon_spent'])} | "
             f"{'yes' if r['pretrain'] else 'no'} | {_fmt(r.get('steps'))} | "
             f"{_fmt(r['frd'])} | {_fmt(r['fd_referee'])} | "
-            f"{_fmt(r['ms_ssim'])} | {_fmt(r['lv_volume_r'])} | {_fmt(r['esed_accuracy'])} | "
+            f"{_fmt(r['ms_ssim'])} | {_fmt(r['lv_volume_r'])} | "
+            f"{', '.join(_fmt(v, 2) for v in r.get('per_phase_r') or [None] * len(PER_PHASE))} | "
+            f"{_fmt(r['esed_accuracy'])} | "
             f"{_fmt(r['mia_auc'])} |"
         )
     ratios = {m: pretrain_ratio(rows, 10.0, m) for m in ("frd", "fd_referee")}
