@@ -148,6 +148,10 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
             assert (t.batch_size, t.lr, t.warmup_steps) == (2 * p.batch_size, p.lr, p.warmup_steps)
             assert (t.lr_decay_epochs, t.lr_decay_factor) == (0.5, p.lr_decay_factor)
         assert row["steps"] == expected
+    # A second pass keeps what exists: the selector and referee are trained once.
+    sweep.run_sweep(out, public=public, private=private, epsilons="0.1,inf", config=config)
+    assert len(calls["selector"]) == len(calls["referee"]) == 1
+    assert len(calls["sample"]) == 4
     assert not (out / "data").exists()  # no phantoms simulated when --private is given
     assert "| steps |" in sweep.format_table(rows)
     # ε = ∞ cells learned the private cache without DP: recorded, so no descendant (an
@@ -177,3 +181,37 @@ def test_sweep_refuses_bench_md_with_a_private_cache(caches, tmp_path):
         sweep.run_sweep(tmp_path / "s", private=caches["private"], bench_md=tmp_path / "B.md",
                         config=tiny())  # fmt: skip
     assert not (tmp_path / "s").exists() and not (tmp_path / "B.md").exists()
+
+
+def test_sweep_refuses_folders_of_an_earlier_recipe(caches, tmp_path):
+    """Plain draws or a full-resolution referee left in --out would enter the table beside
+    best-of-k cells read at the demo's grid: refused before any work."""
+    out = tmp_path / "s"
+    synthetic = out / "eps10_pretrain_synthetic"
+    synthetic.mkdir(parents=True)
+    atomic_write_json(synthetic / "provenance.json", {"candidates": sweep.CANDIDATES})
+    sweep.refuse_stale(out)  # the current recipe passes
+    atomic_write_json(synthetic / "provenance.json", {"seed": 0})  # before candidates existed
+    with pytest.raises(DpsynthError, match="eps10_pretrain_synthetic: sampled by an earlier"):
+        sweep.run_sweep(out, private=caches["private"], config=tiny())
+    synthetic.joinpath("provenance.json").unlink()
+    (out / "referee").mkdir()
+    atomic_write_json(out / "referee" / "referee.json", {"channels": [8, 16, 32]})  # downsample 1
+    with pytest.raises(DpsynthError, match="referee: a referee of an earlier sweep recipe"):
+        sweep.run_sweep(out, private=caches["private"], config=tiny())
+    assert sorted(p.name for p in out.iterdir()) == ["eps10_pretrain_synthetic", "referee"]
+
+
+def test_pretrain_public_keeps_a_finished_selector(tmp_path, monkeypatch):
+    """A resumed pre-training must not swap the selector under cells already sampled."""
+    from dpsynth.app import demo
+
+    trained = []
+    monkeypatch.setattr(demo, "simulate_and_prepare", lambda out, spec, config: "public-cache")
+    monkeypatch.setattr(demo, "pretrain_public_models", lambda cache, out, config: None)
+    monkeypatch.setattr(
+        demo, "train_selector", lambda cache, out: trained.append(out) or out.mkdir()
+    )
+    demo.pretrain_public(tmp_path, tiny())
+    demo.pretrain_public(tmp_path, tiny())
+    assert trained == [tmp_path / "selector"]

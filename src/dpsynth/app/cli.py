@@ -611,7 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="the study's grid: ε × pre-training")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"))
     p.add_argument("--preset", choices=("demo", "paper"), default="demo")
-    p.add_argument("--public", type=Path, help="public cache (default: demo models / phantoms)")
+    p.add_argument(
+        "--public",
+        type=Path,
+        help="public cache: the public models and the best-of-k selector (default: demo models / phantoms)",
+    )
     p.add_argument("--private", type=Path, help="private cache (default: simulated phantoms)")
     p.add_argument(
         "--epsilons", help="comma-separated, inf = no DP (default: the study's 0.1,1,10,inf)"

@@ -100,7 +100,8 @@ def pretrain_public(out: Path, config: Config | None = None) -> Path:
     out = Path(out)
     cache = simulate_and_prepare(out / "data", PUBLIC, config)
     pretrain_public_models(cache, out, config)
-    train_selector(cache, out / "selector")
+    if not (out / "selector").exists():  # kept on a resume, like the finished models
+        train_selector(cache, out / "selector")
     return out
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from dpsynth.app.demo import (
     CANDIDATES,
     PRIVATE,
+    REFEREE_DOWNSAMPLE,
     _with,
     demo_assets,
     pretrain_public,
@@ -41,11 +42,12 @@ from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.controllability import PER_PHASE
 from dpsynth.evaluation.evaluate import evaluate
+from dpsynth.evaluation.referee import META_FILE
 from dpsynth.io import atomic_write_json, atomic_write_text, read_json
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.outputs import mark_evaluation_only
 from dpsynth.privacy.planner import plan
-from dpsynth.runs import load
+from dpsynth.runs import PROVENANCE_FILE, load
 from dpsynth.training.ldm import train_ldm
 
 N_SAMPLES = 80
@@ -98,8 +100,9 @@ def run_sweep(
     """Run (or continue) the grid in `out`; returns the table's rows.
 
     `config` replaces the preset (tests use a tiny one). With `public`, the public models
-    are trained into OUT/public from that cache; `public` and `private` must hold
-    different data.
+    and the best-of-k selector are trained into OUT/public from that cache; `public` and
+    `private` must hold different data. A folder left by an earlier recipe (plain draws, a
+    full-resolution referee) is refused rather than mixed into the table.
     """
 
     out = Path(out)
@@ -113,6 +116,7 @@ def run_sweep(
         private = simulate_and_prepare(out / "data", _private_spec(), config, split=(0.7, 0.1, 0.2))
     if public is not None:
         refuse_same_data(public, private)  # the public stages have no DP
+    refuse_stale(out)
     out.mkdir(parents=True, exist_ok=True)
     # conditions.csv, the referee and every cell's eval/ hold exact private statistics.
     mark_evaluation_only(out)
@@ -142,6 +146,20 @@ def run_sweep(
     if bench_md is not None:
         write_table(Path(bench_md), table)
     return rows
+
+
+def refuse_stale(out: Path) -> None:
+    """Refuse a sweep folder whose referee or samples an earlier recipe made: the table
+    would mix two measurements under one heading."""
+
+    referee = out / "referee" / META_FILE
+    if referee.exists() and read_json(referee).get("downsample", 1) != REFEREE_DOWNSAMPLE:
+        raise DpsynthError(f"{referee.parent}: a referee of an earlier sweep recipe (full "
+                           "resolution); use a new --out or delete the folder")  # fmt: skip
+    for provenance in sorted(out.glob(f"*_synthetic/{PROVENANCE_FILE}")):
+        if read_json(provenance).get("candidates", 1) != CANDIDATES:
+            raise DpsynthError(f"{provenance.parent}: sampled by an earlier sweep recipe (not "
+                               f"best of {CANDIDATES}); use a new --out or delete the folder")  # fmt: skip
 
 
 def _public_models(out: Path, preset: str, public, config: Config) -> Path:
