@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 from test_training import SHAPE, SPACING, _cache, tiny
 
 from dpsynth.app import sweep
 from dpsynth.app.cli import main
-from dpsynth.data.cache import Cache
+from dpsynth.data.cache import META_FILE, Cache
 from dpsynth.data.prepare import prepare
 from dpsynth.errors import DpsynthError
-from dpsynth.io import atomic_write_json
+from dpsynth.io import atomic_write_json, read_json
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
 
@@ -55,6 +56,29 @@ def test_sweep_refuses_public_equal_to_private(caches, tmp_path):
         with pytest.raises(DpsynthError, match="hold the same data"):
             sweep.run_sweep(tmp_path / "s", public=public, private=private, config=tiny())
     assert not (tmp_path / "s" / "public").exists()  # refused before any training
+
+
+def test_sweep_checks_the_caches_before_any_training(caches, tmp_path):
+    """A public cache on another grid would fail at the first cell's sampling, after its
+    training; refused up front with both grids named."""
+    raw = caches["root"] / "acdc_raw"
+    coarse = tmp_path / "coarse"
+    prepare("ukbb", raw, coarse, seed=1, shape=SHAPE, spacing=(10.0, 8.0, 8.0),
+            attributes_csv=raw / "attributes.csv", split=(0.6, 0.2, 0.2))  # fmt: skip
+    with pytest.raises(
+        DpsynthError, match=r"--public .*coarse: volumes .* the sweep needs one grid"
+    ):
+        sweep.run_sweep(tmp_path / "s", public=coarse, private=caches["private"], config=tiny())
+    assert not (tmp_path / "s").exists()
+    sweep.check_caches(caches["public"], caches["private"])  # one grid, digests: passes
+    old = tmp_path / "old"  # a private cache prepared before patient digests existed
+    shutil.copytree(caches["private"], old)
+    meta = read_json(old / META_FILE)
+    del meta["patient_digests"]
+    atomic_write_json(old / META_FILE, meta)
+    with pytest.raises(DpsynthError, match=r"--private .*old: lists no patient digests"):
+        sweep.run_sweep(tmp_path / "s", private=old, config=tiny())
+    assert not (tmp_path / "s").exists()
 
 
 def _fake_evaluation(monkeypatch) -> dict:

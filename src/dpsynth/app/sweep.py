@@ -116,6 +116,7 @@ def run_sweep(
         private = simulate_and_prepare(out / "data", _private_spec(), config, split=(0.7, 0.1, 0.2))
     if public is not None:
         refuse_same_data(public, private)  # the public stages have no DP
+    check_caches(public, private)
     refuse_stale(out)
     out.mkdir(parents=True, exist_ok=True)
     # conditions.csv, the referee and every cell's eval/ hold exact private statistics.
@@ -146,6 +147,24 @@ def run_sweep(
     if bench_md is not None:
         write_table(Path(bench_md), table)
     return rows
+
+
+def check_caches(public: str | Path | None, private: str | Path) -> None:
+    """What best-of-k sampling needs of the caches, checked before hours of training: patient
+    digests (the selector check compares them) and, with `public`, one grid for both (the
+    selector trained on `public` reads the cells' volumes)."""
+
+    private_cache = Cache(private)
+    private_cache.require_patient_digests(f"--private {private}")
+    if public is None:
+        return
+    public_cache = Cache(public)
+    public_cache.require_patient_digests(f"--public {public}")
+    grids = [(c.shape, c.spacing) for c in (public_cache, private_cache)]
+    if grids[0] != grids[1]:
+        raise DpsynthError(f"--public {public}: volumes {grids[0][0]} at {grids[0][1]} mm, "
+                           f"--private {private}: {grids[1][0]} at {grids[1][1]} mm; "
+                           "the sweep needs one grid")  # fmt: skip
 
 
 def refuse_stale(out: Path) -> None:
