@@ -4,10 +4,13 @@ Starts `dpsynth explore RUN` (a subprocess, as a user would), posts generations 
 page's default sampler settings with a few conditions and seeds, and reports the median and
 worst round trip (HTTP + JSON included) and the server-side generation time. With
 `--policies PASSIVE,ACTIVE` it compares OpenMP wait policies, one server after the other.
-With `--screenshot PNG` it also drives the page in headless Chromium and saves a picture.
+With `--selector DIR --candidates 1,4` one server serves plain draws and the best of 4 in
+turn, volume by volume, so both see the same machine. With `--screenshot PNG` it also
+drives the page in headless Chromium and saves a picture.
 
     python benchmarks/bench_explore.py --run src/dpsynth/assets/demo/ldm [--n 10]
-        [--referee DIR] [--policies PASSIVE,ACTIVE] [--screenshot docs/explore.png]
+        [--referee DIR] [--policies PASSIVE,ACTIVE] [--selector DIR --candidates 1,4]
+        [--screenshot docs/explore.png]
 """
 
 from __future__ import annotations
@@ -38,11 +41,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(run: str, referee: str | None, policy: str) -> tuple[subprocess.Popen, str]:
+def start(
+    run: str, referee: str | None, selector: str | None, policy: str
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "dpsynth", "explore", run, "--port", str(port)]
     if referee:
         cmd += ["--referee", referee]
+    if selector:
+        cmd += ["--selector", selector]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_WAIT_POLICY": policy})
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -56,8 +63,8 @@ def start(run: str, referee: str | None, policy: str) -> tuple[subprocess.Popen,
     raise SystemExit("the explorer did not start in 120 s")
 
 
-def generate(url: str, attributes: dict, seed: int) -> tuple[float, float]:
-    body = json.dumps({"attributes": attributes, "seed": seed}).encode()
+def generate(url: str, attributes: dict, seed: int, candidates: int = 1) -> tuple[float, float]:
+    body = json.dumps({"attributes": attributes, "seed": seed, "candidates": candidates}).encode()
     req = urllib.request.Request(
         url + "/api/generate", data=body, headers={"Content-Type": "application/json"}
     )
@@ -105,26 +112,34 @@ def main() -> None:
     parser.add_argument("--referee")
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--policies", default="PASSIVE", help="OMP_WAIT_POLICY values to compare")
+    parser.add_argument("--selector", help="public selector: the server offers best-of-k")
+    parser.add_argument("--candidates", default="1", help="best-of values to alternate, e.g. 1,4")
     parser.add_argument("--screenshot", type=Path)
     args = parser.parse_args()
+    counts = [int(k) for k in args.candidates.split(",")]
     for policy in args.policies.split(","):
-        proc, url = start(args.run, args.referee, policy)
+        proc, url = start(args.run, args.referee, args.selector, policy)
         try:
-            generate(url, CONDITIONS[0], 0)  # warm-up: first-call allocations
-            trips, server = [], []
+            for k in counts:  # warm-up: first-call allocations
+                generate(url, CONDITIONS[0], 0, k)
+            trips = {k: [] for k in counts}
+            server = {k: [] for k in counts}
             for i in range(args.n):
-                trip, seconds = generate(url, CONDITIONS[i % len(CONDITIONS)], i)
-                trips.append(trip)
-                server.append(seconds)
+                for k in counts:
+                    trip, seconds = generate(url, CONDITIONS[i % len(CONDITIONS)], i, k)
+                    trips[k].append(trip)
+                    server[k].append(seconds)
             info = json.loads(urllib.request.urlopen(url + "/api/info").read())
-            print(
-                f"OMP_WAIT_POLICY={policy}: {args.n} volumes {info['shape']} at "
-                f"{info['defaults']['sampler']} {info['defaults']['steps']} steps, guidance "
-                f"{info['defaults']['guidance']}, referee {'yes' if info['referee'] else 'no'}: "
-                f"round trip median {statistics.median(trips):.2f} s, max {max(trips):.2f} s; "
-                f"server median {statistics.median(server):.2f} s",
-                flush=True,
-            )
+            for k in counts:
+                print(
+                    f"OMP_WAIT_POLICY={policy}, best of {k}: {args.n} volumes {info['shape']} "
+                    f"at {info['defaults']['sampler']} {info['defaults']['steps']} steps, "
+                    f"guidance {info['defaults']['guidance']}, referee "
+                    f"{'yes' if info['referee'] else 'no'}: round trip median "
+                    f"{statistics.median(trips[k]):.2f} s, max {max(trips[k]):.2f} s; "
+                    f"server median {statistics.median(server[k]):.2f} s",
+                    flush=True,
+                )
             if args.screenshot and policy == args.policies.split(",")[0]:
                 screenshot(url, args.screenshot)
                 print(f"screenshot -> {args.screenshot}")

@@ -90,13 +90,22 @@ def _free_port() -> int:
 
 
 class _Server:
-    """`dpsynth explore RUN` in a subprocess, as a user starts it."""
+    """`dpsynth explore RUN [ARGS]` in a subprocess, as a user starts it."""
 
-    def __init__(self, run: Path):
+    def __init__(self, run: Path, *args: str):
         self.port = _free_port()
         env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dpsynth", "explore", str(run), "--port", str(self.port)],
+            [
+                sys.executable,
+                "-m",
+                "dpsynth",
+                "explore",
+                str(run),
+                "--port",
+                str(self.port),
+                *args,
+            ],  # fmt: skip
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -161,6 +170,7 @@ def server(run_dir):
         ({"seed": True}, "seed: expected a number"),
         ({"guidance": -1}, "guidance=-1 is outside"),
         ({"sampler": "ddpm"}, "sampler: expected 'ddim' or 'dpm++'"),
+        ({"candidates": 4}, "candidates: best-of-k needs a public selector"),
         ([1], "request: expected a JSON object"),
     ],
 )
@@ -190,6 +200,7 @@ def test_request_defaults_and_unknowns(demo_explorer):
     assert lvedv["name"] == "LVEDV" and lvedv["min"] < 150 < lvedv["max"]
     assert info["shape"] == list(demo_explorer.pipe.volume_shape)
     assert info["attribute_model"] is False and info["referee"] is None
+    assert r.candidates == info["defaults"]["candidates"] == info["limits"]["max_candidates"] == 1
     # the shipped public LDM never saw AGE or SEX (the public cohort lacks them)
     learned = {a["name"]: a["learned"] for a in info["attributes"]}
     assert [a for a, yes in learned.items() if not yes] == ["AGE", "SEX"]
@@ -224,6 +235,45 @@ def test_generation_is_the_pipelines(demo_explorer):
     np.testing.assert_array_equal(pixels, np.rint(expected * 255).astype(np.uint8))
     assert shown["requested"]["LV_ML"] == {"attribute": "LVEDV", "value": 200.0}
     assert shown["measured"] is None  # no referee in the shipped run
+
+
+def _shipped_selector() -> Path:
+    from dpsynth.app.demo import demo_assets
+
+    return demo_assets() / "selector"
+
+
+def test_best_of_k_is_the_samplers_with_the_shipped_selector(demo_explorer):
+    """With --selector the page's default is the demo's best of 4, sampled by the one
+    best-of-k sampler (`sample_best_of`), not a copy of it."""
+    from dpsynth.app.demo import CANDIDATES
+    from dpsynth.app.explore.service import Explorer, response
+    from dpsynth.evaluation.referee import Referee
+    from dpsynth.evaluation.selection import sample_best_of
+
+    explorer = Explorer(_demo_ldm(), selector=_shipped_selector())
+    info = explorer.info()
+    assert (info["defaults"]["candidates"], info["limits"]["max_candidates"]) == (CANDIDATES, 8)
+    with pytest.raises(DpsynthError, match=r"candidates=9 is outside \[1, 8\]"):
+        explorer.parse({"candidates": 9})
+    request = explorer.parse({"attributes": {"LVESV": 80, "ESED": 0}, "steps": 2, "seed": 5})
+    assert request.candidates == CANDIDATES
+    result = explorer.generate(request)
+    expected = sample_best_of(
+        demo_explorer.pipe, 1, request.attributes[None], 5, CANDIDATES,
+        Referee.load(_shipped_selector()), progress=False, sampler="dpm++", steps=2,
+        guidance=request.guidance, temperature=1.0,
+    )[0]  # fmt: skip
+    np.testing.assert_allclose(result.volume, expected, atol=1e-5)
+    assert response(result)["candidates"] == CANDIDATES
+
+
+def test_a_selector_not_declared_public_is_refused(run_dir):
+    """The run's evaluation referee learned real data without DP: never a selector."""
+    from dpsynth.app.explore.service import Explorer
+
+    with pytest.raises(DpsynthError, match="not declared trained on public data only"):
+        Explorer(run_dir, selector=run_dir / "referee")
 
 
 def test_generations_never_overlap(demo_explorer, monkeypatch):
@@ -411,6 +461,7 @@ def test_page_in_headless_chromium(server, tmp_path):
         assert driver.find_element(By.ID, "draw").is_displayed()
         assert driver.find_element(By.ID, "untaught-SEX").text == "not learned"
         assert driver.find_element(By.ID, "temperature").text == "0.8 (the run's)"
+        assert not driver.find_element(By.ID, "candidates").is_displayed()  # no selector
         assert not driver.find_elements(By.ID, "untaught-LVEDV")
         driver.find_element(By.ID, "known-LVEDV").click()
         slider = driver.find_element(By.ID, "attr-LVEDV")
@@ -478,3 +529,30 @@ def test_generation_samples_at_the_runs_temperature(demo_explorer, monkeypatch, 
     monkeypatch.setattr(demo_explorer.pipe, "sample", spy)
     demo_explorer.generate(demo_explorer.parse({"attributes": {}, "steps": 2}))
     assert seen["temperature"] == 0.5
+
+
+def test_page_offers_best_of_k_with_a_selector(run_dir, tmp_path):
+    """`dpsynth explore RUN --selector S`: the page shows 'best of' at the demo's 4 and says
+    which volume it shows."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _browser(tmp_path)
+    srv = _Server(run_dir, "--selector", str(_shipped_selector()))
+    body = lambda: driver.find_element(By.TAG_NAME, "body")  # noqa: E731
+    try:
+        wait = WebDriverWait(driver, 300)
+        driver.get(srv.url)
+        wait.until(lambda d: body().get_attribute("data-state") == "idle")
+        assert driver.find_element(By.ID, "candidates").is_displayed()
+        assert driver.find_element(By.ID, "candidates-value").text == "4"
+        steps = driver.find_element(By.ID, "steps")
+        steps.send_keys(Keys.HOME)  # 1 step: the choice still runs, at its first step
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: body().get_attribute("data-generation") == "1")
+        assert driver.find_element(By.ID, "error").text == ""
+        assert driver.find_element(By.ID, "timing").text.endswith("the best of 4")
+    finally:
+        driver.quit()
+        srv.stop()

@@ -155,6 +155,10 @@ class ExploreDefaults:
     max_guidance: float = 8.0
     max_pending: int = 8  # queued generations before the server answers 503
     kept_volumes: int = 32  # generated volumes kept in memory for download
+    # With --selector: the best of this many, as `make demo` samples: 1.9 s a volume against
+    # 0.7 s plain on 2 cores at 13x96x96 (the choice is made part-way; BENCHMARKS.md, Explorer).
+    candidates: int = 4
+    max_candidates: int = 8
 
 
 @dataclass

@@ -273,7 +273,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_explore(args: argparse.Namespace) -> None:
     from dpsynth.app.explore.server import serve  # start-up time (module docstring)
 
-    serve(args.run, host=args.host, port=args.port, referee=args.referee)
+    serve(args.run, host=args.host, port=args.port, referee=args.referee, selector=args.selector)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -557,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default 8765)")
     p.add_argument(
         "--referee", type=Path, help="referee folder to measure volumes (default: RUN/referee)"
+    )
+    p.add_argument(
+        "--selector",
+        type=Path,
+        help="public segmenter for best-of-k, as make demo samples "
+        "(e.g. src/dpsynth/assets/demo/selector); the page then offers 'best of'",
     )
     p.set_defaults(func=cmd_explore)
 

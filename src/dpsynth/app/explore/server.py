@@ -126,6 +126,7 @@ def serve(
     host: str | None = None,
     port: int | None = None,
     referee: str | os.PathLike | None = None,
+    selector: str | os.PathLike | None = None,
 ) -> None:
     """Load `run`, print the URL and serve until interrupted."""
     # A generation is a long string of small tensor ops. On a shared CPU, OpenMP threads
@@ -141,7 +142,7 @@ def serve(
             f"serving on {host}: anyone who can reach this address can generate from the model",
             stacklevel=2,
         )
-    app = create_app(Explorer(Path(run), referee=referee, defaults=defaults))
+    app = create_app(Explorer(Path(run), referee=referee, defaults=defaults, selector=selector))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning")
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host

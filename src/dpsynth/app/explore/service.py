@@ -3,7 +3,8 @@
 No web code here (the server in `dpsynth.app.explore.server` is a thin layer over this), so the
 same checks run from Python and from HTTP. What it reads from the run folder is fixed:
 model.json and the weights (through `dpsynth.app.sample.load`), attribute_model.json,
-and an optional referee folder. It never reads `checkpoint/` (secret noise seeds), `eval/`
+an optional referee folder and an optional public selector (best-of-k sampling, as
+`make demo` samples). It never reads `checkpoint/` (secret noise seeds), `eval/`
 or caches, and never writes anywhere: generated volumes live in memory only.
 """
 
@@ -26,7 +27,9 @@ from dpsynth.attributes import ATTRIBUTES, CATEGORICAL, CLINICAL_RANGES, INDEX, 
 from dpsynth.config import ExploreDefaults
 from dpsynth.data.measure import measure_volume
 from dpsynth.errors import DpsynthError
+from dpsynth.evaluation.controllability import Segmenter
 from dpsynth.evaluation.referee import META_FILE, Referee
+from dpsynth.evaluation.selection import load_selector, sample_best_of
 from dpsynth.io import nifti_bytes
 from dpsynth.privacy.attribute_fit import MODEL_FILE, load_attribute_model
 from dpsynth.runs import load, sampling_settings
@@ -42,7 +45,7 @@ MEASURED = {
     "RV_ML": {1.0: "RVEDV", 0.0: "RVESV"},
     "MYO_THICK": {1.0: "MYOEDTHICK", 0.0: "MYOESTHICK"},
 }
-REQUEST_KEYS = ("attributes", "seed", "guidance", "steps", "sampler")
+REQUEST_KEYS = ("attributes", "seed", "guidance", "steps", "sampler", "candidates")
 
 
 class NotFoundError(DpsynthError):
@@ -58,6 +61,7 @@ class Request:
     guidance: float
     steps: int
     sampler: str
+    candidates: int = 1  # > 1: the best of that many by the explorer's public selector
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class Explorer:
         referee: str | os.PathLike | None = None,
         device: str | None = None,
         defaults: ExploreDefaults | None = None,
+        selector: str | os.PathLike | None = None,
     ) -> None:
         self.run = Path(run)
         if not (self.run / "model.json").is_file():
@@ -98,11 +103,23 @@ class Explorer:
         self.max_steps = min(self.defaults.max_steps, self.pipe.num_train_timesteps)
         self.attribute_model = self._attribute_model()
         self.referee = self._referee(referee)
+        self.selector = self._selector(selector)
+        self.max_candidates = self.defaults.max_candidates if self.selector is not None else 1
         self._lock = threading.Lock()
         self._kept: OrderedDict[str, Generated] = OrderedDict()
 
     def _attribute_model(self):
         return load_attribute_model(self.run) if (self.run / MODEL_FILE).is_file() else None
+
+    def _selector(self, path: str | os.PathLike | None) -> Segmenter | None:
+        """The public segmenter that picks the best of k, checked as `dpsynth sample
+        --selector` checks it (declared public, never trained on a cache the run's ledger
+        names, the model's grid). The explorer reads no cache, so there are no private
+        patients at hand to compare digests with."""
+        if path is None:
+            return None
+        segmenter, _ = load_selector(path, self.run, self.pipe.volume_shape, self.pipe.spacing)
+        return segmenter
 
     def _referee(self, path: str | os.PathLike | None):
         if path is None:
@@ -146,8 +163,13 @@ class Explorer:
                 "guidance": self.guidance,
                 "seed": 0,
                 "temperature": self.temperature,  # shown, not asked: the run's setting
+                "candidates": min(self.defaults.candidates, self.max_candidates),
             },
-            "limits": {"max_steps": self.max_steps, "max_guidance": self.max_guidance},
+            "limits": {
+                "max_steps": self.max_steps,
+                "max_guidance": self.max_guidance,
+                "max_candidates": self.max_candidates,
+            },
             "attribute_model": self.attribute_model is not None,
             "referee": REFEREE_NOTE if self.referee is not None else None,
         }
@@ -186,12 +208,18 @@ class Explorer:
             raise DpsynthError(f"sampler: expected 'ddim' or 'dpm++', got {sampler!r}")
         guidance = payload.get("guidance", self.guidance)
         steps = payload.get("steps", self.defaults.steps)
+        candidates = payload.get("candidates", min(self.defaults.candidates, self.max_candidates))
+        if candidates != 1 and self.selector is None:
+            raise DpsynthError(
+                "candidates: best-of-k needs a public selector (dpsynth explore --selector)"
+            )
         return Request(
             attributes=table,
             seed=int(_number(payload.get("seed", 0), "seed", 0, 2**31 - 1, integer=True)),
             guidance=_number(guidance, "guidance", 0.0, self.max_guidance),
             steps=int(_number(steps, "steps", 1, self.max_steps, integer=True)),
             sampler=sampler,
+            candidates=int(_number(candidates, "candidates", 1, self.max_candidates, integer=True)),
         )
 
     def draw(self, seed: int, phase: float | None) -> dict[str, Any]:
@@ -220,15 +248,18 @@ class Explorer:
         """Generate and measure one volume; calls wait for each other (one at a time)."""
         with self._lock:
             start = time.perf_counter()
-            volume = self.pipe.sample(
+            volume = sample_best_of(
+                self.pipe,
                 1,
-                attributes=request.attributes[None],
+                request.attributes[None],
+                request.seed,
+                request.candidates,
+                self.selector,
+                progress=False,
                 sampler=request.sampler,
                 steps=request.steps,
                 guidance=request.guidance,
                 temperature=self.temperature,
-                seed=request.seed,
-                progress=False,
             )[0]
             measured = self._measure(volume)
             result = Generated(
@@ -283,6 +314,7 @@ def response(result: Generated) -> dict[str, Any]:
         "shape": list(result.volume.shape),
         "data": base64.b64encode(data.tobytes()).decode("ascii"),
         "seconds": round(result.seconds, 3),
+        "candidates": result.request.candidates,
         "measured": (
             None
             if result.measured is None

@@ -81,6 +81,7 @@
       guidance: Number($("guidance").value),
       steps: Number($("steps").value),
       sampler: $("sampler").value,
+      candidates: Number($("candidates").value),
     };
   }
 
@@ -162,7 +163,8 @@
     $("empty").hidden = true;
     $("volume").hidden = false;
     $("download").href = result.nifti;
-    $("timing").textContent = `generated in ${result.seconds.toFixed(2)} s`;
+    const best = result.candidates > 1 ? `, the best of ${result.candidates}` : "";
+    $("timing").textContent = `generated in ${result.seconds.toFixed(2)} s${best}`;
     measurements(result);
     state.generation += 1;
     document.body.dataset.generation = state.generation;
@@ -212,8 +214,11 @@
     $("steps").max = info.limits.max_steps;
     $("steps").value = d.steps;
     $("sampler").value = d.sampler;
+    $("candidates").max = info.limits.max_candidates;
+    $("candidates").value = d.candidates;
+    $("candidates-row").hidden = info.limits.max_candidates < 2;  // no selector: plain draws
     $("temperature").textContent = `${d.temperature} (the run's)`;
-    for (const id of ["guidance", "steps"]) {
+    for (const id of ["guidance", "steps", "candidates"]) {
       const update = () => { $(`${id}-value`).textContent = $(id).value; };
       $(id).addEventListener("input", update);
       update();
