@@ -171,6 +171,7 @@ def server(run_dir):
         ({"guidance": -1}, "guidance=-1 is outside"),
         ({"sampler": "ddpm"}, "sampler: expected 'ddim' or 'dpm++'"),
         ({"candidates": 4}, "candidates: best-of-k needs a public selector"),
+        ({"candidates": "1"}, "candidates: expected a number"),
         ([1], "request: expected a JSON object"),
     ],
 )
@@ -254,6 +255,7 @@ def test_best_of_k_is_the_samplers_with_the_shipped_selector(demo_explorer):
     explorer = Explorer(_demo_ldm(), selector=_shipped_selector())
     info = explorer.info()
     assert (info["defaults"]["candidates"], info["limits"]["max_candidates"]) == (CANDIDATES, 8)
+    assert info["selector"] is True and demo_explorer.info()["selector"] is False
     with pytest.raises(DpsynthError, match=r"candidates=9 is outside \[1, 8\]"):
         explorer.parse({"candidates": 9})
     request = explorer.parse({"attributes": {"LVESV": 80, "ESED": 0}, "steps": 2, "seed": 5})
@@ -266,6 +268,32 @@ def test_best_of_k_is_the_samplers_with_the_shipped_selector(demo_explorer):
     )[0]  # fmt: skip
     np.testing.assert_allclose(result.volume, expected, atol=1e-5)
     assert response(result)["candidates"] == CANDIDATES
+    # Nothing of the request's phase to compare: drawn plainly, and the page is told so.
+    plain = explorer.generate(explorer.parse({"attributes": {"LVEDV": 150, "ESED": 0}, "steps": 1}))
+    assert plain.request.candidates == CANDIDATES and response(plain)["candidates"] == 1
+
+
+def test_the_selector_is_checked_against_the_private_patients(run_dir, tmp_path):
+    """A selector trained on the run's private patients, prepared again under a new cache id,
+    passes the cache-id check; with --private it is refused by patient digest, and without
+    it the explorer warns that patients were not compared (as `dpsynth sample`)."""
+    from dpsynth.app.explore.service import Explorer
+    from dpsynth.data.prepare import prepare
+    from dpsynth.evaluation.referee import train_referee
+
+    data = run_dir.parent / "data"
+    again = tmp_path / "again"  # the run's cache (the ledger names it) prepared again
+    prepare("ukbb", data / "acdc_raw", again, attributes_csv=data / "acdc_raw" / "attributes.csv",
+            split=(0.8, 0.1, 0.1), seed=7, shape=(13, 96, 96), spacing=(10.0, 1.8269, 1.8269))  # fmt: skip
+    selector = train_referee(again, tmp_path / "sel", epochs=1, channels=(4, 8), public=True)
+    with pytest.raises(DpsynthError, match=r"learned from \d+ patients of the private cache"):
+        Explorer(run_dir, selector=selector, private=[data / "acdc_cache"])
+    with pytest.warns(UserWarning, match="give --private CACHE"):
+        Explorer(run_dir, selector=selector)
+    shipped = Explorer(run_dir, selector=_shipped_selector(), private=[data / "acdc_cache"])
+    assert shipped.info()["selector"] is True
+    with pytest.raises(DpsynthError, match="--private: give it only with --selector"):
+        Explorer(run_dir, private=[data / "acdc_cache"])
 
 
 def test_a_selector_not_declared_public_is_refused(run_dir):
@@ -349,6 +377,33 @@ def test_reads_only_the_model_attribute_model_and_referee(run_dir):
     assert any(p.startswith("referee") for p in inside)
     assert not [p for p in inside if p.split(os.sep)[0] in ("checkpoint", "eval")], inside
     assert not [p for p in opened if str(run_dir.parent / "data") in p]
+
+
+def test_with_a_selector_reads_the_ledger_and_the_private_caches_patient_digests(run_dir):
+    """--selector adds the run's ledger and the selector's folder; --private adds the cache
+    given (its digests), never checkpoint/ or eval/, and no other cache."""
+    from dpsynth.app.explore.service import Explorer
+
+    opened: list[str] = []
+    recording = [True]
+
+    def hook(event, args):
+        if recording[0] and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            opened.append(os.fsdecode(args[0]))
+
+    cache = run_dir.parent / "data" / "acdc_cache"
+    sys.addaudithook(hook)
+    try:
+        explorer = Explorer(run_dir, selector=_shipped_selector(), private=[cache])
+        explorer.generate(explorer.parse({"attributes": {"LVEDV": 150, "ESED": 1}, "steps": 1}))
+    finally:
+        recording[0] = False
+    inside = {os.path.relpath(p, run_dir) for p in opened if p.startswith(str(run_dir))}
+    assert "ledger.json" in inside
+    assert not [p for p in inside if p.split(os.sep)[0] in ("checkpoint", "eval")], inside
+    assert any(p.startswith(str(_shipped_selector())) for p in opened)
+    data = [p for p in opened if p.startswith(str(run_dir.parent / "data"))]
+    assert data and all(p.startswith(str(cache)) for p in data), data
 
 
 # ---------------------------------------------------------------------------- over HTTP
@@ -549,6 +604,7 @@ def test_page_offers_best_of_k_with_a_selector(run_dir, tmp_path):
         assert driver.find_element(By.ID, "candidates-value").text == "4"
         steps = driver.find_element(By.ID, "steps")
         steps.send_keys(Keys.HOME)  # 1 step: the choice still runs, at its first step
+        driver.find_element(By.ID, "known-LVEDV").click()  # ED is checked: a volume to compare
         driver.find_element(By.ID, "generate").click()
         wait.until(lambda d: body().get_attribute("data-generation") == "1")
         assert driver.find_element(By.ID, "error").text == ""

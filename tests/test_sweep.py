@@ -90,7 +90,7 @@ def _fake_evaluation(monkeypatch) -> dict:
     def fake(kind):
         def train(data, out, **kw):
             calls[kind].append((data, out))
-            out.mkdir(parents=True)
+            out.mkdir(parents=True, exist_ok=True)
 
         return train
 
@@ -172,9 +172,10 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
             assert (t.batch_size, t.lr, t.warmup_steps) == (2 * p.batch_size, p.lr, p.warmup_steps)
             assert (t.lr_decay_epochs, t.lr_decay_factor) == (0.5, p.lr_decay_factor)
         assert row["steps"] == expected
-    # A second pass keeps what exists: the selector and referee are trained once.
+    # A second pass keeps what exists: the referee is trained once, no cell is sampled
+    # again (train_selector keeps a finished selector itself: the test below).
     sweep.run_sweep(out, public=public, private=private, epsilons="0.1,inf", config=config)
-    assert len(calls["selector"]) == len(calls["referee"]) == 1
+    assert len(calls["referee"]) == 1
     assert len(calls["sample"]) == 4
     assert not (out / "data").exists()  # no phantoms simulated when --private is given
     assert "| steps |" in sweep.format_table(rows)
@@ -226,16 +227,19 @@ def test_sweep_refuses_folders_of_an_earlier_recipe(caches, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["eps10_pretrain_synthetic", "referee"]
 
 
-def test_pretrain_public_keeps_a_finished_selector(tmp_path, monkeypatch):
-    """A resumed pre-training must not swap the selector under cells already sampled."""
+def test_a_finished_selector_is_kept(tmp_path, monkeypatch):
+    """A resumed pre-training (or sweep) must not swap the selector under volumes already
+    sampled with it."""
     from dpsynth.app import demo
 
     trained = []
-    monkeypatch.setattr(demo, "simulate_and_prepare", lambda out, spec, config: "public-cache")
-    monkeypatch.setattr(demo, "pretrain_public_models", lambda cache, out, config: None)
-    monkeypatch.setattr(
-        demo, "train_selector", lambda cache, out: trained.append(out) or out.mkdir()
-    )
-    demo.pretrain_public(tmp_path, tiny())
-    demo.pretrain_public(tmp_path, tiny())
-    assert trained == [tmp_path / "selector"]
+
+    def train_referee(cache, out, **kw):
+        trained.append((cache, kw["public"]))
+        out.mkdir()
+        return out
+
+    monkeypatch.setattr(demo, "train_referee", train_referee)
+    assert demo.train_selector("public-cache", tmp_path / "selector") == tmp_path / "selector"
+    assert demo.train_selector("public-cache", tmp_path / "selector") == tmp_path / "selector"
+    assert trained == [("public-cache", True)]

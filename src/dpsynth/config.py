@@ -155,9 +155,10 @@ class ExploreDefaults:
     max_guidance: float = 8.0
     max_pending: int = 8  # queued generations before the server answers 503
     kept_volumes: int = 32  # generated volumes kept in memory for download
-    # With --selector: the best of this many, as `make demo` samples: 1.9 s a volume against
-    # 0.7 s plain on 2 cores at 13x96x96 (the choice is made part-way; BENCHMARKS.md, Explorer).
-    candidates: int = 4
+    # With --selector: the best of DEMO_CANDIDATES, as `make demo` samples: 1.9 s a volume
+    # against 0.7 s plain on 2 cores at 13x96x96 (the choice is made part-way; BENCHMARKS.md,
+    # Explorer).
+    candidates: int = field(default_factory=lambda: DEMO_CANDIDATES)
     max_candidates: int = 8
 
 
@@ -445,6 +446,9 @@ def check_seed(seed: int) -> None:
 
 
 MAX_CANDIDATES = 16  # best-of-k runs k trajectories 40 % of the way; more would rarely pay
+# `make demo`'s best-of-k (and the sweep's, and the explorer's with a selector): on three DP
+# models LVESV r +0.09-0.37 over plain draws, +0.02-0.07 over best of 3 (BENCHMARKS.md).
+DEMO_CANDIDATES = 4
 
 
 def check_candidates(candidates: int) -> None:

@@ -48,6 +48,27 @@ def _xyz_spacing(text: str) -> tuple[float, float, float]:
     return (z, y, x)
 
 
+def _selector_args(p: argparse.ArgumentParser) -> None:
+    """--selector and --private, as `sample` and `explore` check a best-of-k selector."""
+    p.add_argument(
+        "--selector",
+        type=Path,
+        help="segmenter declared trained on PUBLIC data only (`dpsynth train-referee --public` "
+        "on a public cache); one trained on a cache the run's ledger names is refused",
+    )
+    p.add_argument(
+        "--private",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="CACHE",
+        help="a private cache the run's ledger names, where it is at hand (repeat for each): "
+        "--selector is refused if its meta lists any of the cache's patients (by "
+        "byte-identical prepared volumes), whatever the cache id; unchecked caches get a "
+        "warning",
+    )
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=("demo", "paper"), help="start from a named preset")
     p.add_argument("--config", type=Path, help="YAML config file (overrides the preset)")
@@ -273,7 +294,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_explore(args: argparse.Namespace) -> None:
     from dpsynth.app.explore.server import serve  # start-up time (module docstring)
 
-    serve(args.run, host=args.host, port=args.port, referee=args.referee, selector=args.selector)
+    serve(args.run, host=args.host, port=args.port, referee=args.referee, selector=args.selector,
+          private=args.private)  # fmt: skip
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -434,23 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and LV wall thickness --selector measures nearest the request, "
         "part-way (default 1: no choice)",
     )
-    p.add_argument(
-        "--selector",
-        type=Path,
-        help="segmenter declared trained on PUBLIC data only (`dpsynth train-referee --public` "
-        "on a public cache); one trained on a cache the run's ledger names is refused",
-    )
-    p.add_argument(
-        "--private",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="CACHE",
-        help="a private cache the run's ledger names, where it is at hand (repeat for each): "
-        "--selector is refused if its meta lists any of the cache's patients (by "
-        "byte-identical prepared volumes), whatever the cache id; unchecked caches get a "
-        "warning",
-    )
+    _selector_args(p)
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_sample)
 
@@ -558,12 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--referee", type=Path, help="referee folder to measure volumes (default: RUN/referee)"
     )
-    p.add_argument(
-        "--selector",
-        type=Path,
-        help="public segmenter for best-of-k, as make demo samples "
-        "(e.g. src/dpsynth/assets/demo/selector); the page then offers 'best of'",
-    )
+    _selector_args(p)  # the page then offers "best of" (default 4, as make demo samples)
     p.set_defaults(func=cmd_explore)
 
     p = sub.add_parser("demo", help="the whole pipeline on embedded phantoms (make demo)")

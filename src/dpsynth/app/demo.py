@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dpsynth.app.sample import sample_to_folder
 from dpsynth.app.workflow import pretrain_public_models, train_stage
-from dpsynth.config import Config, config_from_dict, load_config
+from dpsynth.config import DEMO_CANDIDATES, Config, config_from_dict, load_config
 from dpsynth.data.prepare import prepare
 from dpsynth.data.simulate import simulate_cohort
 from dpsynth.evaluation.controllability import PER_PHASE, POOLED
@@ -41,7 +41,7 @@ PRIVATE = {"patients": 500, "cohort": "ukbb", "seed": 202}
 PRIVATE_SPLIT = (0.7, 0.1, 0.2)
 ATTRIBUTE_EPSILON = 2.0  # of the demo's total ε; the LDM gets the rest
 N_SYNTHETIC = 120
-CANDIDATES = 4  # best-of-k sampling by the shipped public selector
+CANDIDATES = DEMO_CANDIDATES  # best-of-k sampling by the shipped public selector
 REFEREE_EPOCHS = 5
 REFEREE_DOWNSAMPLE = 2  # the referee reads at 3.65 mm: 4x cheaper at the study's grid
 # The selector: the referee's network on the public cache, trained longer (it has half the
@@ -100,13 +100,15 @@ def pretrain_public(out: Path, config: Config | None = None) -> Path:
     out = Path(out)
     cache = simulate_and_prepare(out / "data", PUBLIC, config)
     pretrain_public_models(cache, out, config)
-    if not (out / "selector").exists():  # kept on a resume, like the finished models
-        train_selector(cache, out / "selector")
+    train_selector(cache, out / "selector")
     return out
 
 
 def train_selector(public_cache: Path, out: Path) -> Path:
-    """The demo's best-of-k selector: a segmenter of the public phantoms only."""
+    """The demo's best-of-k selector: a segmenter of the public phantoms only. A finished
+    one is kept (a resumed pre-training must not swap it under volumes already sampled)."""
+    if out.exists():
+        return out
     return train_referee(public_cache, out, epochs=SELECTOR_EPOCHS, channels=(8, 16, 32), seed=0,
                          downsample=REFEREE_DOWNSAMPLE, public=True)  # fmt: skip
 

@@ -112,12 +112,12 @@ def run_sweep(
             "sweep: --bench-md would publish evaluation-only figures of the private cache "
             "(distances to its test split, its patient count); leave it out with --private"
         )
+    refuse_stale(out)
     if private is None:
         private = simulate_and_prepare(out / "data", _private_spec(), config, split=(0.7, 0.1, 0.2))
     if public is not None:
         refuse_same_data(public, private)  # the public stages have no DP
     check_caches(public, private)
-    refuse_stale(out)
     out.mkdir(parents=True, exist_ok=True)
     # conditions.csv, the referee and every cell's eval/ hold exact private statistics.
     mark_evaluation_only(out)
@@ -161,7 +161,7 @@ def check_caches(public: str | Path | None, private: str | Path) -> None:
     public_cache = Cache(public)
     public_cache.require_patient_digests(f"--public {public}")
     grids = [(c.shape, c.spacing) for c in (public_cache, private_cache)]
-    if grids[0] != grids[1]:
+    if grids[0][0] != grids[1][0] or not np.allclose(grids[0][1], grids[1][1]):
         raise DpsynthError(f"--public {public}: volumes {grids[0][0]} at {grids[0][1]} mm, "
                            f"--private {private}: {grids[1][0]} at {grids[1][1]} mm; "
                            "the sweep needs one grid")  # fmt: skip
@@ -174,11 +174,11 @@ def refuse_stale(out: Path) -> None:
     referee = out / "referee" / META_FILE
     if referee.exists() and read_json(referee).get("downsample", 1) != REFEREE_DOWNSAMPLE:
         raise DpsynthError(f"{referee.parent}: a referee of an earlier sweep recipe (full "
-                           "resolution); use a new --out or delete the folder")  # fmt: skip
+                           "resolution); use a new --out")  # fmt: skip
     for provenance in sorted(out.glob(f"*_synthetic/{PROVENANCE_FILE}")):
         if read_json(provenance).get("candidates", 1) != CANDIDATES:
             raise DpsynthError(f"{provenance.parent}: sampled by an earlier sweep recipe (not "
-                               f"best of {CANDIDATES}); use a new --out or delete the folder")  # fmt: skip
+                               f"best of {CANDIDATES}); use a new --out")  # fmt: skip
 
 
 def _public_models(out: Path, preset: str, public, config: Config) -> Path:
@@ -186,8 +186,7 @@ def _public_models(out: Path, preset: str, public, config: Config) -> Path:
 
     if public is not None:
         pretrain_public_models(public, out / "public", config)
-        if not (out / "public" / "selector").exists():
-            train_selector(public, out / "public" / "selector")
+        train_selector(public, out / "public" / "selector")
         return out / "public"
     shipped = demo_assets()
     if preset == "demo" and (shipped / "ldm" / "model.json").exists():

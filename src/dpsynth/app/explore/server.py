@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import os
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -127,6 +128,7 @@ def serve(
     port: int | None = None,
     referee: str | os.PathLike | None = None,
     selector: str | os.PathLike | None = None,
+    private: Sequence[str | os.PathLike] = (),
 ) -> None:
     """Load `run`, print the URL and serve until interrupted."""
     # A generation is a long string of small tensor ops. On a shared CPU, OpenMP threads
@@ -142,7 +144,9 @@ def serve(
             f"serving on {host}: anyone who can reach this address can generate from the model",
             stacklevel=2,
         )
-    app = create_app(Explorer(Path(run), referee=referee, defaults=defaults, selector=selector))
+    app = create_app(
+        Explorer(Path(run), referee=referee, defaults=defaults, selector=selector, private=private)
+    )
     config = uvicorn.Config(app, host=host, port=port, log_level="warning")
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host

@@ -3,9 +3,11 @@
 No web code here (the server in `dpsynth.app.explore.server` is a thin layer over this), so the
 same checks run from Python and from HTTP. What it reads from the run folder is fixed:
 model.json and the weights (through `dpsynth.app.sample.load`), attribute_model.json,
-an optional referee folder and an optional public selector (best-of-k sampling, as
-`make demo` samples). It never reads `checkpoint/` (secret noise seeds), `eval/`
-or caches, and never writes anywhere: generated volumes live in memory only.
+an optional referee folder, and with an optional public selector (best-of-k sampling, as
+`make demo` samples) the run's ledger.json, the selector's folder and, when given, the
+private caches (`Cache` opens them to compare patient digests). It never
+reads `checkpoint/` (secret noise seeds) or `eval/`, and never writes anywhere: generated
+volumes live in memory only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +27,12 @@ from typing import Any
 import numpy as np
 
 from dpsynth.attributes import ATTRIBUTES, CATEGORICAL, CLINICAL_RANGES, INDEX, UNITS
-from dpsynth.config import ExploreDefaults
+from dpsynth.config import MAX_CANDIDATES, ExploreDefaults
 from dpsynth.data.measure import measure_volume
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.controllability import Segmenter
 from dpsynth.evaluation.referee import META_FILE, Referee
-from dpsynth.evaluation.selection import load_selector, sample_best_of
+from dpsynth.evaluation.selection import load_selector, sample_best_of, selectable
 from dpsynth.io import nifti_bytes
 from dpsynth.privacy.attribute_fit import MODEL_FILE, load_attribute_model
 from dpsynth.runs import load, sampling_settings
@@ -61,7 +64,7 @@ class Request:
     guidance: float
     steps: int
     sampler: str
-    candidates: int = 1  # > 1: the best of that many by the explorer's public selector
+    candidates: int  # > 1: the best of that many by the explorer's public selector
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Generated:
     request: Request
     measured: dict[str, float] | None
     seconds: float
+    candidates: int  # trajectories the choice compared: 1 when the request gave nothing to compare
 
 
 class Explorer:
@@ -83,6 +87,7 @@ class Explorer:
         device: str | None = None,
         defaults: ExploreDefaults | None = None,
         selector: str | os.PathLike | None = None,
+        private: Sequence[str | os.PathLike] = (),
     ) -> None:
         self.run = Path(run)
         if not (self.run / "model.json").is_file():
@@ -103,22 +108,32 @@ class Explorer:
         self.max_steps = min(self.defaults.max_steps, self.pipe.num_train_timesteps)
         self.attribute_model = self._attribute_model()
         self.referee = self._referee(referee)
-        self.selector = self._selector(selector)
-        self.max_candidates = self.defaults.max_candidates if self.selector is not None else 1
+        self.selector = self._selector(selector, private)
+        has = self.selector is not None
+        self.max_candidates = min(self.defaults.max_candidates, MAX_CANDIDATES) if has else 1
+        self.candidates = min(self.defaults.candidates, self.max_candidates)
         self._lock = threading.Lock()
         self._kept: OrderedDict[str, Generated] = OrderedDict()
 
     def _attribute_model(self):
         return load_attribute_model(self.run) if (self.run / MODEL_FILE).is_file() else None
 
-    def _selector(self, path: str | os.PathLike | None) -> Segmenter | None:
+    def _selector(
+        self, path: str | os.PathLike | None, private: Sequence[str | os.PathLike]
+    ) -> Segmenter | None:
         """The public segmenter that picks the best of k, checked as `dpsynth sample
-        --selector` checks it (declared public, never trained on a cache the run's ledger
-        names, the model's grid). The explorer reads no cache, so there are no private
-        patients at hand to compare digests with."""
+        --selector [--private CACHE]` checks it: declared public, never trained on a cache
+        the run's ledger names nor on a patient of the `private` caches (under any cache id),
+        the model's grid. Without `private` it warns that patients were not compared."""
         if path is None:
+            if private:
+                raise DpsynthError(
+                    "--private: give it only with --selector (it checks the selector)"
+                )
             return None
-        segmenter, _ = load_selector(path, self.run, self.pipe.volume_shape, self.pipe.spacing)
+        segmenter, _ = load_selector(
+            path, self.run, self.pipe.volume_shape, self.pipe.spacing, private
+        )
         return segmenter
 
     def _referee(self, path: str | os.PathLike | None):
@@ -163,7 +178,7 @@ class Explorer:
                 "guidance": self.guidance,
                 "seed": 0,
                 "temperature": self.temperature,  # shown, not asked: the run's setting
-                "candidates": min(self.defaults.candidates, self.max_candidates),
+                "candidates": self.candidates,
             },
             "limits": {
                 "max_steps": self.max_steps,
@@ -172,6 +187,7 @@ class Explorer:
             },
             "attribute_model": self.attribute_model is not None,
             "referee": REFEREE_NOTE if self.referee is not None else None,
+            "selector": self.selector is not None,
         }
 
     def parse(self, payload: Any) -> Request:
@@ -208,8 +224,8 @@ class Explorer:
             raise DpsynthError(f"sampler: expected 'ddim' or 'dpm++', got {sampler!r}")
         guidance = payload.get("guidance", self.guidance)
         steps = payload.get("steps", self.defaults.steps)
-        candidates = payload.get("candidates", min(self.defaults.candidates, self.max_candidates))
-        if candidates != 1 and self.selector is None:
+        candidates = _number(payload.get("candidates", self.candidates), "candidates", integer=True)
+        if candidates > 1 and self.selector is None:
             raise DpsynthError(
                 "candidates: best-of-k needs a public selector (dpsynth explore --selector)"
             )
@@ -219,7 +235,7 @@ class Explorer:
             guidance=_number(guidance, "guidance", 0.0, self.max_guidance),
             steps=int(_number(steps, "steps", 1, self.max_steps, integer=True)),
             sampler=sampler,
-            candidates=int(_number(candidates, "candidates", 1, self.max_candidates, integer=True)),
+            candidates=int(_number(candidates, "candidates", 1, self.max_candidates)),
         )
 
     def draw(self, seed: int, phase: float | None) -> dict[str, Any]:
@@ -262,12 +278,14 @@ class Explorer:
                 temperature=self.temperature,
             )[0]
             measured = self._measure(volume)
+            compared = request.candidates if selectable(request.attributes[None])[0] else 1
             result = Generated(
                 id=uuid.uuid4().hex,
                 volume=volume,
                 request=request,
                 measured=measured,
                 seconds=time.perf_counter() - start,
+                candidates=compared,
             )
             self._kept[result.id] = result
             while len(self._kept) > self.defaults.kept_volumes:
@@ -314,7 +332,7 @@ def response(result: Generated) -> dict[str, Any]:
         "shape": list(result.volume.shape),
         "data": base64.b64encode(data.tobytes()).decode("ascii"),
         "seconds": round(result.seconds, 3),
-        "candidates": result.request.candidates,
+        "candidates": result.candidates,
         "measured": (
             None
             if result.measured is None

@@ -216,7 +216,7 @@
     $("sampler").value = d.sampler;
     $("candidates").max = info.limits.max_candidates;
     $("candidates").value = d.candidates;
-    $("candidates-row").hidden = info.limits.max_candidates < 2;  // no selector: plain draws
+    $("candidates-row").hidden = !info.selector;  // no selector: plain draws
     $("temperature").textContent = `${d.temperature} (the run's)`;
     for (const id of ["guidance", "steps", "candidates"]) {
       const update = () => { $(`${id}-value`).textContent = $(id).value; };
