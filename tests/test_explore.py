@@ -609,6 +609,12 @@ def test_page_offers_best_of_k_with_a_selector(run_dir, tmp_path):
         wait.until(lambda d: body().get_attribute("data-generation") == "1")
         assert driver.find_element(By.ID, "error").text == ""
         assert driver.find_element(By.ID, "timing").text.endswith("the best of 4")
+        driver.find_element(By.ID, "known-LVEDV").click()  # nothing left to compare
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: body().get_attribute("data-generation") == "2")
+        assert driver.find_element(By.ID, "timing").text.endswith(
+            "nothing of its phase to compare)"
+        )
     finally:
         driver.quit()
         srv.stop()

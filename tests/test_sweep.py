@@ -225,6 +225,9 @@ def test_sweep_refuses_folders_of_an_earlier_recipe(caches, tmp_path):
     with pytest.raises(DpsynthError, match="referee: a referee of an earlier sweep recipe"):
         sweep.run_sweep(out, private=caches["private"], config=tiny())
     assert sorted(p.name for p in out.iterdir()) == ["eps10_pretrain_synthetic", "referee"]
+    with pytest.raises(DpsynthError, match="referee: a referee of an earlier sweep recipe"):
+        sweep.run_sweep(out, config=tiny())  # no --private: refused before simulating one
+    assert not (out / "data").exists()
 
 
 def test_a_finished_selector_is_kept(tmp_path, monkeypatch):

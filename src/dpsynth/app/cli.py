@@ -557,7 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("explore", help="a local web page to steer a run's sampler")
+    p = sub.add_parser(
+        "explore",
+        help="a local web page to steer a run's sampler (with --selector: best of k, default 4)",
+    )
     p.add_argument("run", type=Path)
     p.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, help="port (default 8765)")

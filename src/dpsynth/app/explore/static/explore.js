@@ -163,7 +163,8 @@
     $("empty").hidden = true;
     $("volume").hidden = false;
     $("download").href = result.nifti;
-    const best = result.candidates > 1 ? `, the best of ${result.candidates}` : "";
+    const best = result.candidates > 1 ? `, the best of ${result.candidates}`
+      : state.info.selector ? ", drawn plainly (nothing of its phase to compare)" : "";
     $("timing").textContent = `generated in ${result.seconds.toFixed(2)} s${best}`;
     measurements(result);
     state.generation += 1;
