@@ -139,6 +139,11 @@ class SamplingConfig:
     temperature: float = 1.0
 
 
+# `make demo`'s best-of-k (and the sweep's, and the explorer's with a selector): on three DP
+# models LVESV r +0.09-0.37 over plain draws, +0.02-0.07 over best of 3 (BENCHMARKS.md).
+DEMO_CANDIDATES = 4
+
+
 @dataclass(frozen=True)
 class ExploreDefaults:
     """`dpsynth explore`: where it listens and what the page starts with.
@@ -158,7 +163,7 @@ class ExploreDefaults:
     # With --selector: the best of DEMO_CANDIDATES, as `make demo` samples: 1.9 s a volume
     # against 0.7 s plain on 2 cores at 13x96x96 (the choice is made part-way; BENCHMARKS.md,
     # Explorer).
-    candidates: int = field(default_factory=lambda: DEMO_CANDIDATES)
+    candidates: int = DEMO_CANDIDATES
     max_candidates: int = 8
 
 
@@ -446,9 +451,6 @@ def check_seed(seed: int) -> None:
 
 
 MAX_CANDIDATES = 16  # best-of-k runs k trajectories 40 % of the way; more would rarely pay
-# `make demo`'s best-of-k (and the sweep's, and the explorer's with a selector): on three DP
-# models LVESV r +0.09-0.37 over plain draws, +0.02-0.07 over best of 3 (BENCHMARKS.md).
-DEMO_CANDIDATES = 4
 
 
 def check_candidates(candidates: int) -> None:
