@@ -115,6 +115,11 @@ def test_autoencoder_resume_continues_exactly(world, tmp_path):
     )
     assert read_json(first / "checkpoint" / "state.json")["step"] == 2
     (first / "model.json").unlink()
+    # Resuming on other data is refused before a step: the weights would hold two datasets
+    # while model.json names one (here a public stage continued on the private cache).
+    with pytest.raises(DpsynthError, match=r"checkpoint: trained on cache \w+, not .*ukbb_cache"):
+        train_autoencoder(world["private"], first, config, resume=True)
+    assert read_json(first / "checkpoint" / "state.json")["step"] == 2
     resumed = train_autoencoder(world["public"], first, config, resume=True)
     a = ckpt.load_weights(straight / "autoencoder.safetensors")
     b = ckpt.load_weights(resumed / "autoencoder.safetensors")
@@ -269,6 +274,16 @@ def test_dp_resume_after_crash_neither_loses_nor_double_counts(world, tmp_path, 
         train_ldm(world["private"], world["ae"], tmp_path / "dp",
                   tiny(**{"privacy.epsilon": 8.0}), init=world["ldm"], dp=True, resume=True)  # fmt: skip
     state_file.write_text(good)
+    # The same patients prepared again (a new cache id, the same plan): a resume there would
+    # run the entry's remaining steps on a cohort the ledger does not name.
+    raw = world["private"].parent / "ukbb_raw"
+    again = tmp_path / "again"
+    prepare("ukbb", raw, again, attributes_csv=raw / "attributes.csv", seed=2, shape=SHAPE,
+            spacing=SPACING, split=(0.6, 0.2, 0.2))  # fmt: skip
+    with pytest.raises(DpsynthError, match=r"checkpoint: trained on cache \w+, not .*again"):
+        train_ldm(again, world["ae"], tmp_path / "dp", tiny(**{"privacy.epsilon": 8.0}),
+                  init=world["ldm"], dp=True, resume=True)  # fmt: skip
+    assert list(Ledger.load(tmp_path / "dp")) == list(crashed)
     run = train_ldm(world["private"], world["ae"], tmp_path / "dp",
                     tiny(**{"privacy.epsilon": 8.0}), init=world["ldm"], dp=True, resume=True)  # fmt: skip
     (after,) = [e for e in Ledger.load(run) if e.mechanism == "dp-sgd"]

@@ -51,6 +51,7 @@ class Task:
     and `patient_loss` (private); the other hooks default to nothing."""
 
     model: nn.Module
+    cache: Cache  # the data it learns from; its checkpoints name it, so a resume cannot switch
     section: TrainingConfig  # loop settings: batch, EMA, log/sample/checkpoint intervals
     # Whether the sample grid shows the training data (then it is not drawn when private).
     grid_shows_data = False
@@ -368,6 +369,7 @@ class Trainer:
             self.strategy.open()
             return
         tensors, state = ckpt.load_checkpoint(self.run / "checkpoint")
+        self._check_data(state)
         self.task.model.load_state_dict(ckpt.strip_prefix(tensors, "model."))
         self.ema.load_shadow(ckpt.strip_prefix(tensors, "ema."))
         self.strategy.load_optimizer(tensors, state["opt"])
@@ -415,8 +417,21 @@ class Trainer:
         t_opt, m_opt = self.strategy.optimizer_state()
         t_rng, m_rng = ckpt.rng_state(self.rng)
         t_task, m_task = self.task.extra_state()
-        state = {"step": self.step, "opt": m_opt, "rng": m_rng, **m_task}
+        state = {"step": self.step, "opt": m_opt, "rng": m_rng, "cache_id": self.task.cache.cache_id,
+                 **m_task}  # fmt: skip
         self.strategy.save_checkpoint(self.run, tensors | t_opt | t_rng | t_task, state)
+
+    def _check_data(self, state: dict[str, Any]) -> None:
+        """Refuse to resume on other data than the checkpoint's: the weights would hold two
+        datasets while model.json and the ledger name one (a public stage continued on a
+        private cache, or a DP entry whose steps ran on two cohorts)."""
+        here = self.task.cache
+        if state.get("cache_id") != here.cache_id:
+            was = state.get("cache_id") or "an unnamed cache (a checkpoint of an earlier version)"
+            raise DpsynthError(
+                f"{self.run}/checkpoint: trained on cache {was}, not {here.path} (cache id "
+                f"{here.cache_id}); resume on the data the run started with (or start a new run)"
+            )
 
     def averaged_weights(self) -> dict[str, torch.Tensor]:
         """The model's state with the EMA parameters: what the stage saves."""
