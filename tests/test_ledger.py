@@ -341,3 +341,18 @@ def test_dp_mean_refuses_bad_input(kwargs, match):
     args = {"values": np.zeros(3), "lower": 0.0, "upper": 1.0, "noise_multiplier": 1.0} | kwargs
     with pytest.raises(DpsynthError, match=match):
         dp_mean(rng=np.random.default_rng(0), **args)
+
+
+def test_a_public_stage_carries_its_parents_ledger_and_keeps_its_own(tmp_path):
+    """A run trained without DP on a DP parent inherits the parent's entries, merged with
+    what it recorded itself before training (e.g. the sweep's non-private use)."""
+    from dpsynth.training.common import carry_lineage
+
+    parent, run = tmp_path / "parent", tmp_path / "run"
+    parent.mkdir()
+    run.mkdir()
+    Ledger([_sgd(steps=100)]).save(parent / LEDGER_FILE)
+    own = LedgerEntry.non_private_use("sweep-nonprivate-baseline", 20, "test", cache_id="beef")
+    Ledger([own]).save(run / LEDGER_FILE)
+    carry_lineage(run, [parent])
+    assert sorted(e.stage for e in Ledger.load(run)) == ["ldm-dp", "sweep-nonprivate-baseline"]

@@ -125,7 +125,7 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
 
     def train_ldm(data, autoencoder, run, config, init=None, dp=False, resume=False):
         cells[run.name] = dict(data=data, autoencoder=autoencoder, init=init, dp=dp, cfg=config,
-                               resume=resume)  # fmt: skip
+                               resume=resume, ledger=Ledger.load(run, missing_ok=True))  # fmt: skip
         run.mkdir(exist_ok=True)
         atomic_write_json(run / "model.json", {})
 
@@ -137,6 +137,8 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
     # An interrupted cell (a checkpoint, no model.json) resumes instead of being refused.
     (out / "eps0.1_scratch" / "checkpoint").mkdir(parents=True)
     atomic_write_json(out / "eps0.1_scratch" / "checkpoint" / "state.json", {})
+    atomic_write_json(out / sweep.SOURCE_FILE, {"preset": "demo",
+                                                "public_cache_id": Cache(public).cache_id})  # fmt: skip
     rows = sweep.run_sweep(out, public=public, private=private, epsilons="0.1,inf", config=config)
     assert [name for name, cell in cells.items() if cell["resume"]] == ["eps0.1_scratch"]
     assert public_runs == [(public, out / "public")]
@@ -187,6 +189,7 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
         if row["epsilon_target"] == float("inf"):
             assert [(e.non_private, e.cache_id) for e in baseline] == [(True, cache.cache_id)]
             assert row["epsilon_spent"] == float("inf")
+            assert list(cells[row["cell"]]["ledger"]) == baseline  # recorded before training
         else:
             assert baseline == []
     assert EVALUATION_ONLY_LABEL in (out / "EVALUATION_ONLY.txt").read_text()
@@ -215,7 +218,9 @@ def test_sweep_refuses_folders_of_an_earlier_recipe(caches, tmp_path):
     synthetic = out / "eps10_pretrain_synthetic"
     synthetic.mkdir(parents=True)
     atomic_write_json(synthetic / "provenance.json", {"candidates": sweep.CANDIDATES})
-    sweep.refuse_stale(out)  # the current recipe passes
+    source = {"preset": "demo", "public_cache_id": None}  # what run_sweep below records
+    atomic_write_json(out / sweep.SOURCE_FILE, source)
+    sweep.refuse_stale(out, source)  # the current recipe passes
     atomic_write_json(synthetic / "provenance.json", {"seed": 0})  # before candidates existed
     with pytest.raises(DpsynthError, match="eps10_pretrain_synthetic: sampled by an earlier"):
         sweep.run_sweep(out, private=caches["private"], config=tiny())
@@ -224,25 +229,84 @@ def test_sweep_refuses_folders_of_an_earlier_recipe(caches, tmp_path):
     atomic_write_json(out / "referee" / "referee.json", {"channels": [8, 16, 32]})  # downsample 1
     with pytest.raises(DpsynthError, match="referee: a referee of an earlier sweep recipe"):
         sweep.run_sweep(out, private=caches["private"], config=tiny())
-    assert sorted(p.name for p in out.iterdir()) == ["eps10_pretrain_synthetic", "referee"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "eps10_pretrain_synthetic", sweep.SOURCE_FILE, "referee",
+    ]  # fmt: skip
     with pytest.raises(DpsynthError, match="referee: a referee of an earlier sweep recipe"):
         sweep.run_sweep(out, config=tiny())  # no --private: refused before simulating one
     assert not (out / "data").exists()
 
 
-def test_a_finished_selector_is_kept(tmp_path, monkeypatch):
+def test_a_finished_selector_is_kept_only_if_it_learned_the_public_cache(
+    caches, tmp_path, monkeypatch
+):
     """A resumed pre-training (or sweep) must not swap the selector under volumes already
-    sampled with it."""
+    sampled with it; but one left by another --public (or an evaluation referee) was never
+    checked against this run's private data, and is refused."""
     from dpsynth.app import demo
+    from dpsynth.evaluation.referee import META_FILE as SEGMENTER_META
 
-    trained = []
+    public, trained = caches["public"], []
 
     def train_referee(cache, out, **kw):
         trained.append((cache, kw["public"]))
         out.mkdir()
+        atomic_write_json(out / SEGMENTER_META, {"public": True, "cache_id": Cache(cache).cache_id})
         return out
 
     monkeypatch.setattr(demo, "train_referee", train_referee)
-    assert demo.train_selector("public-cache", tmp_path / "selector") == tmp_path / "selector"
-    assert demo.train_selector("public-cache", tmp_path / "selector") == tmp_path / "selector"
-    assert trained == [("public-cache", True)]
+    selector = tmp_path / "selector"
+    assert demo.train_selector(public, selector) == selector
+    assert demo.train_selector(public, selector) == selector
+    assert trained == [(public, True)]
+    for meta in ({"public": True, "cache_id": Cache(caches["private"]).cache_id},
+                 {"cache_id": Cache(public).cache_id}):  # fmt: skip
+        atomic_write_json(selector / SEGMENTER_META, meta)
+        with pytest.raises(DpsynthError, match=r"selector: a selector not trained on --public"):
+            demo.train_selector(public, selector)
+    assert len(trained) == 1
+
+
+def test_a_sweep_folder_keeps_one_set_of_public_models(caches, tmp_path, monkeypatch):
+    """Cells, samples and public models kept from another --public (or none) would mix two
+    sets of public models in one table, and those models were never checked against this
+    run's private data: refused before any work, naming both."""
+    calls = _fake_evaluation(monkeypatch)
+    monkeypatch.setattr(sweep, "pretrain_public_models", lambda data, out, config: None)
+
+    def train_ldm(data, autoencoder, run, config, init=None, dp=False, resume=False):
+        run.mkdir(exist_ok=True)
+        atomic_write_json(run / "model.json", {})
+
+    monkeypatch.setattr(sweep, "train_ldm", train_ldm)
+    out, public, private = tmp_path / "s", caches["public"], caches["private"]
+    sweep.run_sweep(out, public=public, private=private, epsilons="1", config=tiny())
+    recorded = read_json(out / sweep.SOURCE_FILE)
+    assert recorded == {"preset": "demo", "public_cache_id": Cache(public).cache_id}
+    again = tmp_path / "again"  # the same public patients prepared again: another cache
+    raw = caches["root"] / "acdc_raw"
+    prepare("ukbb", raw, again, seed=1, shape=SHAPE, spacing=SPACING,
+            attributes_csv=raw / "attributes.csv", split=(0.6, 0.2, 0.2))  # fmt: skip
+    for other in (None, again):
+        with pytest.raises(DpsynthError, match=r"s: begun with .*use a new --out"):
+            sweep.run_sweep(out, public=other, private=private, epsilons="1", config=tiny())
+    with pytest.raises(DpsynthError, match=r"s: begun with .*'paper'"):
+        sweep.run_sweep(out, preset="paper", public=public, private=private, epsilons="1",
+                        config=tiny())  # fmt: skip
+    assert len(calls["sample"]) == 2  # two cells; nothing sampled by the refused runs
+    (out / sweep.SOURCE_FILE).unlink()  # cells of a sweep from before the record
+    with pytest.raises(DpsynthError, match="did not record its public models"):
+        sweep.run_sweep(out, public=public, private=private, epsilons="1", config=tiny())
+
+
+def test_the_simulated_private_cohort_is_labelled_before_it_is_written(tmp_path, monkeypatch):
+    """Without --private the sweep simulates one: its folder is evaluation-only from the
+    first file, so an interrupted run leaves nothing unlabelled."""
+
+    def simulate(out, spec, config, split):
+        assert EVALUATION_ONLY_LABEL in (tmp_path / "s" / "EVALUATION_ONLY.txt").read_text()
+        raise KeyboardInterrupt  # stop there
+
+    monkeypatch.setattr(sweep, "simulate_and_prepare", simulate)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(tmp_path / "s", config=tiny())

@@ -18,6 +18,7 @@ import torch
 
 from dpsynth.app.cli import main
 from dpsynth.app.sample import sample_to_folder
+from dpsynth.app.workflow import pretrain_public_models
 from dpsynth.attributes import ATTRIBUTES, CLINICAL_RANGES
 from dpsynth.config import load_config
 from dpsynth.data.cache import Cache
@@ -686,6 +687,28 @@ def test_workflow_refuses_public_equal_to_private(world, tmp_path, capsys):
         assert f"--public {public} and --private {private} hold the same data" in err
         assert err.count("\n") == 1
     assert not (tmp_path / "wf").exists()
+
+
+def test_workflow_keeps_a_public_stage_only_if_it_learned_this_public_cache(
+    world, tmp_path, capsys
+):
+    """A complete public stage left by an earlier --public was never checked against this
+    run's private data: refused (one line, nothing trained), not kept."""
+    out = tmp_path / "wf"
+    shutil.copytree(world["ae"], out / "autoencoder")  # learned world["public"]
+    other = tmp_path / "other"  # the public patients prepared again: another cache id
+    raw = world["root"] / "acdc_raw"
+    prepare("ukbb", raw, other, seed=1, shape=SHAPE, spacing=SPACING,
+            attributes_csv=raw / "attributes.csv", split=(0.6, 0.2, 0.2))  # fmt: skip
+    argv = ["workflow", "--public", str(other), "--private", str(world["private"]),
+            "--out", str(out), "--epsilon", "6"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"autoencoder: a complete stage trained on {Cache(world['public']).cache_id}" in err
+    assert f"not --public {other}" in err and err.count("\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["autoencoder"]
+    kept, _ = pretrain_public_models(world["public"], out, tiny(), ldm=False)  # its own cache
+    assert kept == out / "autoencoder"
 
 
 # ---------------------------------------------------------------- outputs behind the ledger

@@ -21,11 +21,13 @@ from pathlib import Path
 from dpsynth.app.sample import sample_to_folder
 from dpsynth.app.workflow import pretrain_public_models, train_stage
 from dpsynth.config import DEMO_CANDIDATES, Config, config_from_dict, load_config
+from dpsynth.data.cache import Cache
 from dpsynth.data.prepare import prepare
 from dpsynth.data.simulate import simulate_cohort
+from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.controllability import PER_PHASE, POOLED
 from dpsynth.evaluation.evaluate import ALL_METRICS, evaluate
-from dpsynth.evaluation.referee import train_referee
+from dpsynth.evaluation.referee import META_FILE, train_referee
 from dpsynth.io import atomic_write_json, read_json
 from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.ledger import Ledger
@@ -106,8 +108,15 @@ def pretrain_public(out: Path, config: Config | None = None) -> Path:
 
 def train_selector(public_cache: Path, out: Path) -> Path:
     """The demo's best-of-k selector: a segmenter of the public phantoms only. A finished
-    one is kept (a resumed pre-training must not swap it under volumes already sampled)."""
+    one is kept (a resumed pre-training must not swap it under volumes already sampled), if
+    it learned from `public_cache`: one left by an earlier --public was never checked against
+    this run's private data."""
     if out.exists():
+        meta = read_json(out / META_FILE) if (out / META_FILE).is_file() else {}
+        wanted = Cache(public_cache).cache_id
+        if meta.get("public") is not True or meta.get("cache_id") != wanted:
+            raise DpsynthError(f"{out}: a selector not trained on --public {public_cache} "
+                               f"(cache id {meta.get('cache_id')}, not {wanted}); use a new --out")  # fmt: skip
         return out
     return train_referee(public_cache, out, epochs=SELECTOR_EPOCHS, channels=(8, 16, 32), seed=0,
                          downsample=REFEREE_DOWNSAMPLE, public=True)  # fmt: skip

@@ -55,6 +55,7 @@ DEFAULT_EPSILONS = "0.1,1,10,inf"  # the study's grid starts at 0.1
 TABLE_START, TABLE_END = "<!-- sweep-table:start -->", "<!-- sweep-table:end -->"
 
 NONPRIVATE_BASELINE = "sweep-nonprivate-baseline"  # the ε = ∞ cells' ledger stage
+SOURCE_FILE = "public_models.json"  # which preset and --public the folder's cells start from
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -112,15 +113,21 @@ def run_sweep(
             "sweep: --bench-md would publish evaluation-only figures of the private cache "
             "(distances to its test split, its patient count); leave it out with --private"
         )
-    refuse_stale(out)
+    source = {
+        "preset": preset,
+        "public_cache_id": None if public is None else Cache(public).cache_id,
+    }
+    refuse_stale(out, source)
+    if private is not None:
+        check_caches(public, private)  # before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    # The simulated private cohort, conditions.csv, the referee and every cell's eval/ hold
+    # private data or exact statistics of it: labelled before the first of them is written.
+    mark_evaluation_only(out)
     if private is None:
         private = simulate_and_prepare(out / "data", _private_spec(), config, split=(0.7, 0.1, 0.2))
-    if public is not None:
-        refuse_same_data(public, private)  # the public stages have no DP
-    check_caches(public, private)
-    out.mkdir(parents=True, exist_ok=True)
-    # conditions.csv, the referee and every cell's eval/ hold exact private statistics.
-    mark_evaluation_only(out)
+        check_caches(public, private)
+    atomic_write_json(out / SOURCE_FILE, source)
     models = _public_models(out, preset, public, config)
     referee = out / "referee"
     if not referee.exists():
@@ -151,13 +158,15 @@ def run_sweep(
 
 def check_caches(public: str | Path | None, private: str | Path) -> None:
     """What best-of-k sampling needs of the caches, checked before hours of training: patient
-    digests (the selector check compares them) and, with `public`, one grid for both (the
-    selector trained on `public` reads the cells' volumes)."""
+    digests (the selector check compares them) and, with `public`, other data than `private`
+    (the public stages have no DP) on one grid (the selector trained on `public` reads the
+    cells' volumes)."""
 
     private_cache = Cache(private)
     private_cache.require_patient_digests(f"--private {private}")
     if public is None:
         return
+    refuse_same_data(public, private)
     public_cache = Cache(public)
     public_cache.require_patient_digests(f"--public {public}")
     grids = [(c.shape, c.spacing) for c in (public_cache, private_cache)]
@@ -167,9 +176,11 @@ def check_caches(public: str | Path | None, private: str | Path) -> None:
                            "the sweep needs one grid")  # fmt: skip
 
 
-def refuse_stale(out: Path) -> None:
-    """Refuse a sweep folder whose referee or samples an earlier recipe made: the table
-    would mix two measurements under one heading."""
+def refuse_stale(out: Path, source: dict) -> None:
+    """Refuse a sweep folder whose referee or samples an earlier recipe made, or whose cells
+    other public models (another --public or preset) began: the table would mix two
+    measurements under one heading, and public models kept from another --public were never
+    checked against this run's private data."""
 
     referee = out / "referee" / META_FILE
     if referee.exists() and read_json(referee).get("downsample", 1) != REFEREE_DOWNSAMPLE:
@@ -179,6 +190,13 @@ def refuse_stale(out: Path) -> None:
         if read_json(provenance).get("candidates", 1) != CANDIDATES:
             raise DpsynthError(f"{provenance.parent}: sampled by an earlier sweep recipe (not "
                                f"best of {CANDIDATES}); use a new --out")  # fmt: skip
+    recorded = out / SOURCE_FILE
+    if recorded.exists() and read_json(recorded) != source:
+        raise DpsynthError(f"{out}: begun with {read_json(recorded)}, not {source}; "
+                           "use a new --out")  # fmt: skip
+    if not recorded.exists() and any(out.glob("eps*")):
+        raise DpsynthError(f"{out}: cells of a sweep that did not record its public models; "
+                           "use a new --out")  # fmt: skip
 
 
 def _public_models(out: Path, preset: str, public, config: Config) -> Path:
@@ -201,6 +219,7 @@ def _private_spec() -> dict:
 def _train_cell(private, models: Path, run: Path, config: Config, cell: Cell) -> None:
     init = models / "ldm" if cell.pretrain else None  # all parameters fine-tuned, as in the demo
     if math.isinf(cell.epsilon):  # non-private: same data, steps, batch and lr schedule
+        _record_nonprivate_use(run, Cache(private))
         p = config.privacy
         cfg = _with(config, **{"ldm_training.steps": cell.steps, "ldm_training.epochs": None,
                                "ldm_training.lr": p.lr,
@@ -210,21 +229,26 @@ def _train_cell(private, models: Path, run: Path, config: Config, cell: Cell) ->
                                "ldm_training.batch_size": 2 * p.batch_size})  # fmt: skip
         train_stage(run, lambda run, resume: train_ldm(private, models / "autoencoder", run, cfg,
                                                        init=init, resume=resume))  # fmt: skip
-        # Recorded so that no descendant of this model (e.g. an --init) is ever released
-        # with a DP statement: `dpsynth release` refuses lineages with non-private uses.
-        # Checked on every pass, so a crash between model.json and this entry is repaired.
-        cache, ledger = Cache(private), Ledger.of_run(run)
-        if not any(e.stage == NONPRIVATE_BASELINE for e in ledger):
-            ledger.add(LedgerEntry.non_private_use(
-                NONPRIVATE_BASELINE, len(cache.patient_rows("train")),
-                "sweep's ε = ∞ cell: trained without DP on the private cache",
-                cache_id=cache.cache_id,
-            ))  # fmt: skip
-            ledger.save(run / "ledger.json")
     else:
         cfg = _with(config, **{"privacy.epsilon": cell.epsilon})
         train_stage(run, lambda run, resume: train_ldm(private, models / "autoencoder", run, cfg,
                                                        init=init, dp=True, resume=resume))  # fmt: skip
+
+
+def _record_nonprivate_use(run: Path, cache: Cache) -> None:
+    """The ε = ∞ cell's ledger entry, before its first step: no descendant of the model (e.g.
+    an --init) is ever released with a DP statement (`dpsynth release` refuses lineages with
+    non-private uses), and the selector check finds the cache in the ledger even if training
+    stops part-way. Checked on every pass, so it is recorded once."""
+    ledger = Ledger.of_run(run)
+    if any(e.stage == NONPRIVATE_BASELINE for e in ledger):
+        return
+    ledger.add(LedgerEntry.non_private_use(
+        NONPRIVATE_BASELINE, len(cache.patient_rows("train")),
+        "sweep's ε = ∞ cell: trained without DP on the private cache", cache_id=cache.cache_id,
+    ))  # fmt: skip
+    run.mkdir(parents=True, exist_ok=True)
+    ledger.save(run / "ledger.json")
 
 
 def _test_conditions(private: Path, path: Path) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 from dpsynth.config import Config
 from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
+from dpsynth.runs import MODEL_FILE, run_lineage
 from dpsynth.training.autoencoder import train_autoencoder
 from dpsynth.training.ldm import train_ldm
 
@@ -29,6 +30,8 @@ def pretrain_public_models(
     """OUT/autoencoder and (with `ldm`) OUT/ldm trained on the public cache."""
 
     out = Path(out)
+    for stage in ("autoencoder", "ldm"):
+        refuse_other_data(out / stage, Cache(public))
     autoencoder = train_stage(
         out / "autoencoder",
         lambda run, resume: train_autoencoder(public, run, config, resume=resume),
@@ -71,6 +74,19 @@ def refuse_same_data(public: str | os.PathLike, private: str | os.PathLike) -> N
             f"--public {public} and --private {private} hold the same data ({shared} patients "
             "in both): the public stages would train on private data without DP"
         )
+
+
+def refuse_other_data(run: Path, cache: Cache) -> None:
+    """A complete public stage is kept only if it learned from `cache` alone: one kept from
+    an earlier --public was never checked against this run's private data. (An interrupted
+    one is checked by its checkpoint on resume.)"""
+    if not (run / MODEL_FILE).exists():
+        return
+    other = [item for item in run_lineage(run) if item != {"cache_id": cache.cache_id, "dp": False}]
+    if other or not run_lineage(run):
+        learned = other[0]["cache_id"] if other else "data it does not name"
+        raise DpsynthError(f"{run}: a complete stage trained on {learned}, not --public "
+                           f"{cache.path} ({cache.cache_id}); use a new --out")  # fmt: skip
 
 
 def train_stage(run: Path, train: Callable[[Path, bool], Path]) -> Path:
