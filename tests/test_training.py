@@ -25,7 +25,7 @@ from dpsynth.data.cache import Cache
 from dpsynth.data.prepare import prepare
 from dpsynth.data.simulate import simulate_cohort
 from dpsynth.errors import BudgetExceededError, DpsynthError
-from dpsynth.io import read_json
+from dpsynth.io import atomic_write_json, read_json
 from dpsynth.privacy.accounting import epsilon_for
 from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.ledger import Ledger, format_ledger
@@ -709,6 +709,33 @@ def test_workflow_keeps_a_public_stage_only_if_it_learned_this_public_cache(
     assert sorted(p.name for p in out.iterdir()) == ["autoencoder"]
     kept, _ = pretrain_public_models(world["public"], out, tiny(), ldm=False)  # its own cache
     assert kept == out / "autoencoder"
+
+
+def test_a_real_sweep_cell_samples_through_the_selector_check(world, tmp_path, monkeypatch):
+    """The sweep's cell training and best-of-k sampling not stubbed (the world's public
+    models kept, 8 volumes; referee and evaluation, tested elsewhere, stubbed): one ε = ∞
+    cell's volumes went through `load_selector` against the private cache (the provenance
+    records it), and its ledger names the private cache as a non-private use."""
+    from dpsynth.app import demo, sweep
+
+    out, public, private = tmp_path / "s", world["public"], world["private"]
+    for stage in ("ae", "ldm"):  # they learned world["public"] alone: kept
+        shutil.copytree(world[stage], out / "public" / {"ae": "autoencoder"}.get(stage, stage))
+    monkeypatch.setattr(demo, "SELECTOR_EPOCHS", 2)
+    monkeypatch.setattr(sweep, "N_SAMPLES", 8)
+    monkeypatch.setattr(sweep, "train_demo_referee", lambda data, out: out.mkdir())
+    monkeypatch.setattr(sweep, "evaluate", lambda real, synthetic, out, **kw: (
+        out.mkdir(), atomic_write_json(out / "metrics.json", {"metrics": {}})))  # fmt: skip
+    (row,) = sweep.run_sweep(out, public=public, private=private, epsilons="inf",
+                             pretrain="on", config=tiny())  # fmt: skip
+    provenance = read_json(out / "epsinf_pretrain_synthetic" / "provenance.json")
+    selector = provenance["selector"]
+    assert provenance["candidates"] == sweep.CANDIDATES > 1
+    assert selector["cache_id"] == Cache(public).cache_id and selector["public"] is True
+    assert selector["patients_checked_against"] == [Cache(private).cache_id]
+    (entry,) = Ledger.load(out / "epsinf_pretrain")
+    assert (entry.stage, entry.cache_id) == (sweep.NONPRIVATE_BASELINE, Cache(private).cache_id)
+    assert row["epsilon_spent"] == float("inf") and row["steps"] > 0
 
 
 # ---------------------------------------------------------------- outputs behind the ledger
