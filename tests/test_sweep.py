@@ -138,7 +138,8 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
     (out / "eps0.1_scratch" / "checkpoint").mkdir(parents=True)
     atomic_write_json(out / "eps0.1_scratch" / "checkpoint" / "state.json", {})
     atomic_write_json(out / sweep.SOURCE_FILE, {"preset": "demo",
-                                                "public_cache_id": Cache(public).cache_id})  # fmt: skip
+                                                "public_cache_id": Cache(public).cache_id,
+                                                "private_cache_id": Cache(private).cache_id})  # fmt: skip
     rows = sweep.run_sweep(out, public=public, private=private, epsilons="0.1,inf", config=config)
     assert [name for name, cell in cells.items() if cell["resume"]] == ["eps0.1_scratch"]
     assert public_runs == [(public, out / "public")]
@@ -218,7 +219,8 @@ def test_sweep_refuses_folders_of_an_earlier_recipe(caches, tmp_path):
     synthetic = out / "eps10_pretrain_synthetic"
     synthetic.mkdir(parents=True)
     atomic_write_json(synthetic / "provenance.json", {"candidates": sweep.CANDIDATES})
-    source = {"preset": "demo", "public_cache_id": None}  # what run_sweep below records
+    source = {"preset": "demo", "public_cache_id": None,  # what run_sweep below records
+              "private_cache_id": Cache(caches["private"]).cache_id}  # fmt: skip
     atomic_write_json(out / sweep.SOURCE_FILE, source)
     sweep.refuse_stale(out, source)  # the current recipe passes
     atomic_write_json(synthetic / "provenance.json", {"seed": 0})  # before candidates existed
@@ -282,7 +284,8 @@ def test_a_sweep_folder_keeps_one_set_of_public_models(caches, tmp_path, monkeyp
     out, public, private = tmp_path / "s", caches["public"], caches["private"]
     sweep.run_sweep(out, public=public, private=private, epsilons="1", config=tiny())
     recorded = read_json(out / sweep.SOURCE_FILE)
-    assert recorded == {"preset": "demo", "public_cache_id": Cache(public).cache_id}
+    assert recorded == {"preset": "demo", "public_cache_id": Cache(public).cache_id,
+                        "private_cache_id": Cache(private).cache_id}  # fmt: skip
     again = tmp_path / "again"  # the same public patients prepared again: another cache
     raw = caches["root"] / "acdc_raw"
     prepare("ukbb", raw, again, seed=1, shape=SHAPE, spacing=SPACING,
@@ -290,12 +293,16 @@ def test_a_sweep_folder_keeps_one_set_of_public_models(caches, tmp_path, monkeyp
     for other in (None, again):
         with pytest.raises(DpsynthError, match=r"s: begun with .*use a new --out"):
             sweep.run_sweep(out, public=other, private=private, epsilons="1", config=tiny())
+    # Another --private: a cell's ledger would name one cohort while it trained on another.
+    for other in (None, again):  # simulated, or another cache
+        with pytest.raises(DpsynthError, match=r"s: begun with .*'private_cache_id'"):
+            sweep.run_sweep(out, public=public, private=other, epsilons="1", config=tiny())
     with pytest.raises(DpsynthError, match=r"s: begun with .*'paper'"):
         sweep.run_sweep(out, preset="paper", public=public, private=private, epsilons="1",
                         config=tiny())  # fmt: skip
     assert len(calls["sample"]) == 2  # two cells; nothing sampled by the refused runs
     (out / sweep.SOURCE_FILE).unlink()  # cells of a sweep from before the record
-    with pytest.raises(DpsynthError, match="did not record its public models"):
+    with pytest.raises(DpsynthError, match="did not record its inputs"):
         sweep.run_sweep(out, public=public, private=private, epsilons="1", config=tiny())
 
 

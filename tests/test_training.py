@@ -120,7 +120,15 @@ def test_autoencoder_resume_continues_exactly(world, tmp_path):
     # while model.json names one (here a public stage continued on the private cache).
     with pytest.raises(DpsynthError, match=r"checkpoint: trained on cache \w+, not .*ukbb_cache"):
         train_autoencoder(world["private"], first, config, resume=True)
-    assert read_json(first / "checkpoint" / "state.json")["step"] == 2
+    state_file = first / "checkpoint" / "state.json"
+    good = state_file.read_text()
+    state_file.write_text(
+        json.dumps({k: v for k, v in json.loads(good).items() if k != "cache_id"})
+    )
+    with pytest.raises(DpsynthError, match="checkpoint: trained on data it does not name"):
+        train_autoencoder(world["public"], first, config, resume=True)  # fails closed
+    state_file.write_text(good)
+    assert read_json(state_file)["step"] == 2
     resumed = train_autoencoder(world["public"], first, config, resume=True)
     a = ckpt.load_weights(straight / "autoencoder.safetensors")
     b = ckpt.load_weights(resumed / "autoencoder.safetensors")
@@ -282,6 +290,13 @@ def test_dp_resume_after_crash_neither_loses_nor_double_counts(world, tmp_path, 
     prepare("ukbb", raw, again, attributes_csv=raw / "attributes.csv", seed=2, shape=SHAPE,
             spacing=SPACING, split=(0.6, 0.2, 0.2))  # fmt: skip
     with pytest.raises(DpsynthError, match=r"checkpoint: trained on cache \w+, not .*again"):
+        train_ldm(again, world["ae"], tmp_path / "dp", tiny(**{"privacy.epsilon": 8.0}),
+                  init=world["ldm"], dp=True, resume=True)  # fmt: skip
+    # A DP checkpoint from before checkpoints named their cache: its ledger entry does.
+    state_file.write_text(
+        json.dumps({k: v for k, v in json.loads(good).items() if k != "cache_id"})
+    )
+    with pytest.raises(DpsynthError, match=r"changed privacy plan: cache_id is \w+ under this"):
         train_ldm(again, world["ae"], tmp_path / "dp", tiny(**{"privacy.epsilon": 8.0}),
                   init=world["ldm"], dp=True, resume=True)  # fmt: skip
     assert list(Ledger.load(tmp_path / "dp")) == list(crashed)
@@ -709,6 +724,11 @@ def test_workflow_keeps_a_public_stage_only_if_it_learned_this_public_cache(
     assert sorted(p.name for p in out.iterdir()) == ["autoencoder"]
     kept, _ = pretrain_public_models(world["public"], out, tiny(), ldm=False)  # its own cache
     assert kept == out / "autoencoder"
+    meta = read_json(out / "autoencoder" / "model.json")  # a stage from before the field
+    del meta["trained_on"]
+    atomic_write_json(out / "autoencoder" / "model.json", meta)
+    with pytest.raises(DpsynthError, match="a complete stage trained on data it does not name"):
+        pretrain_public_models(world["public"], out, tiny(), ldm=False)
 
 
 def test_a_real_sweep_cell_samples_through_the_selector_check(world, tmp_path, monkeypatch):

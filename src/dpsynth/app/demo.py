@@ -112,8 +112,10 @@ def train_selector(public_cache: Path, out: Path) -> Path:
     it learned from `public_cache`: one left by an earlier --public was never checked against
     this run's private data."""
     if out.exists():
-        meta = read_json(out / META_FILE) if (out / META_FILE).is_file() else {}
-        wanted = Cache(public_cache).cache_id
+        if not (out / META_FILE).is_file():
+            raise DpsynthError(f"{out}: an incomplete selector folder (no {META_FILE}); "
+                               "remove it and run again")  # fmt: skip
+        meta, wanted = read_json(out / META_FILE), Cache(public_cache).cache_id
         if meta.get("public") is not True or meta.get("cache_id") != wanted:
             raise DpsynthError(f"{out}: a selector not trained on --public {public_cache} "
                                f"(cache id {meta.get('cache_id')}, not {wanted}); use a new --out")  # fmt: skip

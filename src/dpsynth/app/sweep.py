@@ -55,7 +55,7 @@ DEFAULT_EPSILONS = "0.1,1,10,inf"  # the study's grid starts at 0.1
 TABLE_START, TABLE_END = "<!-- sweep-table:start -->", "<!-- sweep-table:end -->"
 
 NONPRIVATE_BASELINE = "sweep-nonprivate-baseline"  # the ε = ∞ cells' ledger stage
-SOURCE_FILE = "public_models.json"  # which preset and --public the folder's cells start from
+SOURCE_FILE = "inputs.json"  # the preset, --public and --private the folder's cells come from
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -116,6 +116,7 @@ def run_sweep(
     source = {
         "preset": preset,
         "public_cache_id": None if public is None else Cache(public).cache_id,
+        "private_cache_id": "simulated" if private is None else Cache(private).cache_id,
     }
     refuse_stale(out, source)
     if private is not None:
@@ -178,9 +179,9 @@ def check_caches(public: str | Path | None, private: str | Path) -> None:
 
 def refuse_stale(out: Path, source: dict) -> None:
     """Refuse a sweep folder whose referee or samples an earlier recipe made, or whose cells
-    other public models (another --public or preset) began: the table would mix two
-    measurements under one heading, and public models kept from another --public were never
-    checked against this run's private data."""
+    other inputs (another preset, --public or --private) began: the table would mix two
+    measurements under one heading, public models kept from another --public were never
+    checked against this run's private data, and a cell's ledger would name another cohort."""
 
     referee = out / "referee" / META_FILE
     if referee.exists() and read_json(referee).get("downsample", 1) != REFEREE_DOWNSAMPLE:
@@ -195,7 +196,7 @@ def refuse_stale(out: Path, source: dict) -> None:
         raise DpsynthError(f"{out}: begun with {read_json(recorded)}, not {source}; "
                            "use a new --out")  # fmt: skip
     if not recorded.exists() and any(out.glob("eps*")):
-        raise DpsynthError(f"{out}: cells of a sweep that did not record its public models; "
+        raise DpsynthError(f"{out}: cells of a sweep that did not record its inputs; "
                            "use a new --out")  # fmt: skip
 
 
@@ -241,7 +242,7 @@ def _record_nonprivate_use(run: Path, cache: Cache) -> None:
     non-private uses), and the selector check finds the cache in the ledger even if training
     stops part-way. Checked on every pass, so it is recorded once."""
     ledger = Ledger.of_run(run)
-    if any(e.stage == NONPRIVATE_BASELINE for e in ledger):
+    if any((e.stage, e.cache_id) == (NONPRIVATE_BASELINE, cache.cache_id) for e in ledger):
         return
     ledger.add(LedgerEntry.non_private_use(
         NONPRIVATE_BASELINE, len(cache.patient_rows("train")),

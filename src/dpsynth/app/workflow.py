@@ -30,7 +30,7 @@ def pretrain_public_models(
     """OUT/autoencoder and (with `ldm`) OUT/ldm trained on the public cache."""
 
     out = Path(out)
-    for stage in ("autoencoder", "ldm"):
+    for stage in ("autoencoder", "ldm") if ldm else ("autoencoder",):
         refuse_other_data(out / stage, Cache(public))
     autoencoder = train_stage(
         out / "autoencoder",

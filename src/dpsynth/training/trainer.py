@@ -306,12 +306,14 @@ class PrivateStrategy:
     def _check_plan(self, ledger: Ledger, entry_id: str, engine_meta: dict[str, Any]) -> None:
         entry, p = ledger[entry_id], self.privacy
         recorded = {
+            "cache_id": entry.cache_id,
             "records": entry.records, "noise_multiplier": entry.noise_multiplier,
             "sample_rate": entry.sample_rate, "planned_steps": entry.planned_steps,
             "delta": entry.delta, "accountant": entry.accountant,
             "max_grad_norm": engine_meta["max_grad_norm"],
         }  # fmt: skip
         now = {
+            "cache_id": self.cache.cache_id,
             "records": len(self.patient_rows), "noise_multiplier": self.plan.noise_multiplier,
             "sample_rate": self.plan.sample_rate, "planned_steps": self.plan.steps,
             "delta": p.delta, "accountant": p.accountant, "max_grad_norm": p.max_grad_norm,
@@ -417,19 +419,21 @@ class Trainer:
         t_opt, m_opt = self.strategy.optimizer_state()
         t_rng, m_rng = ckpt.rng_state(self.rng)
         t_task, m_task = self.task.extra_state()
-        state = {"step": self.step, "opt": m_opt, "rng": m_rng, "cache_id": self.task.cache.cache_id,
-                 **m_task}  # fmt: skip
+        state = {"step": self.step, "opt": m_opt, "rng": m_rng, **m_task,
+                 "cache_id": self.task.cache.cache_id}  # fmt: skip
         self.strategy.save_checkpoint(self.run, tensors | t_opt | t_rng | t_task, state)
 
     def _check_data(self, state: dict[str, Any]) -> None:
         """Refuse to resume on other data than the checkpoint's: the weights would hold two
         datasets while model.json and the ledger name one (a public stage continued on a
         private cache, or a DP entry whose steps ran on two cohorts)."""
-        here = self.task.cache
-        if state.get("cache_id") != here.cache_id:
-            was = state.get("cache_id") or "an unnamed cache (a checkpoint of an earlier version)"
+        here, named = self.task.cache, state.get("cache_id")
+        if named is None and self.strategy.private:
+            return  # a DP checkpoint from before the field: its ledger entry names the cache
+        if named != here.cache_id:
+            was = f"cache {named}" if named else "data it does not name (an earlier version)"
             raise DpsynthError(
-                f"{self.run}/checkpoint: trained on cache {was}, not {here.path} (cache id "
+                f"{self.run}/checkpoint: trained on {was}, not {here.path} (cache id "
                 f"{here.cache_id}); resume on the data the run started with (or start a new run)"
             )
 
