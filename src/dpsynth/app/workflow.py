@@ -82,8 +82,9 @@ def refuse_other_data(run: Path, cache: Cache) -> None:
     one is checked by its checkpoint on resume.)"""
     if not (run / MODEL_FILE).exists():
         return
-    other = [item for item in run_lineage(run) if item != {"cache_id": cache.cache_id, "dp": False}]
-    if other or not run_lineage(run):
+    lineage = run_lineage(run)
+    other = [item for item in lineage if item != {"cache_id": cache.cache_id, "dp": False}]
+    if other or not lineage:
         learned = other[0]["cache_id"] if other else "data it does not name"
         raise DpsynthError(f"{run}: a complete stage trained on {learned}, not --public "
                            f"{cache.path} ({cache.cache_id}); use a new --out")  # fmt: skip
