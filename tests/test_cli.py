@@ -58,7 +58,7 @@ def test_sweep_table_reports_the_pretraining_ratio(tmp_path):
     rows = [
         {"cell": "a", "epsilon_target": 10.0, "epsilon_spent": 9.9, "pretrain": True, "frd": 2.0,
          "fd_referee": 1.0, "ms_ssim": 0.3, "lv_volume_r": 0.9, "esed_accuracy": 0.9, "mia_auc": 0.5,
-         "per_phase_r": [0.912, 0.81, None, 0.7, 0.66, 0.5]},
+         "per_phase_r": [0.912, 0.81, None, 0.7, 0.66, 0.0002]},
         {"cell": "b", "epsilon_target": 10.0, "epsilon_spent": 9.9, "pretrain": False, "frd": 7.0,
          "fd_referee": 3.0, "ms_ssim": 0.2, "lv_volume_r": None, "esed_accuracy": 0.6, "mia_auc": 0.51},
     ]  # fmt: skip
@@ -68,7 +68,7 @@ def test_sweep_table_reports_the_pretraining_ratio(tmp_path):
     assert "FRD 3.50×" in table and "FD-referee 3.00×" in table and table.count("\n|") == 3
     # Per-phase r of the six structures, in PER_PHASE's order; "–" where not measured.
     assert "LVEDV, LVESV, RVEDV, RVESV, MYOEDTHICK, MYOESTHICK" in table
-    assert "| 0.91, 0.81, –, 0.7, 0.66, 0.5 |" in table and "| –, –, –, –, –, – |" in table
+    assert "| 0.91, 0.81, –, 0.70, 0.66, 0.00 |" in table and "| –, –, –, –, –, – |" in table
     md = tmp_path / "B.md"
     md.write_text("# B\n")
     write_table(md, table)

@@ -301,6 +301,11 @@ def _fmt(value, digits=3) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def _fmt_r(value: float | None) -> str:
+    """A correlation to two decimals: "0.00", not "0.0002" (a scratch cell's noise)."""
+    return "–" if value is None or math.isnan(value) else f"{value:.2f}"
+
+
 def format_table(rows: list[dict]) -> str:
     head = (
         "| ε target | ε spent | pre-training | steps | FRD | FD-referee | MS-SSIM | LV volume r "
@@ -313,7 +318,7 @@ def format_table(rows: list[dict]) -> str:
             f"{'yes' if r['pretrain'] else 'no'} | {_fmt(r.get('steps'))} | "
             f"{_fmt(r['frd'])} | {_fmt(r['fd_referee'])} | "
             f"{_fmt(r['ms_ssim'])} | {_fmt(r['lv_volume_r'])} | "
-            f"{', '.join(_fmt(v, 2) for v in r.get('per_phase_r') or [None] * len(PER_PHASE))} | "
+            f"{', '.join(_fmt_r(v) for v in r.get('per_phase_r') or [None] * len(PER_PHASE))} | "
             f"{_fmt(r['esed_accuracy'])} | "
             f"{_fmt(r['mia_auc'])} |"
         )
