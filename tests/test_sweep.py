@@ -14,7 +14,7 @@ from dpsynth.data.cache import META_FILE, Cache
 from dpsynth.data.prepare import prepare
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_json, read_json
-from dpsynth.privacy.ledger import Ledger
+from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
 
 
@@ -261,12 +261,18 @@ def test_a_finished_selector_is_kept_only_if_it_learned_the_public_cache(
     assert demo.train_selector(public, selector) == selector
     assert demo.train_selector(public, selector) == selector
     assert trained == [(public, True)]
+    shutil.rmtree(selector)
+    selector.mkdir()  # a folder without the segmenter's meta
+    with pytest.raises(DpsynthError, match="selector: an incomplete selector folder"):
+        demo.train_selector(public, selector)
+    selector.rmdir()
+    demo.train_selector(public, selector)
     for meta in ({"public": True, "cache_id": Cache(caches["private"]).cache_id},
                  {"cache_id": Cache(public).cache_id}):  # fmt: skip
         atomic_write_json(selector / SEGMENTER_META, meta)
         with pytest.raises(DpsynthError, match=r"selector: a selector not trained on --public"):
             demo.train_selector(public, selector)
-    assert len(trained) == 1
+    assert len(trained) == 2
 
 
 def test_a_sweep_folder_keeps_one_set_of_public_models(caches, tmp_path, monkeypatch):
@@ -317,3 +323,33 @@ def test_the_simulated_private_cohort_is_labelled_before_it_is_written(tmp_path,
     monkeypatch.setattr(sweep, "simulate_and_prepare", simulate)
     with pytest.raises(KeyboardInterrupt):
         sweep.run_sweep(tmp_path / "s", config=tiny())
+
+
+def test_a_simulated_cohort_prepared_again_is_refused_beside_its_cells(caches, tmp_path):
+    """Without --private the folder records the simulated cache's id; simulated again (a
+    new id), the kept cells would be measured against another cohort: refused before it
+    is simulated."""
+    out = tmp_path / "s"
+    shutil.copytree(caches["private"], out / "data" / "ukbb_cache")  # as simulated
+    private_id = sweep._private_id(out, None)
+    assert private_id == f"simulated {Cache(caches['private']).cache_id}"
+    source = {"preset": "demo", "public_cache_id": None, "private_cache_id": private_id}
+    atomic_write_json(out / sweep.SOURCE_FILE, source)
+    (out / "eps1_pretrain").mkdir()
+    sweep.refuse_stale(out, source)
+    shutil.rmtree(out / "data" / "ukbb_cache")
+    with pytest.raises(DpsynthError, match=r"s: begun with .*'simulated \w+'"):
+        sweep.run_sweep(out, config=tiny())
+    assert not (out / "data" / "ukbb_cache").exists()
+
+
+def test_an_infinite_epsilon_entry_is_kept_per_cache(caches, tmp_path):
+    """The ε = ∞ entry is recorded once per private cache: one naming another cohort does
+    not stand in for this one."""
+    run, cache = tmp_path / "epsinf_pretrain", Cache(caches["private"])
+    run.mkdir()
+    Ledger([LedgerEntry.non_private_use(sweep.NONPRIVATE_BASELINE, 5, "old", cache_id="f00")]
+           ).save(run / "ledger.json")  # fmt: skip
+    for _ in range(2):
+        sweep._record_nonprivate_use(run, cache)
+    assert sorted(e.cache_id for e in Ledger.load(run)) == sorted(["f00", cache.cache_id])

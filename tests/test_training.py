@@ -296,7 +296,7 @@ def test_dp_resume_after_crash_neither_loses_nor_double_counts(world, tmp_path, 
     state_file.write_text(
         json.dumps({k: v for k, v in json.loads(good).items() if k != "cache_id"})
     )
-    with pytest.raises(DpsynthError, match=r"changed privacy plan: cache_id is \w+ under this"):
+    with pytest.raises(DpsynthError, match=r"ledger entry's steps ran on cache \w+, not .*again"):
         train_ldm(again, world["ae"], tmp_path / "dp", tiny(**{"privacy.epsilon": 8.0}),
                   init=world["ldm"], dp=True, resume=True)  # fmt: skip
     assert list(Ledger.load(tmp_path / "dp")) == list(crashed)
@@ -729,6 +729,15 @@ def test_workflow_keeps_a_public_stage_only_if_it_learned_this_public_cache(
     atomic_write_json(out / "autoencoder" / "model.json", meta)
     with pytest.raises(DpsynthError, match="a complete stage trained on data it does not name"):
         pretrain_public_models(world["public"], out, tiny(), ldm=False)
+    shutil.rmtree(out / "autoencoder")
+    shutil.copytree(world["ae"], out / "autoencoder")
+    shutil.copytree(world["ldm"], out / "ldm")  # an LDM of another public cache
+    meta = read_json(out / "ldm" / "model.json")
+    meta["trained_on"] = [{"cache_id": "f00", "dp": False}]
+    atomic_write_json(out / "ldm" / "model.json", meta)
+    pretrain_public_models(world["public"], out, tiny(), ldm=False)  # not used: not checked
+    with pytest.raises(DpsynthError, match="ldm: a complete stage trained on f00"):
+        pretrain_public_models(world["public"], out, tiny())
 
 
 def test_a_real_sweep_cell_samples_through_the_selector_check(world, tmp_path, monkeypatch):

@@ -116,7 +116,7 @@ def run_sweep(
     source = {
         "preset": preset,
         "public_cache_id": None if public is None else Cache(public).cache_id,
-        "private_cache_id": "simulated" if private is None else Cache(private).cache_id,
+        "private_cache_id": _private_id(out, private),
     }
     refuse_stale(out, source)
     if private is not None:
@@ -128,6 +128,7 @@ def run_sweep(
     if private is None:
         private = simulate_and_prepare(out / "data", _private_spec(), config, split=(0.7, 0.1, 0.2))
         check_caches(public, private)
+        source["private_cache_id"] = _private_id(out, None)
     atomic_write_json(out / SOURCE_FILE, source)
     models = _public_models(out, preset, public, config)
     referee = out / "referee"
@@ -215,6 +216,16 @@ def _public_models(out: Path, preset: str, public, config: Config) -> Path:
 
 def _private_spec() -> dict:
     return PRIVATE
+
+
+def _private_id(out: Path, private) -> str:
+    """The private cache's id for DIR/inputs.json; without --private, the simulated one's in
+    DIR/data once it exists (a cohort simulated again gets a new id: refused beside cells of
+    the old one)."""
+    if private is not None:
+        return Cache(private).cache_id
+    simulated = out / "data" / f"{_private_spec()['cohort']}_cache"
+    return f"simulated {Cache(simulated).cache_id}" if simulated.exists() else "simulated"
 
 
 def _train_cell(private, models: Path, run: Path, config: Config, cell: Cell) -> None:

@@ -305,15 +305,19 @@ class PrivateStrategy:
 
     def _check_plan(self, ledger: Ledger, entry_id: str, engine_meta: dict[str, Any]) -> None:
         entry, p = ledger[entry_id], self.privacy
+        if entry.cache_id != self.cache.cache_id:  # the checkpoint's own record may predate it
+            raise DpsynthError(
+                f"{self.run}: its ledger entry's steps ran on cache {entry.cache_id or '(unnamed)'},"
+                f" not {self.cache.path} ({self.cache.cache_id}); resume on the data the run "
+                "started with (or start a new run)"
+            )
         recorded = {
-            "cache_id": entry.cache_id,
             "records": entry.records, "noise_multiplier": entry.noise_multiplier,
             "sample_rate": entry.sample_rate, "planned_steps": entry.planned_steps,
             "delta": entry.delta, "accountant": entry.accountant,
             "max_grad_norm": engine_meta["max_grad_norm"],
         }  # fmt: skip
         now = {
-            "cache_id": self.cache.cache_id,
             "records": len(self.patient_rows), "noise_multiplier": self.plan.noise_multiplier,
             "sample_rate": self.plan.sample_rate, "planned_steps": self.plan.steps,
             "delta": p.delta, "accountant": p.accountant, "max_grad_norm": p.max_grad_norm,
@@ -428,7 +432,7 @@ class Trainer:
         datasets while model.json and the ledger name one (a public stage continued on a
         private cache, or a DP entry whose steps ran on two cohorts)."""
         here, named = self.task.cache, state.get("cache_id")
-        if named is None and self.strategy.private:
+        if named is None and self.strategy.private and "ledger_entry" in state:
             return  # a DP checkpoint from before the field: its ledger entry names the cache
         if named != here.cache_id:
             was = f"cache {named}" if named else "data it does not name (an earlier version)"
