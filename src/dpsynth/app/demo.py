@@ -78,9 +78,13 @@ def demo_assets() -> Path:
     return Path(str(resources.files("dpsynth") / "assets" / "demo"))
 
 
+def cohort_paths(out: Path, spec: dict) -> tuple[Path, Path]:
+    """Where `simulate_and_prepare` puts a simulated cohort: (raw folder, prepared cache)."""
+    return out / f"{spec['cohort']}_raw", out / f"{spec['cohort']}_cache"
+
+
 def simulate_and_prepare(out: Path, spec: dict, config: Config, split=(0.8, 0.1, 0.1)) -> Path:
-    raw = out / f"{spec['cohort']}_raw"
-    cache = out / f"{spec['cohort']}_cache"
+    raw, cache = cohort_paths(out, spec)
     if not raw.exists():
         simulate_cohort(raw, spec["patients"], cohort=spec["cohort"], seed=spec["seed"],
                         shape=config.data.shape, spacing=config.data.spacing)  # fmt: skip

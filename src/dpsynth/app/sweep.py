@@ -28,6 +28,7 @@ from dpsynth.app.demo import (
     PRIVATE,
     REFEREE_DOWNSAMPLE,
     _with,
+    cohort_paths,
     demo_assets,
     pretrain_public,
     simulate_and_prepare,
@@ -224,7 +225,7 @@ def _private_id(out: Path, private) -> str:
     the old one)."""
     if private is not None:
         return Cache(private).cache_id
-    simulated = out / "data" / f"{_private_spec()['cohort']}_cache"
+    _, simulated = cohort_paths(out / "data", _private_spec())
     return f"simulated {Cache(simulated).cache_id}" if simulated.exists() else "simulated"
 
 
