@@ -355,6 +355,19 @@ def test_torchrun_two_processes_dp_run(world, tmp_path):
     single = _dp(world, tmp_path / "single")
     (one,) = [e for e in Ledger.load(single) if e.mechanism == "dp-sgd"]
     assert one.noise_multiplier == entry.noise_multiplier and one.steps == entry.steps
+    # Resumed under torchrun on the same patients prepared again: every rank refuses (no rank
+    # left waiting at a barrier), before a step, and the ledger is unchanged.
+    (out / "model.json").unlink()
+    raw = world["private"].parent / "ukbb_raw"
+    again = tmp_path / "again"
+    prepare("ukbb", raw, again, attributes_csv=raw / "attributes.csv", seed=2, shape=SHAPE,
+            spacing=SPACING, split=(0.6, 0.2, 0.2))  # fmt: skip
+    before = list(Ledger.load(out))
+    cmd[cmd.index(str(world["private"]))] = str(again)
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode != 0
+    assert done.stderr.count("checkpoint: trained on cache") == 2, done.stderr[-2000:]
+    assert list(Ledger.load(out)) == before
 
 
 # ---------------------------------------------------------------- DP autoencoder
