@@ -198,7 +198,7 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
     with Stage("evaluate", eval_dir / "metrics.json", keep, timings) as done:
         if not done:
             evaluate(private, synthetic, eval_dir, metrics=DEMO_METRICS, referee=referee,
-                     pipeline=load(ldm_run), seed=0, utility_epochs=3)  # fmt: skip
+                     pipeline=load(ldm_run), seed=0)  # fmt: skip
     bundle = out / "release"
     with Stage("release (allow-listed bundle)", bundle, keep, timings) as done:
         if not done:

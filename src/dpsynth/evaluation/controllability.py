@@ -49,6 +49,15 @@ CSV_FILE = "controllability.csv"  # the referee's rows
 SECOND_READER_CSV_FILE = "controllability_second_reader.csv"  # the second reader's rows
 
 
+def own_phase(attributes: np.ndarray, group: str) -> np.ndarray:
+    """Each volume's value of the `POOLED` group `group`: its ED attribute on ED volumes, its
+    ES one on ES volumes, NaN where the phase is unknown."""
+    ed, es = POOLED[group]
+    phase = attributes[:, INDEX["ESED"]]
+    return np.where(phase == 1.0, attributes[:, INDEX[ed]],
+                    np.where(phase == 0.0, attributes[:, INDEX[es]], np.nan))  # fmt: skip
+
+
 class Segmenter(Protocol):
     def segment(self, volumes: np.ndarray) -> np.ndarray: ...
 

@@ -37,6 +37,7 @@ from dpsynth.evaluation.frechet import feature_statistics, frechet_distance, rea
 from dpsynth.evaluation.referee import Referee
 from dpsynth.evaluation.second_reader import SecondReader
 from dpsynth.evaluation.study import clean_volume_set, neighbour_ms_ssim, study_controllability
+from dpsynth.evaluation.utility import STEPS as UTILITY_STEPS
 from dpsynth.evaluation.utility import evaluate_utility
 from dpsynth.io import atomic_write_json
 from dpsynth.privacy.outputs import labelled, mark_evaluation_only
@@ -64,7 +65,7 @@ class _Inputs:
     frd_config: FRDConfig | None
     cache_dir: Path
     ms_ssim_pairs: int
-    utility_epochs: int
+    utility_steps: int
     study: bool
     synthetic_study: VolumeSet | None  # the study's padding clean-up applied
 
@@ -82,7 +83,7 @@ def evaluate(
     frd_config: FRDConfig | None = None,
     cache_dir: str | Path | None = None,
     ms_ssim_pairs: int = 100,
-    utility_epochs: int = 10,
+    utility_steps: int = UTILITY_STEPS,
     study: bool = False,
     second_reader: str | Path | SecondReader | None = None,
 ) -> dict[str, Any]:
@@ -131,7 +132,7 @@ def evaluate(
         frd_config=frd_config,
         cache_dir=Path(cache_dir) if cache_dir is not None else _default_cache_dir(),
         ms_ssim_pairs=ms_ssim_pairs,
-        utility_epochs=utility_epochs,
+        utility_steps=utility_steps,
         study=study,
         synthetic_study=clean_volume_set(synthetic_set) if study else None,
     )
@@ -326,25 +327,25 @@ def _study_controllability(x: _Inputs, rows: list[tuple]) -> dict[str, Any]:
 
 
 def _utility(x: _Inputs) -> dict[str, Any]:
-    labels = x.synthetic.attributes[:, [INDEX["LVEF"], INDEX["ESED"]]]
-    if np.isnan(labels).all():
-        reason = "synthetic set has no LVEF/ESED attributes (attributes.csv) to train on"
-        return {"metrics": {"utility_lvef_mae": _skipped(reason)}}
-    u = evaluate_utility(x.synthetic, x.real, x.real_train, epochs=x.utility_epochs, seed=x.seed)
+    if np.isnan(x.synthetic.attributes[:, INDEX["ESED"]]).all():
+        reason = "synthetic set has no ESED attribute (attributes.csv): no phase to learn"
+        return {"metrics": {"utility_lv_volume_r": _skipped(reason)}}
+    u = evaluate_utility(x.synthetic, x.real, x.real_train, steps=x.utility_steps, seed=x.seed)
     trtr = u.trtr or {}
     note = None if u.trtr else "no real train split given: TRTR baseline missing"
     entries = {
         f"utility_{key}": _entry(
             u.tstr[key],
             trtr.get(key),
-            baseline_label="train on real (TRTR)",
-            lower_is_better=lower,
+            baseline_label="train on real (TRTR), as many volumes",
+            lower_is_better=key.endswith("_mae_pct"),
             config=u.config,
             n_real=len(x.real),
             n_synthetic=len(x.synthetic),
             note=note,
         )
-        for key, lower in (("lvef_mae", True), ("lvef_r", False), ("esed_accuracy", False))
+        for key in u.tstr
+        if key not in ("n_test", "n_train")
     }
     return {"utility": {"tstr": u.tstr, "trtr": u.trtr}, "metrics": entries}
 
