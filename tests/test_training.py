@@ -933,6 +933,24 @@ def test_fit_attributes_refuses_torchrun(world, tmp_path, monkeypatch, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "command", [["demo", "--keep"], ["demo"], ["pretrain-demo"], ["sweep", "--epsilons", "1"]]
+)
+def test_commands_that_chain_stages_refuse_torchrun_before_writing(
+    command, tmp_path, monkeypatch, capsys
+):
+    """Every rank would run the whole chain: simulate into the same folder, empty it (a
+    fresh demo), fit its own DP attribute model. One line, nothing written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "left.txt").write_text("an earlier run's file")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*command, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {command[0]}: runs as one process, not under torchrun")
+    assert len(err.splitlines()) == 1 and [p.name for p in out.iterdir()] == ["left.txt"]
+
+
 def test_public_autoencoder_refuses_torchrun(world, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(DpsynthError, match="supported for --dp runs only"):

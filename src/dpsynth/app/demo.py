@@ -30,6 +30,7 @@ from dpsynth.evaluation.evaluate import ALL_METRICS, evaluate
 from dpsynth.evaluation.referee import META_FILE, train_referee
 from dpsynth.io import atomic_write_json, read_json
 from dpsynth.privacy.attribute_fit import fit_attributes
+from dpsynth.privacy.distributed import refuse_torchrun
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.one_run_audit import Recipe
 from dpsynth.privacy.planner import plan
@@ -102,6 +103,7 @@ def pretrain_public(out: Path, config: Config | None = None) -> Path:
     This is the command that produced the shipped demo weights (`dpsynth pretrain-demo`).
     """
 
+    refuse_torchrun("pretrain-demo", "public pre-training is not split between ranks")
     config = config or load_config("demo")
     out = Path(out)
     cache = simulate_and_prepare(out / "data", PUBLIC, config)
@@ -148,6 +150,7 @@ def demo_dp_recipe():
 
 
 def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dict:
+    refuse_torchrun("demo", "each rank would empty --out and run every stage itself")
     out = Path(out)
     if fresh and out.exists():
         shutil.rmtree(out)

@@ -45,6 +45,7 @@ from dpsynth.evaluation.controllability import PER_PHASE
 from dpsynth.evaluation.evaluate import evaluate
 from dpsynth.evaluation.referee import META_FILE
 from dpsynth.io import atomic_write_json, atomic_write_text, read_json
+from dpsynth.privacy.distributed import refuse_torchrun
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.outputs import mark_evaluation_only
 from dpsynth.privacy.planner import plan
@@ -106,7 +107,7 @@ def run_sweep(
     `private` must hold different data. A folder left by an earlier recipe (plain draws, a
     full-resolution referee) is refused rather than mixed into the table.
     """
-
+    refuse_torchrun("sweep", "each rank would simulate the cohort and train every cell")
     out = Path(out)
     config = config or load_config(preset)
     if bench_md is not None and private is not None:

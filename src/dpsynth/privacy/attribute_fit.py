@@ -24,7 +24,7 @@ from dpsynth.privacy.attribute_model import (
     fit_attribute_model,
     patient_records,
 )
-from dpsynth.privacy.distributed import launched_world_size
+from dpsynth.privacy.distributed import refuse_torchrun
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.outputs import FIDELITY_FILE, labelled
 
@@ -52,11 +52,7 @@ def fit_attributes(
     `seed` makes the noise reproducible and is for tests only: whoever knows it can remove
     the noise. By default the noise comes from OS entropy.
     """
-    if launched_world_size() > 1:  # each rank would fit and charge its own DP model
-        raise DpsynthError(
-            "fit-attributes: runs as one process, not under torchrun (every rank would spend "
-            "epsilon on its own model)"
-        )
+    refuse_torchrun("fit-attributes", "every rank would spend epsilon on its own model")
     cache = Cache(data)
     out = Path(out)
     rows = cache.volume_indices(split)

@@ -81,6 +81,12 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def refuse_torchrun(command: str, why: str) -> None:
+    """Refuse, before anything is written, a command that must run as one process."""
+    if launched_world_size() > 1:
+        raise DpsynthError(f"{command}: runs as one process, not under torchrun ({why})")
+
+
 def make_dp_optimizer(
     optimizer: torch.optim.Optimizer,
     *,
