@@ -11,6 +11,11 @@ set. With --demo, the demo's synthetic set is placed on the same scale.
     python benchmarks/bench_fidelity_ranking.py                      # fresh phantoms
     python benchmarks/bench_fidelity_ranking.py --demo runs/demo     # a finished demo
     python benchmarks/bench_fidelity_ranking.py --inception-weights inception_study.pt
+    python benchmarks/bench_fidelity_ranking.py --demo runs/demo \
+        --second-reader runs/reader/second_reader --metrics fd_referee,fd_second_reader
+
+`--second-reader` adds the Fréchet distance in the independent second reader's feature
+space (`benchmarks/bench_second_reader.py` trains one); `--metrics` keeps the named ones.
 
 Without --inception-weights the FID code path runs with a stand-in extractor (a randomly
 initialised CNN saved as TorchScript): its ranking exercises the path, it says nothing
@@ -33,11 +38,17 @@ from dpsynth.app.demo import demo_assets, simulate_and_prepare
 from dpsynth.config import DenoiserConfig, DiffusionConfig, load_config
 from dpsynth.data.volumes import VolumeSet, load_volume_set
 from dpsynth.evaluation.diversity import mean_pairwise_ms_ssim
-from dpsynth.evaluation.fid import inception_features, load_feature_extractor
+from dpsynth.evaluation.fid import (
+    N_MIDDLE_SLICES,
+    inception_features,
+    load_feature_extractor,
+    middle_slices,
+)
 from dpsynth.evaluation.frd import FRDConfig, frd_from_features, radiomics_features
 from dpsynth.evaluation.frechet import feature_statistics, frechet_distance, real_vs_real_baseline
 from dpsynth.evaluation.ranking import control_sets, place_of, ranking_errors
-from dpsynth.evaluation.referee import Referee, fit_referee
+from dpsynth.evaluation.referee import Referee, bottleneck_layer, fit_referee
+from dpsynth.evaluation.second_reader import SecondReader
 from dpsynth.models.build import build_denoiser
 from dpsynth.runs import lists_to_tuples, load, make_pipeline, read_model_meta
 
@@ -161,12 +172,38 @@ def stand_in_extractor(path: Path, seed: int = 0) -> Path:
     return path
 
 
+@torch.no_grad()
+def second_reader_features(
+    reader: SecondReader, volumes: np.ndarray, batch: int = 64
+) -> np.ndarray:
+    """(N, C): per volume, the second reader's U-Net bottleneck averaged over positions and
+    over the middle 7 slices (those the study's FID reads): a feature space of a 2D net that
+    never saw synthetic or blurred data."""
+    slices = middle_slices(np.asarray(volumes, dtype=np.float32))[:, None]
+    kept: list[torch.Tensor] = []
+    hook = bottleneck_layer(reader.net).register_forward_hook(
+        lambda module, inputs, output: kept.append(output.mean(dim=(2, 3)))
+    )
+    try:
+        for i in range(0, len(slices), batch):
+            reader.net(torch.from_numpy(np.ascontiguousarray(slices[i : i + batch])))
+    finally:
+        hook.remove()
+    per_slice = torch.cat(kept).double().numpy()
+    return per_slice.reshape(len(volumes), N_MIDDLE_SLICES, -1).mean(axis=1)
+
+
 def metrics_for(args, spacing, referee: Referee, tmp: Path) -> list[Metric]:
     metrics: list[Metric] = [
         FRDMetric("frd", spacing, FRDConfig(num_workers=args.workers)),
         FrechetMetric("fd_referee", referee.features),
         DiversityGap(args.pairs, args.seed),
     ]
+    if args.second_reader:
+        reader = SecondReader.load(args.second_reader)
+        metrics.append(
+            FrechetMetric("fd_second_reader", lambda v: second_reader_features(reader, v))
+        )
     weights = args.inception_weights or stand_in_extractor(tmp / "stand_in.pt")
     label = "" if args.inception_weights else " (stand-in CNN)"
     extractor = load_feature_extractor(weights)
@@ -175,7 +212,8 @@ def metrics_for(args, spacing, referee: Referee, tmp: Path) -> list[Metric]:
             f"fid{'_study' if variant == 'study' else ''}{label}",
             lambda v, variant=variant: inception_features(v, extractor, variant=variant),
         ))  # fmt: skip
-    return metrics
+    wanted = args.metrics.split(",") if args.metrics else None
+    return [m for m in metrics if wanted is None or m.name in wanted]
 
 
 def main() -> None:
@@ -189,6 +227,8 @@ def main() -> None:
     parser.add_argument("--inception-weights", help="TorchScript Inception-v3 (see fid.py)")
     parser.add_argument("--pairs", type=int, default=100, help="MS-SSIM pairs per set")
     parser.add_argument("--workers", type=int, default=2, help="radiomics processes")
+    parser.add_argument("--second-reader", help="a trained second reader: adds fd_second_reader")
+    parser.add_argument("--metrics", help="comma-separated metric names to keep (default all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="fidelity_ranking.json")
     args = parser.parse_args()

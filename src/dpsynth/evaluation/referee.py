@@ -62,7 +62,7 @@ class RefereeNet(torch.nn.Module):
         )
         self.phase_head = torch.nn.Linear(channels[-1], 1)
         self._bottleneck: torch.Tensor | None = None
-        _bottom_layer(self.unet).register_forward_hook(self._keep_bottleneck)
+        bottleneck_layer(self.unet).register_forward_hook(self._keep_bottleneck)
         convolve_channels_last(self.unet)
 
     def _keep_bottleneck(self, module, inputs, output) -> None:
@@ -84,7 +84,7 @@ class RefereeNet(torch.nn.Module):
         return logits, self.phase_head(features).squeeze(1), features
 
 
-def _bottom_layer(unet: UNet) -> torch.nn.Module:
+def bottleneck_layer(unet: UNet) -> torch.nn.Module:
     """MONAI's UNet nests (down, SkipConnection(inner), up); the innermost is the bottleneck."""
     node = unet.model
     while skips := [c for c in node.children() if isinstance(c, SkipConnection)]:
