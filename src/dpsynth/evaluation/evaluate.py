@@ -329,23 +329,25 @@ def _study_controllability(x: _Inputs, rows: list[tuple]) -> dict[str, Any]:
 def _utility(x: _Inputs) -> dict[str, Any]:
     if np.isnan(x.synthetic.attributes[:, INDEX["ESED"]]).all():
         reason = "synthetic set has no ESED attribute (attributes.csv): no phase to learn"
-        return {"metrics": {"utility_lv_volume_r": _skipped(reason)}}
+        return {"metrics": {"utility_esed_accuracy": _skipped(reason)}}
     u = evaluate_utility(x.synthetic, x.real, x.real_train, steps=x.utility_steps, seed=x.seed)
     trtr = u.trtr or {}
     note = None if u.trtr else "no real train split given: TRTR baseline missing"
-    entries = {
+    if u.trtr and u.trtr["n_train"] < u.tstr["n_train"]:
+        note = f"TRTR trained on all {u.trtr['n_train']} real training volumes, fewer than TSTR's"
+    entries = {  # r per phase and ED/ES; the MAEs are in "utility"
         f"utility_{key}": _entry(
             u.tstr[key],
             trtr.get(key),
             baseline_label="train on real (TRTR), as many volumes",
-            lower_is_better=key.endswith("_mae_pct"),
+            lower_is_better=False,
             config=u.config,
             n_real=len(x.real),
             n_synthetic=len(x.synthetic),
             note=note,
         )
         for key in u.tstr
-        if key not in ("n_test", "n_train")
+        if key.endswith("_r") or key == "esed_accuracy"
     }
     return {"utility": {"tstr": u.tstr, "trtr": u.trtr}, "metrics": entries}
 

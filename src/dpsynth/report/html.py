@@ -338,7 +338,7 @@ class _Context:
     candidates: int = 1  # best-of-k sampling of the synthetic set (its provenance.json)
 
 
-HEADLINE = ("frd", "fid", "fd_referee", "controllability_lv_r", "ms_ssim", "utility_lv_volume_r")
+HEADLINE = ("frd", "fid", "fd_referee", "controllability_lv_r", "ms_ssim", "utility_esed_accuracy")
 
 
 def _is_number(x: Any) -> bool:
