@@ -25,6 +25,7 @@ PACKAGES: dict[str, str] = {
     "dpsynth.io": "core",
     "dpsynth.config": "core",
     "dpsynth.orientation": "core",
+    "dpsynth.launch": "core",
     "dpsynth.presets": "core",
     "dpsynth.data": "data",
     "dpsynth.models": "models",

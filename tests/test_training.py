@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from dpsynth.app.cli import main
+from dpsynth.app.demo import pretrain_public, run_demo
 from dpsynth.app.sample import sample_to_folder
+from dpsynth.app.sweep import run_sweep
 from dpsynth.app.workflow import pretrain_public_models
 from dpsynth.attributes import ATTRIBUTES, CLINICAL_RANGES
 from dpsynth.config import load_config
@@ -934,21 +936,41 @@ def test_fit_attributes_refuses_torchrun(world, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(
-    "command", [["demo", "--keep"], ["demo"], ["pretrain-demo"], ["sweep", "--epsilons", "1"]]
+    "command",
+    [
+        lambda out: run_demo(out, fresh=False),
+        lambda out: run_demo(out),
+        pretrain_public,
+        lambda out: run_sweep(out, epsilons="1"),
+    ],
+    ids=["demo --keep", "demo", "pretrain-demo", "sweep"],
 )
-def test_commands_that_chain_stages_refuse_torchrun_before_writing(
-    command, tmp_path, monkeypatch, capsys
-):
+def test_commands_that_chain_stages_refuse_torchrun_before_writing(command, tmp_path, monkeypatch):
     """Every rank would run the whole chain: simulate into the same folder, empty it (a
-    fresh demo), fit its own DP attribute model. One line, nothing written."""
+    fresh demo), fit its own DP attribute model. Refused by the Python API itself, before
+    anything is written (the CLI refuses them too, below)."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "left.txt").write_text("an earlier run's file")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main([*command, "--out", str(out)]) == 2
+    with pytest.raises(DpsynthError, match="runs as one process, not under torchrun"):
+        command(out)
+    assert [p.name for p in out.iterdir()] == ["left.txt"]
+
+
+@pytest.mark.parametrize("command", ["simulate", "evaluate", "release", "demo", "explore"])
+def test_cli_refuses_torchrun_for_single_process_commands(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = {"simulate": ["--out", str(tmp_path / "raw"), "--patients", "2"],
+            "evaluate": ["--real", str(tmp_path), "--synthetic", str(tmp_path),
+                         "--out", str(tmp_path / "eval")],
+            "release": [str(tmp_path), "--synthetic", str(tmp_path), "--out", str(tmp_path / "b")],
+            "demo": ["--out", str(tmp_path / "demo")],
+            "explore": [str(tmp_path)]}[command]  # fmt: skip
+    assert main([command, *argv]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {command[0]}: runs as one process, not under torchrun")
-    assert len(err.splitlines()) == 1 and [p.name for p in out.iterdir()] == ["left.txt"]
+    assert err.startswith(f"error: {command}: runs as one process, not under torchrun")
+    assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_public_autoencoder_refuses_torchrun(world, tmp_path, monkeypatch):

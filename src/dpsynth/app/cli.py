@@ -23,6 +23,7 @@ from dpsynth.config import (
     stage_config,
 )
 from dpsynth.errors import DpsynthError
+from dpsynth.launch import refuse_torchrun
 
 
 def _triple(kind: type):
@@ -641,10 +642,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=sys.stderr if file is None else file)
 
 
+# Commands that use several processes under torchrun: DP training, sampling a share per rank,
+# and the workflow's DP stage. Any other command on every rank would repeat its work into
+# the same files (and `demo`, `sweep` would charge their DP stages once per rank).
+MULTI_PROCESS_COMMANDS = ("train-ldm", "train-autoencoder", "sample", "workflow")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command not in MULTI_PROCESS_COMMANDS:
+            why = f"only {', '.join(MULTI_PROCESS_COMMANDS)} use several processes"
+            refuse_torchrun(args.command, why)
         with warnings.catch_warnings():  # restores the warning machinery on return
             warnings.showwarning = _show_warning
             args.func(args)

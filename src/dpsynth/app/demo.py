@@ -29,8 +29,8 @@ from dpsynth.evaluation.controllability import PER_PHASE, POOLED
 from dpsynth.evaluation.evaluate import ALL_METRICS, evaluate
 from dpsynth.evaluation.referee import META_FILE, train_referee
 from dpsynth.io import atomic_write_json, read_json
+from dpsynth.launch import refuse_torchrun
 from dpsynth.privacy.attribute_fit import fit_attributes
-from dpsynth.privacy.distributed import refuse_torchrun
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.one_run_audit import Recipe
 from dpsynth.privacy.planner import plan

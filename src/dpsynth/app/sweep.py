@@ -45,7 +45,7 @@ from dpsynth.evaluation.controllability import PER_PHASE
 from dpsynth.evaluation.evaluate import evaluate
 from dpsynth.evaluation.referee import META_FILE
 from dpsynth.io import atomic_write_json, atomic_write_text, read_json
-from dpsynth.privacy.distributed import refuse_torchrun
+from dpsynth.launch import refuse_torchrun
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.outputs import mark_evaluation_only
 from dpsynth.privacy.planner import plan

@@ -17,6 +17,7 @@ from dpsynth.config import DEFAULT_DELTA, PrivacyConfig, load_config
 from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_json, hold_run
+from dpsynth.launch import refuse_torchrun
 from dpsynth.privacy.attribute_model import (
     AttributeModel,
     attribute_fidelity,
@@ -24,7 +25,6 @@ from dpsynth.privacy.attribute_model import (
     fit_attribute_model,
     patient_records,
 )
-from dpsynth.privacy.distributed import refuse_torchrun
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.outputs import FIDELITY_FILE, labelled
 

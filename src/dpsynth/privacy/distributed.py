@@ -21,7 +21,6 @@ different steps. The accountant on every rank sees the global patient rate q per
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -74,17 +73,6 @@ class ProcessGroupInfo:
         total = torch.tensor([value], dtype=torch.int64, device=device)
         dist.all_reduce(total)
         return int(total.item())
-
-
-def launched_world_size() -> int:
-    """How many processes torchrun started for this job (its WORLD_SIZE; 1 without it)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def refuse_torchrun(command: str, why: str) -> None:
-    """Refuse, before anything is written, a command that must run as one process."""
-    if launched_world_size() > 1:
-        raise DpsynthError(f"{command}: runs as one process, not under torchrun ({why})")
 
 
 def make_dp_optimizer(

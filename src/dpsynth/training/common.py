@@ -16,7 +16,7 @@ import torch.distributed as dist
 from dpsynth.config import RUN_CONFIG_FILE, Config, config_from_dict
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_text
-from dpsynth.privacy.distributed import launched_world_size
+from dpsynth.launch import launched_world_size
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.runs import run_lineage
 
