@@ -226,8 +226,13 @@ def metrics_for(args, spacing, referee: Referee, tmp: Path) -> list[Metric]:
             f"fid{'_study' if variant == 'study' else ''}{label}",
             lambda v, variant=variant: inception_features(v, extractor, variant=variant),
         ))  # fmt: skip
-    wanted = args.metrics.split(",") if args.metrics else None
-    return [m for m in metrics if wanted is None or m.name in wanted]
+    if not args.metrics:
+        return metrics
+    wanted = args.metrics.split(",")
+    unknown = set(wanted) - {m.name for m in metrics}
+    if unknown:
+        raise SystemExit(f"--metrics: unknown {sorted(unknown)}; have {[m.name for m in metrics]}")
+    return [m for m in metrics if m.name in wanted]
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ before any private step, and nothing private shapes the saved model.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import warnings
@@ -16,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from dpsynth.app.cli import main
+from dpsynth.app.cli import MULTI_PROCESS_COMMANDS, build_parser, main
 from dpsynth.app.demo import pretrain_public, run_demo
 from dpsynth.app.sample import sample_to_folder
 from dpsynth.app.sweep import run_sweep
-from dpsynth.app.workflow import pretrain_public_models
+from dpsynth.app.workflow import pretrain_public_models, run_workflow
 from dpsynth.attributes import ATTRIBUTES, CLINICAL_RANGES
 from dpsynth.config import load_config
 from dpsynth.data.cache import Cache
@@ -958,19 +959,34 @@ def test_commands_that_chain_stages_refuse_torchrun_before_writing(command, tmp_
     assert [p.name for p in out.iterdir()] == ["left.txt"]
 
 
-@pytest.mark.parametrize("command", ["simulate", "evaluate", "release", "demo", "explore"])
+@pytest.mark.parametrize("command", ["simulate", "prepare", "evaluate", "release", "explore"])
 def test_cli_refuses_torchrun_for_single_process_commands(command, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     argv = {"simulate": ["--out", str(tmp_path / "raw"), "--patients", "2"],
             "evaluate": ["--real", str(tmp_path), "--synthetic", str(tmp_path),
                          "--out", str(tmp_path / "eval")],
             "release": [str(tmp_path), "--synthetic", str(tmp_path), "--out", str(tmp_path / "b")],
-            "demo": ["--out", str(tmp_path / "demo")],
+            "prepare": ["--layout", "ukbb", "--src", str(tmp_path), "--out", str(tmp_path / "c")],
             "explore": [str(tmp_path)]}[command]  # fmt: skip
     assert main([command, *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {command}: runs as one process, not under torchrun")
     assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_the_torchrun_allow_list_names_real_commands():
+    parser = build_parser()
+    (commands,) = [a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(MULTI_PROCESS_COMMANDS) < set(commands)
+
+
+def test_workflow_under_torchrun_asks_for_the_public_stages_first(world, tmp_path, monkeypatch):
+    """Its public stages are not DP, so they cannot run on several ranks; said plainly,
+    before anything is written, rather than by the autoencoder's trainer."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DpsynthError, match="run it once without torchrun"):
+        run_workflow(world["public"], world["private"], tmp_path / "wf", tiny())
+    assert not (tmp_path / "wf").exists()
 
 
 def test_public_autoencoder_refuses_torchrun(world, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from pathlib import Path
 from dpsynth.config import Config
 from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
+from dpsynth.launch import launched_world_size
 from dpsynth.runs import MODEL_FILE, run_lineage
 from dpsynth.training.autoencoder import train_autoencoder
 from dpsynth.training.ldm import train_ldm
@@ -54,6 +55,10 @@ def run_workflow(
 
     refuse_same_data(public, private)
     out = Path(out)
+    public_stages = ("autoencoder", "ldm") if pretrain else ("autoencoder",)
+    if launched_world_size() > 1 and not all(is_complete(out / s) for s in public_stages):
+        raise DpsynthError("workflow: the public stages train as one process; run it once "
+                           "without torchrun, then again under torchrun for the DP stage")  # fmt: skip
     autoencoder, init = pretrain_public_models(public, out, config, ldm=pretrain)
     return train_stage(
         out / "ldm_dp",
@@ -90,13 +95,18 @@ def refuse_other_data(run: Path, cache: Cache) -> None:
                            f"{cache.path} ({cache.cache_id}); use a new --out")  # fmt: skip
 
 
+def is_complete(run: Path) -> bool:
+    """Whether a stage finished: its model.json is written last."""
+    return (run / MODEL_FILE).exists()
+
+
 def train_stage(run: Path, train: Callable[[Path, bool], Path]) -> Path:
     """Keep a complete stage; continue an interrupted one from its checkpoint.
 
     The one resumable-stage idiom of the commands that chain stages (workflow, demo, sweep):
     `train(run, resume)` runs the stage.
     """
-    if (run / "model.json").exists():
+    if is_complete(run):
         print(f"== {run.name}: complete, kept")
         return run
     resume = (run / "checkpoint" / "state.json").exists()
