@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from dpsynth.app.sample import sample_to_folder
-from dpsynth.app.workflow import pretrain_public_models, train_stage
+from dpsynth.app.workflow import is_complete, pretrain_public_models, train_stage
 from dpsynth.config import DEMO_CANDIDATES, Config, config_from_dict, load_config
 from dpsynth.data.cache import Cache
 from dpsynth.data.prepare import prepare
@@ -163,7 +163,7 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
 
     with Stage("public pre-trained models", out / "public", keep, timings):
         public = demo_assets()
-        if retrain_public or not (public / "ldm" / "model.json").exists():
+        if retrain_public or not is_complete(public / "ldm"):
             print("training the public models (no shipped weights found; ~90 min on 2 cores)")
             public = pretrain_public(out / "public", config)
         else:

@@ -36,7 +36,12 @@ from dpsynth.app.demo import (
     train_selector,
 )
 from dpsynth.app.sample import sample_to_folder
-from dpsynth.app.workflow import pretrain_public_models, refuse_same_data, train_stage
+from dpsynth.app.workflow import (
+    is_complete,
+    pretrain_public_models,
+    refuse_same_data,
+    train_stage,
+)
 from dpsynth.attributes import ATTRIBUTES
 from dpsynth.config import Config, load_config
 from dpsynth.data.cache import Cache
@@ -212,7 +217,7 @@ def _public_models(out: Path, preset: str, public, config: Config) -> Path:
         train_selector(public, out / "public" / "selector")
         return out / "public"
     shipped = demo_assets()
-    if preset == "demo" and (shipped / "ldm" / "model.json").exists():
+    if preset == "demo" and is_complete(shipped / "ldm"):
         return shipped
     return pretrain_public(out / "public", config)  # simulated public phantoms
 

@@ -25,13 +25,18 @@ from dpsynth.training.autoencoder import train_autoencoder
 from dpsynth.training.ldm import train_ldm
 
 
+def public_stages(ldm: bool = True) -> tuple[str, ...]:
+    """The folders of the public stages under OUT: the autoencoder, and the LDM with `ldm`."""
+    return ("autoencoder", "ldm") if ldm else ("autoencoder",)
+
+
 def pretrain_public_models(
     public: str | os.PathLike, out: str | os.PathLike, config: Config, ldm: bool = True
 ) -> tuple[Path, Path | None]:
     """OUT/autoencoder and (with `ldm`) OUT/ldm trained on the public cache."""
 
     out = Path(out)
-    for stage in ("autoencoder", "ldm") if ldm else ("autoencoder",):
+    for stage in public_stages(ldm):
         refuse_other_data(out / stage, Cache(public))
     autoencoder = train_stage(
         out / "autoencoder",
@@ -55,8 +60,7 @@ def run_workflow(
 
     refuse_same_data(public, private)
     out = Path(out)
-    public_stages = ("autoencoder", "ldm") if pretrain else ("autoencoder",)
-    if launched_world_size() > 1 and not all(is_complete(out / s) for s in public_stages):
+    if launched_world_size() > 1 and not all(is_complete(out / s) for s in public_stages(pretrain)):
         raise DpsynthError("workflow: the public stages train as one process; run it once "
                            "without torchrun, then again under torchrun for the DP stage")  # fmt: skip
     autoencoder, init = pretrain_public_models(public, out, config, ldm=pretrain)

@@ -71,13 +71,22 @@ def _range(group: str) -> tuple[float, float]:
     return min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
 
 
+def _to_unit(group: str, values: np.ndarray) -> np.ndarray:
+    """`values` of `group` mapped from its fixed range to [-1, 1] (what the net regresses)."""
+    lo, hi = _range(group)
+    return 2.0 * (values - lo) / (hi - lo) - 1.0
+
+
+def _from_unit(group: str, values: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_to_unit`."""
+    lo, hi = _range(group)
+    return (values + 1.0) / 2.0 * (hi - lo) + lo
+
+
 def _labels(volume_set: VolumeSet) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets normalised to [-1, 1] on their fixed range, (N, len(TARGETS)), and ESED (N,);
     NaN where unknown."""
-    columns = []
-    for group in TARGETS:
-        lo, hi = _range(group)
-        columns.append(2.0 * (own_phase(volume_set.attributes, group) - lo) / (hi - lo) - 1.0)
+    columns = [_to_unit(g, own_phase(volume_set.attributes, g)) for g in TARGETS]
     targets = torch.tensor(np.stack(columns, 1), dtype=torch.float32)
     return targets, torch.tensor(volume_set.attributes[:, INDEX["ESED"]], dtype=torch.float32)
 
@@ -125,8 +134,7 @@ def score_predictor(net: nn.Module, test: VolumeSet, batch_size: int = 16) -> di
     phase = test.attributes[:, INDEX["ESED"]]
     scores: dict[str, float] = {}
     for i, group in enumerate(TARGETS):
-        lo, hi = _range(group)
-        predicted = (out[:, i].astype(np.float64) + 1.0) / 2.0 * (hi - lo) + lo
+        predicted = _from_unit(group, out[:, i].astype(np.float64))
         for attribute, in_phase in zip(POOLED[group], (phase == 1.0, phase == 0.0), strict=True):
             truth = test.attributes[in_phase, INDEX[attribute]].astype(np.float64)
             fit = agreement(truth, predicted[in_phase], relative=True)
