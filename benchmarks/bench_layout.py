@@ -2,9 +2,11 @@
 
 What `blocks.convolve_channels_last` rests on (BENCHMARKS.md, "Channels-last
 convolutions"): the shipped demo autoencoder decoding and encoding a sampling batch, the
-demo's referee (channels 8-16-32, reading at 3.65 mm) taking a training step (batch 4) and
-reading a sampling batch, each timed with its weights in both layouts, interleaved call by
-call, median of `--repeats`:
+demo's denoiser predicting a guided sampling batch, the demo's referee (channels 8-16-32,
+reading at 3.65 mm) taking a training step (batch 4) and reading a sampling batch, each
+timed with its weights in both layouts; and what `referee.label_map` rests on
+(BENCHMARKS.md, "Label maps"): `argmax(1)` against `max(1).indices` of a sampling batch's
+referee logits. Interleaved call by call, median of `--repeats`:
 
     .venv/bin/python benchmarks/bench_layout.py --repeats 7
 """
@@ -23,8 +25,9 @@ from monai.losses import DiceCELoss
 
 import dpsynth
 from dpsynth.app.demo import REFEREE_DOWNSAMPLE, demo_assets
+from dpsynth.attributes import N_ATTRIBUTES
 from dpsynth.diffusion.pipeline import SAMPLE_BATCH
-from dpsynth.evaluation.referee import RefereeNet
+from dpsynth.evaluation.referee import N_CLASSES, RefereeNet, label_map
 
 DEFAULT = torch.contiguous_format
 REFEREE_CHANNELS = (8, 16, 32)  # the demo's (`app.demo.run_demo`)
@@ -51,7 +54,14 @@ def autoencoder_cases() -> dict[str, dict[str, Callable[[], object]]]:
     g = torch.Generator().manual_seed(0)
     z = torch.randn(SAMPLE_BATCH, *pipe.latent_shape, generator=g)
     v = torch.rand(SAMPLE_BATCH, 1, *pipe.volume_shape, generator=g)
+    # The denoiser as sampling runs it: a batch and its unconditional twin (guidance).
+    den = {"default": copy.deepcopy(pipe.denoiser).to(memory_format=DEFAULT)}
+    den["channels-last"] = pipe.denoiser
+    zz = torch.cat([z, z])
+    t = torch.full((len(zz),), 50)
+    a = torch.randn(len(zz), N_ATTRIBUTES, generator=g)
     return {
+        f"denoiser on {len(zz)} latents": {k: partial(m, zz, t, a) for k, m in den.items()},
         f"decode {SAMPLE_BATCH} volumes": {k: partial(m.decode_latent, z) for k, m in ae.items()},
         f"encode {SAMPLE_BATCH} volumes": {
             k: (lambda m=m: m.encode_latent(v).contiguous()) for k, m in ae.items()
@@ -93,18 +103,32 @@ def referee_cases() -> dict[str, dict[str, Callable[[], object]]]:
     }
 
 
+def label_map_cases() -> dict[str, dict[str, Callable[[], object]]]:
+    """Labels of a sampling batch's referee logits at the input grid, as `Referee.analyse`
+    takes them."""
+    logits = torch.randn(
+        SAMPLE_BATCH, N_CLASSES, 13, 96, 96, generator=torch.Generator().manual_seed(0)
+    )
+    return {
+        f"label map of {SAMPLE_BATCH} volumes' logits": {
+            "argmax(1)": lambda: logits.argmax(1),
+            "max(1).indices": partial(label_map, logits),
+        }
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    cases = autoencoder_cases() | referee_cases()
-    print(f"median of {args.repeats}, 2 threads; seconds default -> channels-last (speed-up)")
+    cases = autoencoder_cases() | referee_cases() | label_map_cases()
+    print(f"median of {args.repeats}, 2 threads; seconds before -> after (speed-up)")
     for name, fns in cases.items():
-        with torch.inference_mode(name.startswith(("decode", "encode"))):
+        with torch.inference_mode(name.startswith(("denoiser", "decode", "encode"))):
             t = interleaved(fns, args.repeats)
-        print(f"{name}: {t['default']:.3f} -> {t['channels-last']:.3f} s "
-              f"({t['default'] / t['channels-last']:.2f}x)")  # fmt: skip
+        (before, t0), (after, t1) = t.items()
+        print(f"{name}: {before} {t0:.3f} -> {after} {t1:.3f} s ({t0 / t1:.2f}x)")
 
 
 if __name__ == "__main__":

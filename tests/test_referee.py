@@ -114,6 +114,25 @@ def test_save_load_roundtrip(trained, tmp_path):
     np.testing.assert_array_equal(loaded.segment(train.volumes), referee.segment(train.volumes))
 
 
+def test_label_maps_are_argmax_labels_with_ties_to_the_first_class():
+    """`label_map` (the fast `max(1).indices`) gives `argmax(1)`'s labels, the first maximal
+    class on ties, for 3D and 2D logits and for channels-last ones."""
+    from dpsynth.evaluation.referee import label_map
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 4, 3, 8, 8), (5, 4, 8, 8)):
+        logits = torch.randint(0, 3, shape, generator=g).float()  # many ties
+        labels = label_map(logits)
+        assert labels.dtype == torch.uint8 and labels.shape == shape[:1] + shape[2:]
+        assert torch.equal(labels, logits.argmax(1).to(torch.uint8))
+        assert set(labels.unique().tolist()) == {0, 1, 2, 3}
+    tied = torch.zeros(1, 4, 2, 2)
+    tied[:, 2:] = 1.0
+    assert torch.equal(label_map(tied), torch.full((1, 2, 2), 2, dtype=torch.uint8))
+    cl = torch.randn(2, 4, 3, 8, 8, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(label_map(cl), cl.argmax(1).to(torch.uint8))
+
+
 def test_a_loaded_referee_convolves_channels_last_with_the_same_values(trained, tmp_path):
     """The referee's U-Net is stored channels-last (faster oneDNN 3D convolutions), also after
     save/load; it reads as the default layout does, to float rounding."""

@@ -421,6 +421,34 @@ def test_one_volume_decodes_on_the_fast_convolution_path():
     torch.testing.assert_close(volume, pair[:1], atol=1e-5, rtol=0)
 
 
+def test_a_loaded_denoiser_runs_channels_last_with_the_same_values():
+    """`load` stores the inference denoiser channels-last too (sampling and the audit run it
+    1.1x faster); it predicts what the default layout predicts and hands back a default-layout
+    tensor."""
+    import copy
+
+    import dpsynth
+    from dpsynth.app.demo import demo_assets
+
+    pipe = dpsynth.load(demo_assets() / "ldm")
+
+    assert stored_channels_last(pipe.denoiser) and all(stored_channels_last(pipe.denoiser))
+    plain = copy.deepcopy(pipe.denoiser).to(memory_format=torch.contiguous_format)
+    assert not any(stored_channels_last(plain))
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, *pipe.latent_shape, generator=g)
+    timesteps = torch.tensor([1, 50, 140])
+    attributes = torch.randn(3, N_ATTRIBUTES, generator=g)
+    with torch.no_grad():
+        got, want = (
+            pipe.denoiser(latents, timesteps, attributes),
+            plain(latents, timesteps, attributes),
+        )
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert (want - latents).abs().mean() > 0.1  # a real prediction, not the input handed back
+
+
 def test_a_loaded_autoencoder_runs_channels_last_with_the_same_values():
     """`load` stores the frozen autoencoder channels-last (faster oneDNN 3D convolutions);
     encode and decode give what the default layout gives, and hand back default-layout

@@ -30,6 +30,18 @@ from dpsynth.models.blocks import convolve_channels_last, single_as_pair
 from dpsynth.privacy.outputs import mark_evaluation_only
 
 N_CLASSES = 4  # background, LV blood pool, LV myocardium, RV blood pool
+
+
+def label_map(logits: torch.Tensor) -> torch.Tensor:
+    """Label of the largest class logit, (N, C, ...) -> (N, ...) uint8.
+
+    `max(1).indices`, not `argmax(1)`: the same first-maximum labels, but torch 2.13's CPU
+    argmax over a non-innermost dimension is 15-25x slower, and it cost the demo's
+    evaluation 30 s (BENCHMARKS.md, "Label maps").
+    """
+    return logits.max(1).indices.to(torch.uint8)
+
+
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "referee.safetensors"
 META_FILE = "referee.json"
@@ -151,7 +163,7 @@ class Referee:
                 logits, phase_logit, pooled = single_as_pair(
                     self.net, torch.from_numpy(batch).unsqueeze(1)
                 )
-                masks.append(logits.argmax(1).to(torch.uint8).numpy())
+                masks.append(label_map(logits).numpy())
                 prob_ed.append(torch.sigmoid(phase_logit).numpy())
                 features.append(pooled.double().numpy())
             self._outputs[key] = RefereeOutput(

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from dpsynth.data.volumes import VolumeSet, check_volume_array, load_volume_set
 from dpsynth.errors import DpsynthError
-from dpsynth.evaluation.referee import N_CLASSES
+from dpsynth.evaluation.referee import N_CLASSES, label_map
 from dpsynth.io import atomic_dir, atomic_write_json, read_json
 from dpsynth.privacy.outputs import labelled, mark_evaluation_only
 
@@ -91,10 +91,9 @@ class SecondReader:
             )
         slices = np.asarray(volumes, dtype=np.float32).reshape(-1, 1, *volumes.shape[2:])
         masks = [
-            self.net(torch.from_numpy(np.ascontiguousarray(slices[i : i + batch_slices])))
-            .argmax(1)
-            .to(torch.uint8)
-            .numpy()
+            label_map(
+                self.net(torch.from_numpy(np.ascontiguousarray(slices[i : i + batch_slices])))
+            ).numpy()
             for i in range(0, len(slices), batch_slices)
         ]
         return np.concatenate(masks).reshape(volumes.shape)

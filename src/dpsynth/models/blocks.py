@@ -49,7 +49,8 @@ def convolve_channels_last(module: nn.Module) -> nn.Module:
 
     oneDNN's 3D convolutions run faster in that layout, and PyTorch takes it for any
     convolution whose weight has it: the demo autoencoder decodes 1.4x and encodes 1.3x
-    faster, the referee trains 1.3x faster (BENCHMARKS.md, "Channels-last convolutions");
+    faster, the referee trains 1.3x faster, the inference denoiser runs 1.1x faster
+    (BENCHMARKS.md, "Channels-last convolutions", "Label maps");
     values change by float rounding only. Outputs with several channels then come out
     channels-last too, so callers hand back `.contiguous()` tensors. Not for a model
     DP-SGD trains: its gradient taps read default-layout views. Other devices are left as

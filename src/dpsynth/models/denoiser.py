@@ -239,7 +239,8 @@ class LatentDenoiser(nn.Module):
                 h = module(h)
             else:
                 h = module(torch.cat([h, skips.pop()], dim=1), time_emb, context)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        # Default layout out, also when `convolve_channels_last` stored the weights.
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
 
     def attention_and_conditioning_parameters(self) -> list[str]:
         """Names of the attention blocks' and attribute encoder's parameters.
