@@ -421,20 +421,27 @@ def test_one_volume_decodes_on_the_fast_convolution_path():
     torch.testing.assert_close(volume, pair[:1], atol=1e-5, rtol=0)
 
 
-def test_a_loaded_denoiser_runs_channels_last_with_the_same_values():
-    """`load` stores the inference denoiser channels-last too (sampling and the audit run it
-    1.1x faster); it predicts what the default layout predicts and hands back a default-layout
-    tensor."""
+def _loaded_with_a_default_layout_copy(name: str):
+    """The shipped demo pipeline, after checking that `load` stored its `name` net
+    channels-last, and a default-layout copy of that net."""
     import copy
 
     import dpsynth
     from dpsynth.app.demo import demo_assets
 
     pipe = dpsynth.load(demo_assets() / "ldm")
-
-    assert stored_channels_last(pipe.denoiser) and all(stored_channels_last(pipe.denoiser))
-    plain = copy.deepcopy(pipe.denoiser).to(memory_format=torch.contiguous_format)
+    net = getattr(pipe, name)
+    assert stored_channels_last(net) and all(stored_channels_last(net))
+    plain = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
     assert not any(stored_channels_last(plain))
+    return pipe, plain
+
+
+def test_a_loaded_denoiser_runs_channels_last_with_the_same_values():
+    """`load` stores the inference denoiser channels-last too (sampling and the audit run it
+    1.1x faster); it predicts what the default layout predicts and hands back a default-layout
+    tensor."""
+    pipe, plain = _loaded_with_a_default_layout_copy("denoiser")
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(3, *pipe.latent_shape, generator=g)
     timesteps = torch.tensor([1, 50, 140])
@@ -453,16 +460,7 @@ def test_a_loaded_autoencoder_runs_channels_last_with_the_same_values():
     """`load` stores the frozen autoencoder channels-last (faster oneDNN 3D convolutions);
     encode and decode give what the default layout gives, and hand back default-layout
     tensors (what the denoiser and DP-SGD's taps see is unchanged)."""
-    import copy
-
-    import dpsynth
-    from dpsynth.app.demo import demo_assets
-
-    pipe = dpsynth.load(demo_assets() / "ldm")
-
-    assert stored_channels_last(pipe.autoencoder) and all(stored_channels_last(pipe.autoencoder))
-    plain = copy.deepcopy(pipe.autoencoder).to(memory_format=torch.contiguous_format)
-    assert not any(stored_channels_last(plain))
+    pipe, plain = _loaded_with_a_default_layout_copy("autoencoder")
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, *pipe.latent_shape, generator=g)
     volumes = pipe.decode(latents)
