@@ -30,6 +30,8 @@ from dpsynth.evaluation.controllability import MEASURED_ATTRIBUTES
 from dpsynth.evaluation.referee import Referee
 from dpsynth.evaluation.second_reader import SecondReader
 from dpsynth.evaluation.selection import SELECTION_WEIGHTS, nearest_candidate, selectable
+from dpsynth.io import atomic_write_json
+from dpsynth.privacy.outputs import labelled
 from dpsynth.runs import load, read_conditions_csv, sampling_settings
 
 
@@ -124,9 +126,8 @@ def main() -> None:
             row |= {name: score(table, chosen, m) for name, m in measured.items()}
             results[f"k={k} step={step}"] = row
             print(f"k={k} step={step}/{steps}: {json.dumps(row)}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+    if args.out:  # read by the private referee and second reader: evaluation only
+        atomic_write_json(args.out, labelled(results))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from dpsynth.data.measure import measure_volume
 from dpsynth.evaluation.referee import Referee
 from dpsynth.evaluation.second_reader import SecondReader
 from dpsynth.io import atomic_write_json
+from dpsynth.privacy.outputs import labelled
 
 LVEDV_LEVELS = (100.0, 130.0, 160.0, 190.0, 220.0)
 
@@ -127,12 +128,12 @@ def main() -> None:
         cells = "   ".join(f"{mean:6.0f} ± {sd:3.0f}" for mean, sd in measured.values())
         print(f"{sweep:>15}  {level:6.4g}  {requested:15.0f}  {cells}")
     seconds = round(time.perf_counter() - start, 1)
-    atomic_write_json(args.out, {
-        "label": "evaluation only: base conditions are medians of real test patients",
+    # Base conditions are medians of real test patients: evaluation only.
+    atomic_write_json(args.out, labelled({
         "model": str(model), "guidance": args.guidance, "seed": args.seed,
         "per_setting": args.per_setting, "base": {a: float(base[i]) for a, i in INDEX.items()},
         "rows": rows, "seconds": seconds,
-    })  # fmt: skip
+    }))  # fmt: skip
     print(f"{len(volumes)} samples in {seconds} s -> {args.out}")
 
 

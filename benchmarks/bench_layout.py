@@ -60,6 +60,7 @@ def autoencoder_cases() -> dict[str, dict[str, Callable[[], object]]]:
     zz = torch.cat([z, z])
     t = torch.full((len(zz),), 50)
     a = torch.randn(len(zz), N_ATTRIBUTES, generator=g)
+    a[len(z) :] = float("nan")  # the twin conditions on "unknown"
     return {
         f"denoiser on {len(zz)} latents": {k: partial(m, zz, t, a) for k, m in den.items()},
         f"decode {SAMPLE_BATCH} volumes": {k: partial(m.decode_latent, z) for k, m in ae.items()},
@@ -111,7 +112,7 @@ def label_map_cases() -> dict[str, dict[str, Callable[[], object]]]:
     )
     return {
         f"label map of {SAMPLE_BATCH} volumes' logits": {
-            "argmax(1)": lambda: logits.argmax(1),
+            "argmax(1)": lambda: logits.argmax(1).to(torch.uint8),
             "max(1).indices": partial(label_map, logits),
         }
     }

@@ -14,7 +14,7 @@ from dpsynth.data.cache import FORMAT_VERSION
 from dpsynth.data.measure import measure_volume
 from dpsynth.data.volumes import VolumeSet
 from dpsynth.errors import DpsynthError
-from dpsynth.evaluation.referee import Referee, fit_referee, train_referee
+from dpsynth.evaluation.referee import Referee, fit_referee, label_map, train_referee
 
 SPACING = (10.0, 1.8269, 1.8269)
 
@@ -116,9 +116,7 @@ def test_save_load_roundtrip(trained, tmp_path):
 
 def test_label_maps_are_argmax_labels_with_ties_to_the_first_class():
     """`label_map` (the fast `max(1).indices`) gives `argmax(1)`'s labels, the first maximal
-    class on ties, for 3D and 2D logits and for channels-last ones."""
-    from dpsynth.evaluation.referee import label_map
-
+    class on ties, for 3D and 2D logits and for channels-last ones, and NaN's class."""
     g = torch.Generator().manual_seed(0)
     for shape in ((2, 4, 3, 8, 8), (5, 4, 8, 8)):
         logits = torch.randint(0, 3, shape, generator=g).float()  # many ties
@@ -129,8 +127,12 @@ def test_label_maps_are_argmax_labels_with_ties_to_the_first_class():
     tied = torch.zeros(1, 4, 2, 2)
     tied[:, 2:] = 1.0
     assert torch.equal(label_map(tied), torch.full((1, 2, 2), 2, dtype=torch.uint8))
-    cl = torch.randn(2, 4, 3, 8, 8, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    tied_cl = torch.randint(0, 3, (2, 4, 3, 8, 8), generator=g).float()
+    cl = tied_cl.contiguous(memory_format=torch.channels_last_3d)
     assert torch.equal(label_map(cl), cl.argmax(1).to(torch.uint8))
+    with_nan = torch.zeros(1, 4, 2, 2)
+    with_nan[0, 3, 0, 0] = float("nan")  # NaN wins, in both
+    assert label_map(with_nan)[0, 0, 0] == 3 == with_nan.argmax(1)[0, 0, 0]
 
 
 def test_a_loaded_referee_convolves_channels_last_with_the_same_values(trained, tmp_path):

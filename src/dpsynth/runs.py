@@ -161,7 +161,11 @@ def make_pipeline(
 
 
 def load(run: str | os.PathLike, device: str | torch.device | None = None) -> LatentDiffusion:
-    """The `LatentDiffusion` pipeline of a trained LDM run (EMA weights; no unpickling)."""
+    """The `LatentDiffusion` pipeline of a trained LDM run (EMA weights; no unpickling).
+
+    For inference: on the CPU its autoencoder and denoiser weights are stored channels-last
+    (`convolve_channels_last`); to train one, build it as `training.ldm` does.
+    """
     run = Path(run)
     meta = read_model_meta(run, kind="ldm")
     device = torch.device(device) if device else torch.device("cpu")
@@ -172,7 +176,7 @@ def load(run: str | os.PathLike, device: str | torch.device | None = None) -> La
         latent_channels=autoencoder.latent_channels,
     )
     denoiser.load_state_dict(load_weights(run / "denoiser.safetensors"))
-    # Sampling and the audit run the denoiser 1.1-1.15x faster so; no DP-SGD trains this copy.
+    # Channels-last: sampling and the audit run the denoiser 1.13x faster.
     convolve_channels_last(denoiser.to(device).eval())
     pipe = make_pipeline(
         autoencoder,

@@ -30,21 +30,19 @@ from dpsynth.models.blocks import convolve_channels_last, single_as_pair
 from dpsynth.privacy.outputs import mark_evaluation_only
 
 N_CLASSES = 4  # background, LV blood pool, LV myocardium, RV blood pool
-
-
-def label_map(logits: torch.Tensor) -> torch.Tensor:
-    """Label of the largest class logit, (N, C, ...) -> (N, ...) uint8.
-
-    `max(1).indices`, not `argmax(1)`: the same first-maximum labels, but torch 2.13's CPU
-    argmax over a non-innermost dimension is 15-25x slower, and it cost the demo's
-    evaluation 30 s (BENCHMARKS.md, "Label maps").
-    """
-    return logits.max(1).indices.to(torch.uint8)
-
-
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "referee.safetensors"
 META_FILE = "referee.json"
+
+
+def label_map(logits: torch.Tensor) -> torch.Tensor:
+    """Label of the largest class logit, (N, C, ...) -> (N, ...) uint8 (C <= 256).
+
+    `max(1).indices`, not `argmax(1)`: the same first-maximum labels, but torch 2.13's CPU
+    argmax over a non-innermost dimension is 5-23x slower (23x idle); it took 23 s of the
+    demo's 118 s audit (BENCHMARKS.md, "Label maps").
+    """
+    return logits.max(1).indices.to(torch.uint8)
 
 
 class RefereeNet(torch.nn.Module):

@@ -52,9 +52,9 @@ def convolve_channels_last(module: nn.Module) -> nn.Module:
     faster, the referee trains 1.3x faster, the inference denoiser runs 1.1x faster
     (BENCHMARKS.md, "Channels-last convolutions", "Label maps");
     values change by float rounding only. Outputs with several channels then come out
-    channels-last too, so callers hand back `.contiguous()` tensors. Not for a model
-    DP-SGD trains: its gradient taps read default-layout views. Other devices are left as
-    they are (not measured).
+    channels-last too, so callers hand back `.contiguous()` tensors. Not applied to a model
+    DP-SGD trains: unmeasured there (its gradient taps check themselves against torch.func
+    either way). Other devices are left as they are (not measured).
     """
     if next(module.parameters()).device.type == "cpu":
         module.to(memory_format=torch.channels_last_3d)
