@@ -59,7 +59,7 @@ def test_frd_ranks_the_control_sets(world):
 
 def test_fd_referee_ranks_the_control_sets(world):
     reference, sets, train = world
-    referee = fit_referee(train, epochs=4, channels=(8, 16, 32), seed=0)
+    referee = fit_referee(train, epochs=12, channels=(8, 16, 32), seed=0)
     real = feature_statistics(referee.features(reference))
     _check({k: frechet_distance(*real, *feature_statistics(referee.features(v)))
             for k, v in sets.items()})  # fmt: skip

@@ -14,7 +14,13 @@ from dpsynth.data.cache import FORMAT_VERSION
 from dpsynth.data.measure import measure_volume
 from dpsynth.data.volumes import VolumeSet
 from dpsynth.errors import DpsynthError
-from dpsynth.evaluation.referee import Referee, fit_referee, label_map, train_referee
+from dpsynth.evaluation.referee import (
+    Referee,
+    fit_referee,
+    label_map,
+    train_referee,
+    warmup_cosine,
+)
 
 SPACING = (10.0, 1.8269, 1.8269)
 
@@ -114,6 +120,21 @@ def test_save_load_roundtrip(trained, tmp_path):
     np.testing.assert_array_equal(loaded.segment(train.volumes), referee.segment(train.volumes))
 
 
+def test_the_learning_rate_rises_then_decays_to_zero_for_any_run_length():
+    """`warmup_cosine`: 1/25 of the peak at the first step, the peak after the first tenth,
+    then falling to ~0 at the last step; short runs (1, 2 and 10 steps, where torch's
+    OneCycleLR divides by zero) work too."""
+    factor = warmup_cosine(100)
+    values = [factor(step) for step in range(100)]
+    assert values[0] == pytest.approx(1 / 25) and values[10] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(values[:10], values[1:11], strict=True))
+    assert all(a > b for a, b in zip(values[10:-1], values[11:], strict=True))
+    assert values[-1] < 1e-3 and values[55] == pytest.approx(0.5, abs=0.02)
+    for total in (1, 2, 10):
+        short = [warmup_cosine(total)(step) for step in range(total)]
+        assert all(0.0 <= v <= 1.0 for v in short) and max(short) > 0.0
+
+
 def test_label_maps_are_argmax_labels_with_ties_to_the_first_class():
     """`label_map` (the fast `max(1).indices`) gives `argmax(1)`'s labels, the first maximal
     class on ties, for 3D and 2D logits and for channels-last ones, and NaN's class."""
@@ -158,7 +179,7 @@ def test_a_referee_reading_at_half_resolution_segments_at_the_input_grid(tmp_pat
     """downsample=2 (the demo's referee): it learns from 2x2-averaged volumes, returns masks
     at the input's grid, and keeps its reading scale through save/load."""
     train = phantoms(8, shape=(5, 32, 32))
-    referee = fit_referee(train, epochs=12, batch_size=4, lr=3e-3, channels=(8, 16, 32), seed=0,
+    referee = fit_referee(train, epochs=20, batch_size=4, lr=3e-3, channels=(8, 16, 32), seed=0,
                           downsample=2)  # fmt: skip
     masks = referee.segment(train.volumes)
     assert masks.shape == (8, 5, 32, 32)
