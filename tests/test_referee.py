@@ -123,7 +123,7 @@ def test_save_load_roundtrip(trained, tmp_path):
 def test_the_learning_rate_rises_then_decays_to_zero_for_any_run_length():
     """`warmup_cosine`: 1/25 of the peak at the first step, the peak after the first tenth,
     then falling to ~0 at the last step; short runs (1, 2 and 10 steps, where torch's
-    OneCycleLR divides by zero) work too."""
+    OneCycleLR divides by zero) work too and end low."""
     factor = warmup_cosine(100)
     values = [factor(step) for step in range(100)]
     assert values[0] == pytest.approx(1 / 25) and values[10] == pytest.approx(1.0)
@@ -133,6 +133,28 @@ def test_the_learning_rate_rises_then_decays_to_zero_for_any_run_length():
     for total in (1, 2, 10):
         short = [warmup_cosine(total)(step) for step in range(total)]
         assert all(0.0 <= v <= 1.0 for v in short) and max(short) > 0.0
+    assert warmup_cosine(10)(9) < 0.1 and warmup_cosine(10)(1) == 1.0
+
+
+def test_fit_referee_steps_the_schedule_once_per_batch(monkeypatch):
+    """`fit_referee` asks `warmup_cosine` for its whole run (epochs x batches) and takes one
+    step of it per batch; the meta records the recipe (it sets FD-referee's scale)."""
+    from dpsynth.evaluation import referee as referee_module
+
+    asked: list[int] = []
+    totals: list[int] = []
+
+    def recording(total_steps: int):
+        totals.append(total_steps)
+        factor = warmup_cosine(total_steps)
+        return lambda step: asked.append(step) or factor(step)
+
+    monkeypatch.setattr(referee_module, "warmup_cosine", recording)
+    train = phantoms(6)
+    referee = fit_referee(train, epochs=3, batch_size=2, channels=(4, 8), seed=0)
+    assert totals == [9]
+    assert asked == list(range(10))  # step 0 at creation, then one per batch
+    assert referee.meta["lr"] == {"schedule": "warmup_cosine", "peak": 3e-3, "steps": 9}
 
 
 def test_label_maps_are_argmax_labels_with_ties_to_the_first_class():

@@ -237,6 +237,12 @@ def test_sweep_refuses_folders_of_an_earlier_recipe(caches, tmp_path):
     with pytest.raises(DpsynthError, match="referee: a referee of an earlier sweep recipe"):
         sweep.run_sweep(out, config=tiny())  # no --private: refused before simulating one
     assert not (out / "data").exists()
+    # At the demo's grid but trained at a constant learning rate: another FD-referee scale.
+    atomic_write_json(out / "referee" / "referee.json", {"downsample": 2})
+    with pytest.raises(DpsynthError, match="a constant learning rate"):
+        sweep.refuse_stale(out, source)
+    atomic_write_json(out / "referee" / "referee.json", {"downsample": 2, "lr": {"peak": 3e-3}})
+    sweep.refuse_stale(out, source)
 
 
 def test_a_finished_selector_is_kept_only_if_it_learned_the_public_cache(

@@ -196,6 +196,9 @@ def refuse_stale(out: Path, source: dict) -> None:
     if referee.exists() and read_json(referee).get("downsample", 1) != REFEREE_DOWNSAMPLE:
         raise DpsynthError(f"{referee.parent}: a referee of an earlier sweep recipe (full "
                            "resolution); use a new --out")  # fmt: skip
+    if referee.exists() and "lr" not in read_json(referee):
+        raise DpsynthError(f"{referee.parent}: a referee of an earlier sweep recipe (a constant "
+                           "learning rate: another FD-referee scale); use a new --out")  # fmt: skip
     for provenance in sorted(out.glob(f"*_synthetic/{PROVENANCE_FILE}")):
         if read_json(provenance).get("candidates", 1) != CANDIDATES:
             raise DpsynthError(f"{provenance.parent}: sampled by an earlier sweep recipe (not "

@@ -199,6 +199,12 @@ def _fd_referee(x: _Inputs) -> dict[str, Any]:
     value = frechet_distance(*feature_statistics(real_f), *feature_statistics(synthetic_f))
     baseline = real_vs_real_baseline(real_f, np.random.default_rng(x.seed))
     config = f"Fréchet distance of pooled referee bottleneck features ({real_f.shape[1]}-d)"
+    # The referee's recipe sets the scale: the same sets read 4.00x under a constant
+    # learning rate and 2.74x under warmup_cosine (BENCHMARKS.md, "Referee: a decaying ...").
+    lr = getattr(x.referee, "meta", {}).get("lr")
+    config += (
+        f"; referee lr {lr['schedule']}, peak {lr['peak']:g}" if lr else "; referee lr constant"
+    )
     entry = _entry(
         value,
         baseline,
