@@ -229,12 +229,12 @@ def test_sweep_refuses_folders_of_an_earlier_recipe(caches, tmp_path):
     synthetic.joinpath("provenance.json").unlink()
     (out / "referee").mkdir()
     atomic_write_json(out / "referee" / "referee.json", {"channels": [8, 16, 32]})  # downsample 1
-    with pytest.raises(DpsynthError, match="referee: a referee of an earlier sweep recipe"):
+    with pytest.raises(DpsynthError, match="referee: a referee of an earlier recipe"):
         sweep.run_sweep(out, private=caches["private"], config=tiny())
     assert sorted(p.name for p in out.iterdir()) == [
         "eps10_pretrain_synthetic", sweep.SOURCE_FILE, "referee",
     ]  # fmt: skip
-    with pytest.raises(DpsynthError, match="referee: a referee of an earlier sweep recipe"):
+    with pytest.raises(DpsynthError, match="referee: a referee of an earlier recipe"):
         sweep.run_sweep(out, config=tiny())  # no --private: refused before simulating one
     assert not (out / "data").exists()
     # At the demo's grid but trained at a constant learning rate: another FD-referee scale.

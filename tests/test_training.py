@@ -959,6 +959,20 @@ def test_commands_that_chain_stages_refuse_torchrun_before_writing(command, tmp_
     assert [p.name for p in out.iterdir()] == ["left.txt"]
 
 
+@pytest.mark.parametrize(
+    "meta", [{"downsample": 1}, {"downsample": 2}], ids=["full resolution", "constant lr"]
+)
+def test_demo_keep_refuses_a_referee_of_an_earlier_recipe_before_any_work(meta, tmp_path):
+    """A kept referee of an earlier recipe would read the new synthetic set on another
+    FD-referee scale than the report's other runs: `demo --keep` refuses it first."""
+    out = tmp_path / "demo"
+    (out / "referee").mkdir(parents=True)
+    (out / "referee" / "referee.json").write_text(json.dumps(meta))
+    with pytest.raises(DpsynthError, match="an earlier recipe .*; run without --keep"):
+        run_demo(out, fresh=False)
+    assert [p.name for p in out.iterdir()] == ["referee"]
+
+
 @pytest.mark.parametrize("command", ["simulate", "prepare", "evaluate", "release", "explore"])
 def test_cli_refuses_torchrun_for_single_process_commands(command, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -137,6 +137,21 @@ def train_demo_referee(private_cache: Path, out: Path) -> Path:
                          downsample=REFEREE_DOWNSAMPLE)  # fmt: skip
 
 
+def refuse_earlier_referee(referee: Path, remedy: str) -> None:
+    """Refuse a kept referee folder that an earlier recipe trained: figures read by it
+    would sit beside this recipe's on another scale (a full-resolution reading, or a constant
+    learning rate, under which FD-referee's baseline is half the current one)."""
+    meta_path = referee / META_FILE
+    if not meta_path.exists():
+        return
+    meta = read_json(meta_path)
+    if meta.get("downsample", 1) != REFEREE_DOWNSAMPLE:
+        raise DpsynthError(f"{referee}: a referee of an earlier recipe (full resolution); {remedy}")
+    if "lr" not in meta:
+        raise DpsynthError(f"{referee}: a referee of an earlier recipe (a constant learning "
+                           f"rate: another FD-referee scale); {remedy}")  # fmt: skip
+
+
 def demo_dp_recipe():
     """The demo's DP LDM recipe, planned from its preset without running it, for
     `dpsynth audit-privacy --demo-recipe` when there is no runs/demo."""
@@ -159,6 +174,8 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
     total_epsilon = config.privacy.epsilon
     timings: dict[str, float] = {}
     keep = not fresh
+    if keep:  # before any work: a kept referee's figures would mix two scales
+        refuse_earlier_referee(out / "referee", "run without --keep")
     t0 = time.perf_counter()
 
     with Stage("public pre-trained models", out / "public", keep, timings):

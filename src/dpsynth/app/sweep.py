@@ -26,11 +26,11 @@ import numpy as np
 from dpsynth.app.demo import (
     CANDIDATES,
     PRIVATE,
-    REFEREE_DOWNSAMPLE,
     _with,
     cohort_paths,
     demo_assets,
     pretrain_public,
+    refuse_earlier_referee,
     simulate_and_prepare,
     train_demo_referee,
     train_selector,
@@ -48,7 +48,6 @@ from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.controllability import PER_PHASE
 from dpsynth.evaluation.evaluate import evaluate
-from dpsynth.evaluation.referee import META_FILE
 from dpsynth.io import atomic_write_json, atomic_write_text, read_json
 from dpsynth.launch import refuse_torchrun
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
@@ -192,13 +191,7 @@ def refuse_stale(out: Path, source: dict) -> None:
     measurements under one heading, public models kept from another --public were never
     checked against this run's private data, and a cell's ledger would name another cohort."""
 
-    referee = out / "referee" / META_FILE
-    if referee.exists() and read_json(referee).get("downsample", 1) != REFEREE_DOWNSAMPLE:
-        raise DpsynthError(f"{referee.parent}: a referee of an earlier sweep recipe (full "
-                           "resolution); use a new --out")  # fmt: skip
-    if referee.exists() and "lr" not in read_json(referee):
-        raise DpsynthError(f"{referee.parent}: a referee of an earlier sweep recipe (a constant "
-                           "learning rate: another FD-referee scale); use a new --out")  # fmt: skip
+    refuse_earlier_referee(out / "referee", "use a new --out")
     for provenance in sorted(out.glob(f"*_synthetic/{PROVENANCE_FILE}")):
         if read_json(provenance).get("candidates", 1) != CANDIDATES:
             raise DpsynthError(f"{provenance.parent}: sampled by an earlier sweep recipe (not "
