@@ -111,7 +111,6 @@ def run_sweep(
     `private` must hold different data. A folder left by an earlier recipe (plain draws, a
     full-resolution referee) is refused rather than mixed into the table.
     """
-
     refuse_torchrun("sweep", "each rank would simulate the cohort and train every cell")
     out = Path(out)
     config = config or load_config(preset)
