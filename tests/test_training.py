@@ -251,6 +251,25 @@ def _dp(world, out, **extra):
     return train_ldm(world["private"], world["ae"], out, config, init=world["ldm"], dp=True)
 
 
+def test_dp_sgd_trains_a_default_layout_denoiser_from_a_finished_run(world, tmp_path, monkeypatch):
+    """`runs.load` stores a run's denoiser channels-last for inference; a DP fine-tune from
+    that run (`init`) must build its own default-layout copy for the engine's taps."""
+    from conftest import stored_channels_last
+
+    from dpsynth.training import trainer
+
+    layouts = []
+    original = trainer.PatientDPSGD
+
+    def recording(model, *args, **kwargs):
+        layouts.append(stored_channels_last(model))
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "PatientDPSGD", recording)
+    _dp(world, tmp_path / "dp")
+    assert len(layouts) == 1 and layouts[0] and not any(layouts[0])
+
+
 def test_dp_stage_ledger_matches_patient_sample_rate(world, tmp_path):
     run = _dp(world, tmp_path / "dp")
     ledger = Ledger.load(run)
