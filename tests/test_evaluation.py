@@ -428,6 +428,8 @@ def test_untrained_referee_plugs_into_evaluate(tmp_path):
     out = evaluate(real, synthetic, tmp_path / "a", metrics=("fd_referee",), referee=referee)
     same = evaluate(real, real, tmp_path / "b", metrics=("fd_referee",), referee=referee)
     assert out["metrics"]["fd_referee"]["value"] > 0
+    # The entry names the referee's recipe: it sets the ratio's scale.
+    assert out["metrics"]["fd_referee"]["config"].endswith("; referee lr none (untrained)")
     assert (
         abs(same["metrics"]["fd_referee"]["value"]) < 1e-6 * out["metrics"]["fd_referee"]["value"]
     )

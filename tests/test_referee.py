@@ -15,9 +15,11 @@ from dpsynth.data.measure import measure_volume
 from dpsynth.data.volumes import VolumeSet
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.referee import (
+    CONSTANT_LR,
     Referee,
     fit_referee,
     label_map,
+    lr_recipe,
     train_referee,
     warmup_cosine,
 )
@@ -155,6 +157,8 @@ def test_fit_referee_steps_the_schedule_once_per_batch(monkeypatch):
     assert totals == [9]
     assert asked == list(range(10))  # step 0 at creation, then one per batch
     assert referee.meta["lr"] == {"schedule": "warmup_cosine", "peak": 3e-3, "steps": 9}
+    assert lr_recipe(referee.meta) == "warmup_cosine, peak 0.003"
+    assert lr_recipe({"downsample": 2}) == CONSTANT_LR  # a meta written before the schedule
 
 
 def test_label_maps_are_argmax_labels_with_ties_to_the_first_class():

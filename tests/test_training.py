@@ -1007,6 +1007,28 @@ def test_cli_refuses_torchrun_for_single_process_commands(command, tmp_path, mon
     assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
+def test_cli_refuses_torchrun_for_every_command_off_the_allow_list(monkeypatch, capsys):
+    """The refusal comes before any command runs, for every command but the allow-list's:
+    each one's function is swapped for one that fails the test if it is ever called."""
+    parser = build_parser()
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    single = sorted(set(subparsers.choices) - set(MULTI_PROCESS_COMMANDS))
+    # Pinned: each allowed command has a multi-process test of its own (DP training,
+    # sampling, the workflow); adding one to the list should fail here until it has one.
+    assert set(MULTI_PROCESS_COMMANDS) == {"train-ldm", "train-autoencoder", "sample", "workflow"}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def must_not_run(args: argparse.Namespace) -> None:
+        pytest.fail(f"{args.command} ran under torchrun")
+
+    for command in single:
+        parsed = argparse.Namespace(command=command, func=must_not_run)
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda *_, p=parsed: p)
+        assert main([command]) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {command}: runs as one process, not under torchrun"), err
+
+
 def test_the_torchrun_allow_list_names_real_commands():
     parser = build_parser()
     (commands,) = [a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)]

@@ -27,7 +27,7 @@ from dpsynth.data.simulate import simulate_cohort
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.controllability import PER_PHASE, POOLED
 from dpsynth.evaluation.evaluate import ALL_METRICS, evaluate
-from dpsynth.evaluation.referee import META_FILE, train_referee
+from dpsynth.evaluation.referee import CONSTANT_LR, META_FILE, lr_recipe, train_referee
 from dpsynth.io import atomic_write_json, read_json
 from dpsynth.launch import refuse_torchrun
 from dpsynth.privacy.attribute_fit import fit_attributes
@@ -147,7 +147,7 @@ def refuse_earlier_referee(referee: Path, remedy: str) -> None:
     meta = read_json(meta_path)
     if meta.get("downsample", 1) != REFEREE_DOWNSAMPLE:
         raise DpsynthError(f"{referee}: a referee of an earlier recipe (full resolution); {remedy}")
-    if "lr" not in meta:
+    if lr_recipe(meta) == CONSTANT_LR:
         raise DpsynthError(f"{referee}: a referee of an earlier recipe (a constant learning "
                            f"rate: another FD-referee scale); {remedy}")  # fmt: skip
 

@@ -34,7 +34,7 @@ from dpsynth.evaluation.diversity import mean_pairwise_ms_ssim
 from dpsynth.evaluation.fid import compute_fid
 from dpsynth.evaluation.frd import FRDConfig, compute_frd
 from dpsynth.evaluation.frechet import feature_statistics, frechet_distance, real_vs_real_baseline
-from dpsynth.evaluation.referee import Referee
+from dpsynth.evaluation.referee import Referee, lr_recipe
 from dpsynth.evaluation.second_reader import SecondReader
 from dpsynth.evaluation.study import clean_volume_set, neighbour_ms_ssim, study_controllability
 from dpsynth.evaluation.utility import STEPS as UTILITY_STEPS
@@ -201,10 +201,7 @@ def _fd_referee(x: _Inputs) -> dict[str, Any]:
     config = f"Fréchet distance of pooled referee bottleneck features ({real_f.shape[1]}-d)"
     # The referee's recipe sets the scale: the same sets read 4.00x under a constant
     # learning rate and 2.74x under warmup_cosine (BENCHMARKS.md, "Referee: a decaying ...").
-    lr = getattr(x.referee, "meta", {}).get("lr")
-    config += (
-        f"; referee lr {lr['schedule']}, peak {lr['peak']:g}" if lr else "; referee lr constant"
-    )
+    config += f"; referee lr {lr_recipe(getattr(x.referee, 'meta', {}))}"
     entry = _entry(
         value,
         baseline,

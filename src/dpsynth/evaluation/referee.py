@@ -195,6 +195,20 @@ def _base_meta(channels: tuple[int, ...], downsample: int = 1) -> dict[str, Any]
     }
 
 
+CONSTANT_LR = "constant"  # the recipe of referees whose meta has no "lr" (before 60d2e9f)
+
+
+def lr_recipe(meta: dict[str, Any]) -> str:
+    """How a referee's learning rate was set, read from its meta: e.g. "warmup_cosine, peak
+    0.003", `CONSTANT_LR`, or none for an untrained one. The recipe sets FD-referee's scale
+    (BENCHMARKS.md, "Referee: a decaying learning rate"), so figures name it and kept
+    referees are checked against it."""
+    if meta.get("trained") is False:
+        return "none (untrained)"
+    lr = meta.get("lr")
+    return f"{lr['schedule']}, peak {lr['peak']:g}" if lr else CONSTANT_LR
+
+
 def warmup_cosine(total_steps: int, warmup_fraction: float = 0.1) -> Callable[[int], float]:
     """Learning-rate factor per step: a cosine rise from 1/25 to 1 over the first tenth of
     `total_steps`, then a cosine decay to 0 (the shape of `OneCycleLR` at pct_start 0.1,
