@@ -239,7 +239,7 @@ def test_sweep_refuses_folders_of_an_earlier_recipe(caches, tmp_path):
     assert not (out / "data").exists()
     # At the demo's grid but trained at a constant learning rate: another FD-referee scale.
     atomic_write_json(out / "referee" / "referee.json", {"downsample": 2})
-    with pytest.raises(DpsynthError, match="a constant learning rate"):
+    with pytest.raises(DpsynthError, match=r"learning rate constant: another FD-referee scale"):
         sweep.refuse_stale(out, source)
     atomic_write_json(out / "referee" / "referee.json", {"downsample": 2, "lr": {"peak": 3e-3}})
     sweep.refuse_stale(out, source)

@@ -979,7 +979,9 @@ def test_commands_that_chain_stages_refuse_torchrun_before_writing(command, tmp_
 
 
 @pytest.mark.parametrize(
-    "meta", [{"downsample": 1}, {"downsample": 2}], ids=["full resolution", "constant lr"]
+    "meta",
+    [{"downsample": 1}, {"downsample": 2}, {"downsample": 2, "trained": False}],
+    ids=["full resolution", "constant lr", "untrained"],
 )
 def test_demo_keep_refuses_a_referee_of_an_earlier_recipe_before_any_work(meta, tmp_path):
     """A kept referee of an earlier recipe would read the new synthetic set on another
@@ -1013,6 +1015,7 @@ def test_cli_refuses_torchrun_for_every_command_off_the_allow_list(monkeypatch, 
     parser = build_parser()
     (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     single = sorted(set(subparsers.choices) - set(MULTI_PROCESS_COMMANDS))
+    assert {"demo", "sweep", "fit-attributes", "release"} <= set(single)  # never vacuous
     # Pinned: each allowed command has a multi-process test of its own (DP training,
     # sampling, the workflow); adding one to the list should fail here until it has one.
     assert set(MULTI_PROCESS_COMMANDS) == {"train-ldm", "train-autoencoder", "sample", "workflow"}

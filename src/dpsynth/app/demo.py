@@ -27,7 +27,13 @@ from dpsynth.data.simulate import simulate_cohort
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.controllability import PER_PHASE, POOLED
 from dpsynth.evaluation.evaluate import ALL_METRICS, evaluate
-from dpsynth.evaluation.referee import CONSTANT_LR, META_FILE, lr_recipe, train_referee
+from dpsynth.evaluation.referee import (
+    CONSTANT_LR,
+    META_FILE,
+    UNTRAINED,
+    lr_recipe,
+    train_referee,
+)
 from dpsynth.io import atomic_write_json, read_json
 from dpsynth.launch import refuse_torchrun
 from dpsynth.privacy.attribute_fit import fit_attributes
@@ -139,17 +145,19 @@ def train_demo_referee(private_cache: Path, out: Path) -> Path:
 
 def refuse_earlier_referee(referee: Path, remedy: str) -> None:
     """Refuse a kept referee folder that an earlier recipe trained: figures read by it
-    would sit beside this recipe's on another scale (a full-resolution reading, or a constant
-    learning rate, under which FD-referee's baseline is half the current one)."""
+    would sit beside this recipe's on another scale (a full-resolution reading; a constant
+    learning rate, under which FD-referee's baseline is half the current one; or none, an
+    untrained referee)."""
     meta_path = referee / META_FILE
     if not meta_path.exists():
         return
     meta = read_json(meta_path)
     if meta.get("downsample", 1) != REFEREE_DOWNSAMPLE:
         raise DpsynthError(f"{referee}: a referee of an earlier recipe (full resolution); {remedy}")
-    if lr_recipe(meta) == CONSTANT_LR:
-        raise DpsynthError(f"{referee}: a referee of an earlier recipe (a constant learning "
-                           f"rate: another FD-referee scale); {remedy}")  # fmt: skip
+    recipe = lr_recipe(meta)
+    if recipe in (CONSTANT_LR, UNTRAINED):
+        raise DpsynthError(f"{referee}: a referee of an earlier recipe (learning rate {recipe}: "
+                           f"another FD-referee scale); {remedy}")  # fmt: skip
 
 
 def demo_dp_recipe():

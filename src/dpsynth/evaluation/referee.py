@@ -35,6 +35,8 @@ N_CLASSES = 4  # background, LV blood pool, LV myocardium, RV blood pool
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "referee.safetensors"
 META_FILE = "referee.json"
+CONSTANT_LR = "constant"  # the recipe of referees whose meta has no "lr" (before 60d2e9f)
+UNTRAINED = "none (untrained)"  # `Referee.create`'s, for timing and tests
 
 
 def label_map(logits: torch.Tensor) -> torch.Tensor:
@@ -195,18 +197,17 @@ def _base_meta(channels: tuple[int, ...], downsample: int = 1) -> dict[str, Any]
     }
 
 
-CONSTANT_LR = "constant"  # the recipe of referees whose meta has no "lr" (before 60d2e9f)
-
-
 def lr_recipe(meta: dict[str, Any]) -> str:
     """How a referee's learning rate was set, read from its meta: e.g. "warmup_cosine, peak
-    0.003", `CONSTANT_LR`, or none for an untrained one. The recipe sets FD-referee's scale
-    (BENCHMARKS.md, "Referee: a decaying learning rate"), so figures name it and kept
-    referees are checked against it."""
+    0.003", `CONSTANT_LR` or `UNTRAINED`. The recipe sets FD-referee's scale (BENCHMARKS.md,
+    "Referee: a decaying learning rate"), so figures name it and kept referees are checked
+    against it."""
     if meta.get("trained") is False:
-        return "none (untrained)"
+        return UNTRAINED
     lr = meta.get("lr")
-    return f"{lr['schedule']}, peak {lr['peak']:g}" if lr else CONSTANT_LR
+    if not lr:
+        return CONSTANT_LR
+    return f"{lr.get('schedule', 'unnamed schedule')}, peak {lr.get('peak')}"
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float = 0.1) -> Callable[[int], float]:
