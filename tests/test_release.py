@@ -319,6 +319,50 @@ def test_refuses_a_non_dp_stage_on_private_data(world, tmp_path):
              synthetic=synthetic, max_epsilon=BUDGET)  # fmt: skip
 
 
+def test_a_public_stage_writes_its_parents_ledger_before_model_json(world, tmp_path, monkeypatch):
+    """model.json marks a run complete, so the DP ledger a public fine-tune of the DP run
+    carries is on disk first: a crash between the two cannot leave a complete run whose
+    ledger is missing (a child would inherit an ε too small)."""
+    from dpsynth.training import ldm as ldm_module
+
+    ledger_on_disk = []
+    save_model = ldm_module._save_model
+
+    def save(run, *args):
+        ledger_on_disk.append((run / "ledger.json").is_file())
+        save_model(run, *args)
+
+    monkeypatch.setattr(ldm_module, "_save_model", save)
+    public = train_ldm(world["public"], world["ae"], tmp_path / "pub", tiny(), init=world["dp"])
+    assert ledger_on_disk == [True]
+    assert {e.id for e in Ledger.load(public)} == {e.id for e in Ledger.load(world["dp"])}
+
+
+def test_a_parent_whose_ledger_misses_its_dp_lineage_is_refused(world, tmp_path, capsys):
+    """A copy of a DP-lineage run without its ledger.json (or a run whose model.json names a
+    DP cache its ledger does not): building on it, its budget and its release are refused,
+    and its report states no finite ε."""
+    parent = train_ldm(world["public"], world["ae"], tmp_path / "pub", tiny(), init=world["dp"])
+    (parent / "ledger.json").unlink()
+    config = tiny(**{"privacy.epsilon": 3.0, "privacy.max_total_epsilon": BUDGET})
+    for dp, data in ((True, world["private"]), (False, world["public"])):
+        with pytest.raises(DpsynthError, match="does not record that spending"):
+            train_ldm(data, world["ae"], tmp_path / f"child{dp}", config, init=parent, dp=dp)
+        assert not (tmp_path / f"child{dp}").exists()
+
+    run = shutil.copytree(world["dp"], tmp_path / "run")
+    meta = read_json(run / "model.json")
+    meta["trained_on"].append({"cache_id": "ab" * 16, "dp": True})  # spent, not in its ledger
+    (run / "model.json").write_text(json.dumps(meta))
+    capsys.readouterr()  # the training progress above
+    assert "does not record that spending" in _one_line_error(capsys, ["budget", str(run)])
+    synthetic = sample_to_folder(run, tmp_path / "synthetic", n=1, steps=2)
+    _refused(world, tmp_path / "b", "does not record that spending", run=run,
+             synthetic=synthetic, max_epsilon=BUDGET)  # fmt: skip
+    page = write_report(run, tmp_path / "report").read_text()
+    assert "does not record that spending" in page and "unreadable (ledger section)" in page
+
+
 @pytest.mark.parametrize(
     "lineage",
     [

@@ -233,7 +233,9 @@ def cmd_budget(args: argparse.Namespace) -> None:
 
     ledger = Ledger.load(args.target)
     run = Path(args.target).parent if Path(args.target).suffix == ".json" else Path(args.target)
-    not_dp = ledger.not_dp(run_lineage(run))
+    lineage = run_lineage(run)
+    ledger.require_accounted(lineage, run)
+    not_dp = ledger.not_dp(lineage)
     if args.json:
         epsilon, delta, accountant = ledger.composed_epsilon()
         summary = {

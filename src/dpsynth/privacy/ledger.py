@@ -306,6 +306,19 @@ class Ledger:
             if not item["dp"] and item["cache_id"] in private
         ]
 
+    def require_accounted(self, trained_on: Iterable[dict], where: str | os.PathLike) -> None:
+        """Refuse a model (`where`) whose ``trained_on`` says it learned a cache WITH DP that
+        this ledger does not name: the ledger (a parent's ``ledger.json`` lost, or a copy of
+        a run without it) would under-state what the weights spent."""
+        private = self.cache_ids
+        for item in trained_on:
+            if item["dp"] and item["cache_id"] not in private:
+                raise DpsynthError(
+                    f"{where}: learned cache {item['cache_id']} with DP, but its ledger does "
+                    "not record that spending (a ledger.json lost or not copied with its run); "
+                    "no ε can be stated for it"
+                )
+
     def default_delta(self) -> float:
         """The largest δ any DP entry was planned with (the default δ for totals)."""
         deltas = [e.delta for e in self if not e.non_private]

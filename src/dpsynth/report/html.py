@@ -261,7 +261,9 @@ def _read_privacy(path: Path) -> _Privacy:
     and ∞ when the run's lineage trained without DP on a cache the ledger names private."""
     ledger = Ledger.load(path)
     epsilon, delta, accountant = ledger.composed_epsilon()
-    not_dp = ledger.not_dp(run_lineage(path.parent))
+    lineage = run_lineage(path.parent)
+    ledger.require_accounted(lineage, path.parent)
+    not_dp = ledger.not_dp(lineage)
     if not_dp:
         epsilon = math.inf
     dp = [e for e in ledger if not e.non_private]

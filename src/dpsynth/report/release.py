@@ -256,6 +256,7 @@ def _check_non_private_training(run: Path, meta: dict, ledger: Ledger) -> None:
         _refuse(f"{run / MODEL_FILE}: no trained_on, so its lineage cannot be checked")
     with _refusing():
         lineage = read_lineage(meta, run / MODEL_FILE)
+        ledger.require_accounted(lineage, run)
     if ledger.not_dp(lineage):
         _refuse(f"{run}: a stage of its lineage trained without DP on private data")
 

@@ -53,7 +53,7 @@ from dpsynth.training.common import (
     init_distributed,
     pick_device,
     prepare_run_dir,
-    refuse_mixed_lineage,
+    refuse_unsafe_parents,
     save_config,
     seed_everything,
     trained_on,
@@ -85,7 +85,7 @@ def train_autoencoder(
     # Under DP the --init run's scale is kept; its label is read before any DP step.
     init_scale = _init_scale(init, init_meta) if dp and init_meta is not None else None
     parents = [Path(init)] if init else []
-    refuse_mixed_lineage(cache.cache_id, cache.path, dp, parents)
+    refuse_unsafe_parents(cache.cache_id, cache.path, dp, parents)
     # Held until the model is written: a second process on this run is refused.
     with hold_run(out) if rank == 0 else contextlib.nullcontext():
         run = prepare_run_dir(out, resume) if rank == 0 else Path(out)
@@ -121,9 +121,9 @@ def train_autoencoder(
         model.eval()
         if rank == 0:  # under torchrun every rank holds the same weights; one writes them
             scale = _latent_scale(model, cache, dp, init_scale, scale_entry)
+            if not dp and init is not None:  # a public stage still carries what its parents
+                carry_lineage(run, parents)  # spent; before model.json, which marks it complete
             _finish(run, model, cache, config, scale, private=dp, parents=parents)
-            if not dp and init is not None:  # a public stage still carries what its parents spent
-                carry_lineage(run, parents)
         barrier()
     return Path(out)
 

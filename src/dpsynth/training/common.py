@@ -164,25 +164,30 @@ def trained_on(cache_id: str, dp: bool, parents: Sequence[Path]) -> list[dict]:
     return items
 
 
-def refuse_mixed_lineage(cache_id: str, cache: Path, dp: bool, parents: Sequence[Path]) -> None:
-    """Refuse a stage on `cache` whose parents learned from it the other way (DP or not).
+def refuse_unsafe_parents(cache_id: str, cache: Path, dp: bool, parents: Sequence[Path]) -> None:
+    """Refuse a stage on `cache` whose parents learned from it the other way (DP or not), or
+    whose parent's ledger does not record the DP spending its ``trained_on`` names.
 
     A DP stage must not build on a parent trained on its data without DP: that parent holds
     the data without a guarantee. A non-DP stage must not train on data a parent learned
     with DP (its ``trained_on`` or its lineage's ledger): the data is private, and the new
-    weights would carry it with no guarantee while the ledger shows a finite ε.
+    weights would carry it with no guarantee while the ledger shows a finite ε. And no stage
+    may build on a parent whose ledger misses its own DP lineage: the new run inherits that
+    ledger, and every ε read from it would be too small.
     """
 
     for parent in parents:
-        ledger = Ledger.load(parent, missing_ok=True).cache_ids  # its lineage too
-        for item in run_lineage(parent):
+        ledger = Ledger.load(parent, missing_ok=True)  # its lineage too
+        lineage = run_lineage(parent)
+        ledger.require_accounted(lineage, parent)
+        for item in lineage:
             if item["cache_id"] == cache_id and item["dp"] != dp:
                 raise DpsynthError(
                     f"{parent}: trained {'with' if item['dp'] else 'without'} DP on the "
                     f"private cache {cache} (cache id {cache_id}); a "
                     f"{'DP' if dp else 'non-DP'} stage cannot build on it"
                 )
-        if not dp and cache_id in ledger:
+        if not dp and cache_id in ledger.cache_ids:
             raise DpsynthError(
                 f"{parent}: trained with DP on the private cache {cache} (its ledger names "
                 f"cache id {cache_id}); train on it with --dp"

@@ -45,7 +45,7 @@ from dpsynth.training.common import (
     init_distributed,
     pick_device,
     prepare_run_dir,
-    refuse_mixed_lineage,
+    refuse_unsafe_parents,
     save_config,
     seed_everything,
     trained_on,
@@ -104,7 +104,7 @@ def train_ldm(
     if init_meta is not None:
         config = adopt_architecture(config, init_meta, ("denoiser", "diffusion"))
     parents = [p for p in (Path(autoencoder), init and Path(init)) if p]
-    refuse_mixed_lineage(cache.cache_id, cache.path, dp, parents)
+    refuse_unsafe_parents(cache.cache_id, cache.path, dp, parents)
     # Held until the model is written: a second process on this run is refused.
     with hold_run(out) if rank == 0 else contextlib.nullcontext():
         run = prepare_run_dir(out, resume) if rank == 0 else Path(out)
@@ -148,9 +148,9 @@ def train_ldm(
 
         denoiser.load_state_dict(trainer.averaged_weights())
         if rank == 0:
+            if not dp:  # a public stage still carries what its parents spent; before
+                carry_lineage(run, parents)  # model.json, which marks the run complete
             _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, parents)
-            if not dp:  # a public stage still carries what its parents spent
-                carry_lineage(run, parents)
         barrier()
     return Path(out)
 
