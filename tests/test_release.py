@@ -33,7 +33,7 @@ from dpsynth.evaluation.selection import (
 from dpsynth.io import read_json
 from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
-from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
+from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL, mark_evaluation_only
 from dpsynth.report.html import write_report
 from dpsynth.report.release import (
     ALLOWED,
@@ -585,6 +585,36 @@ def test_refuses_real_private_conditions(world, tmp_path, capsys):
     assert "never release" in (tmp_path / "s" / "EVALUATION_ONLY.txt").read_text()
     _refused(world, tmp_path / "b", r"real private attributes \(evaluation only\)",
              synthetic=tmp_path / "s")  # fmt: skip
+
+
+def test_conditions_from_an_evaluation_only_place_must_be_declared_private(world, tmp_path, capsys):
+    """Real rows re-read as user-specified conditions would be released with the samples: a
+    CSV under an EVALUATION_ONLY.txt (the sweep's real test rows) or the attributes.csv of a
+    folder sampled on private rows is refused unless declared private."""
+    rows = tmp_path / "real.csv"
+    rows.write_text(
+        "LVEDV,ESED\n" + "".join(f"{v:.6g},1\n" for v in Cache(world["private"]).attributes[:2, 0])
+    )
+    evaluation = sample_to_folder(world["dp"], tmp_path / "s", n=2, attributes=rows,
+                                  conditions_source="private", steps=2)  # fmt: skip
+    capsys.readouterr()
+    argv = ["sample", str(world["dp"]), "--n", "2", "--attributes",
+            str(evaluation / "attributes.csv"), "--steps", "2", "--out", str(tmp_path / "again")]  # fmt: skip
+    err = _one_line_error(capsys, argv)
+    assert "evaluation only" in err and "--conditions-source private" in err
+    (evaluation / "EVALUATION_ONLY.txt").unlink()  # its provenance still says so
+    assert "provenance.json" in _one_line_error(capsys, argv)
+    assert not (tmp_path / "again").exists()
+
+    sweep = tmp_path / "sweep"
+    (sweep / "cell").mkdir(parents=True)
+    mark_evaluation_only(sweep)
+    shutil.copy(rows, sweep / "cell" / "rows.csv")
+    with pytest.raises(DpsynthError, match=r"rows.csv: evaluation only \(.*sweep.EVALUATION_ONLY"):
+        sample_to_folder(world["dp"], tmp_path / "x", n=1, attributes=sweep / "cell" / "rows.csv")
+    declared = sample_to_folder(world["dp"], tmp_path / "ok", n=1, steps=2,
+                                attributes=sweep / "cell" / "rows.csv", conditions_source="private")  # fmt: skip
+    assert read_json(declared / "provenance.json")["conditioning"] == "private"
 
 
 def test_refuses_to_replace_a_folder_that_is_not_a_bundle(world, tmp_path):

@@ -17,9 +17,9 @@ from dpsynth.config import check_candidates, check_sampling, check_seed
 from dpsynth.diffusion.pipeline import CHOICE_FRACTION, shard
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.selection import SELECTION_WEIGHTS, load_selector, sample_best_of
-from dpsynth.io import atomic_dir, atomic_write_json, sha256_file, write_nifti
+from dpsynth.io import atomic_dir, atomic_write_json, read_json, sha256_file, write_nifti
 from dpsynth.privacy.attribute_fit import load_attribute_model
-from dpsynth.privacy.outputs import mark_evaluation_only
+from dpsynth.privacy.outputs import evaluation_only_marker, mark_evaluation_only
 from dpsynth.runs import (
     CONDITIONING,
     PROVENANCE_FILE,
@@ -125,6 +125,8 @@ def sample_to_folder(
         conditions_source = "dp"
     elif conditions_source == "dp":
         raise DpsynthError("--conditions-source dp: use --attributes dp")
+    elif attributes is not None and conditions_source != "private":
+        _refuse_evaluation_only_conditions(Path(attributes))
 
     run = Path(run)
     segmenter, selector_record = (
@@ -210,6 +212,22 @@ def sample_to_folder(
             atomic_write_json(tmp / PROVENANCE_FILE, provenance)
     barrier()  # no rank returns before rank 0 has renamed the finished folder into place
     return Path(out)
+
+
+def _refuse_evaluation_only_conditions(csv: Path) -> None:
+    """Refuse conditions from an evaluation-only place unless they are declared private: a
+    CSV under an `EVALUATION_ONLY.txt` (e.g. the sweep's real test rows) or the
+    attributes.csv of a folder sampled on private rows. Read as user-specified, its rows
+    (real patients' attributes) would be released with the samples."""
+    provenance = csv.parent / PROVENANCE_FILE
+    record = read_json(provenance) if provenance.is_file() else {}
+    private = isinstance(record, dict) and record.get("conditioning") == "private"
+    label = evaluation_only_marker(csv) or (provenance if private else None)
+    if label is not None:
+        raise DpsynthError(
+            f"{csv}: evaluation only ({label}): its rows may be real private attributes; "
+            "pass --conditions-source private (the samples are then evaluation only too)"
+        )
 
 
 def _check_settings(

@@ -37,6 +37,15 @@ def mark_evaluation_only(folder: str | Path) -> Path:
     return path
 
 
+def evaluation_only_marker(path: str | Path) -> Path | None:
+    """The `EVALUATION_ONLY.txt` that labels `path`: in its folder or any folder above it
+    (a file inside a labelled folder is evaluation only too); None if there is none."""
+    for folder in Path(path).resolve().parents:
+        if (folder / MARKER_FILE).is_file():
+            return folder / MARKER_FILE
+    return None
+
+
 def is_evaluation_only(relative: str | Path) -> bool:
     """True for a path, relative to its run folder, that is or lies in an evaluation-only name."""
     parts = Path(relative).parts
