@@ -326,7 +326,9 @@ def test_utility_trtr_trains_on_as_many_real_volumes_as_tstr():
     np.testing.assert_equal(same.tstr, u.tstr)
 
 
-def test_metrics_json_schema(tmp_path):
+def test_metrics_json_schema(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     real, synthetic = phantoms(12, seed=9), phantoms(12, seed=10)
     result = evaluate(
         real,
@@ -335,9 +337,13 @@ def test_metrics_json_schema(tmp_path):
         metrics=("frd", "fd_referee", "fid", "ms_ssim", "controllability", "audit"),
         referee=TrueMaskReferee(real, synthetic),
         frd_config=FRDConfig(num_workers=1),
-        cache_dir=tmp_path / "cache",
         ms_ssim_pairs=4,
     )
+    # The real set's radiomics features (exact features of private volumes) stay inside the
+    # labelled evaluation folder, not in a shared user cache.
+    assert len(list((tmp_path / "out" / "features").glob("frd-*.npy"))) == 1
+    assert (tmp_path / "out" / "features" / "EVALUATION_ONLY.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
     def no_nan(token):
         raise AssertionError(f"non-standard JSON constant {token}")

@@ -151,9 +151,10 @@ def run_sweep(
             sample_to_folder(run, synthetic, n=N_SAMPLES, attributes=conditions, seed=0,
                              conditions_source="private", candidates=CANDIDATES,
                              selector=models / "selector", private=[private])  # fmt: skip
-        if not (run / "eval" / "metrics.json").exists():
+        if not (run / "eval" / "metrics.json").exists():  # the cells share the real features
             evaluate(private, synthetic, run / "eval", referee=referee, pipeline=load(run),
-                     metrics=("frd", "fd_referee", "ms_ssim", "controllability", "audit"))  # fmt: skip
+                     metrics=("frd", "fd_referee", "ms_ssim", "controllability", "audit"),
+                     cache_dir=out / "features")  # fmt: skip
         ledger = Ledger.load(run, missing_ok=True)
         rows.append(_row(cell, ledger, read_json(run / "eval" / "metrics.json")))
     atomic_write_json(out / "sweep.json", rows)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,8 +90,9 @@ def evaluate(
 
     `real` is a prepared cache (its test split is used) or a NIfTI folder; `real_train`
     defaults to the train split of a `real` cache. Metrics whose inputs are missing are
-    recorded with value None and a note saying what to supply. `cache_dir` holds the real
-    set's radiomics features (default: $XDG_CACHE_HOME/dpsynth/features).
+    recorded with value None and a note saying what to supply. `cache_dir` keeps the real
+    set's radiomics features for FRD (default: `out/features`); they are exact features of
+    private volumes, so the folder is labelled evaluation only.
 
     `study` adds the reference study's variants next to dpsynth's figures (`fid_study`,
     `ms_ssim_study`, `controllability_study_*`; `dpsynth.evaluation.study`). FID then
@@ -130,7 +130,7 @@ def evaluate(
         pipeline=pipeline,
         seed=seed,
         frd_config=frd_config,
-        cache_dir=Path(cache_dir) if cache_dir is not None else _default_cache_dir(),
+        cache_dir=Path(out) / "features" if cache_dir is None else Path(cache_dir),
         ms_ssim_pairs=ms_ssim_pairs,
         utility_steps=utility_steps,
         study=study,
@@ -184,6 +184,8 @@ FRD_NOT_TRUSTED = (
 
 
 def _frd(x: _Inputs) -> dict[str, Any]:
+    x.cache_dir.mkdir(parents=True, exist_ok=True)
+    mark_evaluation_only(x.cache_dir)  # features of the real (private) set are kept there
     r = compute_frd(x.real, x.synthetic, x.frd_config, cache_dir=x.cache_dir, seed=x.seed)
     entry = _distance_entry(r) | {"trusted": False, "note": FRD_NOT_TRUSTED}
     return {"metrics": {"frd": entry}}
@@ -433,11 +435,6 @@ def _is_cache(source: str | Path | VolumeSet) -> bool:
     if isinstance(source, VolumeSet):
         return False
     return is_cache(source)
-
-
-def _default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "dpsynth" / "features"
 
 
 def _json_safe(obj: Any) -> Any:
