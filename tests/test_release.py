@@ -671,6 +671,8 @@ def test_demo_ends_with_a_verified_release(world, selectors, tmp_path, monkeypat
     assert summary["epsilon"] == ledger.total_epsilon(accountant=summary["accountant"]) <= BUDGET
     text = (out / "report" / "index.html").read_text()
     assert 'href="../release/PRIVACY.md"' in text
+    assert "computed on private data" in text  # the DP stage's losses, at least
+    assert read_json(out / "summary.json")["label"] == EVALUATION_ONLY_LABEL
 
 
 # --- best-of-k sampling: a public selector's choice is post-processing ----------------------

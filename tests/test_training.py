@@ -544,6 +544,11 @@ def test_dp_validation_on_private_data_is_recorded_not_charged(world, tmp_path):
     public = train_ldm(world["private"], world["ae"], tmp_path / "dp_pub", config,
                        init=world["ldm"], dp=True, validation_data=world["public"])  # fmt: skip
     assert not [e for e in Ledger.load(public) if e.non_private]
+    # Without DP nothing would record it, and the run's losses are public files: refused.
+    with pytest.raises(DpsynthError, match="--private-validation: only with --dp"):
+        train_ldm(world["public"], world["ae"], tmp_path / "pub", tiny(),
+                  validation_data=world["private"], private_validation=True)  # fmt: skip
+    assert not (tmp_path / "pub").exists()
 
 
 def test_workflow_chains_public_pretraining_and_dp_and_its_ablation(world, tmp_path):

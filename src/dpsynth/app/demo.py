@@ -39,6 +39,7 @@ from dpsynth.launch import refuse_torchrun
 from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.one_run_audit import Recipe
+from dpsynth.privacy.outputs import labelled
 from dpsynth.privacy.planner import plan
 from dpsynth.report.html import write_report
 from dpsynth.report.release import release
@@ -244,7 +245,7 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
         "wall_s": round(time.perf_counter() - t0, 1),
         "headline": _headline(eval_dir / "metrics.json"),
     }
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", labelled(summary))  # headline: private test figures
     print(f"\nreport: {report}")
     print(f"release bundle (the only folder to share): {bundle}")
     print(f"total privacy spent: ε = {summary['total_epsilon']:.3f} at δ = {summary['delta']:g}")

@@ -29,7 +29,7 @@ from dpsynth.io import atomic_dir, atomic_write_text, read_json
 from dpsynth.privacy.accounting import epsilon_for
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.one_run_audit import AUDIT_DIR, AUDIT_FILE
-from dpsynth.privacy.outputs import EVAL_SUBDIR, FIDELITY_FILE
+from dpsynth.privacy.outputs import EVAL_SUBDIR, EVALUATION_ONLY_LABEL, FIDELITY_FILE
 from dpsynth.report import figures
 from dpsynth.report.release import MODEL_CARD, PRIVACY_MD, verify
 from dpsynth.runs import MODEL_FILE, PROVENANCE_FILE, read_model_meta, run_lineage
@@ -111,6 +111,12 @@ def _read_run(path: Path, eval_dir: Path | None) -> _Run:
         except (DpsynthError, OSError, UnicodeDecodeError) as e:
             run.errors[name] = f"{file}: {e}"
     return run
+
+
+def _private_losses(run: _Run) -> bool:
+    """Whether the run's metrics.jsonl is a DP stage's: its label line says the losses
+    were computed on private patients without DP (`training.trainer`)."""
+    return any(r.get("label") == EVALUATION_ONLY_LABEL for r in run.training or ())
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -467,6 +473,8 @@ def _evaluation_only(ctx: _Context) -> str:
         uses.append("the DP attribute model's fidelity table, computed on the private table")
     if ctx.real is not None or ctx.train is not None:
         uses.append("the real images shown in this report")
+    if _private_losses(ctx.run):
+        uses.append("the training losses: a DP stage's losses on private patients, without DP")
     if not uses:
         return ""
     items = "".join(f"<li>{_e(u)}</li>" for u in uses)
@@ -1037,7 +1045,7 @@ def write_report(
     )
     nav = "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title, _ in SECTIONS)
     banner = ""
-    if ctx.real is not None or ctx.train is not None or _audit(run):
+    if ctx.real is not None or ctx.train is not None or _audit(run) or _private_losses(run):
         banner = (
             '<p class="warn">This report contains results computed on private data and may '
             "show real images: it is an evaluation output (BRIEF section 3 (c)). Share it only "

@@ -89,6 +89,9 @@ def train_ldm(
     private data (`private_validation`, or the training cache itself) is recorded in the
     ledger as a non-private use and flagged in the report.
     """
+    if private_validation and not dp:  # nothing would record it: the run's files are public
+        raise DpsynthError("--private-validation: only with --dp; a run without DP is public, "
+                           "so validate it on public data")  # fmt: skip
     cache = Cache(data)
     rank = init_distributed(dp)
     device = pick_device()
