@@ -346,21 +346,25 @@ def test_a_parent_whose_ledger_misses_its_dp_lineage_is_refused(world, tmp_path,
     (parent / "ledger.json").unlink()
     config = tiny(**{"privacy.epsilon": 3.0, "privacy.max_total_epsilon": BUDGET})
     for dp, data in ((True, world["private"]), (False, world["public"])):
-        with pytest.raises(DpsynthError, match="does not record that spending"):
+        with pytest.raises(DpsynthError, match="records no DP-SGD on it"):
             train_ldm(data, world["ae"], tmp_path / f"child{dp}", config, init=parent, dp=dp)
         assert not (tmp_path / f"child{dp}").exists()
+    # A later entry naming the same cache (a DP attribute model) does not stand in for it.
+    fit_attributes(world["private"], parent, epsilon=0.5, seed=0, max_total_epsilon=BUDGET)
+    capsys.readouterr()
+    assert "records no DP-SGD on it" in _one_line_error(capsys, ["budget", str(parent)])
 
     run = shutil.copytree(world["dp"], tmp_path / "run")
     meta = read_json(run / "model.json")
     meta["trained_on"].append({"cache_id": "ab" * 16, "dp": True})  # spent, not in its ledger
     (run / "model.json").write_text(json.dumps(meta))
     capsys.readouterr()  # the training progress above
-    assert "does not record that spending" in _one_line_error(capsys, ["budget", str(run)])
+    assert "records no DP-SGD on it" in _one_line_error(capsys, ["budget", str(run)])
     synthetic = sample_to_folder(run, tmp_path / "synthetic", n=1, steps=2)
-    _refused(world, tmp_path / "b", "does not record that spending", run=run,
+    _refused(world, tmp_path / "b", "records no DP-SGD on it", run=run,
              synthetic=synthetic, max_epsilon=BUDGET)  # fmt: skip
     page = write_report(run, tmp_path / "report").read_text()
-    assert "does not record that spending" in page and "unreadable (ledger section)" in page
+    assert "records no DP-SGD on it" in page and "unreadable (ledger section)" in page
 
 
 @pytest.mark.parametrize(

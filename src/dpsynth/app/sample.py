@@ -219,7 +219,7 @@ def _refuse_evaluation_only_conditions(csv: Path) -> None:
     CSV under an `EVALUATION_ONLY.txt` (e.g. the sweep's real test rows) or the
     attributes.csv of a folder sampled on private rows. Read as user-specified, its rows
     (real patients' attributes) would be released with the samples."""
-    provenance = csv.parent / PROVENANCE_FILE
+    provenance = csv.resolve().parent / PROVENANCE_FILE  # a link's target folder
     record = read_json(provenance) if provenance.is_file() else {}
     private = isinstance(record, dict) and record.get("conditioning") == "private"
     label = evaluation_only_marker(csv) or (provenance if private else None)

@@ -92,7 +92,8 @@ def evaluate(
     defaults to the train split of a `real` cache. Metrics whose inputs are missing are
     recorded with value None and a note saying what to supply. `cache_dir` keeps the real
     set's radiomics features for FRD (default: `out/features`); they are exact features of
-    private volumes, so the folder is labelled evaluation only.
+    private volumes, so the folder is labelled evaluation only (and `dpsynth sample` then
+    refuses conditions CSVs anywhere below it unless declared private).
 
     `study` adds the reference study's variants next to dpsynth's figures (`fid_study`,
     `ms_ssim_study`, `controllability_study_*`; `dpsynth.evaluation.study`). FID then

@@ -308,15 +308,17 @@ class Ledger:
 
     def require_accounted(self, trained_on: Iterable[dict], where: str | os.PathLike) -> None:
         """Refuse a model (`where`) whose ``trained_on`` says it learned a cache WITH DP that
-        this ledger does not name: the ledger (a parent's ``ledger.json`` lost, or a copy of
-        a run without it) would under-state what the weights spent."""
-        private = self.cache_ids
+        no DP-SGD entry of this ledger names: the ledger (a parent's ``ledger.json`` lost,
+        or a copy of a run without it) would under-state what the weights spent. Only a
+        training entry counts: an attribute model fitted later names the cache too."""
+        trained = {e.cache_id for e in self if e.mechanism == "dp-sgd"}
         for item in trained_on:
-            if item["dp"] and item["cache_id"] not in private:
+            if item["dp"] and item["cache_id"] not in trained:
                 raise DpsynthError(
-                    f"{where}: learned cache {item['cache_id']} with DP, but its ledger does "
-                    "not record that spending (a ledger.json lost or not copied with its run); "
-                    "no ε can be stated for it"
+                    f"{where}: its weights learned cache {item['cache_id']} with DP (model.json "
+                    "trained_on, its own or a parent's), but its ledger.json records no DP-SGD "
+                    "on it (lost, or not copied with the run): no ε can be stated; restore "
+                    "that ledger.json or retrain"
                 )
 
     def default_delta(self) -> float:
