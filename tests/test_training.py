@@ -423,6 +423,27 @@ def test_dp_autoencoder_fine_tune_is_patient_level_and_keeps_public_scale(world,
     assert "label" not in read_json(world["ae"] / "reconstruction.json")  # public test split
 
 
+def test_a_public_autoencoder_on_a_dp_one_writes_its_ledger_before_model_json(
+    world, tmp_path, monkeypatch
+):
+    """model.json marks the run complete, so the DP parent's ledger it carries is on disk
+    first: a crash between the two cannot leave a complete run with an empty ledger."""
+    from dpsynth.training import autoencoder as ae_module
+
+    parent = _dp_ae(world, tmp_path / "ae_dp")
+    ledger_on_disk = []
+    finish = ae_module._finish
+
+    def spy(run, *args, **kwargs):
+        ledger_on_disk.append((run / "ledger.json").is_file())
+        finish(run, *args, **kwargs)
+
+    monkeypatch.setattr(ae_module, "_finish", spy)
+    public = train_autoencoder(world["public"], tmp_path / "ae_pub", tiny(), init=parent)
+    assert ledger_on_disk == [True]
+    assert [e.stage for e in Ledger.load(public)] == ["autoencoder-dp-sgd"]
+
+
 def test_dp_autoencoder_from_scratch_charges_a_dp_latent_scale(world, tmp_path):
     run = _dp_ae(world, tmp_path / "ae_scratch", init=False)
     stages = {e.stage: e for e in Ledger.load(run)}
