@@ -234,9 +234,8 @@ def cmd_budget(args: argparse.Namespace) -> None:
     ledger = Ledger.load(args.target)
     run = Path(args.target).parent if Path(args.target).suffix == ".json" else Path(args.target)
     lineage = run_lineage(run)
+    ledger.require_accounted(lineage, run)
     not_dp = ledger.not_dp(lineage)
-    if not not_dp:  # NOT DP states no ε at all; otherwise the ledger must cover the lineage
-        ledger.require_accounted(lineage, run)
     if args.json:
         epsilon, delta, accountant = ledger.composed_epsilon()
         summary = {

@@ -310,7 +310,11 @@ class Ledger:
         """Refuse a model (`where`) whose ``trained_on`` says it learned a cache WITH DP that
         no DP-SGD entry of this ledger names: the ledger (a parent's ``ledger.json`` lost,
         or a copy of a run without it) would under-state what the weights spent. Only a
-        training entry counts: an attribute model fitted later names the cache too."""
+        training entry counts: an attribute model fitted later names the cache too. A
+        lineage that also learned private data without DP (`not_dp`) passes: its ε is ∞,
+        which nothing can under-state."""
+        if self.not_dp(trained_on):
+            return
         trained = {e.cache_id for e in self if e.mechanism == "dp-sgd"}
         for item in trained_on:
             if item["dp"] and item["cache_id"] not in trained:

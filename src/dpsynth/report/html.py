@@ -268,11 +268,10 @@ def _read_privacy(path: Path) -> _Privacy:
     ledger = Ledger.load(path)
     epsilon, delta, accountant = ledger.composed_epsilon()
     lineage = run_lineage(path.parent)
+    ledger.require_accounted(lineage, path.parent)
     not_dp = ledger.not_dp(lineage)
     if not_dp:
         epsilon = math.inf
-    else:  # a finite ε only from a ledger that covers the lineage
-        ledger.require_accounted(lineage, path.parent)
     dp = [e for e in ledger if not e.non_private]
     stages = []
     for e in dp:
