@@ -223,3 +223,83 @@ def test_budget_reads_the_lineage_as_release_does(tmp_path, capsys, trained_on, 
         assert code == 0 and message in out and "epsilon = 1" not in out
     else:
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def _dp_run(folder, entries, trained_on):
+    """A run folder holding `entries` in its ledger and `trained_on` in its model.json."""
+    from dpsynth.privacy.ledger import Ledger
+
+    folder.mkdir()
+    Ledger(entries).save(folder)
+    (folder / "model.json").write_text(json.dumps({"kind": "ldm", "trained_on": trained_on}))
+    return folder
+
+
+def test_budget_of_sibling_runs_composes_them_counting_shared_entries_once(tmp_path, capsys):
+    """Two fine-tunes of one DP parent, released together, reveal the parent's spending
+    once and both children's: the joint ε is that composition, above either run's own."""
+    from dpsynth.privacy.ledger import Ledger, LedgerEntry
+
+    def stage(name):
+        return LedgerEntry(stage=name, mechanism="dp-sgd", cache_id="c1", records=100,
+                           noise_multiplier=1.0, sample_rate=0.1, planned_steps=40, steps=40)  # fmt: skip
+
+    parent, a, b = stage("ae-dp"), stage("ldm-dp"), stage("ldm-dp")
+    lineage = [{"cache_id": "c1", "dp": True}]
+    runs = [_dp_run(tmp_path / n, [parent, e], lineage) for n, e in (("a", a), ("b", b))]
+    alone = [Ledger.load(run).composed_epsilon()[0] for run in runs]
+    joint = Ledger([parent, a, b]).composed_epsilon()[0]
+    twice = Ledger([parent, a, b, stage("ae-dp")]).composed_epsilon()[0]  # a second parent
+    assert alone[0] == alone[1] < joint < twice  # the shared parent is not counted twice
+
+    assert main(["budget", *map(str, runs), "--json"]) == 0
+    stated = json.loads(capsys.readouterr().out)
+    assert stated["epsilon"] == joint and len(stated["entries"]) == 3
+    assert stated["runs"] == [str(r) for r in runs] and stated["lineage_unchecked"] == []
+    assert main(["budget", *map(str, runs)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Joint ledger of 2 runs") and f"epsilon = {joint:.4g} at" in out
+    assert f"epsilon = {alone[0]:.4g} at" not in out
+
+
+def test_budget_of_sibling_runs_is_not_dp_when_one_learned_the_others_cohort(tmp_path, capsys):
+    """Run B trained WITHOUT DP on cache c1, which only run A's ledger names as private:
+    alone B states a finite ε (its own ledger knows nothing of c1); together, none."""
+    from dpsynth.privacy.ledger import LedgerEntry
+
+    a = _dp_run(tmp_path / "a", [LedgerEntry(
+        stage="ldm-dp", mechanism="dp-sgd", cache_id="c1", records=100, noise_multiplier=1.0,
+        sample_rate=0.1, planned_steps=40, steps=40,
+    )], [{"cache_id": "c1", "dp": True}])  # fmt: skip
+    b = _dp_run(tmp_path / "b", [LedgerEntry.gaussian("attributes", 2.0, records=50,
+                                                      cache_id="c2")],
+                [{"cache_id": "c1", "dp": False}])  # fmt: skip
+    assert main(["budget", str(b), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epsilon"] is not None
+    assert main(["budget", str(a), str(b), "--json"]) == 0
+    stated = json.loads(capsys.readouterr().out)
+    assert stated["epsilon"] is None and stated["not_dp"] == ["c1"]
+    assert main(["budget", str(a), str(b)]) == 0
+    assert "epsilon = inf: NOT DP\n  trained without DP on cache c1" in capsys.readouterr().out
+
+
+def test_budget_says_when_a_runs_lineage_was_not_checked(tmp_path, capsys):
+    """A ledger without its model.json (a stage still training, a bare copy) or a model.json
+    without trained_on cannot be checked for spending its ledger lost: `budget` says so."""
+    from dpsynth.privacy.ledger import Ledger, LedgerEntry
+
+    bare, old = tmp_path / "bare", tmp_path / "old"
+    bare.mkdir()
+    Ledger([LedgerEntry.gaussian("statistic", 2.0, records=50, cache_id="c1")]).save(bare)
+    _dp_run(old, Ledger.load(bare).entries, [])
+    meta = json.loads((old / "model.json").read_text())
+    del meta["trained_on"]
+    (old / "model.json").write_text(json.dumps(meta))
+    for run, why in ((bare, "no model.json (a stage still training"),
+                     (old, "model.json records no trained_on")):  # fmt: skip
+        assert main(["budget", str(run)]) == 0
+        assert f"  note: {run}: {why}" in capsys.readouterr().out
+        assert main(["budget", str(run / "ledger.json"), "--json"]) == 0
+        assert why in json.loads(capsys.readouterr().out)["lineage_unchecked"][0]
+    assert main(["budget", "plan", str(bare)]) == 2
+    assert "budget plan: takes no run folders" in capsys.readouterr().err

@@ -315,8 +315,9 @@ def test_refuses_a_non_dp_stage_on_private_data(world, tmp_path):
     meta["trained_on"].insert(0, {"cache_id": Cache(world["private"]).cache_id, "dp": False})
     (run / "model.json").write_text(json.dumps(meta))
     synthetic = sample_to_folder(run, tmp_path / "synthetic", n=1, steps=2)
-    _refused(world, tmp_path / "b", "trained without DP on private data", run=run,
-             synthetic=synthetic, max_epsilon=BUDGET)  # fmt: skip
+    for limit in (BUDGET, 1e-3):  # NOT DP is said first: no finite ε is weighed against a limit
+        _refused(world, tmp_path / "b", "trained without DP on private data", run=run,
+                 synthetic=synthetic, max_epsilon=limit)  # fmt: skip
 
 
 def test_a_public_stage_writes_its_parents_ledger_before_model_json(world, tmp_path, monkeypatch):

@@ -492,3 +492,19 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     image = imread(shot)
     assert image.shape[:2] == (2400, 1200) and image[..., :3].std() > 0.05
     shutil.copy(shot, Path(path).parent / "screenshot.png")  # for a human to look at
+
+
+def test_report_says_when_the_lineage_behind_its_epsilon_was_not_checked(tmp_path):
+    """A ledger with no model.json beside it (a DP stage still training) states its ε, and
+    the page says the lineage was not checked, in the summary and the ledger section."""
+    run = tmp_path / "training"
+    run.mkdir()
+    Ledger([LedgerEntry.gaussian("ldm-dp", 1.7, records=50, cache_id="c0ffee")]).save(run)
+    text = write_report(run, tmp_path / "out").read_text()
+    summary, ledger = (
+        text.split(f'<section id="{s}">')[1].split("</section>")[0] for s in ("summary", "ledger")
+    )
+    assert "(lineage not checked: ledger section)" in summary
+    assert f"Lineage not checked: {run}: no model.json (a stage still training" in ledger
+    (run / "model.json").write_text(json.dumps({"kind": "ldm", "trained_on": []}))
+    assert "ineage not checked" not in write_report(run, tmp_path / "out2").read_text()

@@ -216,7 +216,9 @@ def cmd_fit_attributes(args: argparse.Namespace) -> None:
 def cmd_budget(args: argparse.Namespace) -> None:
     from dpsynth.privacy.planner import format_plan, plan  # start-up time (module docstring)
 
-    if args.target == "plan":
+    if args.targets[0] == "plan":
+        if len(args.targets) > 1:
+            raise DpsynthError("budget plan: takes no run folders")
         for flag in ("records", "batch_size", "epochs"):
             if getattr(args, flag) is None:
                 raise DpsynthError(f"budget plan: --{flag.replace('_', '-')} is required")
@@ -228,26 +230,29 @@ def cmd_budget(args: argparse.Namespace) -> None:
         )  # fmt: skip
         print(json.dumps(result.to_json()) if args.json else format_plan(result))
         return
-    from dpsynth.privacy.ledger import Ledger, format_ledger  # start-up time (module docstring)
-    from dpsynth.runs import run_lineage  # start-up time (module docstring)
+    from dpsynth.privacy.ledger import format_ledger  # start-up time (module docstring)
+    from dpsynth.report.stated_privacy import stated_privacy  # start-up time (module docstring)
 
-    ledger = Ledger.load(args.target)
-    run = Path(args.target).parent if Path(args.target).suffix == ".json" else Path(args.target)
-    lineage = run_lineage(run)
-    ledger.require_accounted(lineage, run)
-    not_dp = ledger.not_dp(lineage)
+    stated = stated_privacy(args.targets)
     if args.json:
-        epsilon, delta, accountant = ledger.composed_epsilon()
+        epsilon, delta, accountant = stated.ledger.composed_epsilon()
         summary = {
-            "epsilon": None if not_dp else epsilon,
+            "runs": [str(run) for run in stated.runs],
+            "epsilon": None if stated.not_dp else epsilon,
             "delta": delta,
             "accountant": accountant,
-            "not_dp": not_dp,
-            **ledger.to_json(),
+            "not_dp": stated.not_dp,
+            "lineage_unchecked": stated.unchecked,
+            **stated.ledger.to_json(),
         }
         print(json.dumps(summary, indent=2))
-    else:
-        print(format_ledger(ledger, not_dp))
+        return
+    if len(stated.runs) > 1:
+        print(f"Joint ledger of {len(stated.runs)} runs released together (entries they share "
+              "counted once):")  # fmt: skip
+    print(format_ledger(stated.ledger, stated.not_dp))
+    for why in stated.unchecked:
+        print(f"  note: {why}")
 
 
 def cmd_train_referee(args: argparse.Namespace) -> None:
@@ -488,7 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fit_attributes)
 
     p = sub.add_parser("budget", help="plan a DP budget, or show a run's ledger")
-    p.add_argument("target", help="'plan' or a run folder")
+    p.add_argument(
+        "targets", nargs="+", metavar="TARGET",
+        help="'plan', or run folders (several: their joint ε, as if released together)",
+    )  # fmt: skip
     p.add_argument("--records", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--epochs", type=float)

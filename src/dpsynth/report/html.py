@@ -27,12 +27,12 @@ from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.controllability import CSV_FILE, SECOND_READER_CSV_FILE
 from dpsynth.io import atomic_dir, atomic_write_text, read_json
 from dpsynth.privacy.accounting import epsilon_for
-from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.one_run_audit import AUDIT_DIR, AUDIT_FILE
 from dpsynth.privacy.outputs import EVAL_SUBDIR, EVALUATION_ONLY_LABEL, FIDELITY_FILE
 from dpsynth.report import figures
 from dpsynth.report.release import MODEL_CARD, PRIVACY_MD, verify
-from dpsynth.runs import MODEL_FILE, PROVENANCE_FILE, read_model_meta, run_lineage
+from dpsynth.report.stated_privacy import stated_privacy
+from dpsynth.runs import MODEL_FILE, PROVENANCE_FILE, read_model_meta
 
 N_SHOWN = 6  # volumes per set in the sample grids
 
@@ -246,6 +246,7 @@ class _Privacy:
     non_private: list[Any]  # LedgerEntry objects flagged non_private
     records: int | None
     not_dp: list[str]  # private caches the lineage learned WITHOUT DP: ε is then ∞
+    unchecked: list[str]  # why the lineage could not be checked (StatedPrivacy)
 
 
 STAGE_COLUMNS = (
@@ -265,12 +266,10 @@ STAGE_COLUMNS = (
 def _read_privacy(path: Path) -> _Privacy:
     """Load RUN/ledger.json; its ε is `Ledger.composed_epsilon`, as budget and release state,
     and ∞ when the run's lineage trained without DP on a cache the ledger names private."""
-    ledger = Ledger.load(path)
+    stated = stated_privacy([path])
+    ledger = stated.ledger
     epsilon, delta, accountant = ledger.composed_epsilon()
-    lineage = run_lineage(path.parent)
-    ledger.require_accounted(lineage, path.parent)
-    not_dp = ledger.not_dp(lineage)
-    if not_dp:
+    if stated.not_dp:
         epsilon = math.inf
     dp = [e for e in ledger if not e.non_private]
     stages = []
@@ -298,7 +297,8 @@ def _read_privacy(path: Path) -> _Privacy:
         stages=stages,
         non_private=[e for e in ledger if e.non_private],
         records=max((e.records for e in dp), default=None),
-        not_dp=not_dp,
+        not_dp=stated.not_dp,
+        unchecked=stated.unchecked,
     )
 
 
@@ -370,7 +370,8 @@ def _audit(run: _Run) -> dict:
 def _section_summary(ctx: _Context) -> str:
     run, cards = ctx.run, []
     if run.privacy:
-        cards.append(("ε per patient", _num(run.privacy.epsilon, 3)))
+        unchecked = " (lineage not checked: ledger section)" if run.privacy.unchecked else ""
+        cards.append(("ε per patient", _num(run.privacy.epsilon, 3) + unchecked))
         cards.append(("δ", _num(run.privacy.delta, 2)))
     elif "privacy" in run.errors:
         cards.append(("ε", "unreadable (ledger section)"))
@@ -429,6 +430,7 @@ def _section_ledger(ctx: _Context) -> str:
         f"{_e(cache_id)}, which the ledger names as private (ε = ∞).</p>"
         for cache_id in p.not_dp
     ]
+    parts += [f'<p class="warn">Lineage not checked: {_e(why)}.</p>' for why in p.unchecked]
     parts += [
         _table(
             ["composed ε (whole lineage)", "δ", "accountant"], [[p.epsilon, p.delta, p.accountant]]

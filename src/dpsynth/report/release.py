@@ -19,7 +19,8 @@ private cache's id) cannot slip in::
       SHA256SUMS                     SHA-256 of every other file (`sha256sum -c SHA256SUMS`)
 
 `release` refuses (one line, exit 2) when the ledger's composed ε is above the budget the
-user set, a stage without DP learned from data a DP entry marks private, the synthetic set
+user set, a stage without DP learned from data a DP entry marks private, the run's lineage
+cannot be checked against its ledger (`stated_privacy`), the synthetic set
 was not sampled from this run, its volumes were chosen by a selector not declared public or
 trained on a cache the ledger names, or its conditions were real private attributes. For a
 best-of-k set, privacy.json also says whether `sample --private` checked the selector's
@@ -72,6 +73,7 @@ from dpsynth.privacy.accounting import (
     epsilon_for,
 )
 from dpsynth.privacy.ledger import Ledger
+from dpsynth.report.stated_privacy import stated_privacy
 from dpsynth.runs import (
     CONDITIONING,
     MODEL_FILE,
@@ -81,7 +83,6 @@ from dpsynth.runs import (
     load_weights,
     model_digest,
     read_conditions_csv,
-    read_lineage,
     read_model_meta,
     read_scale_source,
     sampling_settings,
@@ -157,6 +158,7 @@ def release(
     dp = [e for e in ledger if not e.non_private and e.steps > 0]
     if not dp:
         _refuse(f"{run}: the ledger records no DP mechanism; only DP runs are released")
+    _check_non_private_training(run, ledger)  # first: a NOT DP run has no ε to weigh
     config = _run_config(run, max_epsilon)
     epsilon, delta, accountant = ledger.composed_epsilon()
     limits = _budget_limits(config, ledger, delta, accountant, max_epsilon)
@@ -168,7 +170,6 @@ def release(
                 f"{run}: composed ε = {epsilon:.4g} at δ = {delta:g} ({accountant}) is over "
                 f"{source} ({limit:g}){hint}"
             )
-    _check_non_private_training(run, meta, ledger)
     provenance = _check_synthetic(run, model, synthetic, ledger)
     if out.exists() and not (out / MANIFEST).is_file():
         raise DpsynthError(f"{out}: exists and is not a release bundle; choose a new --out")
@@ -241,23 +242,23 @@ def _budget_limits(
     return [(epsilon_for(planned, delta, accountant), "the run's planned spending")]
 
 
-def _check_non_private_training(run: Path, meta: dict, ledger: Ledger) -> None:
-    """Refuse weights that learned from private data without DP.
+def _check_non_private_training(run: Path, ledger: Ledger) -> None:
+    """Refuse weights that learned from private data without DP, or whose lineage cannot be
+    checked against the ledger (`stated_privacy`).
 
     Private data = any cache the ledger names (its entries record uses of private data).
-    A lineage stage that trained
-    on it without DP (model.json ``trained_on``), or a non-private ledger use other than an
-    evaluation, would put un-noised private information into the weights.
+    A lineage stage that trained on it without DP (model.json ``trained_on``), or a
+    non-private ledger use other than an evaluation, would put un-noised private
+    information into the weights.
     """
     for e in ledger:
         if e.non_private and e.stage not in EVALUATION_USES:
             _refuse(f"{run}: the ledger records a non-private use '{e.stage}' ({e.note})")
-    if "trained_on" not in meta:  # every run since the field carries it; deleted, it hides
-        _refuse(f"{run / MODEL_FILE}: no trained_on, so its lineage cannot be checked")
     with _refusing():
-        lineage = read_lineage(meta, run / MODEL_FILE)
-        ledger.require_accounted(lineage, run)
-    if ledger.not_dp(lineage):
+        stated = stated_privacy([run])
+    for why in stated.unchecked:  # every run since the field carries it; deleted, it hides
+        _refuse(why)
+    if stated.not_dp:
         _refuse(f"{run}: a stage of its lineage trained without DP on private data")
 
 
@@ -631,6 +632,9 @@ Conditions of the synthetic volumes (`synthetic/attributes.csv`): {source}.
   checkpoints (which hold the sampling seed) must never be released, and are not here.
 - It covers only what the ledger of this run recorded; uses of the same patients outside
   dpsynth are not counted.
+- Other models or data released from the same patients add to it: guarantees compose.
+  The data steward states the joint ε of runs released together with
+  `dpsynth budget RUN OTHER_RUN`.
 """
 
 
