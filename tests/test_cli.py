@@ -303,3 +303,26 @@ def test_budget_says_when_a_runs_lineage_was_not_checked(tmp_path, capsys):
         assert why in json.loads(capsys.readouterr().out)["lineage_unchecked"][0]
     assert main(["budget", "plan", str(bare)]) == 2
     assert "budget plan: takes no run folders" in capsys.readouterr().err
+
+
+def test_joint_budget_is_never_below_a_runs_own_epsilon(tmp_path, capsys):
+    """Stated at the largest δ of any entry, run B (δ 1e-7) beside run A (δ 1e-5) read
+    2.6 where B alone states 3.3; the joint ε is stated at the smallest run's δ. A run
+    named twice counts once."""
+    from dpsynth.privacy.ledger import Ledger, LedgerEntry
+
+    a = _dp_run(tmp_path / "a", [LedgerEntry.gaussian("attributes", 20.0, records=1000,
+                                                      cache_id="c1", delta=1e-5)], [])  # fmt: skip
+    b = _dp_run(tmp_path / "b", [LedgerEntry(
+        stage="ldm-dp", mechanism="dp-sgd", cache_id="c1", records=1000, noise_multiplier=1.0,
+        sample_rate=0.01, planned_steps=2000, steps=2000, delta=1e-7,
+    )], [{"cache_id": "c1", "dp": True}])  # fmt: skip
+    own = {run: Ledger.load(run).composed_epsilon()[:2] for run in (a, b)}
+    assert main(["budget", str(a), str(b), "--json"]) == 0
+    joint = json.loads(capsys.readouterr().out)
+    assert joint["delta"] == 1e-7
+    assert all(joint["epsilon"] >= eps for eps, _ in own.values())
+    assert joint["epsilon"] > own[b][0] > Ledger.load(a).composed_epsilon()[0]
+    assert main(["budget", str(b), str(b / "ledger.json"), "--json"]) == 0
+    twice = json.loads(capsys.readouterr().out)
+    assert (twice["epsilon"], twice["delta"], len(twice["runs"])) == (*own[b], 1)

@@ -235,7 +235,7 @@ def cmd_budget(args: argparse.Namespace) -> None:
 
     stated = stated_privacy(args.targets)
     if args.json:
-        epsilon, delta, accountant = stated.ledger.composed_epsilon()
+        epsilon, delta, accountant = stated.epsilon()
         summary = {
             "runs": [str(run) for run in stated.runs],
             "epsilon": None if stated.not_dp else epsilon,
@@ -250,7 +250,7 @@ def cmd_budget(args: argparse.Namespace) -> None:
     if len(stated.runs) > 1:
         print(f"Joint ledger of {len(stated.runs)} runs released together (entries they share "
               "counted once):")  # fmt: skip
-    print(format_ledger(stated.ledger, stated.not_dp))
+    print(format_ledger(stated.ledger, stated.not_dp, stated.delta))
     for why in stated.unchecked:
         print(f"  note: {why}")
 

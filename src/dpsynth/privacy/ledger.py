@@ -447,10 +447,11 @@ def _ledger_path(path: str | Path) -> Path:
     return path if path.suffix == ".json" else path / LEDGER_FILE
 
 
-def format_ledger(ledger: Ledger, not_dp: Sequence[str] = ()) -> str:
-    """Human-readable ledger for ``dpsynth budget RUN``: the composed ε of `composed_epsilon`,
-    or none at all where the model learned a private cache without DP (`Ledger.not_dp`)."""
-    total, delta, accountant = ledger.composed_epsilon()
+def format_ledger(ledger: Ledger, not_dp: Sequence[str] = (), delta: float | None = None) -> str:
+    """Human-readable ledger for ``dpsynth budget RUN``: the composed ε of `composed_epsilon`
+    (at `delta`, by default its own), or none at all where the model learned a private
+    cache without DP (`Ledger.not_dp`)."""
+    total, delta, accountant = ledger.composed_epsilon(delta)
     dp = [e for e in ledger if not e.non_private]
     other = [e for e in ledger if e.non_private]
     lines = [f"Privacy ledger: {len(dp)} DP mechanism(s), {len(other)} non-private use(s)"]

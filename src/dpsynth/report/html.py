@@ -268,9 +268,7 @@ def _read_privacy(path: Path) -> _Privacy:
     and ∞ when the run's lineage trained without DP on a cache the ledger names private."""
     stated = stated_privacy([path])
     ledger = stated.ledger
-    epsilon, delta, accountant = ledger.composed_epsilon()
-    if stated.not_dp:
-        epsilon = math.inf
+    epsilon, delta, accountant = stated.epsilon()
     dp = [e for e in ledger if not e.non_private]
     stages = []
     for e in dp:

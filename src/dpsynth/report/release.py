@@ -72,8 +72,8 @@ from dpsynth.privacy.accounting import (
     check_epsilon,
     epsilon_for,
 )
-from dpsynth.privacy.ledger import Ledger
-from dpsynth.report.stated_privacy import stated_privacy
+from dpsynth.privacy.ledger import LEDGER_FILE, Ledger
+from dpsynth.report.stated_privacy import StatedPrivacy, stated_privacy
 from dpsynth.runs import (
     CONDITIONING,
     MODEL_FILE,
@@ -154,13 +154,18 @@ def release(
     run, synthetic, out = Path(run), Path(synthetic), Path(out)
     meta = read_model_meta(run, kind="ldm")
     model = released_model_json(meta)  # the values the bundle copies, checked; the rest unread
-    ledger = Ledger.load(run, missing_ok=True)
+    no_dp = f"{run}: the ledger records no DP mechanism; only DP runs are released"
+    if not (run / LEDGER_FILE).is_file():
+        _refuse(no_dp)
+    with _refusing():
+        stated = stated_privacy([run])  # the one read of the ledger: what is checked is stated
+    ledger = stated.ledger
     dp = [e for e in ledger if not e.non_private and e.steps > 0]
     if not dp:
-        _refuse(f"{run}: the ledger records no DP mechanism; only DP runs are released")
-    _check_non_private_training(run, ledger)  # first: a NOT DP run has no ε to weigh
+        _refuse(no_dp)
+    _check_non_private_training(run, stated)  # first: a NOT DP run has no ε to weigh
     config = _run_config(run, max_epsilon)
-    epsilon, delta, accountant = ledger.composed_epsilon()
+    epsilon, delta, accountant = stated.epsilon()
     limits = _budget_limits(config, ledger, delta, accountant, max_epsilon)
     for limit, source in limits:
         if not epsilon <= limit:  # also refuses an unbounded (inf/NaN) ε
@@ -242,21 +247,19 @@ def _budget_limits(
     return [(epsilon_for(planned, delta, accountant), "the run's planned spending")]
 
 
-def _check_non_private_training(run: Path, ledger: Ledger) -> None:
-    """Refuse weights that learned from private data without DP, or whose lineage cannot be
-    checked against the ledger (`stated_privacy`).
+def _check_non_private_training(run: Path, stated: StatedPrivacy) -> None:
+    """Refuse weights that learned from private data without DP, or whose lineage could not
+    be checked against the ledger (`stated_privacy`).
 
     Private data = any cache the ledger names (its entries record uses of private data).
     A lineage stage that trained on it without DP (model.json ``trained_on``), or a
     non-private ledger use other than an evaluation, would put un-noised private
     information into the weights.
     """
-    for e in ledger:
+    for e in stated.ledger:
         if e.non_private and e.stage not in EVALUATION_USES:
             _refuse(f"{run}: the ledger records a non-private use '{e.stage}' ({e.note})")
-    with _refusing():
-        stated = stated_privacy([run])
-    for why in stated.unchecked:  # every run since the field carries it; deleted, it hides
+    for why in stated.unchecked:  # every run since the field carries trained_on
         _refuse(why)
     if stated.not_dp:
         _refuse(f"{run}: a stage of its lineage trained without DP on private data")

@@ -1,35 +1,45 @@
 """The privacy that a run, or several runs released together, may state: their ledgers
-checked against the lineage each model.json records, one owner for `budget`, the report
-and `release`.
+checked against the lineage each model.json records, one owner for `budget`, the report,
+`release`, the explorer, the demo and the sweep.
 
 Why several: models trained on the same patients compose. Two bundles released from
 sibling runs (say a DP fine-tune at two budgets) together reveal what the union of their
 lineages spent, ancestors they share counted once (`Ledger.inherit`); each bundle on its
 own states only its own lineage. `dpsynth budget RUN OTHER_RUN` states the joint ε.
+The merge assumes one history per ledger entry: a DP stage resumed in two copies of its
+folder spends twice under one entry id, and the larger count alone is kept.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpsynth.errors import DpsynthError
 from dpsynth.privacy.ledger import Ledger
-from dpsynth.runs import MODEL_FILE, read_model_meta, run_lineage
+from dpsynth.runs import MODEL_FILE, read_lineage, read_model_meta
 
 
 @dataclass(frozen=True)
 class StatedPrivacy:
-    """What may be stated of `runs`: ε is `ledger.composed_epsilon()` unless `not_dp` lists a
-    private cache some lineage learned without DP (then ε = ∞). `unchecked` says, per run
-    whose model.json records no lineage, why it could not be checked: its ε is then only
-    as good as its ledger.json."""
+    """What may be stated of `runs`: `epsilon()`, or NOT DP where `not_dp` lists a private
+    cache some lineage learned without DP. `unchecked` says, per run whose lineage could
+    not be checked against its ledger (no model.json, or one without ``trained_on``), why:
+    its ε is then only as good as its ledger.json."""
 
     runs: list[Path]
-    ledger: Ledger
+    ledger: Ledger  # the union of the runs' ledgers, shared entries once
+    delta: float  # the smallest δ any run states alone: no run's own ε is above the joint one
     not_dp: list[str]
     unchecked: list[str]
+
+    def epsilon(self) -> tuple[float, float, str]:
+        """(ε, δ, accountant) as stated: `Ledger.composed_epsilon` at `delta`, ∞ if NOT DP."""
+        epsilon, delta, accountant = self.ledger.composed_epsilon(self.delta)
+        return (math.inf if self.not_dp else epsilon), delta, accountant
 
 
 def run_folder(target: str | os.PathLike) -> Path:
@@ -41,32 +51,39 @@ def run_folder(target: str | os.PathLike) -> Path:
 
 def stated_privacy(targets: Iterable[str | os.PathLike]) -> StatedPrivacy:
     """Load each target's ledger (it must exist), refuse one that misses the DP spending its
-    lineage names (`Ledger.require_accounted`), and merge them. A one-line DpsynthError
-    for a ledger or model.json that cannot be read."""
+    lineage names (`Ledger.require_accounted`), and merge them (a run named twice counts
+    once). A one-line DpsynthError for a ledger or model.json that cannot be read."""
     runs, ledgers, lineages, unchecked = [], [], [], []
     for target in targets:
         run = run_folder(target)
-        ledger, lineage = Ledger.load(target), run_lineage(run)
+        if any(run.resolve() == seen.resolve() for seen in runs):
+            continue
+        meta = read_model_meta(run) if (run / MODEL_FILE).is_file() else None
+        ledger, lineage = Ledger.load(target), read_lineage(meta or {}, run / MODEL_FILE)
         ledger.require_accounted(lineage, run)
         runs.append(run)
         ledgers.append(ledger)
         lineages += lineage
-        if why := _unchecked(run):
+        if why := _unchecked(meta):
             unchecked.append(f"{run}: {why}")
+    if not runs:
+        raise DpsynthError("stated privacy: no run given")
     joint = Ledger.inherit(*ledgers)
-    return StatedPrivacy(runs, joint, sorted(set(joint.not_dp(lineages))), unchecked)
+    delta = min(ledger.default_delta() for ledger in ledgers)
+    return StatedPrivacy(runs, joint, delta, sorted(set(joint.not_dp(lineages))), unchecked)
 
 
-def _unchecked(run: Path) -> str:
-    """Why `run`'s lineage cannot be checked against its ledger ("" when it can)."""
-    if not (run / MODEL_FILE).is_file():
+def _unchecked(meta: dict | None) -> str:
+    """Why a run with this model.json (None: none) cannot have its lineage checked against
+    its ledger ("" when it can)."""
+    if meta is None:
         return (
             f"no {MODEL_FILE} (a stage still training, or an incomplete copy): its lineage "
-            "is not checked"
+            "cannot be checked"
         )
-    if "trained_on" not in read_model_meta(run):
+    if "trained_on" not in meta:
         return (
-            f"{MODEL_FILE} records no trained_on (made before it was recorded): its lineage "
-            "is not checked"
+            f"{MODEL_FILE} records no trained_on (made before it was recorded, or removed): "
+            "its lineage cannot be checked"
         )
     return ""
