@@ -678,6 +678,8 @@ def test_demo_ends_with_a_verified_release(world, selectors, tmp_path, monkeypat
     assert 'href="../release/PRIVACY.md"' in text
     assert "computed on private data" in text  # the DP stage's losses, at least
     assert read_json(out / "summary.json")["label"] == EVALUATION_ONLY_LABEL
+    # The simulated private cohort (exact attributes, patient digests) is labelled like it.
+    assert EVALUATION_ONLY_LABEL in (out / "data" / "EVALUATION_ONLY.txt").read_text()
 
 
 # --- best-of-k sampling: a public selector's choice is post-processing ----------------------

@@ -127,7 +127,8 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
         cells[run.name] = dict(data=data, autoencoder=autoencoder, init=init, dp=dp, cfg=config,
                                resume=resume, ledger=Ledger.load(run, missing_ok=True))  # fmt: skip
         run.mkdir(exist_ok=True)
-        atomic_write_json(run / "model.json", {})
+        lineage = [{"cache_id": Cache(data).cache_id, "dp": dp}]  # as train_ldm records it
+        atomic_write_json(run / "model.json", {"kind": "ldm", "trained_on": lineage})
 
     monkeypatch.setattr(sweep, "train_ldm", train_ldm)
     # The paper preset's schedule (epochs + decay) must not leak into the ε = ∞ arms.
@@ -290,7 +291,8 @@ def test_a_sweep_folder_keeps_one_set_of_public_models(caches, tmp_path, monkeyp
 
     def train_ldm(data, autoencoder, run, config, init=None, dp=False, resume=False):
         run.mkdir(exist_ok=True)
-        atomic_write_json(run / "model.json", {})
+        lineage = [{"cache_id": Cache(data).cache_id, "dp": dp}]  # as train_ldm records it
+        atomic_write_json(run / "model.json", {"kind": "ldm", "trained_on": lineage})
 
     monkeypatch.setattr(sweep, "train_ldm", train_ldm)
     out, public, private = tmp_path / "s", caches["public"], caches["private"]

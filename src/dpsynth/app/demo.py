@@ -37,12 +37,12 @@ from dpsynth.evaluation.referee import (
 from dpsynth.io import atomic_write_json, read_json
 from dpsynth.launch import refuse_torchrun
 from dpsynth.privacy.attribute_fit import fit_attributes
-from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.one_run_audit import Recipe
-from dpsynth.privacy.outputs import labelled
+from dpsynth.privacy.outputs import labelled, mark_evaluation_only
 from dpsynth.privacy.planner import plan
 from dpsynth.report.html import write_report
 from dpsynth.report.release import release
+from dpsynth.report.stated_privacy import stated_privacy
 from dpsynth.runs import load
 from dpsynth.training.ldm import train_ldm
 
@@ -195,6 +195,8 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
         else:
             print(f"using shipped public weights: {public}")
     with Stage("simulate + prepare private cohort", out / "data" / "ukbb_cache", keep, timings):
+        # The simulated private cohort stands for the steward's data: labelled like it.
+        mark_evaluation_only(out / "data")
         private = simulate_and_prepare(out / "data", PRIVATE, config, split=PRIVATE_SPLIT)
     ldm_run = out / "ldm_dp"
     with Stage(f"DP fine-tuning (ε budget {total_epsilon:g} in total)", ldm_run / "model.json",
@@ -235,7 +237,7 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
     with Stage("report", out / "report" / "index.html", keep, timings):
         report = write_report(ldm_run, out / "report", release=bundle)
 
-    epsilon, delta, _ = Ledger.load(ldm_run / "ledger.json").composed_epsilon()
+    epsilon, delta, _ = stated_privacy([ldm_run]).epsilon()
     summary = {
         "report": str(report),
         "release": str(bundle),

@@ -50,9 +50,10 @@ from dpsynth.evaluation.controllability import PER_PHASE
 from dpsynth.evaluation.evaluate import evaluate
 from dpsynth.io import atomic_write_json, atomic_write_text, read_json
 from dpsynth.launch import refuse_torchrun
-from dpsynth.privacy.ledger import Ledger, LedgerEntry
+from dpsynth.privacy.ledger import LEDGER_FILE, Ledger, LedgerEntry
 from dpsynth.privacy.outputs import mark_evaluation_only
 from dpsynth.privacy.planner import plan
+from dpsynth.report.stated_privacy import stated_privacy
 from dpsynth.runs import PROVENANCE_FILE, load
 from dpsynth.training.ldm import train_ldm
 
@@ -155,8 +156,7 @@ def run_sweep(
             evaluate(private, synthetic, run / "eval", referee=referee, pipeline=load(run),
                      metrics=("frd", "fd_referee", "ms_ssim", "controllability", "audit"),
                      cache_dir=out / "features")  # fmt: skip
-        ledger = Ledger.load(run, missing_ok=True)
-        rows.append(_row(cell, ledger, read_json(run / "eval" / "metrics.json")))
+        rows.append(_row(cell, _epsilon_spent(run), read_json(run / "eval" / "metrics.json")))
     atomic_write_json(out / "sweep.json", rows)
     table = format_table(rows)
     print(table)
@@ -286,15 +286,21 @@ def _metric(result: dict, name: str) -> float:
     return math.nan if value is None else float(value)
 
 
-def _row(cell: Cell, ledger, result) -> dict:
+def _epsilon_spent(run: Path) -> float:
+    """The ε `dpsynth budget` states for a cell (`stated_privacy`); ∞ without a DP mechanism."""
+    if not (run / LEDGER_FILE).is_file():
+        return math.inf
+    stated = stated_privacy([run])
+    return stated.epsilon()[0] if any(not e.non_private for e in stated.ledger) else math.inf
+
+
+def _row(cell: Cell, epsilon_spent: float, result: dict) -> dict:
     ctrl = result.get("controllability", {})
     mia = (result.get("privacy_audit") or {}).get("membership_inference", {}).get("patient", {})
     return {
         "cell": cell.name,
         "epsilon_target": cell.epsilon,
-        "epsilon_spent": (
-            ledger.composed_epsilon()[0] if any(not e.non_private for e in ledger) else math.inf
-        ),
+        "epsilon_spent": epsilon_spent,
         "pretrain": cell.pretrain,
         "steps": cell.steps,
         "frd": _metric(result, "frd"),
