@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -406,6 +407,52 @@ def test_with_a_selector_reads_the_ledger_and_the_private_caches_patient_digests
     assert data and all(p.startswith(str(cache)) for p in data), data
 
 
+def test_states_what_budget_states_and_keeps_evaluation_only_runs_local(run_dir, capsys):
+    """The page's privacy line is `dpsynth budget`'s; a run with an evaluation referee may
+    not be served beyond loopback (its measurements come from private data without DP)."""
+    from dpsynth.app.cli import main
+    from dpsynth.app.explore.server import serve
+    from dpsynth.app.explore.service import Explorer
+
+    explorer = Explorer(run_dir)
+    assert main(["budget", str(run_dir), "--json"]) == 0
+    stated = json.loads(capsys.readouterr().out)
+    privacy = explorer.info()["privacy"]
+    assert privacy["epsilon"] == stated["epsilon"] > 0 and privacy["delta"] == stated["delta"]
+    assert privacy["not_dp"] == [] and privacy["unchecked"] == []
+    assert explorer.info()["evaluation_only"] == "its referee learned real data without DP"
+    with pytest.raises(DpsynthError, match="evaluation only .*referee.*loopback"):
+        serve(run_dir, host="0.0.0.0", port=0)
+    shipped = Explorer(_demo_ldm()).info()  # public weights, no ledger: shareable
+    assert shipped["privacy"]["ledger"] is False and shipped["evaluation_only"] == ""
+
+
+def test_a_not_dp_or_labelled_run_is_said_so_and_kept_local(tmp_path):
+    """A run whose lineage learned a cache its ledger names private without DP (the sweep's
+    ε = ∞ cells) shows NOT DP and no ε, as `budget` does; so does a run under an
+    EVALUATION_ONLY.txt, and neither is served beyond loopback."""
+    from dpsynth.app.explore.server import serve
+    from dpsynth.app.explore.service import Explorer
+    from dpsynth.privacy.ledger import Ledger, LedgerEntry
+    from dpsynth.privacy.outputs import mark_evaluation_only
+
+    run = shutil.copytree(_demo_ldm(), tmp_path / "cells" / "nodp")
+    Ledger([LedgerEntry.gaussian("attributes", 2.0, records=50, cache_id="c0ffee")]).save(run)
+    meta = json.loads((run / "model.json").read_text())
+    meta["trained_on"] = [*meta.get("trained_on", []), {"cache_id": "c0ffee", "dp": False}]
+    (run / "model.json").write_text(json.dumps(meta))
+    info = Explorer(run).info()
+    assert info["privacy"]["not_dp"] == ["c0ffee"] and info["privacy"]["epsilon"] is None
+    assert "NOT DP" in info["evaluation_only"]
+    with pytest.raises(DpsynthError, match="NOT DP"):
+        serve(run, host="0.0.0.0", port=0)
+    meta["trained_on"].pop()
+    (run / "model.json").write_text(json.dumps(meta))
+    assert Explorer(run).info()["evaluation_only"] == ""
+    marker = mark_evaluation_only(tmp_path / "cells")
+    assert Explorer(run).info()["evaluation_only"] == f"{marker} labels it evaluation only"
+
+
 # ---------------------------------------------------------------------------- over HTTP
 
 
@@ -516,6 +563,11 @@ def test_page_in_headless_chromium(server, tmp_path):
         assert driver.find_element(By.ID, "draw").is_displayed()
         assert driver.find_element(By.ID, "untaught-SEX").text == "not learned"
         assert driver.find_element(By.ID, "temperature").text == "0.8 (the run's)"
+        grid = driver.find_element(By.ID, "grid").text
+        epsilon = server.get("/api/info")["privacy"]["epsilon"]
+        shown = re.search(r"· DP model, ε = ([0-9.]+) at δ = 0.00001", grid)
+        assert shown and float(shown[1]) == pytest.approx(epsilon, rel=5e-3)  # 3 digits
+        assert grid.endswith("· evaluation only: its referee learned real data without DP")
         assert not driver.find_element(By.ID, "candidates").is_displayed()  # no selector
         assert not driver.find_elements(By.ID, "untaught-LVEDV")
         driver.find_element(By.ID, "known-LVEDV").click()

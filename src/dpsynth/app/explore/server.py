@@ -139,14 +139,20 @@ def serve(
     defaults = ExploreDefaults()
     host = host or defaults.host
     port = defaults.port if port is None else port
+    explorer = Explorer(
+        Path(run), referee=referee, defaults=defaults, selector=selector, private=private
+    )
     if not _is_loopback(host):
+        if explorer.evaluation_only:
+            raise DpsynthError(
+                f"{run}: evaluation only ({explorer.evaluation_only}); serve it on a loopback "
+                f"host (--host 127.0.0.1), not {host}"
+            )
         warnings.warn(
             f"serving on {host}: anyone who can reach this address can generate from the model",
             stacklevel=2,
         )
-    app = create_app(
-        Explorer(Path(run), referee=referee, defaults=defaults, selector=selector, private=private)
-    )
+    app = create_app(explorer)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning")
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host

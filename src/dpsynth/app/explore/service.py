@@ -3,7 +3,7 @@
 No web code here (the server in `dpsynth.app.explore.server` is a thin layer over this), so the
 same checks run from Python and from HTTP. What it reads from the run folder is fixed:
 model.json and the weights (through `dpsynth.app.sample.load`), attribute_model.json,
-an optional referee folder, and with an optional public selector (best-of-k sampling, as
+ledger.json (the ε it shows is the one `dpsynth budget` states), an optional referee folder, and with an optional public selector (best-of-k sampling, as
 `make demo` samples) the run's ledger.json, the selector's folder and, when given, the
 private caches (`Cache` opens them to compare patient digests). It never
 reads `checkpoint/` (secret noise seeds) or `eval/`, and never writes anywhere: generated
@@ -35,6 +35,9 @@ from dpsynth.evaluation.referee import META_FILE, Referee
 from dpsynth.evaluation.selection import load_selector, sample_best_of, selectable
 from dpsynth.io import nifti_bytes
 from dpsynth.privacy.attribute_fit import MODEL_FILE, load_attribute_model
+from dpsynth.privacy.ledger import LEDGER_FILE
+from dpsynth.privacy.outputs import evaluation_only_marker
+from dpsynth.report.stated_privacy import stated_privacy
 from dpsynth.runs import load, sampling_settings
 
 REFEREE_SUBDIR = "referee"  # a referee inside the run folder is picked up without --referee
@@ -109,11 +112,44 @@ class Explorer:
         self.attribute_model = self._attribute_model()
         self.referee = self._referee(referee)
         self.selector = self._selector(selector, private)
+        self.privacy = self._privacy()
+        self.evaluation_only = self._evaluation_only()
         has = self.selector is not None
         self.max_candidates = min(self.defaults.max_candidates, MAX_CANDIDATES) if has else 1
         self.candidates = min(self.defaults.candidates, self.max_candidates)
         self._lock = threading.Lock()
         self._kept: OrderedDict[str, Generated] = OrderedDict()
+
+    def _privacy(self) -> dict[str, Any]:
+        """What `dpsynth budget` states of the run (`stated_privacy`): ε (None where it is
+        not DP or records no DP mechanism), δ, NOT DP caches, why the lineage went unchecked.
+        A run without a ledger recorded no use of private data."""
+        if not (self.run / LEDGER_FILE).is_file():
+            return {"ledger": False, "epsilon": None, "delta": None, "not_dp": [], "unchecked": []}
+        stated = stated_privacy([self.run])
+        epsilon, delta, _ = stated.epsilon()
+        dp = any(not e.non_private for e in stated.ledger)
+        return {
+            "ledger": True,
+            "epsilon": epsilon if dp and math.isfinite(epsilon) else None,
+            "delta": delta,
+            "not_dp": stated.not_dp,
+            "unchecked": stated.unchecked,
+        }
+
+    def _evaluation_only(self) -> str:
+        """Why what the explorer shows must stay on this machine ("" if it may be shared):
+        a run under an `EVALUATION_ONLY.txt`, one whose weights learned private data without
+        DP (its slider ranges may be the cohort's exact extremes), or a referee trained on
+        real data without DP measuring every volume."""
+        marker = evaluation_only_marker(self.run / "model.json")
+        if marker is not None:
+            return f"{marker} labels it evaluation only"
+        if self.privacy["not_dp"]:
+            return "its lineage learned private data without DP (NOT DP)"
+        if self.referee is not None and self.referee.meta.get("public") is not True:
+            return "its referee learned real data without DP"
+        return ""
 
     def _attribute_model(self):
         return load_attribute_model(self.run) if (self.run / MODEL_FILE).is_file() else None
@@ -158,7 +194,8 @@ class Explorer:
         untaught = set(self.pipe.denoiser.attribute_encoder.untaught())
         return {
             "run": self.run.name,
-            "private": bool(self.pipe.run_meta.get("private", False)),
+            "privacy": self.privacy,
+            "evaluation_only": self.evaluation_only,
             "shape": list(self.pipe.volume_shape),
             "spacing": list(self.pipe.spacing),
             "attributes": [

@@ -194,6 +194,15 @@
     $("referee-note").textContent = state.info.referee;
   }
 
+  // What `dpsynth budget` states of the run (the server reads it through stated_privacy).
+  function privacyBadge(p) {
+    const unchecked = p.unchecked.length ? " (lineage not checked)" : "";
+    if (p.not_dp.length) return " · NOT DP (ε = ∞)";
+    if (p.epsilon !== null) return ` · DP model, ε = ${p.epsilon.toPrecision(3)} at δ = ${p.delta}${unchecked}`;
+    if (p.ledger) return ` · no DP mechanism in its ledger${unchecked}`;
+    return " · public model (no privacy ledger)";
+  }
+
   async function start() {
     try {
       state.info = await call("/api/info");
@@ -205,7 +214,7 @@
     $("run").textContent = info.run;
     const [s, h, w] = info.shape;
     $("grid").textContent = `${s} × ${h} × ${w} voxels of ${info.spacing[2]} × ${info.spacing[1]} × ${info.spacing[0]} mm` +
-      (info.private ? " · DP model" : " · public model");
+      privacyBadge(info.privacy) + (info.evaluation_only ? ` · evaluation only: ${info.evaluation_only}` : "");
     const box = $("attributes");
     for (const a of info.attributes) if (a.name !== "ESED") box.append(attributeRow(a));
     const d = info.defaults;
