@@ -326,3 +326,31 @@ def test_joint_budget_is_never_below_a_runs_own_epsilon(tmp_path, capsys):
     assert main(["budget", str(b), str(b / "ledger.json"), "--json"]) == 0
     twice = json.loads(capsys.readouterr().out)
     assert (twice["epsilon"], twice["delta"], len(twice["runs"])) == (*own[b], 1)
+
+
+def test_a_non_private_use_that_shaped_the_weights_is_not_dp(tmp_path, capsys):
+    """An ε = ∞ sweep cell from before trained_on, copied out of its folder: its ledger holds
+    only the non-private training entry. ε = 0 would be stated for weights that learned
+    private data un-noised; it is NOT DP. An evaluation use (ldm-validation) is not."""
+    from dpsynth.privacy.ledger import LedgerEntry
+
+    def use(stage):
+        return LedgerEntry.non_private_use(stage, 50, note="", cache_id="c1")
+
+    cell = _dp_run(tmp_path / "cell", [use("sweep-nonprivate-baseline")], [])
+    assert main(["budget", str(cell), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epsilon"] is None
+    assert main(["budget", str(cell)]) == 0
+    out = capsys.readouterr().out
+    assert "epsilon = inf: NOT DP\n  non-private use 'sweep-nonprivate-baseline' may" in out
+    dp = LedgerEntry.gaussian("attributes", 2.0, records=50, cache_id="c1", delta=1e-4)
+    validated = _dp_run(tmp_path / "validated", [dp, use("ldm-validation")], [])
+    assert main(["budget", str(validated), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epsilon"] > 0
+    # Beside a ledger with no DP mechanism, a DP run keeps its own δ.
+    from dpsynth.privacy.ledger import Ledger
+
+    own = Ledger.load(validated).composed_epsilon()
+    assert main(["budget", str(validated), str(cell), "--json"]) == 0
+    joint = json.loads(capsys.readouterr().out)
+    assert joint["epsilon"] is None and joint["delta"] == own[1] == 1e-4

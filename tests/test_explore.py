@@ -419,7 +419,7 @@ def test_states_what_budget_states_and_keeps_evaluation_only_runs_local(run_dir,
     stated = json.loads(capsys.readouterr().out)
     privacy = explorer.info()["privacy"]
     assert privacy["epsilon"] == stated["epsilon"] > 0 and privacy["delta"] == stated["delta"]
-    assert privacy["not_dp"] == [] and privacy["unchecked"] == []
+    assert privacy["not_dp"] is False and privacy["unchecked"] == [] and privacy["dp"] is True
     assert explorer.info()["evaluation_only"] == "its referee learned real data without DP"
     with pytest.raises(DpsynthError, match="evaluation only .*referee.*loopback"):
         serve(run_dir, host="0.0.0.0", port=0)
@@ -442,7 +442,7 @@ def test_a_not_dp_or_labelled_run_is_said_so_and_kept_local(tmp_path):
     meta["trained_on"] = [*meta.get("trained_on", []), {"cache_id": "c0ffee", "dp": False}]
     (run / "model.json").write_text(json.dumps(meta))
     info = Explorer(run).info()
-    assert info["privacy"]["not_dp"] == ["c0ffee"] and info["privacy"]["epsilon"] is None
+    assert info["privacy"]["not_dp"] is True and info["privacy"]["epsilon"] is None
     assert "NOT DP" in info["evaluation_only"]
     with pytest.raises(DpsynthError, match="NOT DP"):
         serve(run, host="0.0.0.0", port=0)
@@ -451,6 +451,22 @@ def test_a_not_dp_or_labelled_run_is_said_so_and_kept_local(tmp_path):
     assert Explorer(run).info()["evaluation_only"] == ""
     marker = mark_evaluation_only(tmp_path / "cells")
     assert Explorer(run).info()["evaluation_only"] == f"{marker} labels it evaluation only"
+    (tmp_path / "cells" / "EVALUATION_ONLY.txt").unlink()
+    # A DP run copied without its ledger: no ε can be stated, and it stays local.
+    (run / "ledger.json").unlink()
+    meta["trained_on"].append({"cache_id": "c0ffee", "dp": True})
+    (run / "model.json").write_text(json.dumps(meta))
+    info = Explorer(run).info()
+    assert "records no DP-SGD on it" in info["privacy"]["error"]
+    assert info["evaluation_only"].startswith("no ε can be stated: ")
+    # A ledger whose lineage cannot be checked (no trained_on, e.g. an old sweep cell
+    # copied out of its folder) is not shared either.
+    del meta["trained_on"]
+    (run / "model.json").write_text(json.dumps(meta))
+    Ledger([LedgerEntry.gaussian("attributes", 2.0, records=50, cache_id="c0ffee")]).save(run)
+    info = Explorer(run).info()
+    assert info["privacy"]["dp"] is True and info["privacy"]["unchecked"]
+    assert info["evaluation_only"] == "its lineage could not be checked against its ledger"
 
 
 # ---------------------------------------------------------------------------- over HTTP

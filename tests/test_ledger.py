@@ -34,7 +34,7 @@ def test_total_composes_dp_entries_only(tmp_path):
     a = ledger.add(_sgd("ae-dp", sigma=1.2, q=0.05, planned=200, steps=200))
     b = ledger.add(LedgerEntry.gaussian("latent-scale", 5.0, records=1000))
     ledger.add(_sgd("not-started", planned=500))  # 0 steps: spends nothing yet
-    ledger.add(LedgerEntry.non_private_use("validation", 100, "private validation loss"))
+    ledger.add(LedgerEntry.non_private_use("ldm-validation", 100, "private validation loss"))
     expected = epsilon_for([(1.2, 0.05, 200), (5.0, 1.0, 1)], 1e-5)
     assert ledger.total_epsilon() == pytest.approx(expected, rel=1e-12)
     assert ledger.history() == [a.mechanism_spent(), b.mechanism_spent()]

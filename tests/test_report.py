@@ -107,7 +107,7 @@ def _write_run(root: Path, cache: Path, epsilon_steps: int = 100, name: str = "r
                 planned_steps=100,
                 steps=epsilon_steps,
             ),
-            LedgerEntry.non_private_use("validation", 6, "validation loss on private patients"),
+            LedgerEntry.non_private_use("ldm-validation", 6, "validation loss on private patients"),
         ]
     ).save(run)
     with open(run / "metrics.jsonl", "w") as f:

@@ -238,7 +238,7 @@ def cmd_budget(args: argparse.Namespace) -> None:
         epsilon, delta, accountant = stated.epsilon()
         summary = {
             "runs": [str(run) for run in stated.runs],
-            "epsilon": None if stated.not_dp else epsilon,
+            "epsilon": None if stated.is_not_dp else epsilon,
             "delta": delta,
             "accountant": accountant,
             "not_dp": stated.not_dp,

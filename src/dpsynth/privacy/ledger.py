@@ -60,6 +60,10 @@ FORMAT_VERSION = 2
 # such ledgers still load, with the digest dropped, and are rewritten as format 2.
 OLD_FORMATS = (1,)
 DP_MECHANISMS = ("dp-sgd", "gaussian")
+# Non-private uses whose outputs never reach the weights (their results stay in the run
+# folder and are not released). Any other non-private use is presumed to have shaped the
+# model: the lineage is then NOT DP (`Ledger.shaping_uses`).
+EVALUATION_USES = ("ldm-validation",)
 
 
 def _now() -> str:
@@ -306,6 +310,11 @@ class Ledger:
             if not item["dp"] and item["cache_id"] in private
         ]
 
+    def shaping_uses(self) -> list[LedgerEntry]:
+        """Non-private uses that may have shaped the weights (not in `EVALUATION_USES`): the
+        sweep's ε = ∞ training, say. ε does not cover them at all."""
+        return [e for e in self if e.non_private and e.stage not in EVALUATION_USES]
+
     def require_accounted(self, trained_on: Iterable[dict], where: str | os.PathLike) -> None:
         """Refuse a model (`where`) whose ``trained_on`` says it learned a cache WITH DP that
         no DP-SGD entry of this ledger names: the ledger (a parent's ``ledger.json`` lost,
@@ -338,8 +347,9 @@ class Ledger:
         return epsilon_for(self.history(), delta, accountant)
 
     def composed_epsilon(self, delta: float | None = None) -> tuple[float, float, str]:
-        """(ε, δ, accountant): the one privacy figure `dpsynth budget`, the report and the
-        release state for this lineage.
+        """(ε, δ, accountant) of this lineage: what `dpsynth budget`, the report and the
+        release state through `report.stated_privacy` (which also checks the lineage, and
+        passes the smallest run's δ for several runs).
 
         δ is the largest any DP entry was planned with. Each DP stage names the accountant
         its noise was calibrated with; the lineage is composed by each of them and the
@@ -450,7 +460,8 @@ def _ledger_path(path: str | Path) -> Path:
 def format_ledger(ledger: Ledger, not_dp: Sequence[str] = (), delta: float | None = None) -> str:
     """Human-readable ledger for ``dpsynth budget RUN``: the composed ε of `composed_epsilon`
     (at `delta`, by default its own), or none at all where the model learned a private
-    cache without DP (`Ledger.not_dp`)."""
+    cache without DP (`Ledger.not_dp`) or a non-private use may have shaped it
+    (`Ledger.shaping_uses`)."""
     total, delta, accountant = ledger.composed_epsilon(delta)
     dp = [e for e in ledger if not e.non_private]
     other = [e for e in ledger if e.non_private]
@@ -471,12 +482,14 @@ def format_ledger(ledger: Ledger, not_dp: Sequence[str] = (), delta: float | Non
     if other:
         lines.append("Non-private uses of private data (outputs not released, not covered by ε):")
         lines += [f"  {e.stage:<20} {e.records:>8} records  {e.note}" for e in other]
-    if not_dp:
+    shaping = ledger.shaping_uses()
+    if not_dp or shaping:
         lines.append("Total: epsilon = inf: NOT DP")
         lines += [
             f"  trained without DP on cache {cache_id}, which the ledger names as private"
             for cache_id in not_dp
         ]
+        lines += [f"  non-private use '{e.stage}' may have shaped the weights" for e in shaping]
         return "\n".join(lines)
     lines.append(
         f"Total: epsilon = {total:.4g} at delta = {delta:g} "

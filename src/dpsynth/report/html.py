@@ -246,6 +246,7 @@ class _Privacy:
     non_private: list[Any]  # LedgerEntry objects flagged non_private
     records: int | None
     not_dp: list[str]  # private caches the lineage learned WITHOUT DP: ε is then ∞
+    shaping: list[str]  # non-private uses that may have shaped the weights: ε is then ∞
     unchecked: list[str]  # why the lineage could not be checked (StatedPrivacy)
 
 
@@ -264,8 +265,9 @@ STAGE_COLUMNS = (
 
 
 def _read_privacy(path: Path) -> _Privacy:
-    """Load RUN/ledger.json; its ε is `Ledger.composed_epsilon`, as budget and release state,
-    and ∞ when the run's lineage trained without DP on a cache the ledger names private."""
+    """Load RUN/ledger.json; its ε is `StatedPrivacy.epsilon`, as budget and release state:
+    ∞ when the lineage trained without DP on a cache the ledger names private, or a
+    non-private use may have shaped the weights."""
     stated = stated_privacy([path])
     ledger = stated.ledger
     epsilon, delta, accountant = stated.epsilon()
@@ -296,6 +298,7 @@ def _read_privacy(path: Path) -> _Privacy:
         non_private=[e for e in ledger if e.non_private],
         records=max((e.records for e in dp), default=None),
         not_dp=stated.not_dp,
+        shaping=[e.stage for e in ledger.shaping_uses()],
         unchecked=stated.unchecked,
     )
 
@@ -428,12 +431,17 @@ def _section_ledger(ctx: _Context) -> str:
         f"{_e(cache_id)}, which the ledger names as private (ε = ∞).</p>"
         for cache_id in p.not_dp
     ]
+    parts += [
+        f'<p class="warn"><b>NOT DP</b>: the ledger records a non-private use "{_e(stage)}" '
+        "that may have shaped the weights (ε = ∞).</p>"
+        for stage in p.shaping
+    ]
     parts += [f'<p class="warn">Lineage not checked: {_e(why)}.</p>' for why in p.unchecked]
     parts += [
         _table(
             ["composed ε (whole lineage)", "δ", "accountant"], [[p.epsilon, p.delta, p.accountant]]
         ),
-        "" if p.not_dp else _explain_epsilon(p.epsilon, p.delta, p.records),
+        "" if p.not_dp or p.shaping else _explain_epsilon(p.epsilon, p.delta, p.records),
         "<h3>Stages</h3>",
         _table(STAGE_COLUMNS, p.stages) if p.stages else _missing("the ledger lists no DP stage"),
     ]

@@ -72,7 +72,7 @@ from dpsynth.privacy.accounting import (
     check_epsilon,
     epsilon_for,
 )
-from dpsynth.privacy.ledger import LEDGER_FILE, Ledger
+from dpsynth.privacy.ledger import Ledger
 from dpsynth.report.stated_privacy import StatedPrivacy, stated_privacy
 from dpsynth.runs import (
     CONDITIONING,
@@ -126,10 +126,6 @@ MODEL_SECTIONS = {  # and "sampling", every SamplingConfig key (released_model_j
     "denoiser": tuple(f.name for f in dataclasses.fields(DenoiserConfig)),
     "diffusion": tuple(f.name for f in dataclasses.fields(DiffusionConfig)),
 }
-# Non-private ledger uses whose outputs never reach the weights (their results stay in the
-# run folder and are not released). Any other non-private use is presumed to have shaped
-# the model, and a release is refused.
-EVALUATION_USES = ("ldm-validation",)
 # verify: the recomputed ε must match the stated one (the same accountant on the same
 # history is deterministic; this only absorbs floating-point noise across machines).
 EPSILON_RTOL = 1e-6
@@ -154,15 +150,12 @@ def release(
     run, synthetic, out = Path(run), Path(synthetic), Path(out)
     meta = read_model_meta(run, kind="ldm")
     model = released_model_json(meta)  # the values the bundle copies, checked; the rest unread
-    no_dp = f"{run}: the ledger records no DP mechanism; only DP runs are released"
-    if not (run / LEDGER_FILE).is_file():
-        _refuse(no_dp)
     with _refusing():
-        stated = stated_privacy([run])  # the one read of the ledger: what is checked is stated
+        stated = stated_privacy([run], missing_ok=True)  # one read: what is checked is stated
     ledger = stated.ledger
-    dp = [e for e in ledger if not e.non_private and e.steps > 0]
-    if not dp:
-        _refuse(no_dp)
+    if not stated.dp:
+        _refuse(f"{run}: the ledger records no DP mechanism; only DP runs are released")
+    dp = [e for e in ledger if e.mechanism_spent() is not None]
     _check_non_private_training(run, stated)  # first: a NOT DP run has no ε to weigh
     config = _run_config(run, max_epsilon)
     epsilon, delta, accountant = stated.epsilon()
@@ -256,9 +249,8 @@ def _check_non_private_training(run: Path, stated: StatedPrivacy) -> None:
     non-private ledger use other than an evaluation, would put un-noised private
     information into the weights.
     """
-    for e in stated.ledger:
-        if e.non_private and e.stage not in EVALUATION_USES:
-            _refuse(f"{run}: the ledger records a non-private use '{e.stage}' ({e.note})")
+    for e in stated.ledger.shaping_uses():
+        _refuse(f"{run}: the ledger records a non-private use '{e.stage}' ({e.note})")
     for why in stated.unchecked:  # every run since the field carries trained_on
         _refuse(why)
     if stated.not_dp:

@@ -25,21 +25,32 @@ from dpsynth.runs import MODEL_FILE, read_lineage, read_model_meta
 
 @dataclass(frozen=True)
 class StatedPrivacy:
-    """What may be stated of `runs`: `epsilon()`, or NOT DP where `not_dp` lists a private
-    cache some lineage learned without DP. `unchecked` says, per run whose lineage could
-    not be checked against its ledger (no model.json, or one without ``trained_on``), why:
-    its ε is then only as good as its ledger.json."""
+    """What may be stated of `runs`: `epsilon()`, or NOT DP (`is_not_dp`) where `not_dp`
+    lists a private cache some lineage learned without DP or the ledger records a
+    non-private use that may have shaped the weights (`Ledger.shaping_uses`). `unchecked`
+    says, per run whose lineage could not be checked against its ledger (no model.json,
+    or one without ``trained_on``), why: its ε is then only as good as its ledger.json."""
 
     runs: list[Path]
     ledger: Ledger  # the union of the runs' ledgers, shared entries once
-    delta: float  # the smallest δ any run states alone: no run's own ε is above the joint one
+    delta: float  # the smallest δ any DP run states alone: none states more ε alone
     not_dp: list[str]
     unchecked: list[str]
 
+    @property
+    def dp(self) -> bool:
+        """Whether any DP mechanism has spent (a stage with steps, a statistic)."""
+        return _spent(self.ledger)
+
+    @property
+    def is_not_dp(self) -> bool:
+        return bool(self.not_dp or self.ledger.shaping_uses())
+
     def epsilon(self) -> tuple[float, float, str]:
-        """(ε, δ, accountant) as stated: `Ledger.composed_epsilon` at `delta`, ∞ if NOT DP."""
+        """(ε, δ, accountant) as stated: `Ledger.composed_epsilon` at `delta`, ∞ if NOT DP
+        (0 where nothing private was used: read `dp` first)."""
         epsilon, delta, accountant = self.ledger.composed_epsilon(self.delta)
-        return (math.inf if self.not_dp else epsilon), delta, accountant
+        return (math.inf if self.is_not_dp else epsilon), delta, accountant
 
 
 def run_folder(target: str | os.PathLike) -> Path:
@@ -49,17 +60,20 @@ def run_folder(target: str | os.PathLike) -> Path:
     return path.parent if path.suffix == ".json" else path
 
 
-def stated_privacy(targets: Iterable[str | os.PathLike]) -> StatedPrivacy:
-    """Load each target's ledger (it must exist), refuse one that misses the DP spending its
-    lineage names (`Ledger.require_accounted`), and merge them (a run named twice counts
-    once). A one-line DpsynthError for a ledger or model.json that cannot be read."""
+def stated_privacy(targets: Iterable[str | os.PathLike], missing_ok: bool = False) -> StatedPrivacy:
+    """Load each target's ledger (it must exist unless `missing_ok`: a run that recorded no
+    use of private data), refuse one that misses the DP spending its lineage names
+    (`Ledger.require_accounted`: a DP run whose ledger was lost), and merge them (a run
+    named twice counts once). A one-line DpsynthError for a ledger or model.json that
+    cannot be read."""
     runs, ledgers, lineages, unchecked = [], [], [], []
     for target in targets:
         run = run_folder(target)
         if any(run.resolve() == seen.resolve() for seen in runs):
             continue
         meta = read_model_meta(run) if (run / MODEL_FILE).is_file() else None
-        ledger, lineage = Ledger.load(target), read_lineage(meta or {}, run / MODEL_FILE)
+        ledger = Ledger.load(target, missing_ok=missing_ok)
+        lineage = read_lineage(meta or {}, run / MODEL_FILE)
         ledger.require_accounted(lineage, run)
         runs.append(run)
         ledgers.append(ledger)
@@ -69,8 +83,14 @@ def stated_privacy(targets: Iterable[str | os.PathLike]) -> StatedPrivacy:
     if not runs:
         raise DpsynthError("stated privacy: no run given")
     joint = Ledger.inherit(*ledgers)
-    delta = min(ledger.default_delta() for ledger in ledgers)
+    deltas = [ledger.default_delta() for ledger in ledgers if _spent(ledger)]
+    delta = min(deltas, default=joint.default_delta())
     return StatedPrivacy(runs, joint, delta, sorted(set(joint.not_dp(lineages))), unchecked)
+
+
+def _spent(ledger: Ledger) -> bool:
+    """Whether any DP mechanism of `ledger` has spent (a stage with steps, a statistic)."""
+    return any(e.mechanism_spent() is not None for e in ledger)
 
 
 def _unchecked(meta: dict | None) -> str:

@@ -3,9 +3,10 @@
 No web code here (the server in `dpsynth.app.explore.server` is a thin layer over this), so the
 same checks run from Python and from HTTP. What it reads from the run folder is fixed:
 model.json and the weights (through `dpsynth.app.sample.load`), attribute_model.json,
-ledger.json (the ε it shows is the one `dpsynth budget` states), an optional referee folder, and with an optional public selector (best-of-k sampling, as
-`make demo` samples) the run's ledger.json, the selector's folder and, when given, the
-private caches (`Cache` opens them to compare patient digests). It never
+ledger.json (the privacy it shows is what `dpsynth budget` states), an optional referee
+folder, the `EVALUATION_ONLY.txt` of any folder above the run, and with an optional public
+selector (best-of-k sampling, as `make demo` samples) the selector's folder and, when
+given, the private caches (`Cache` opens them to compare patient digests). It never
 reads `checkpoint/` (secret noise seeds) or `eval/`, and never writes anywhere: generated
 volumes live in memory only.
 """
@@ -121,32 +122,42 @@ class Explorer:
         self._kept: OrderedDict[str, Generated] = OrderedDict()
 
     def _privacy(self) -> dict[str, Any]:
-        """What `dpsynth budget` states of the run (`stated_privacy`): ε (None where it is
-        not DP or records no DP mechanism), δ, NOT DP caches, why the lineage went unchecked.
-        A run without a ledger recorded no use of private data."""
-        if not (self.run / LEDGER_FILE).is_file():
-            return {"ledger": False, "epsilon": None, "delta": None, "not_dp": [], "unchecked": []}
-        stated = stated_privacy([self.run])
+        """What `dpsynth budget` states of the run (`stated_privacy`): whether it has a
+        ledger and a DP mechanism that spent, NOT DP, ε (finite, else None) and δ, why the
+        lineage went unchecked, or why no ε can be stated (`error`: a DP run whose ledger
+        is lost). A run without a ledger recorded no use of private data."""
+        has_ledger = (self.run / LEDGER_FILE).is_file()
+        try:
+            stated = stated_privacy([self.run], missing_ok=True)
+        except DpsynthError as e:
+            return {"ledger": has_ledger, "error": str(e)}
         epsilon, delta, _ = stated.epsilon()
-        dp = any(not e.non_private for e in stated.ledger)
         return {
-            "ledger": True,
-            "epsilon": epsilon if dp and math.isfinite(epsilon) else None,
+            "ledger": has_ledger,
+            "dp": stated.dp,
+            "not_dp": stated.is_not_dp,
+            "epsilon": epsilon if stated.dp and math.isfinite(epsilon) else None,
             "delta": delta,
-            "not_dp": stated.not_dp,
             "unchecked": stated.unchecked,
+            "error": "",
         }
 
     def _evaluation_only(self) -> str:
         """Why what the explorer shows must stay on this machine ("" if it may be shared):
-        a run under an `EVALUATION_ONLY.txt`, one whose weights learned private data without
-        DP (its slider ranges may be the cohort's exact extremes), or a referee trained on
-        real data without DP measuring every volume."""
+        a run under an `EVALUATION_ONLY.txt`; one with no ε to state, NOT DP (its slider
+        ranges may be the cohort's exact extremes) or a ledger its lineage could not be
+        checked against; or a referee trained on real data without DP measuring every
+        volume."""
         marker = evaluation_only_marker(self.run / "model.json")
+        p = self.privacy
         if marker is not None:
             return f"{marker} labels it evaluation only"
-        if self.privacy["not_dp"]:
+        if p["error"]:
+            return f"no ε can be stated: {p['error']}"
+        if p["not_dp"]:
             return "its lineage learned private data without DP (NOT DP)"
+        if p["ledger"] and p["unchecked"]:
+            return "its lineage could not be checked against its ledger"
         if self.referee is not None and self.referee.meta.get("public") is not True:
             return "its referee learned real data without DP"
         return ""

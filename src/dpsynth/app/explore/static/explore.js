@@ -196,9 +196,11 @@
 
   // What `dpsynth budget` states of the run (the server reads it through stated_privacy).
   function privacyBadge(p) {
+    if (p.error) return " · no ε can be stated";
+    if (p.not_dp) return " · NOT DP (ε = ∞)";
     const unchecked = p.unchecked.length ? " (lineage not checked)" : "";
-    if (p.not_dp.length) return " · NOT DP (ε = ∞)";
-    if (p.epsilon !== null) return ` · DP model, ε = ${p.epsilon.toPrecision(3)} at δ = ${p.delta}${unchecked}`;
+    if (p.dp && p.epsilon === null) return ` · DP model, ε unbounded (∞)${unchecked}`;
+    if (p.dp) return ` · DP model, ε = ${p.epsilon.toPrecision(3)} at δ = ${p.delta}${unchecked}`;
     if (p.ledger) return ` · no DP mechanism in its ledger${unchecked}`;
     return " · public model (no privacy ledger)";
   }
