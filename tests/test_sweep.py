@@ -112,6 +112,19 @@ def _fake_evaluation(monkeypatch) -> dict:
     return calls
 
 
+def _fake_stage(run, data, dp):
+    """What a finished `train_ldm` leaves that the sweep reads: model.json's lineage and,
+    for a DP stage, its DP-SGD ledger entry."""
+    run.mkdir(exist_ok=True)
+    cache_id = Cache(data).cache_id
+    if dp:
+        Ledger([LedgerEntry(stage="ldm-dp", mechanism="dp-sgd", cache_id=cache_id, records=20,
+                            noise_multiplier=1.0, sample_rate=0.1, planned_steps=5, steps=5)]
+               ).save(run)  # fmt: skip
+    lineage = [{"cache_id": cache_id, "dp": dp}]
+    atomic_write_json(run / "model.json", {"kind": "ldm", "trained_on": lineage})
+
+
 def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_path, monkeypatch):
     """Training is recorded, not run (the stages are tested in test_training): what each
     cell trains on, from what, and how many steps its trainer will take."""
@@ -126,9 +139,7 @@ def test_sweep_routes_the_caches_and_gives_every_arm_the_same_steps(caches, tmp_
     def train_ldm(data, autoencoder, run, config, init=None, dp=False, resume=False):
         cells[run.name] = dict(data=data, autoencoder=autoencoder, init=init, dp=dp, cfg=config,
                                resume=resume, ledger=Ledger.load(run, missing_ok=True))  # fmt: skip
-        run.mkdir(exist_ok=True)
-        lineage = [{"cache_id": Cache(data).cache_id, "dp": dp}]  # as train_ldm records it
-        atomic_write_json(run / "model.json", {"kind": "ldm", "trained_on": lineage})
+        _fake_stage(run, data, dp)
 
     monkeypatch.setattr(sweep, "train_ldm", train_ldm)
     # The paper preset's schedule (epochs + decay) must not leak into the ε = ∞ arms.
@@ -290,9 +301,7 @@ def test_a_sweep_folder_keeps_one_set_of_public_models(caches, tmp_path, monkeyp
     monkeypatch.setattr(sweep, "pretrain_public_models", lambda data, out, config: None)
 
     def train_ldm(data, autoencoder, run, config, init=None, dp=False, resume=False):
-        run.mkdir(exist_ok=True)
-        lineage = [{"cache_id": Cache(data).cache_id, "dp": dp}]  # as train_ldm records it
-        atomic_write_json(run / "model.json", {"kind": "ldm", "trained_on": lineage})
+        _fake_stage(run, data, dp)
 
     monkeypatch.setattr(sweep, "train_ldm", train_ldm)
     out, public, private = tmp_path / "s", caches["public"], caches["private"]
@@ -361,3 +370,16 @@ def test_an_infinite_epsilon_entry_is_kept_per_cache(caches, tmp_path):
     for _ in range(2):
         sweep._record_nonprivate_use(run, cache)
     assert sorted(e.cache_id for e in Ledger.load(run)) == sorted(["f00", cache.cache_id])
+
+
+def test_a_cells_epsilon_is_what_budget_states(caches, tmp_path):
+    """A DP cell states its ledger's ε; the same cell with its ledger lost is an error,
+    not ∞ (which hid it); a cell without a DP mechanism reads ∞."""
+    dp_cell, public_cell = tmp_path / "eps1_pretrain", tmp_path / "epsinf_pretrain"
+    _fake_stage(dp_cell, caches["private"], dp=True)
+    _fake_stage(public_cell, caches["private"], dp=False)
+    assert sweep._epsilon_spent(dp_cell) == Ledger.load(dp_cell).composed_epsilon()[0] > 0
+    assert sweep._epsilon_spent(public_cell) == float("inf")
+    (dp_cell / "ledger.json").unlink()
+    with pytest.raises(DpsynthError, match="records no DP-SGD on it"):
+        sweep._epsilon_spent(dp_cell)

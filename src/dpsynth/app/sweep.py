@@ -50,7 +50,7 @@ from dpsynth.evaluation.controllability import PER_PHASE
 from dpsynth.evaluation.evaluate import evaluate
 from dpsynth.io import atomic_write_json, atomic_write_text, read_json
 from dpsynth.launch import refuse_torchrun
-from dpsynth.privacy.ledger import LEDGER_FILE, Ledger, LedgerEntry
+from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.outputs import mark_evaluation_only
 from dpsynth.privacy.planner import plan
 from dpsynth.report.stated_privacy import stated_privacy
@@ -287,11 +287,10 @@ def _metric(result: dict, name: str) -> float:
 
 
 def _epsilon_spent(run: Path) -> float:
-    """The ε `dpsynth budget` states for a cell (`stated_privacy`); ∞ without a DP mechanism."""
-    if not (run / LEDGER_FILE).is_file():
-        return math.inf
-    stated = stated_privacy([run])
-    return stated.epsilon()[0] if any(not e.non_private for e in stated.ledger) else math.inf
+    """The ε `dpsynth budget` states for a cell (`stated_privacy`: an error for a DP cell
+    whose ledger is lost); ∞ without a DP mechanism."""
+    stated = stated_privacy([run], missing_ok=True)
+    return stated.epsilon()[0] if stated.dp else math.inf
 
 
 def _row(cell: Cell, epsilon_spent: float, result: dict) -> dict:
