@@ -508,3 +508,21 @@ def test_report_says_when_the_lineage_behind_its_epsilon_was_not_checked(tmp_pat
     assert f"Lineage not checked: {run}: no model.json (a stage still training" in ledger
     (run / "model.json").write_text(json.dumps({"kind": "ldm", "trained_on": []}))
     assert "ineage not checked" not in write_report(run, tmp_path / "out2").read_text()
+
+
+def test_report_states_no_epsilon_where_a_non_private_use_shaped_the_weights(tmp_path):
+    """A ledger recording a non-private use other than an evaluation (the sweep's ε = ∞
+    training) is NOT DP on the page, as in `budget` and `release`; a validation loss is not."""
+    for stage, not_dp in (("sweep-nonprivate-baseline", True), ("ldm-validation", False)):
+        run = tmp_path / stage
+        run.mkdir()
+        Ledger([LedgerEntry.gaussian("ldm-dp", 1.7, records=50, cache_id="c0ffee"),
+                LedgerEntry.non_private_use(stage, 50, "", cache_id="c0ffee")]).save(run)  # fmt: skip
+        (run / "model.json").write_text(json.dumps({"kind": "ldm", "trained_on": []}))
+        eps = Ledger.load(run).composed_epsilon()[0]
+        text = write_report(run, tmp_path / f"out-{stage}").read_text()
+        ledger = text.split('<section id="ledger">')[1].split("</section>")[0]
+        composed = ledger.replace(str(tmp_path), "").split("<h3>Stages</h3>")[0]
+        said = f'<b>NOT DP</b>: the ledger records a non-private use "{stage}"' in ledger
+        assert said == not_dp and ("∞" in composed) == not_dp
+        assert (f"{eps:.3g}" in composed) != not_dp
