@@ -281,6 +281,13 @@ def test_budget_of_sibling_runs_is_not_dp_when_one_learned_the_others_cohort(tmp
     assert stated["epsilon"] is None and stated["not_dp"] == ["c1"]
     assert main(["budget", str(a), str(b)]) == 0
     assert "epsilon = inf: NOT DP\n  trained without DP on cache c1" in capsys.readouterr().out
+    # The plain case: B a public stage, no ledger at all. Alone it has nothing to state.
+    (b / "ledger.json").unlink()
+    assert main(["budget", str(b)]) == 2 and "not found" in capsys.readouterr().err
+    assert main(["budget", str(a), str(b), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["not_dp"] == ["c1"]
+    assert main(["budget", str(b), str(tmp_path / "typo")]) == 2  # no model.json, no ledger
+    assert "not found" in capsys.readouterr().err
 
 
 def test_budget_says_when_a_runs_lineage_was_not_checked(tmp_path, capsys):
@@ -339,7 +346,8 @@ def test_a_non_private_use_that_shaped_the_weights_is_not_dp(tmp_path, capsys):
 
     cell = _dp_run(tmp_path / "cell", [use("sweep-nonprivate-baseline")], [])
     assert main(["budget", str(cell), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["epsilon"] is None
+    stated = json.loads(capsys.readouterr().out)
+    assert stated["epsilon"] is None and stated["shaping_uses"] == ["sweep-nonprivate-baseline"]
     assert main(["budget", str(cell)]) == 0
     out = capsys.readouterr().out
     assert "epsilon = inf: NOT DP\n  non-private use 'sweep-nonprivate-baseline' may" in out

@@ -62,7 +62,7 @@ def read_lineage(meta: dict[str, Any], where: str | os.PathLike) -> list[dict[st
     """A model.json's ``trained_on``: [{cache_id, dp}], every cache its weights learned from
     and whether with DP. Fails closed: an entry that cannot be read might hide a stage that
     trained without DP (a ``dp`` of "false" would read as true). A run from before the field
-    (e.g. shipped public assets) has none."""
+    (an older dpsynth, or made by hand) has none."""
     lineage = meta.get("trained_on", [])
     if not isinstance(lineage, list) or not all(
         isinstance(item, dict)

@@ -233,7 +233,10 @@ def cmd_budget(args: argparse.Namespace) -> None:
     from dpsynth.privacy.ledger import format_ledger  # start-up time (module docstring)
     from dpsynth.report.stated_privacy import stated_privacy  # start-up time (module docstring)
 
-    stated = stated_privacy(args.targets)
+    # Several runs: a public one (no ledger) may be the one that learned another's cohort.
+    stated = stated_privacy(args.targets, missing_ok=len(args.targets) > 1)
+    if len(args.targets) > 1 and not stated.ledger:
+        raise DpsynthError("budget: the ledgers of these runs record no use of private data")
     if args.json:
         epsilon, delta, accountant = stated.epsilon()
         summary = {
@@ -242,6 +245,7 @@ def cmd_budget(args: argparse.Namespace) -> None:
             "delta": delta,
             "accountant": accountant,
             "not_dp": stated.not_dp,
+            "shaping_uses": [e.stage for e in stated.ledger.shaping_uses()],
             "lineage_unchecked": stated.unchecked,
             **stated.ledger.to_json(),
         }

@@ -411,7 +411,7 @@ class Ledger:
         Every writer of a run's ledger goes through here, so no entry a run records is ever
         dropped. The run folder is locked meanwhile, so two writers cannot interleave.
         """
-        path = _ledger_path(path)
+        path = ledger_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(path.parent):
             merged = Ledger.inherit(Ledger.load(path, missing_ok=True), self)
@@ -423,7 +423,7 @@ class Ledger:
     def load(cls, path: str | Path, missing_ok: bool = False) -> Ledger:
         """Read `path` (a ``.json`` file or a run directory); an absent ledger is empty
         when `missing_ok` (a run that never touched private data)."""
-        path = _ledger_path(path)
+        path = ledger_path(path)
         if missing_ok and not path.exists():
             return cls()
         return cls.from_json(read_json(path), source=str(path))
@@ -452,7 +452,8 @@ def _locked(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _ledger_path(path: str | Path) -> Path:
+def ledger_path(path: str | Path) -> Path:
+    """The ledger a path names: a ``.json`` file itself, else the run folder's ledger.json."""
     path = Path(path)
     return path if path.suffix == ".json" else path / LEDGER_FILE
 

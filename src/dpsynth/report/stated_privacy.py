@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpsynth.errors import DpsynthError
-from dpsynth.privacy.ledger import Ledger
+from dpsynth.privacy.ledger import Ledger, ledger_path
 from dpsynth.runs import MODEL_FILE, read_lineage, read_model_meta
 
 
 @dataclass(frozen=True)
 class StatedPrivacy:
     """What may be stated of `runs`: `epsilon()`, or NOT DP (`is_not_dp`) where `not_dp`
-    lists a private cache some lineage learned without DP or the ledger records a
+    lists private caches some lineage learned without DP, or where the ledger records a
     non-private use that may have shaped the weights (`Ledger.shaping_uses`). `unchecked`
     says, per run whose lineage could not be checked against its ledger (no model.json,
     or one without ``trained_on``), why: its ε is then only as good as its ledger.json."""
@@ -53,26 +53,22 @@ class StatedPrivacy:
         return (math.inf if self.is_not_dp else epsilon), delta, accountant
 
 
-def run_folder(target: str | os.PathLike) -> Path:
-    """The run a `budget` or report target names: the folder itself, or the folder of a
-    ``ledger.json`` given instead."""
-    path = Path(target)
-    return path.parent if path.suffix == ".json" else path
-
-
 def stated_privacy(targets: Iterable[str | os.PathLike], missing_ok: bool = False) -> StatedPrivacy:
-    """Load each target's ledger (it must exist unless `missing_ok`: a run that recorded no
-    use of private data), refuse one that misses the DP spending its lineage names
-    (`Ledger.require_accounted`: a DP run whose ledger was lost), and merge them (a run
-    named twice counts once). A one-line DpsynthError for a ledger or model.json that
-    cannot be read."""
-    runs, ledgers, lineages, unchecked = [], [], [], []
+    """Load each target's ledger (a run folder's, or a ledger .json named), refuse one that
+    misses the DP spending its lineage names (`Ledger.require_accounted`: a DP run whose
+    ledger was lost), and merge them (a ledger named twice counts once). With `missing_ok`,
+    a run with a model.json and no ledger recorded no use of private data (a public
+    stage); without a model.json the ledger must exist. A one-line DpsynthError for a
+    ledger or model.json that cannot be read."""
+    runs, seen, ledgers, lineages, unchecked = [], set(), [], [], []
     for target in targets:
-        run = run_folder(target)
-        if any(run.resolve() == seen.resolve() for seen in runs):
+        path = ledger_path(target)
+        run = path.parent
+        if path.resolve() in seen:
             continue
+        seen.add(path.resolve())
         meta = read_model_meta(run) if (run / MODEL_FILE).is_file() else None
-        ledger = Ledger.load(target, missing_ok=missing_ok)
+        ledger = Ledger.load(path, missing_ok=missing_ok and meta is not None)
         lineage = read_lineage(meta or {}, run / MODEL_FILE)
         ledger.require_accounted(lineage, run)
         runs.append(run)
@@ -98,8 +94,8 @@ def _unchecked(meta: dict | None) -> str:
     its ledger ("" when it can)."""
     if meta is None:
         return (
-            f"no {MODEL_FILE} (a stage still training, or an incomplete copy): its lineage "
-            "cannot be checked"
+            f"no {MODEL_FILE} (a stage still training, a folder holding only a DP attribute "
+            "model, or an incomplete copy): its lineage cannot be checked"
         )
     if "trained_on" not in meta:
         return (

@@ -154,7 +154,7 @@ def trained_on(cache_id: str, dp: bool, parents: Sequence[Path]) -> list[dict]:
     """model.json's ``trained_on``: every cache this run's weights learned from, by random id,
     and whether with DP: its own data first, then its parents' (each once).
 
-    Runs from before this field (e.g. shipped public assets) contribute nothing.
+    Runs from before this field contribute nothing.
     """
     items = [{"cache_id": cache_id, "dp": bool(dp)}]
     for parent in parents:

@@ -135,7 +135,7 @@ class Explorer:
         return {
             "ledger": has_ledger,
             "dp": stated.dp,
-            "not_dp": stated.is_not_dp,
+            "is_not_dp": stated.is_not_dp,
             "epsilon": epsilon if stated.dp and math.isfinite(epsilon) else None,
             "delta": delta,
             "unchecked": stated.unchecked,
@@ -154,9 +154,9 @@ class Explorer:
             return f"{marker} labels it evaluation only"
         if p["error"]:
             return f"no ε can be stated: {p['error']}"
-        if p["not_dp"]:
+        if p["is_not_dp"]:
             return "its lineage learned private data without DP (NOT DP)"
-        if p["ledger"] and p["unchecked"]:
+        if p["unchecked"]:
             return "its lineage could not be checked against its ledger"
         if self.referee is not None and self.referee.meta.get("public") is not True:
             return "its referee learned real data without DP"

@@ -197,12 +197,18 @@
   // What `dpsynth budget` states of the run (the server reads it through stated_privacy).
   function privacyBadge(p) {
     if (p.error) return " · no ε can be stated";
-    if (p.not_dp) return " · NOT DP (ε = ∞)";
+    if (p.is_not_dp) return " · NOT DP (ε = ∞)";
     const unchecked = p.unchecked.length ? " (lineage not checked)" : "";
     if (p.dp && p.epsilon === null) return ` · DP model, ε unbounded (∞)${unchecked}`;
-    if (p.dp) return ` · DP model, ε = ${p.epsilon.toPrecision(3)} at δ = ${p.delta}${unchecked}`;
+    if (p.dp) return ` · DP model, ε = ${roundUp(p.epsilon)} at δ = ${p.delta}${unchecked}`;
     if (p.ledger) return ` · no DP mechanism in its ledger${unchecked}`;
-    return " · public model (no privacy ledger)";
+    return ` · public model (no privacy ledger)${unchecked}`;
+  }
+
+  // Three significant digits, rounded up: a stated ε is never below the accountant's.
+  function roundUp(x) {
+    const unit = Math.pow(10, Math.floor(Math.log10(x)) - 2);
+    return (Math.ceil(x / unit - 1e-9) * unit).toPrecision(3);
   }
 
   async function start() {
