@@ -288,6 +288,15 @@ def test_budget_of_sibling_runs_is_not_dp_when_one_learned_the_others_cohort(tmp
     assert json.loads(capsys.readouterr().out)["not_dp"] == ["c1"]
     assert main(["budget", str(b), str(tmp_path / "typo")]) == 2  # no model.json, no ledger
     assert "not found" in capsys.readouterr().err
+    # A missing ledger is public only where nothing else could have spent: not a ledger file
+    # named, not a folder with a DP attribute model, not a model.json without its lineage.
+    assert main(["budget", str(a), str(b / "ledger.json")]) == 2
+    (b / "attribute_model.json").write_text("{}")
+    assert main(["budget", str(a), str(b)]) == 2
+    (b / "attribute_model.json").unlink()
+    (b / "model.json").write_text(json.dumps({"kind": "ldm"}))
+    assert main(["budget", str(a), str(b)]) == 2
+    assert capsys.readouterr().err.count("not found") == 3
 
 
 def test_budget_says_when_a_runs_lineage_was_not_checked(tmp_path, capsys):

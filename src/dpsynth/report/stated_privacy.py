@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpsynth.errors import DpsynthError
+from dpsynth.privacy.attribute_fit import MODEL_FILE as ATTRIBUTE_MODEL
 from dpsynth.privacy.ledger import Ledger, ledger_path
 from dpsynth.runs import MODEL_FILE, read_lineage, read_model_meta
 
@@ -57,9 +58,9 @@ def stated_privacy(targets: Iterable[str | os.PathLike], missing_ok: bool = Fals
     """Load each target's ledger (a run folder's, or a ledger .json named), refuse one that
     misses the DP spending its lineage names (`Ledger.require_accounted`: a DP run whose
     ledger was lost), and merge them (a ledger named twice counts once). With `missing_ok`,
-    a run with a model.json and no ledger recorded no use of private data (a public
-    stage); without a model.json the ledger must exist. A one-line DpsynthError for a
-    ledger or model.json that cannot be read."""
+    a run folder without a ledger is a public stage if nothing else could have spent
+    (`_public_without_ledger`); otherwise, and for a ledger file named, the ledger must
+    exist. A one-line DpsynthError for a ledger or model.json that cannot be read."""
     runs, seen, ledgers, lineages, unchecked = [], set(), [], [], []
     for target in targets:
         path = ledger_path(target)
@@ -68,7 +69,8 @@ def stated_privacy(targets: Iterable[str | os.PathLike], missing_ok: bool = Fals
             continue
         seen.add(path.resolve())
         meta = read_model_meta(run) if (run / MODEL_FILE).is_file() else None
-        ledger = Ledger.load(path, missing_ok=missing_ok and meta is not None)
+        public = missing_ok and Path(target) != path and _public_without_ledger(run, meta)
+        ledger = Ledger.load(path, missing_ok=public)
         lineage = read_lineage(meta or {}, run / MODEL_FILE)
         ledger.require_accounted(lineage, run)
         runs.append(run)
@@ -82,6 +84,13 @@ def stated_privacy(targets: Iterable[str | os.PathLike], missing_ok: bool = Fals
     deltas = [ledger.default_delta() for ledger in ledgers if _spent(ledger)]
     delta = min(deltas, default=joint.default_delta())
     return StatedPrivacy(runs, joint, delta, sorted(set(joint.not_dp(lineages))), unchecked)
+
+
+def _public_without_ledger(run: Path, meta: dict | None) -> bool:
+    """Whether a run folder may lack a ledger: its model.json records its lineage (a lost
+    DP training would then fail `require_accounted`) and it holds no DP attribute model
+    (whose spending only the ledger records)."""
+    return meta is not None and "trained_on" in meta and not (run / ATTRIBUTE_MODEL).is_file()
 
 
 def _spent(ledger: Ledger) -> bool:

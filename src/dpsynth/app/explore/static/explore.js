@@ -208,7 +208,10 @@
   // Three significant digits, rounded up: a stated ε is never below the accountant's.
   function roundUp(x) {
     const unit = Math.pow(10, Math.floor(Math.log10(x)) - 2);
-    return (Math.ceil(x / unit - 1e-9) * unit).toPrecision(3);
+    const steps = Math.ceil(x / unit);
+    const below = (steps - 1) * unit;  // x / unit can land just above an exact step
+    const shown = below >= x ? below : steps * unit;
+    return shown >= 100 ? String(Math.round(shown)) : shown.toPrecision(3);
   }
 
   async function start() {
