@@ -8,6 +8,9 @@ lineages spent, ancestors they share counted once (`Ledger.inherit`); each bundl
 own states only its own lineage. `dpsynth budget RUN OTHER_RUN` states the joint ε.
 The merge assumes one history per ledger entry: a DP stage resumed in two copies of its
 folder spends twice under one entry id, and the larger count alone is kept.
+
+It sits in `report` because it reads both the ledger (`privacy`) and model.json (`runs`),
+two packages of one layer that may not import each other (tests/test_layers.py).
 """
 
 from __future__ import annotations
