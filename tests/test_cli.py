@@ -281,22 +281,28 @@ def test_budget_of_sibling_runs_is_not_dp_when_one_learned_the_others_cohort(tmp
     assert stated["epsilon"] is None and stated["not_dp"] == ["c1"]
     assert main(["budget", str(a), str(b)]) == 0
     assert "epsilon = inf: NOT DP\n  trained without DP on cache c1" in capsys.readouterr().out
-    # The plain case: B a public stage, no ledger at all. Alone it has nothing to state.
+    # The plain case: B a public stage, no ledger at all (its model.json says it was written
+    # without one). Alone it has nothing to state.
     (b / "ledger.json").unlink()
+    meta = json.loads((b / "model.json").read_text())
+    (b / "model.json").write_text(json.dumps({**meta, "ledger": False}))
     assert main(["budget", str(b)]) == 2 and "not found" in capsys.readouterr().err
     assert main(["budget", str(a), str(b), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["not_dp"] == ["c1"]
     assert main(["budget", str(b), str(tmp_path / "typo")]) == 2  # no model.json, no ledger
     assert "not found" in capsys.readouterr().err
     # A missing ledger is public only where nothing else could have spent: not a ledger file
-    # named, not a folder with a DP attribute model, not a model.json without its lineage.
+    # named, not a folder with a DP attribute model, not a model.json written with a ledger
+    # (the ledger of an ε = ∞ sweep cell is the only record that its cohort is private),
+    # nor one that does not say (older runs), nor one without its lineage.
     assert main(["budget", str(a), str(b / "ledger.json")]) == 2
     (b / "attribute_model.json").write_text("{}")
     assert main(["budget", str(a), str(b)]) == 2
     (b / "attribute_model.json").unlink()
-    (b / "model.json").write_text(json.dumps({"kind": "ldm"}))
-    assert main(["budget", str(a), str(b)]) == 2
-    assert capsys.readouterr().err.count("not found") == 3
+    for written in ({**meta, "ledger": True}, meta, {"kind": "ldm", "ledger": False}):
+        (b / "model.json").write_text(json.dumps(written))
+        assert main(["budget", str(a), str(b)]) == 2
+    assert capsys.readouterr().err.count("not found") == 5
 
 
 def test_budget_says_when_a_runs_lineage_was_not_checked(tmp_path, capsys):

@@ -336,6 +336,9 @@ def test_a_public_stage_writes_its_parents_ledger_before_model_json(world, tmp_p
     monkeypatch.setattr(ldm_module, "_save_model", save)
     public = train_ldm(world["public"], world["ae"], tmp_path / "pub", tiny(), init=world["dp"])
     assert ledger_on_disk == [True]
+    # model.json says so: a ledger found missing later was lost (report.stated_privacy).
+    assert read_json(public / "model.json")["ledger"] is True
+    assert read_json(world["ldm"] / "model.json")["ledger"] is False
     assert {e.id for e in Ledger.load(public)} == {e.id for e in Ledger.load(world["dp"])}
 
 

@@ -90,10 +90,16 @@ def stated_privacy(targets: Iterable[str | os.PathLike], missing_ok: bool = Fals
 
 
 def _public_without_ledger(run: Path, meta: dict | None) -> bool:
-    """Whether a run folder may lack a ledger: its model.json records its lineage (a lost
-    DP training would then fail `require_accounted`) and it holds no DP attribute model
-    (whose spending only the ledger records)."""
-    return meta is not None and "trained_on" in meta and not (run / ATTRIBUTE_MODEL).is_file()
+    """Whether a run folder may lack a ledger: its model.json records its lineage and that
+    it was written with no ledger (``ledger: false``; older runs do not say, and a lost
+    ledger may be the only record of private data, e.g. an ε = ∞ sweep cell's), and it
+    holds no DP attribute model (fitted later, its spending is in the ledger alone)."""
+    return (
+        meta is not None
+        and "trained_on" in meta
+        and meta.get("ledger") is False
+        and not (run / ATTRIBUTE_MODEL).is_file()
+    )
 
 
 def _spent(ledger: Ledger) -> bool:

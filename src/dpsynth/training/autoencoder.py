@@ -50,6 +50,7 @@ from dpsynth.training.common import (
     autocast,
     barrier,
     carry_lineage,
+    has_ledger,
     init_distributed,
     pick_device,
     prepare_run_dir,
@@ -345,6 +346,7 @@ def _finish(
             "latent_scale_source": source,
             "private": private,
             "trained_on": trained_on(cache.cache_id, private, parents),
+            "ledger": has_ledger(run),
         },
     )
     atomic_write_json(run / RECONSTRUCTION_FILE, quality)

@@ -42,6 +42,7 @@ from dpsynth.training.common import (
     autocast,
     barrier,
     carry_lineage,
+    has_ledger,
     init_distributed,
     pick_device,
     prepare_run_dir,
@@ -297,5 +298,6 @@ def _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, parent
             "attribute_ranges": _attribute_ranges(cache, dp, init_meta),
             "private": bool(dp),
             "trained_on": trained_on(cache.cache_id, dp, parents),
+            "ledger": has_ledger(run),
         },
     )

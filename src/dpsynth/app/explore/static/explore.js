@@ -208,10 +208,13 @@
   // Three significant digits, rounded up: a stated ε is never below the accountant's.
   function roundUp(x) {
     const unit = Math.pow(10, Math.floor(Math.log10(x)) - 2);
-    const steps = Math.ceil(x / unit);
-    const below = (steps - 1) * unit;  // x / unit can land just above an exact step
-    const shown = below >= x ? below : steps * unit;
-    return shown >= 100 ? String(Math.round(shown)) : shown.toPrecision(3);
+    const text = (steps) => {
+      const v = steps * unit;
+      return v >= 100 ? String(Math.round(v)) : v.toPrecision(3);
+    };
+    let steps = Math.ceil(x / unit) - 1;  // x / unit can land just above or below a step
+    while (Number(text(steps)) < x) steps += 1;  // what is shown, read back, is never below
+    return text(steps);
   }
 
   async function start() {
