@@ -342,6 +342,21 @@ def test_a_public_stage_writes_its_parents_ledger_before_model_json(world, tmp_p
     assert {e.id for e in Ledger.load(public)} == {e.id for e in Ledger.load(world["dp"])}
 
 
+def test_a_parent_without_a_ledger_must_say_it_never_had_one(world, tmp_path):
+    """A ledger can be the only record of private data (an ε = ∞ sweep cell's training):
+    a parent without ledger.json is built on only if its model.json says it was written
+    without one. Otherwise its child would read as public (or a DP child state too small an
+    ε). Runs of an older dpsynth do not say, and must show their ledger."""
+    parent = shutil.copytree(world["ldm"], tmp_path / "parent")  # public: "ledger": false
+    meta = read_json(parent / "model.json")
+    assert meta["ledger"] is False and not (parent / "ledger.json").exists()
+    for written in ({**meta, "ledger": True}, {k: v for k, v in meta.items() if k != "ledger"}):
+        (parent / "model.json").write_text(json.dumps(written))
+        with pytest.raises(DpsynthError, match="no ledger.json, and its model.json does not say"):
+            train_ldm(world["public"], world["ae"], tmp_path / "child", tiny(), init=parent)
+        assert not (tmp_path / "child").exists()
+
+
 def test_a_parent_whose_ledger_misses_its_dp_lineage_is_refused(world, tmp_path, capsys):
     """A copy of a DP-lineage run without its ledger.json (or a run whose model.json names a
     DP cache its ledger does not): building on it, its budget and its release are refused,
@@ -350,7 +365,7 @@ def test_a_parent_whose_ledger_misses_its_dp_lineage_is_refused(world, tmp_path,
     (parent / "ledger.json").unlink()
     config = tiny(**{"privacy.epsilon": 3.0, "privacy.max_total_epsilon": BUDGET})
     for dp, data in ((True, world["private"]), (False, world["public"])):
-        with pytest.raises(DpsynthError, match="records no DP-SGD on it"):
+        with pytest.raises(DpsynthError, match="no ledger.json, and its model.json does not"):
             train_ldm(data, world["ae"], tmp_path / f"child{dp}", config, init=parent, dp=dp)
         assert not (tmp_path / f"child{dp}").exists()
     # A later entry naming the same cache (a DP attribute model) does not stand in for it.

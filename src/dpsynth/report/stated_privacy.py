@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpsynth.errors import DpsynthError
-from dpsynth.privacy.attribute_fit import MODEL_FILE as ATTRIBUTE_MODEL
 from dpsynth.privacy.ledger import Ledger, ledger_path
+from dpsynth.privacy.lineage import may_lack_ledger
 from dpsynth.runs import MODEL_FILE, read_lineage, read_model_meta
 
 
@@ -62,7 +62,7 @@ def stated_privacy(targets: Iterable[str | os.PathLike], missing_ok: bool = Fals
     misses the DP spending its lineage names (`Ledger.require_accounted`: a DP run whose
     ledger was lost), and merge them (a ledger named twice counts once). With `missing_ok`,
     a run folder without a ledger is a public stage if nothing else could have spent
-    (`_public_without_ledger`); otherwise, and for a ledger file named, the ledger must
+    (`privacy.lineage.may_lack_ledger`); otherwise, and for a ledger file named, the ledger must
     exist. A one-line DpsynthError for a ledger or model.json that cannot be read."""
     runs, seen, ledgers, lineages, unchecked = [], set(), [], [], []
     for target in targets:
@@ -72,7 +72,7 @@ def stated_privacy(targets: Iterable[str | os.PathLike], missing_ok: bool = Fals
             continue
         seen.add(path.resolve())
         meta = read_model_meta(run) if (run / MODEL_FILE).is_file() else None
-        public = missing_ok and Path(target) != path and _public_without_ledger(run, meta)
+        public = missing_ok and Path(target) != path and may_lack_ledger(run, meta)
         ledger = Ledger.load(path, missing_ok=public)
         lineage = read_lineage(meta or {}, run / MODEL_FILE)
         ledger.require_accounted(lineage, run)
@@ -87,19 +87,6 @@ def stated_privacy(targets: Iterable[str | os.PathLike], missing_ok: bool = Fals
     deltas = [ledger.default_delta() for ledger in ledgers if _spent(ledger)]
     delta = min(deltas, default=joint.default_delta())
     return StatedPrivacy(runs, joint, delta, sorted(set(joint.not_dp(lineages))), unchecked)
-
-
-def _public_without_ledger(run: Path, meta: dict | None) -> bool:
-    """Whether a run folder may lack a ledger: its model.json records its lineage and that
-    it was written with no ledger (``ledger: false``; older runs do not say, and a lost
-    ledger may be the only record of private data, e.g. an ε = ∞ sweep cell's), and it
-    holds no DP attribute model (fitted later, its spending is in the ledger alone)."""
-    return (
-        meta is not None
-        and "trained_on" in meta
-        and meta.get("ledger") is False
-        and not (run / ATTRIBUTE_MODEL).is_file()
-    )
 
 
 def _spent(ledger: Ledger) -> bool:

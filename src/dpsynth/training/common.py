@@ -18,7 +18,8 @@ from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_text
 from dpsynth.launch import launched_world_size
 from dpsynth.privacy.ledger import LEDGER_FILE, Ledger
-from dpsynth.runs import run_lineage
+from dpsynth.privacy.lineage import may_lack_ledger
+from dpsynth.runs import MODEL_FILE, read_lineage, read_model_meta, run_lineage
 
 
 def prepare_run_dir(out: str | os.PathLike, resume: bool) -> Path:
@@ -179,13 +180,21 @@ def refuse_unsafe_parents(cache_id: str, cache: Path, dp: bool, parents: Sequenc
     the data without a guarantee. A non-DP stage must not train on data a parent learned
     with DP (its ``trained_on`` or its lineage's ledger): the data is private, and the new
     weights would carry it with no guarantee while the ledger shows a finite ε. And no stage
-    may build on a parent whose ledger misses its own DP lineage: the new run inherits that
-    ledger, and every ε read from it would be too small.
+    may build on a parent whose ledger misses its own DP lineage, or that has none where
+    its model.json does not say it never had one (`privacy.lineage.may_lack_ledger`): the
+    new run inherits that ledger, and every ε read from it would be too small.
     """
 
     for parent in parents:
+        meta = read_model_meta(parent) if (parent / MODEL_FILE).is_file() else None
+        if not (parent / LEDGER_FILE).is_file() and not may_lack_ledger(parent, meta):
+            raise DpsynthError(
+                f"{parent}: no ledger.json, and its model.json does not say it was written "
+                "without one (lost, or a run of an older dpsynth): restore its ledger.json, "
+                "or retrain it"
+            )
         ledger = Ledger.load(parent, missing_ok=True)  # its lineage too
-        lineage = run_lineage(parent)
+        lineage = read_lineage(meta or {}, parent / MODEL_FILE)
         ledger.require_accounted(lineage, parent)
         for item in lineage:
             if item["cache_id"] == cache_id and item["dp"] != dp:
