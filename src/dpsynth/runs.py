@@ -74,10 +74,14 @@ def read_lineage(meta: dict[str, Any], where: str | os.PathLike) -> list[dict[st
     return lineage
 
 
+def model_meta_if_any(run: str | os.PathLike) -> dict[str, Any] | None:
+    """`read_model_meta` of a run folder, or None where it has no model.json (yet)."""
+    return read_model_meta(run) if (Path(run) / MODEL_FILE).is_file() else None
+
+
 def run_lineage(run: str | os.PathLike) -> list[dict[str, Any]]:
     """`read_lineage` of a run folder's model.json; a folder without one has none."""
-    path = Path(run) / MODEL_FILE
-    return read_lineage(read_model_meta(run) if path.exists() else {}, path)
+    return read_lineage(model_meta_if_any(run) or {}, Path(run) / MODEL_FILE)
 
 
 # Where a run's latent scale came from (model.json `latent_scale_source`): the only values

@@ -24,7 +24,7 @@ from pathlib import Path
 from dpsynth.errors import DpsynthError
 from dpsynth.privacy.ledger import Ledger, ledger_path
 from dpsynth.privacy.lineage import may_lack_ledger
-from dpsynth.runs import MODEL_FILE, read_lineage, read_model_meta
+from dpsynth.runs import MODEL_FILE, model_meta_if_any, read_lineage
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def stated_privacy(targets: Iterable[str | os.PathLike], missing_ok: bool = Fals
         if path.resolve() in seen:
             continue
         seen.add(path.resolve())
-        meta = read_model_meta(run) if (run / MODEL_FILE).is_file() else None
+        meta = model_meta_if_any(run)
         public = missing_ok and Path(target) != path and may_lack_ledger(run, meta)
         ledger = Ledger.load(path, missing_ok=public)
         lineage = read_lineage(meta or {}, run / MODEL_FILE)

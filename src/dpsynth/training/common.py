@@ -19,7 +19,7 @@ from dpsynth.io import atomic_write_text
 from dpsynth.launch import launched_world_size
 from dpsynth.privacy.ledger import LEDGER_FILE, Ledger
 from dpsynth.privacy.lineage import may_lack_ledger
-from dpsynth.runs import MODEL_FILE, read_lineage, read_model_meta, run_lineage
+from dpsynth.runs import MODEL_FILE, model_meta_if_any, read_lineage, run_lineage
 
 
 def prepare_run_dir(out: str | os.PathLike, resume: bool) -> Path:
@@ -186,8 +186,8 @@ def refuse_unsafe_parents(cache_id: str, cache: Path, dp: bool, parents: Sequenc
     """
 
     for parent in parents:
-        meta = read_model_meta(parent) if (parent / MODEL_FILE).is_file() else None
-        if not (parent / LEDGER_FILE).is_file() and not may_lack_ledger(parent, meta):
+        meta = model_meta_if_any(parent)
+        if not has_ledger(parent) and not may_lack_ledger(parent, meta):
             raise DpsynthError(
                 f"{parent}: no ledger.json, and its model.json does not say it was written "
                 "without one (lost, or a run of an older dpsynth): restore its ledger.json, "

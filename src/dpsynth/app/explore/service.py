@@ -36,10 +36,10 @@ from dpsynth.evaluation.referee import META_FILE, Referee
 from dpsynth.evaluation.selection import load_selector, sample_best_of, selectable
 from dpsynth.io import nifti_bytes
 from dpsynth.privacy.attribute_fit import MODEL_FILE, load_attribute_model
-from dpsynth.privacy.ledger import LEDGER_FILE
 from dpsynth.privacy.outputs import evaluation_only_marker
 from dpsynth.report.stated_privacy import stated_privacy
 from dpsynth.runs import load, sampling_settings
+from dpsynth.training.common import has_ledger
 
 REFEREE_SUBDIR = "referee"  # a referee inside the run folder is picked up without --referee
 REFEREE_NOTE = (
@@ -126,14 +126,14 @@ class Explorer:
         ledger and a DP mechanism that spent, NOT DP, ε (finite, else None) and δ, why the
         lineage went unchecked, or why no ε can be stated (`error`: a DP run whose ledger
         is lost). A run without a ledger recorded no use of private data."""
-        has_ledger = (self.run / LEDGER_FILE).is_file()
+        ledger = has_ledger(self.run)
         try:
             stated = stated_privacy([self.run], missing_ok=True)
         except DpsynthError as e:
-            return {"ledger": has_ledger, "error": str(e)}
+            return {"ledger": ledger, "error": str(e)}
         epsilon, delta, _ = stated.epsilon()
         return {
-            "ledger": has_ledger,
+            "ledger": ledger,
             "dp": stated.dp,
             "is_not_dp": stated.is_not_dp,
             "epsilon": epsilon if stated.dp and math.isfinite(epsilon) else None,
