@@ -5,12 +5,13 @@ from __future__ import annotations
 import warnings
 
 import dp_accounting
+import numpy as np
 import pytest
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
 from dpsynth.errors import DpsynthError
-from dpsynth.privacy.accounting import epsilon_for, noise_for_epsilon, warn_delta
+from dpsynth.privacy.accounting import epsilon_for, format_bound, noise_for_epsilon, warn_delta
 from dpsynth.privacy.planner import format_plan, plan
 
 # (sample rate, noise multiplier, steps, delta)
@@ -173,3 +174,19 @@ def test_plan_refuses_bad_parameters(kwargs, match):
 def test_plan_warns_when_delta_too_large_for_cohort():
     with pytest.warns(UserWarning, match="delta"):
         plan(records=50, batch_size=10, epochs=1, noise_multiplier=1.0, delta=0.05)
+
+
+def test_a_stated_bound_is_rounded_up_never_down():
+    """Every printed ε (budget, report, PRIVACY.md) goes through `format_bound`: the figure
+    read back is never below the accountant's, and at most one unit of its last digit above."""
+    assert format_bound(8.34249) == "8.343"  # f"{8.34249:.4g}" states 8.342, below the bound
+    assert format_bound(8.342) == "8.342"  # a figure already at four digits stays
+    assert format_bound(9.99951, 3) == "10" and format_bound(2.0) == "2"
+    assert format_bound(1234.56, 3) == "1.24e+03" and format_bound(float("inf")) == "∞"
+    values = np.random.default_rng(0).uniform(-4, 6, 20_000)
+    for value in 10.0**values:
+        for digits in (2, 3, 4):
+            shown = float(format_bound(value, digits))
+            assert value <= shown <= value * (1 + 10.0 ** (1 - digits)), (value, digits)
+    with pytest.raises(DpsynthError, match="NaN"):
+        format_bound(float("nan"))

@@ -12,6 +12,7 @@ from dpsynth.app import cli
 from dpsynth.app.cli import PRIVACY_FLAGS, build_parser, config_from_args, main
 from dpsynth.app.sweep import format_table, parse_epsilons, pretrain_ratio, write_table
 from dpsynth.config import DEFAULT_SHAPE, DEFAULT_SPACING, load_config
+from dpsynth.privacy.accounting import format_bound
 
 
 def test_budget_plan_json_keys_and_consistency(capsys):
@@ -258,8 +259,8 @@ def test_budget_of_sibling_runs_composes_them_counting_shared_entries_once(tmp_p
     assert stated["runs"] == [str(r) for r in runs] and stated["lineage_unchecked"] == []
     assert main(["budget", *map(str, runs)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("Joint ledger of 2 runs") and f"epsilon = {joint:.4g} at" in out
-    assert f"epsilon = {alone[0]:.4g} at" not in out
+    assert out.startswith("Joint ledger of 2 runs") and f"epsilon = {format_bound(joint)} at" in out
+    assert f"epsilon = {format_bound(alone[0])} at" not in out
 
 
 def test_budget_of_sibling_runs_is_not_dp_when_one_learned_the_others_cohort(tmp_path, capsys):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dpsynth.errors import BudgetExceededError, DpsynthError
-from dpsynth.privacy.accounting import epsilon_for, noise_for_epsilon
+from dpsynth.privacy.accounting import epsilon_for, format_bound, noise_for_epsilon
 from dpsynth.privacy.ledger import LEDGER_FILE, Ledger, LedgerEntry, format_ledger
 from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL, is_evaluation_only, labelled
 from dpsynth.privacy.statistics import dp_latent_scale, dp_mean
@@ -40,7 +40,7 @@ def test_total_composes_dp_entries_only(tmp_path):
     assert ledger.history() == [a.mechanism_spent(), b.mechanism_spent()]
     text = format_ledger(ledger)
     assert "Non-private uses" in text and "private validation loss" in text
-    assert f"epsilon = {expected:.4g} at delta = 1e-05" in text
+    assert f"epsilon = {format_bound(expected)} at delta = 1e-05" in text
     assert "200/200" in text and "0/500" in text
 
 
@@ -55,8 +55,9 @@ def test_composed_epsilon_is_the_larger_bound_of_the_stages_accountants(tmp_path
     epsilon, delta, accountant = ledger.composed_epsilon()
     assert (epsilon, delta) == (max(by.values()), 1e-5)
     assert accountant == max(by, key=by.get)
-    assert f"epsilon = {epsilon:.4g} at delta = 1e-05 ({accountant} accountant" in format_ledger(
-        ledger
+    assert (
+        f"epsilon = {format_bound(epsilon)} at delta = 1e-05 ({accountant} accountant"
+        in format_ledger(ledger)
     )
     # one accountant: its own bound, whatever the default
     only_rdp = Ledger([dataclasses.replace(_sgd(steps=100), accountant="rdp")])
@@ -147,7 +148,7 @@ def test_check_budget_refuses_before_stage_with_numbers():
     message = str(info.value)
     assert "\n" not in message
     assert message == (
-        f"stage ldm-dp would bring total ε to {projected:.4g} at δ=1e-05, "
+        f"stage ldm-dp would bring total ε to {format_bound(projected)} at δ=1e-05, "
         "above --max-total-epsilon 2"
     )
     assert planned.id not in ledger  # checking records nothing

@@ -31,6 +31,7 @@ from dpsynth.evaluation.selection import (
     sample_best_of,
 )
 from dpsynth.io import read_json
+from dpsynth.privacy.accounting import format_bound
 from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL, mark_evaluation_only
@@ -190,9 +191,9 @@ def test_verify_recomputes_the_ledgers_epsilon(world, capsys):
     privacy = read_json(world["bundle"] / "privacy.json")
     assert [m["stage"] for m in privacy["mechanisms"]] == [e.stage for e in ledger]
     assert main(["verify", str(world["bundle"])]) == 0
-    assert f"ε = {summary['epsilon']:.4g}" in capsys.readouterr().out
+    assert f"ε = {format_bound(summary['epsilon'])}" in capsys.readouterr().out
     text = (world["bundle"] / "PRIVACY.md").read_text()
-    for words in ("one patient", f"ε = {summary['epsilon']:.4g}", "δ = 1e-05", "Rényi-DP",
+    for words in ("one patient", f"ε = {format_bound(summary['epsilon'])}", "δ = 1e-05", "Rényi-DP",
                   "What is not covered", "ldm-dp-sgd", "attribute", "DP attribute model"):  # fmt: skip
         assert words in text
 
@@ -654,7 +655,7 @@ def test_report_links_and_verifies_the_release(world, tmp_path):
     text = write_report(world["dp"], tmp_path / "demo" / "report", release=bundle).read_text()
     section = text[text.index('<section id="release">') :]
     assert 'href="../release/PRIVACY.md"' in section and "intact" in section
-    assert f"{verify(bundle)['epsilon']:.4g}"[:4] in section
+    assert f"{format_bound(verify(bundle)['epsilon'])}"[:4] in section
     (bundle / "PRIVACY.md").write_text("tampered")
     text = write_report(world["dp"], tmp_path / "demo" / "report", release=bundle).read_text()
     assert "does not verify" in text[text.index('<section id="release">') :]

@@ -20,6 +20,7 @@ from dpsynth.attributes import ATTRIBUTES, INDEX
 from dpsynth.evaluation.audit import attack_summary, memorisation
 from dpsynth.io import atomic_write_json, write_nifti
 from dpsynth.privacy import one_run_audit as ora
+from dpsynth.privacy.accounting import format_bound
 from dpsynth.privacy.attribute_model import attribute_fidelity
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.report import figures, montage, write_report
@@ -250,7 +251,7 @@ def test_report_numbers_and_privacy_statements(report):
     ledger = Ledger.load(Path(report[0]).parent.parent / "run")
     eps, _, _ = ledger.composed_epsilon()  # what budget and release state too
     assert 0 < eps < 50
-    assert f"{eps:.3g}" in text  # the composed ε is what the accountant says
+    assert format_bound(eps, 3) in text  # the composed ε is what the accountant says
     assert "patient" in text and "ED and ES" in text
     assert "Non-private uses of private data" in text and "validation loss on private" in text
     assert "Evaluation-only uses of private data" in text
@@ -367,7 +368,7 @@ def test_report_states_the_composed_epsilon_that_budget_states(tmp_path, capsys)
     ledger = Ledger.load(run)
     first = ledger.total_epsilon(accountant="prv")
     eps, _, accountant = ledger.composed_epsilon()
-    assert accountant == "rdp" and f"{eps:.3g}" != f"{first:.3g}"
+    assert accountant == "rdp" and format_bound(eps, 3) != format_bound(first, 3)
     assert main(["budget", str(run), "--json"]) == 0
     stated = json.loads(capsys.readouterr().out)
     assert (stated["epsilon"], stated["accountant"]) == (eps, "rdp")
@@ -375,7 +376,7 @@ def test_report_states_the_composed_epsilon_that_budget_states(tmp_path, capsys)
     for section in ("summary", "ledger"):
         html = text.split(f'<section id="{section}">')[1].split("</section>")[0]
         html = html.replace(str(tmp_path), "")  # its pytest-N could hold the digits
-        assert f"{eps:.3g}" in html and f"{first:.3g}" not in html, section
+        assert format_bound(eps, 3) in html and format_bound(first, 3) not in html, section
 
 
 def test_report_states_no_epsilon_for_a_lineage_trained_without_dp(tmp_path, capsys):
@@ -388,14 +389,14 @@ def test_report_states_no_epsilon_for_a_lineage_trained_without_dp(tmp_path, cap
     lineage = [{"cache_id": "c0ffee", "dp": False}, {"cache_id": "c0ffee", "dp": True}]
     atomic_write_json(run / "model.json", {"kind": "ldm", "trained_on": lineage})
     eps = Ledger.load(run).composed_epsilon()[0]
-    assert len(f"{eps:.3g}") >= 3  # digits the page would not hold by chance
+    assert len(format_bound(eps, 3)) >= 3  # digits the page would not hold by chance
     assert main(["budget", str(run / "ledger.json"), "--json"]) == 0  # the file, not the run
     assert json.loads(capsys.readouterr().out)["epsilon"] is None
     text = write_report(run, tmp_path / "out").read_text()
     for section in ("summary", "ledger"):
         html = text.split(f'<section id="{section}">')[1].split("</section>")[0]
         composed = html.replace(str(tmp_path), "").split("<h3>Stages</h3>")[0]
-        assert "∞" in composed and f"{eps:.3g}" not in composed, section
+        assert "∞" in composed and format_bound(eps, 3) not in composed, section
     assert "<b>NOT DP</b>: a stage of this model trained without DP on cache c0ffee" in text
     assert "Protected:" not in text  # no promise for a model that learned patients un-noised
 
@@ -525,4 +526,4 @@ def test_report_states_no_epsilon_where_a_non_private_use_shaped_the_weights(tmp
         composed = ledger.replace(str(tmp_path), "").split("<h3>Stages</h3>")[0]
         said = f'<b>NOT DP</b>: the ledger records a non-private use "{stage}"' in ledger
         assert said == not_dp and ("∞" in composed) == not_dp
-        assert (f"{eps:.3g}" in composed) != not_dp
+        assert (format_bound(eps, 3) in composed) != not_dp

@@ -29,7 +29,7 @@ from dpsynth.data.prepare import prepare
 from dpsynth.data.simulate import simulate_cohort
 from dpsynth.errors import BudgetExceededError, DpsynthError
 from dpsynth.io import atomic_write_json, read_json
-from dpsynth.privacy.accounting import epsilon_for
+from dpsynth.privacy.accounting import epsilon_for, format_bound
 from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.ledger import Ledger, format_ledger
 from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
@@ -626,7 +626,9 @@ def test_fit_attributes_then_dp_stage_keep_both_and_budget_both(world, tmp_path,
     # model, the DP stage's own for DP-SGD), as the report and the release do
     total, _, accountant = ledger.composed_epsilon()
     assert total >= max(ledger.total_epsilon(1e-5, a) for a in ("prv", "rdp")) - 1e-12
-    assert f"epsilon = {total:.4g} at delta = 1e-05 ({accountant}" in _budget_total(run, capsys)
+    assert f"epsilon = {format_bound(total)} at delta = 1e-05 ({accountant}" in _budget_total(
+        run, capsys
+    )
     assert (run / "attribute_model.json").exists()
 
 
@@ -664,7 +666,11 @@ def test_train_then_fit_attributes_then_resume_keep_both(world, tmp_path, monkey
     assert ledger.total_epsilon() > Ledger([ledger[sgd.id]]).total_epsilon() + 0.25
     total = ledger.composed_epsilon()[0]  # what budget, the report and the release state
     assert total >= ledger.total_epsilon()
-    assert f"epsilon = {total:.4g}" in _budget_total(run, capsys) == format_ledger(ledger) + "\n"
+    assert (
+        f"epsilon = {format_bound(total)}"
+        in _budget_total(run, capsys)
+        == format_ledger(ledger) + "\n"
+    )
 
 
 def test_fit_attributes_checks_then_records_then_draws(world, tmp_path, monkeypatch):

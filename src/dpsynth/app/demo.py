@@ -36,6 +36,7 @@ from dpsynth.evaluation.referee import (
 )
 from dpsynth.io import atomic_write_json, read_json
 from dpsynth.launch import refuse_torchrun
+from dpsynth.privacy.accounting import format_bound
 from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.one_run_audit import Recipe
 from dpsynth.privacy.outputs import labelled, mark_evaluation_only
@@ -250,7 +251,9 @@ def run_demo(out: Path, fresh: bool = True, retrain_public: bool = False) -> dic
     atomic_write_json(out / "summary.json", labelled(summary))  # headline: private test figures
     print(f"\nreport: {report}")
     print(f"release bundle (the only folder to share): {bundle}")
-    print(f"total privacy spent: ε = {summary['total_epsilon']:.3f} at δ = {summary['delta']:g}")
+    print(
+        f"total privacy spent: ε = {format_bound(summary['total_epsilon'])} at δ = {summary['delta']:g}"
+    )
     for name, value in summary["headline"].items():
         print(f"  {name}: {value}")
     print(f"demo wall time: {summary['wall_s']:.0f} s")

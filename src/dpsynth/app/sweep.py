@@ -50,6 +50,7 @@ from dpsynth.evaluation.controllability import PER_PHASE
 from dpsynth.evaluation.evaluate import evaluate
 from dpsynth.io import atomic_write_json, atomic_write_text, read_json
 from dpsynth.launch import refuse_torchrun
+from dpsynth.privacy.accounting import format_bound
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.outputs import mark_evaluation_only
 from dpsynth.privacy.planner import plan
@@ -334,7 +335,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(
-            f"| {_fmt(r['epsilon_target'])} | {_fmt(r['epsilon_spent'])} | "
+            f"| {_fmt(r['epsilon_target'])} | {format_bound(r['epsilon_spent'], 3)} | "
             f"{'yes' if r['pretrain'] else 'no'} | {_fmt(r.get('steps'))} | "
             f"{_fmt(r['frd'])} | {_fmt(r['fd_referee'])} | "
             f"{_fmt(r['ms_ssim'])} | {_fmt(r['lv_volume_r'])} | "

@@ -17,6 +17,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Iterable, Iterator
+from decimal import ROUND_CEILING, Decimal
 from typing import NamedTuple
 
 import numpy as np
@@ -145,6 +146,20 @@ def epsilon_for(
             raise
         warnings.warn(f"PRV accountant failed ({e}); reporting the looser RDP bound", stacklevel=2)
         return _epsilon(history, delta, "rdp")
+
+
+def format_bound(value: float, digits: int = 4) -> str:
+    """An upper bound (ε, e^ε) as text with `digits` significant digits, rounded up: the
+    figure read back is never below `value` (``f"{x:.4g}"`` rounds 8.34249 down to 8.342)."""
+    if math.isnan(value):
+        raise DpsynthError("format_bound: NaN is not a bound")
+    if math.isinf(value) or value == 0:
+        return "∞" if value > 0 else ("0" if value == 0 else "-∞")
+    # The shortest decimal that reads back as `value` (8.342, not 8.34200000000000053):
+    # float() is monotone, so its ceiling reads back at or above `value`.
+    shortest = Decimal(repr(float(value)))
+    step = Decimal(1).scaleb(shortest.adjusted() - digits + 1)
+    return f"{float(shortest.quantize(step, rounding=ROUND_CEILING)):.{digits}g}"
 
 
 def noise_for_epsilon(

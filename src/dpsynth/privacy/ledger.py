@@ -52,6 +52,7 @@ from dpsynth.privacy.accounting import (
     check_epsilon,
     check_mechanism,
     epsilon_for,
+    format_bound,
 )
 
 LEDGER_FILE = "ledger.json"
@@ -386,7 +387,7 @@ class Ledger:
         total, _ = self._largest_bound(self.history(planned), delta, planned)
         if total > max_total_epsilon:
             raise BudgetExceededError(
-                f"stage {planned.stage} would bring total ε to {total:.4g} at δ={delta:g}, "
+                f"stage {planned.stage} would bring total ε to {format_bound(total)} at δ={delta:g}, "
                 f"above --max-total-epsilon {max_total_epsilon:g}"
             )
         return total
@@ -477,7 +478,7 @@ def format_ledger(ledger: Ledger, not_dp: Sequence[str] = (), delta: float | Non
         alone = epsilon_for([spent], delta, accountant) if spent else 0.0
         lines.append(
             f"  {e.stage:<20} {e.mechanism:<9} {e.records:>8} {e.sample_rate:>9.4g} "
-            f"{e.noise_multiplier:>9.4g} {f'{e.steps}/{e.planned_steps}':>15} {alone:>9.4g}  "
+            f"{e.noise_multiplier:>9.4g} {f'{e.steps}/{e.planned_steps}':>15} {format_bound(alone):>9}  "
             f"{e.cache_id[:12] or '-'}"
         )
     if other:
@@ -493,7 +494,7 @@ def format_ledger(ledger: Ledger, not_dp: Sequence[str] = (), delta: float | Non
         lines += [f"  non-private use '{e.stage}' may have shaped the weights" for e in shaping]
         return "\n".join(lines)
     lines.append(
-        f"Total: epsilon = {total:.4g} at delta = {delta:g} "
+        f"Total: epsilon = {format_bound(total)} at delta = {delta:g} "
         f"({accountant} accountant, all {len(dp)} mechanism(s) composed)"
     )
     if not math.isfinite(total):

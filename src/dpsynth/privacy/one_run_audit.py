@@ -58,7 +58,7 @@ from dpsynth.config import load_config
 from dpsynth.data.simulate import simulate_patient
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_json, atomic_write_text
-from dpsynth.privacy.accounting import check_delta, epsilon_for, noise_for_epsilon
+from dpsynth.privacy.accounting import check_delta, epsilon_for, format_bound, noise_for_epsilon
 from dpsynth.privacy.ledger import Ledger
 
 AUDIT_DIR = "privacy_audit"  # default output folder inside the audited run (never released)
@@ -538,7 +538,7 @@ def format_result(r: dict) -> str:
         f"{r['canaries_included']} included; {r['wall_s']} s)",
         f"  recipe      σ {rec['noise_multiplier']:.4g}, C {rec['max_grad_norm']:g}, "
         f"q {rec['sample_rate']:.4g}, {rec['steps']} steps, δ {rec['delta']:g}",
-        f"  accounted   ε = {r['accounted_epsilon']:.3f}",
+        f"  accounted   ε = {format_bound(r['accounted_epsilon'])}",
         f"  ε_lb (95%)  {r['epsilon_lb']:.3f} Gaussian (ratio {r['ratio']:.2f}); "
         f"{r['epsilon_lb_steinke']:.3f} Steinke et al.",
     ]

@@ -22,6 +22,7 @@ from dpsynth.privacy.accounting import (
     check_epsilon,
     check_mechanism,
     epsilon_for,
+    format_bound,
     noise_for_epsilon,
     warn_delta,
 )
@@ -89,6 +90,6 @@ def format_plan(p: Plan) -> str:
             f"  sample rate       q = {p.sample_rate:.6g} (expected batch / records)",
             f"  steps             {p.steps} (= ceil(epochs / q))",
             f"  noise multiplier  sigma = {p.noise_multiplier:.6g}",
-            f"  privacy           epsilon = {p.epsilon:.4g} at delta = {p.delta:g}",
+            f"  privacy           epsilon = {format_bound(p.epsilon)} at delta = {p.delta:g}",
         ]
     )

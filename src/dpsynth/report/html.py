@@ -26,7 +26,7 @@ from dpsynth.data.volumes import load_volume_set
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.controllability import CSV_FILE, SECOND_READER_CSV_FILE
 from dpsynth.io import atomic_dir, atomic_write_text, read_json
-from dpsynth.privacy.accounting import epsilon_for
+from dpsynth.privacy.accounting import epsilon_for, format_bound
 from dpsynth.privacy.one_run_audit import AUDIT_DIR, AUDIT_FILE
 from dpsynth.privacy.outputs import EVAL_SUBDIR, EVALUATION_ONLY_LABEL, FIDELITY_FILE
 from dpsynth.report import figures
@@ -284,7 +284,7 @@ def _read_privacy(path: Path) -> _Privacy:
                 e.sample_rate,
                 e.noise_multiplier,
                 f"{e.steps} / {e.planned_steps}",
-                alone,
+                format_bound(alone),
                 delta,
                 e.accountant,
                 e.cache_id[:12] or None,
@@ -314,11 +314,11 @@ def _explain_epsilon(epsilon: float, delta: float, records: int | None) -> str:
     bound = _attack_bound(epsilon, delta)
     vacuous = bound > 0.99
     return f"""
-<p><b>What ε = {epsilon:.3g} at δ = {delta:.1g} means for one patient.</b> The unit of privacy is the
+<p><b>What ε = {format_bound(epsilon, 3)} at δ = {delta:.1g} means for one patient.</b> The unit of privacy is the
 <b>patient</b>: one DP record holds all of a patient's volumes (ED and ES) and attributes, and
 sampling and gradient clipping act per patient{f" ({_e(records)} patients)" if records else ""}.
 Whatever an attacker already knows, every possible trained model is at most
-e<sup>ε</sup> = {math.exp(epsilon):.3g} times more (or less) likely with that patient in the training
+e<sup>ε</sup> = {format_bound(math.exp(epsilon), 3)} times more (or less) likely with that patient in the training
 set than without, except with probability δ. Equivalently, any test of "was this patient used?"
 that wrongly accuses 1% of non-participants can correctly detect at most
 <b>{math.floor(1e4 * bound) / 100:g}%</b> of participants{" — at this ε the worst-case bound alone says almost nothing" if vacuous else ""}.
@@ -372,7 +372,7 @@ def _section_summary(ctx: _Context) -> str:
     run, cards = ctx.run, []
     if run.privacy:
         unchecked = " (lineage not checked: ledger section)" if run.privacy.unchecked else ""
-        cards.append(("ε per patient", _num(run.privacy.epsilon, 3) + unchecked))
+        cards.append(("ε per patient", format_bound(run.privacy.epsilon, 3) + unchecked))
         cards.append(("δ", _num(run.privacy.delta, 2)))
     elif "privacy" in run.errors:
         cards.append(("ε", "unreadable (ledger section)"))
@@ -439,7 +439,8 @@ def _section_ledger(ctx: _Context) -> str:
     parts += [f'<p class="warn">Lineage not checked: {_e(why)}.</p>' for why in p.unchecked]
     parts += [
         _table(
-            ["composed ε (whole lineage)", "δ", "accountant"], [[p.epsilon, p.delta, p.accountant]]
+            ["composed ε (whole lineage)", "δ", "accountant"],
+            [[format_bound(p.epsilon), p.delta, p.accountant]],
         ),
         "" if p.not_dp or p.shaping else _explain_epsilon(p.epsilon, p.delta, p.records),
         "<h3>Stages</h3>",

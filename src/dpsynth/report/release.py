@@ -71,6 +71,7 @@ from dpsynth.privacy.accounting import (
     Mechanism,
     check_epsilon,
     epsilon_for,
+    format_bound,
 )
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.report.stated_privacy import StatedPrivacy, stated_privacy
@@ -165,7 +166,7 @@ def release(
             planned = source.startswith("the run's planned")
             hint = "; a steward may state the limit instead: --max-epsilon" if planned else ""
             _refuse(
-                f"{run}: composed ε = {epsilon:.4g} at δ = {delta:g} ({accountant}) is over "
+                f"{run}: composed ε = {format_bound(epsilon)} at δ = {delta:g} ({accountant}) is over "
                 f"{source} ({limit:g}){hint}"
             )
     provenance = _check_synthetic(run, model, synthetic, ledger)
@@ -500,7 +501,7 @@ def verify(bundle: str | os.PathLike) -> dict:
             f"{epsilon!r} ({privacy['accountant']})"
         )
     if _headline(privacy) not in (bundle / PRIVACY_MD).read_text():
-        raise DpsynthError(f"{bundle / PRIVACY_MD}: does not state ε = {stated:.4g}")
+        raise DpsynthError(f"{bundle / PRIVACY_MD}: does not state ε = {format_bound(stated)}")
     _verify_selection_words(bundle, privacy)
     provenance = read_json(bundle / SYNTHETIC_DIR / PROVENANCE_FILE)
     if provenance.get("model_digest") != model_digest(bundle / MODEL_DIR):
@@ -550,7 +551,7 @@ def recompute_epsilon(privacy: dict, source: str = PRIVACY_JSON) -> float:
 
 
 def _headline(privacy: dict) -> str:
-    return f"(ε = {privacy['epsilon']:.4g}, δ = {privacy['delta']:g})"
+    return f"(ε = {format_bound(privacy['epsilon'])}, δ = {privacy['delta']:g})"
 
 
 ACCOUNTANT_WORDS = {
@@ -589,7 +590,7 @@ patient's volumes (end-diastole and end-systole) and attributes together form on
 For any one patient, everything in this folder (the model weights, the synthetic volumes
 and their attributes) is almost equally likely to have come out whether or not that
 patient was in the data: the probability of any outcome changes by at most a factor
-e^ε = {math.exp(min(eps, 700)):.4g}, except with probability δ = {delta:g}.
+e^ε = {format_bound(math.exp(min(eps, 700)))}, except with probability δ = {delta:g}.
 
 ## How
 
@@ -754,5 +755,5 @@ def describe(summary: dict) -> str:
     """One line for the CLI."""
     return (
         f"ok: {summary['files']} files match SHA256SUMS ({summary['volumes']} volumes); "
-        f"ε = {summary['epsilon']:.4g} at δ = {summary['delta']:g} ({summary['accountant']})"
+        f"ε = {format_bound(summary['epsilon'])} at δ = {summary['delta']:g} ({summary['accountant']})"
     )
