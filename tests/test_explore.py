@@ -58,7 +58,7 @@ def run_dir(tmp_path_factory):
     from dpsynth.app.demo import simulate_and_prepare
     from dpsynth.config import load_config
     from dpsynth.evaluation.referee import train_referee
-    from dpsynth.privacy.attribute_fit import fit_attributes
+    from dpsynth.training.attributes import fit_attributes
 
     root = tmp_path_factory.mktemp("explore")
     cache = simulate_and_prepare(

@@ -53,8 +53,8 @@ LAYERS: dict[str, int] = {
     "app": 4,
 }
 # The report presents evaluation results and reads their volume sets; a run loads into a
-# diffusion pipeline.
-ALLOWED_SIDEWAYS = {("report", "evaluation"), ("runs", "diffusion")}
+# diffusion pipeline, and its ledger is read checked against its model.json.
+ALLOWED_SIDEWAYS = {("report", "evaluation"), ("runs", "diffusion"), ("runs", "privacy")}
 
 
 def _module_name(path: Path) -> str:

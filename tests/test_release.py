@@ -32,7 +32,6 @@ from dpsynth.evaluation.selection import (
 )
 from dpsynth.io import read_json
 from dpsynth.privacy.accounting import format_bound
-from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL, mark_evaluation_only
 from dpsynth.report.html import write_report
@@ -45,6 +44,7 @@ from dpsynth.report.release import (
     write_manifest,
 )
 from dpsynth.runs import load
+from dpsynth.training.attributes import fit_attributes
 from dpsynth.training.ldm import train_ldm
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -1059,6 +1059,25 @@ def test_sample_refuses_a_selector_that_learned_from_private_data(
     (unnamed / "referee.json").write_text(json.dumps(meta))
     assert "names no cache_id" in _one_line_error(capsys, [*argv[:-1], str(unnamed)])
     assert not out.exists()
+
+
+def test_a_selector_is_not_checked_against_a_lost_or_partial_ledger(
+    world, selectors, tmp_path, capsys
+):
+    """Regression: the run's ledger was read as empty when lost, so a segmenter trained on
+    the run's private cache passed as a selector."""
+    lost = shutil.copytree(world["dp"], tmp_path / "lost")
+    (lost / "ledger.json").unlink()
+    partial = shutil.copytree(world["dp"], tmp_path / "partial")
+    ledger = read_json(partial / "ledger.json")
+    ledger["entries"] = [e for e in ledger["entries"] if e["mechanism"] != "dp-sgd"]
+    (partial / "ledger.json").write_text(json.dumps(ledger))
+    for run, message in ((lost, "no ledger.json, and its model.json"), (partial, "no DP-SGD")):
+        out = tmp_path / f"s-{run.name}"
+        argv = ["sample", str(run), "--n", "1", "--steps", "2", "--out", str(out),
+                "--candidates", "2", "--selector", str(selectors["private"])]  # fmt: skip
+        assert message in _one_line_error(capsys, argv)
+        assert not out.exists()
 
 
 def _run_with_an_unnamed_ledger_entry(world, tmp_path):

@@ -30,12 +30,13 @@ from dpsynth.data.simulate import simulate_cohort
 from dpsynth.errors import BudgetExceededError, DpsynthError
 from dpsynth.io import atomic_write_json, read_json
 from dpsynth.privacy.accounting import epsilon_for, format_bound
-from dpsynth.privacy.attribute_fit import fit_attributes
-from dpsynth.privacy.ledger import Ledger, format_ledger
+from dpsynth.privacy.attribute_model import load_attribute_model
+from dpsynth.privacy.ledger import Ledger, LedgerEntry, format_ledger
 from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL
 from dpsynth.privacy.statistics import gaussian_noise_multiplier
 from dpsynth.runs import SCALE_FROM_DP_ESTIMATE, SCALE_FROM_INIT, load
 from dpsynth.training import checkpoint as ckpt
+from dpsynth.training.attributes import fit_attributes
 from dpsynth.training.autoencoder import train_autoencoder
 from dpsynth.training.ldm import train_ldm
 from dpsynth.training.monitor import Monitor
@@ -676,7 +677,7 @@ def test_train_then_fit_attributes_then_resume_keep_both(world, tmp_path, monkey
 def test_fit_attributes_checks_then_records_then_draws(world, tmp_path, monkeypatch):
     """Regression: fit-attributes drew its noisy releases before the budget check and wrote
     the model before the ledger recorded it."""
-    import dpsynth.privacy.attribute_fit as release
+    import dpsynth.training.attributes as release
 
     run, seen = tmp_path / "run", []
     fit = release.fit_attribute_model
@@ -692,6 +693,53 @@ def test_fit_attributes_checks_then_records_then_draws(world, tmp_path, monkeypa
     fit_attributes(world["private"], run, epsilon=2.0, seed=0)
     assert seen == [["attribute-model"]]  # recorded before any noise was drawn
     assert read_json(run / "attribute_fidelity.json")["label"] == EVALUATION_ONLY_LABEL
+
+
+def test_fit_attributes_refuses_a_run_whose_ledger_is_lost_or_partial(world, tmp_path):
+    """Regression: into a DP run whose ledger.json was lost, fit-attributes checked the
+    budget against an empty ledger and wrote a new one holding its own entry alone, so that
+    restoring the lost ledger then dropped the attribute model's ε."""
+    private = Cache(world["private"]).cache_id
+    run = tmp_path / "run"
+    run.mkdir()
+    lineage = [{"cache_id": private, "dp": True}]
+    atomic_write_json(run / "model.json", {"kind": "ldm", "trained_on": lineage, "ledger": True})
+    with pytest.raises(DpsynthError, match="no ledger.json, and its model.json does not say"):
+        fit_attributes(world["private"], run, epsilon=2.0, seed=0)
+    assert not (run / "ledger.json").exists()
+    # A ledger that misses the run's DP training (replaced by another run's) is refused too.
+    Ledger([LedgerEntry.gaussian("latent-scale", 3.0, records=10, cache_id=private)]).save(run)
+    with pytest.raises(DpsynthError, match="records no DP-SGD on it"):
+        fit_attributes(world["private"], run, epsilon=2.0, seed=0)
+    assert [e.stage for e in Ledger.load(run)] == ["latent-scale"]
+    assert not (run / "attribute_model.json").exists()
+    # A public run that never held a ledger takes its first.
+    public = tmp_path / "public"
+    public.mkdir()
+    lineage = [{"cache_id": Cache(world["public"]).cache_id, "dp": False}]
+    atomic_write_json(
+        public / "model.json", {"kind": "ldm", "trained_on": lineage, "ledger": False}
+    )
+    fit_attributes(world["private"], public, epsilon=2.0, seed=0)
+    assert [e.stage for e in Ledger.load(public)] == ["attribute-model"]
+
+
+def test_an_attribute_model_the_runs_ledger_does_not_record_is_refused(world, tmp_path):
+    """Regression: `sample --attributes dp` and the explorer read any attribute_model.json
+    in the run folder, so one copied in from another run was released under an ε that
+    does not count it."""
+    fitted, other = tmp_path / "fitted", tmp_path / "other"
+    fit_attributes(world["private"], fitted, epsilon=2.0, seed=0)
+    fit_attributes(world["private"], other, epsilon=1.0, seed=0)
+    assert load_attribute_model(fitted).epsilon == 2.0
+    shutil.copy(fitted / "attribute_model.json", other / "attribute_model.json")
+    with pytest.raises(DpsynthError, match="records no attribute-model fit at noise multiplier"):
+        load_attribute_model(other)  # its ledger records a fit at ε = 1, not this one at 2
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(fitted / "attribute_model.json", bare / "attribute_model.json")
+    with pytest.raises(DpsynthError, match="no ε covers it"):
+        load_attribute_model(bare)
 
 
 # ---------------------------------------------------------------- provenance

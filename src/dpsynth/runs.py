@@ -2,8 +2,9 @@
 
 A run is what a training stage writes: ``model.json`` (kind, architecture, latent scale,
 shape, spacing, lineage), safetensors weights, ``config.yaml`` and, for DP lineages,
-``ledger.json`` (owned by :mod:`dpsynth.privacy.ledger`). Everything above this layer reads
-a run through these functions, never by opening its files.
+``ledger.json`` (owned by :mod:`dpsynth.privacy.ledger`; `run_ledger` reads it checked
+against model.json). Everything above this layer reads a run through these functions,
+never by opening its files.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_bytes, read_json, sha256_file
 from dpsynth.models.blocks import convolve_channels_last
 from dpsynth.models.build import build_autoencoder, build_denoiser
+from dpsynth.privacy.ledger import Ledger
+from dpsynth.privacy.lineage import require_ledger
 
 MODEL_FILE = "model.json"
 KINDS = ("autoencoder", "ldm")
@@ -82,6 +85,19 @@ def model_meta_if_any(run: str | os.PathLike) -> dict[str, Any] | None:
 def run_lineage(run: str | os.PathLike) -> list[dict[str, Any]]:
     """`read_lineage` of a run folder's model.json; a folder without one has none."""
     return read_lineage(model_meta_if_any(run) or {}, Path(run) / MODEL_FILE)
+
+
+def run_ledger(run: str | os.PathLike) -> Ledger:
+    """A run folder's ledger (its whole lineage's), checked against its model.json: refused
+    where it is lost (`privacy.lineage.require_ledger`) or misses DP training its
+    ``trained_on`` names (`Ledger.require_accounted`). Read as empty or partial, it would
+    start a budget or a privacy check from too little. A public run reads as empty."""
+    run = Path(run)
+    meta = model_meta_if_any(run)
+    require_ledger(run, meta)
+    ledger = Ledger.load(run, missing_ok=True)
+    ledger.require_accounted(read_lineage(meta or {}, run / MODEL_FILE), run)
+    return ledger
 
 
 # Where a run's latent scale came from (model.json `latent_scale_source`): the only values

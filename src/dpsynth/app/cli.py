@@ -204,7 +204,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_fit_attributes(args: argparse.Namespace) -> None:
-    from dpsynth.privacy.attribute_fit import fit_attributes  # start-up time (module docstring)
+    from dpsynth.training.attributes import fit_attributes  # start-up time (module docstring)
 
     run = fit_attributes(
         args.data, args.out, epsilon=args.epsilon, delta=args.delta,

@@ -37,7 +37,6 @@ from dpsynth.evaluation.referee import (
 from dpsynth.io import atomic_write_json, read_json
 from dpsynth.launch import refuse_torchrun
 from dpsynth.privacy.accounting import format_bound
-from dpsynth.privacy.attribute_fit import fit_attributes
 from dpsynth.privacy.one_run_audit import Recipe
 from dpsynth.privacy.outputs import labelled, mark_evaluation_only
 from dpsynth.privacy.planner import plan
@@ -45,6 +44,7 @@ from dpsynth.report.html import write_report
 from dpsynth.report.release import release
 from dpsynth.report.stated_privacy import stated_privacy
 from dpsynth.runs import load
+from dpsynth.training.attributes import fit_attributes
 from dpsynth.training.ldm import train_ldm
 
 PUBLIC = {"patients": 240, "cohort": "acdc", "seed": 101}

@@ -18,7 +18,7 @@ from dpsynth.diffusion.pipeline import CHOICE_FRACTION, shard
 from dpsynth.errors import DpsynthError
 from dpsynth.evaluation.selection import SELECTION_WEIGHTS, load_selector, sample_best_of
 from dpsynth.io import atomic_dir, atomic_write_json, read_json, sha256_file, write_nifti
-from dpsynth.privacy.attribute_fit import load_attribute_model
+from dpsynth.privacy.attribute_model import load_attribute_model
 from dpsynth.privacy.outputs import evaluation_only_marker, mark_evaluation_only
 from dpsynth.runs import (
     CONDITIONING,

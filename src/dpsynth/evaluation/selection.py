@@ -42,6 +42,7 @@ from dpsynth.evaluation.referee import META_FILE, WEIGHTS_FILE, Referee
 from dpsynth.io import read_json, sha256_file
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.outputs import MARKER_FILE
+from dpsynth.runs import run_ledger
 
 # What the choice compares, each with its weight in the summed relative error. Wall
 # thickness counts as much as a volume: over five DP models and both readers, full weight
@@ -193,7 +194,7 @@ def load_selector(
         "patients_checked_against": [],
     }
     record = check_selector_record(record, where, shape, spacing)
-    ledger = Ledger.load(run, missing_ok=True)
+    ledger = run_ledger(run)  # lost or partial, it would let a private selector through
     refuse_private_selector(record, ledger, where)
     record["patients_checked_against"] = refuse_shared_patients(meta, private, ledger, where)
     return Referee.load(path), record

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,7 @@ from dpsynth.privacy.accounting import (
     check_delta,
     warn_delta,
 )
-from dpsynth.privacy.ledger import LedgerEntry
+from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.statistics import gaussian_noise_multiplier, group_mean
 
 VARIABLES = (
@@ -88,6 +89,8 @@ SHARES = {"histograms": 0.5, "signs": 0.5}
 KEEP_BIN_SIGMAS = 2.5
 CORRELATION_FLOOR = 1e-3  # smallest eigenvalue kept when projecting R to positive definite
 FORMAT_VERSION = 3  # 3: signed ANGLE binned over MODEL_RANGES (2: ANGLE in [0, 360))
+ATTRIBUTE_MODEL_FILE = "attribute_model.json"  # in the run folder it conditions
+STAGE = "attribute-model"  # its ledger entries' stage
 
 _V = len(VARIABLES)
 _PAIRS = np.triu_indices(_V, k=1)
@@ -445,7 +448,7 @@ def attribute_model_entry(
     delta = check_delta(delta)
     sigma = gaussian_noise_multiplier(epsilon, noise_multiplier, delta, accountant)
     return LedgerEntry.gaussian(
-        "attribute-model",
+        STAGE,
         sigma,
         records=records,
         delta=delta,
@@ -456,6 +459,30 @@ def attribute_model_entry(
             "agreements; two releases of L2 sensitivity sqrt(share) each, composed exactly"
         ),
     )
+
+
+def load_attribute_model(run: str | os.PathLike) -> AttributeModel:
+    """The DP attribute model of run folder `run`, refused unless the run's ledger records a
+    fit at its noise multiplier and δ: one copied in from another run, or whose entry a
+    replaced ledger.json lost, is covered by no ε the run states."""
+    path = Path(run) / ATTRIBUTE_MODEL_FILE
+    if not path.is_file():
+        raise DpsynthError(
+            f"{run}: no DP attribute model ({ATTRIBUTE_MODEL_FILE}); run `dpsynth fit-attributes` "
+            "first"
+        )
+    model = AttributeModel.load(path)
+    if not any(
+        e.stage == STAGE and (e.noise_multiplier, e.delta) == (model.noise_multiplier, model.delta)
+        for e in Ledger.load(run, missing_ok=True)
+        if not e.non_private
+    ):
+        raise DpsynthError(
+            f"{path}: the run's ledger.json records no {STAGE} fit at noise multiplier "
+            f"{model.noise_multiplier:g} and δ = {model.delta:g} (copied from another run, or "
+            "the ledger replaced): no ε covers it; fit it again with `dpsynth fit-attributes`"
+        )
+    return model
 
 
 def fit_attribute_model(

@@ -1,5 +1,7 @@
-"""Whether a run folder may hold no ledger: the one rule `report.stated_privacy` (what ε a
-run may state) and `training.common.refuse_unsafe_parents` (what a stage may build on) share.
+"""Whether a run folder may hold no ledger: the one rule shared by `report.stated_privacy`
+(what ε a run may state), `training.common.refuse_unsafe_parents` (what a stage may build
+on), `training.attributes.fit_attributes` (what budget a fit starts from) and
+`evaluation.selection.load_selector` (which data a best-of-k selector must not have seen).
 
 Why a rule: a ledger can be the only record that a run touched private data (an ε = ∞
 sweep cell's non-private training, a DP autoencoder of an older dpsynth whose model.json
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpsynth.privacy.attribute_fit import MODEL_FILE as ATTRIBUTE_MODEL
+from dpsynth.errors import DpsynthError
+from dpsynth.privacy.attribute_model import ATTRIBUTE_MODEL_FILE
+from dpsynth.privacy.ledger import ledger_path
 
 
 def may_lack_ledger(run: Path, meta: dict | None) -> bool:
@@ -23,5 +27,17 @@ def may_lack_ledger(run: Path, meta: dict | None) -> bool:
         meta is not None
         and "trained_on" in meta
         and meta.get("ledger") is False
-        and not (Path(run) / ATTRIBUTE_MODEL).is_file()
+        and not (Path(run) / ATTRIBUTE_MODEL_FILE).is_file()
     )
+
+
+def require_ledger(run: Path, meta: dict | None) -> None:
+    """Refuse run folder `run` (model.json `meta`) where its ledger.json is missing though
+    it may not be (`may_lack_ledger`): whatever builds on it, or states its ε, would start
+    from nothing."""
+    if not ledger_path(run).is_file() and not may_lack_ledger(run, meta):
+        raise DpsynthError(
+            f"{run}: no ledger.json, and its model.json does not say it was written without "
+            "one (lost, or a run of an older dpsynth): restore its ledger.json, or retrain "
+            "it into a new folder"
+        )

@@ -9,8 +9,9 @@ own states only its own lineage. `dpsynth budget RUN OTHER_RUN` states the joint
 The merge assumes one history per ledger entry: a DP stage resumed in two copies of its
 folder spends twice under one entry id, and the larger count alone is kept.
 
-It sits in `report` because it reads both the ledger (`privacy`) and model.json (`runs`),
-two packages of one layer that may not import each other (tests/test_layers.py).
+It sits in `report`, beside most of its readers. Unlike `runs.run_ledger` (one run, for
+a stage that builds on it), it also takes a ledger file named alone, notes a lineage it
+cannot check instead of refusing it, and states NOT DP across runs.
 """
 
 from __future__ import annotations

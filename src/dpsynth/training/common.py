@@ -18,8 +18,7 @@ from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_text
 from dpsynth.launch import launched_world_size
 from dpsynth.privacy.ledger import LEDGER_FILE, Ledger
-from dpsynth.privacy.lineage import may_lack_ledger
-from dpsynth.runs import MODEL_FILE, model_meta_if_any, read_lineage, run_lineage
+from dpsynth.runs import run_ledger, run_lineage
 
 
 def prepare_run_dir(out: str | os.PathLike, resume: bool) -> Path:
@@ -186,16 +185,8 @@ def refuse_unsafe_parents(cache_id: str, cache: Path, dp: bool, parents: Sequenc
     """
 
     for parent in parents:
-        meta = model_meta_if_any(parent)
-        if not has_ledger(parent) and not may_lack_ledger(parent, meta):
-            raise DpsynthError(
-                f"{parent}: no ledger.json, and its model.json does not say it was written "
-                "without one (lost, or a run of an older dpsynth): restore its ledger.json, "
-                "or retrain it"
-            )
-        ledger = Ledger.load(parent, missing_ok=True)  # its lineage too
-        lineage = read_lineage(meta or {}, parent / MODEL_FILE)
-        ledger.require_accounted(lineage, parent)
+        ledger = run_ledger(parent)  # its lineage too
+        lineage = run_lineage(parent)
         for item in lineage:
             if item["cache_id"] == cache_id and item["dp"] != dp:
                 raise DpsynthError(

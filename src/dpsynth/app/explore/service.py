@@ -35,7 +35,7 @@ from dpsynth.evaluation.controllability import Segmenter
 from dpsynth.evaluation.referee import META_FILE, Referee
 from dpsynth.evaluation.selection import load_selector, sample_best_of, selectable
 from dpsynth.io import nifti_bytes
-from dpsynth.privacy.attribute_fit import MODEL_FILE, load_attribute_model
+from dpsynth.privacy.attribute_model import ATTRIBUTE_MODEL_FILE, load_attribute_model
 from dpsynth.privacy.outputs import evaluation_only_marker
 from dpsynth.report.stated_privacy import stated_privacy
 from dpsynth.runs import load, sampling_settings
@@ -163,7 +163,9 @@ class Explorer:
         return ""
 
     def _attribute_model(self):
-        return load_attribute_model(self.run) if (self.run / MODEL_FILE).is_file() else None
+        return (
+            load_attribute_model(self.run) if (self.run / ATTRIBUTE_MODEL_FILE).is_file() else None
+        )
 
     def _selector(
         self, path: str | os.PathLike | None, private: Sequence[str | os.PathLike]

@@ -3,6 +3,9 @@
 The model's Gaussian mechanism joins the run's ledger, so an images + attributes release
 carries one end-to-end guarantee. Its fidelity against the real table is an evaluation on
 private data: written to the run for the report, labelled evaluation-only.
+
+It sits with the training stages because, like them, it writes into a run folder whose
+lineage (model.json, `dpsynth.runs`) and ledger (`dpsynth.privacy`) it must check first.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_json, hold_run
 from dpsynth.launch import refuse_torchrun
 from dpsynth.privacy.attribute_model import (
-    AttributeModel,
+    ATTRIBUTE_MODEL_FILE,
     attribute_fidelity,
     attribute_model_entry,
     fit_attribute_model,
@@ -27,8 +30,7 @@ from dpsynth.privacy.attribute_model import (
 )
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.outputs import FIDELITY_FILE, labelled
-
-MODEL_FILE = "attribute_model.json"
+from dpsynth.runs import model_meta_if_any, run_ledger
 
 
 def fit_attributes(
@@ -42,7 +44,8 @@ def fit_attributes(
 ) -> Path:
     """Fit the DP attribute model on `data`'s `split` and attach it to run `out`.
 
-    Order: the budget is checked against everything `out` already records, then the entry
+    Refused where `out` is a trained run that should hold a ledger and does not, or whose
+    ledger misses the DP training its model.json names. Order: the budget is checked against everything `out` already records, then the entry
     is recorded (merged into the run's ledger), and only then is the noise drawn and the
     model written. A crash in between over-reports spending, never under-reports it.
 
@@ -69,7 +72,11 @@ def fit_attributes(
         recorded = _recorded_privacy(out)
         if max_total_epsilon is None:  # the budget the user set when training this run
             max_total_epsilon = recorded.max_total_epsilon
-        ledger = Ledger.of_run(out)
+        # A trained run's budget starts from its whole lineage, checked: a ledger lost, or
+        # one that misses the run's own DP training, would make this check (and the ledger
+        # written below, which a restored copy would then overwrite) start from too little.
+        trained = model_meta_if_any(out) is not None
+        ledger = run_ledger(out) if trained else Ledger.load(out, missing_ok=True)
         if max_total_epsilon is not None:
             ledger.check_budget(entry, max_total_epsilon)
         ledger.add(entry)
@@ -80,7 +87,7 @@ def fit_attributes(
             table, rng=rng, epsilon=epsilon, delta=delta, patients=patients,
             cache_id=cache.cache_id,
         )  # fmt: skip
-        model.save(out / MODEL_FILE)
+        model.save(out / ATTRIBUTE_MODEL_FILE)
         synthetic = model.sample(len(rows) // 2, np.random.default_rng(0))
         atomic_write_json(out / FIDELITY_FILE, labelled(attribute_fidelity(table, synthetic)))
     return out
@@ -90,12 +97,3 @@ def _recorded_privacy(run: Path) -> PrivacyConfig:
     """The `privacy` settings `run` was trained with (its config.yaml), else the defaults."""
     saved = run / "config.yaml"
     return load_config(path=saved).privacy if saved.exists() else PrivacyConfig()
-
-
-def load_attribute_model(run: str | os.PathLike) -> AttributeModel:
-    path = Path(run) / MODEL_FILE
-    if not path.exists():
-        raise DpsynthError(
-            f"{run}: no DP attribute model ({MODEL_FILE}); run `dpsynth fit-attributes` first"
-        )
-    return AttributeModel.load(path)
