@@ -32,6 +32,7 @@ from dpsynth.evaluation.selection import (
 )
 from dpsynth.io import read_json
 from dpsynth.privacy.accounting import format_bound
+from dpsynth.privacy.attribute_model import attribute_model_entry
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.outputs import EVALUATION_ONLY_LABEL, mark_evaluation_only
 from dpsynth.report.html import write_report
@@ -369,8 +370,13 @@ def test_a_parent_whose_ledger_misses_its_dp_lineage_is_refused(world, tmp_path,
         with pytest.raises(DpsynthError, match="no ledger.json, and its model.json does not"):
             train_ldm(data, world["ae"], tmp_path / f"child{dp}", config, init=parent, dp=dp)
         assert not (tmp_path / f"child{dp}").exists()
+    # Nor does fit-attributes start a new ledger there: its budget would start from nothing.
+    with pytest.raises(DpsynthError, match="no ledger.json, and its model.json does not"):
+        fit_attributes(world["private"], parent, epsilon=0.5, seed=0)
+    assert not (parent / "ledger.json").exists()
     # A later entry naming the same cache (a DP attribute model) does not stand in for it.
-    fit_attributes(world["private"], parent, epsilon=0.5, seed=0, max_total_epsilon=BUDGET)
+    private = Cache(world["private"]).cache_id
+    Ledger([attribute_model_entry(9, epsilon=0.5, cache_id=private)]).save(parent)
     capsys.readouterr()
     assert "records no DP-SGD on it" in _one_line_error(capsys, ["budget", str(parent)])
 
@@ -385,6 +391,24 @@ def test_a_parent_whose_ledger_misses_its_dp_lineage_is_refused(world, tmp_path,
              synthetic=synthetic, max_epsilon=BUDGET)  # fmt: skip
     page = write_report(run, tmp_path / "report").read_text()
     assert "records no DP-SGD on it" in page and "unreadable (ledger section)" in page
+
+
+def test_an_ancestors_ledger_copied_over_a_runs_own_is_refused(world, tmp_path, capsys):
+    """Regression: the check was per cache, so a DP fine-tune's lost ledger replaced by its
+    DP parent's (DP-SGD on the same private cache) passed, and stated the parent's ε."""
+    config = tiny(**{"privacy.epsilon": 1.0, "privacy.max_total_epsilon": 20.0})
+    child = train_ldm(world["private"], world["ae"], tmp_path / "child", config,
+                      init=world["dp"], dp=True)  # fmt: skip
+    own = read_json(child / "model.json")["trained_on"][0]
+    parents = {e.id for e in Ledger.load(world["dp"])}
+    assert own["ledger_entry"] in {e.id for e in Ledger.load(child)} - parents
+    capsys.readouterr()  # the training progress above
+    assert main(["budget", str(child)]) == 0
+    shutil.copy(world["dp"] / "ledger.json", child / "ledger.json")
+    capsys.readouterr()
+    assert "which its ledger.json does not hold" in _one_line_error(capsys, ["budget", str(child)])
+    with pytest.raises(DpsynthError, match="which its ledger.json does not hold"):
+        train_ldm(world["public"], world["ae"], tmp_path / "next", tiny(), init=child)
 
 
 @pytest.mark.parametrize(

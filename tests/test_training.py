@@ -758,7 +758,10 @@ def test_no_run_file_holds_a_digest_of_the_private_data(world, tmp_path):
         assert digest.encode() not in path.read_bytes(), path
     assert {e.cache_id for e in Ledger.load(run)} == {private.cache_id}
     meta = read_json(run / "model.json")
-    assert meta["trained_on"] == [{"cache_id": private.cache_id, "dp": True}]
+    sgd = [e.id for e in Ledger.load(run) if e.mechanism == "dp-sgd"]
+    assert meta["trained_on"] == [
+        {"cache_id": private.cache_id, "dp": True, "ledger_entry": sgd[0]}  # random, not a digest
+    ]
     assert "data_fingerprint" not in meta
 
 

@@ -62,18 +62,22 @@ def read_model_meta(run: str | os.PathLike, kind: str | None = None) -> dict[str
 
 
 def read_lineage(meta: dict[str, Any], where: str | os.PathLike) -> list[dict[str, Any]]:
-    """A model.json's ``trained_on``: [{cache_id, dp}], every cache its weights learned from
-    and whether with DP. Fails closed: an entry that cannot be read might hide a stage that
-    trained without DP (a ``dp`` of "false" would read as true). A run from before the field
-    (an older dpsynth, or made by hand) has none."""
+    """A model.json's ``trained_on``: [{cache_id, dp, ledger_entry (DP stages)}], every cache
+    its weights learned from, whether with DP, and by which ledger entry. Fails closed: an
+    entry that cannot be read might hide a stage that trained without DP (a ``dp`` of
+    "false" would read as true). A run from before the field (an older dpsynth, or made by
+    hand) has none; one from before ``ledger_entry`` names no entry."""
     lineage = meta.get("trained_on", [])
     if not isinstance(lineage, list) or not all(
         isinstance(item, dict)
         and isinstance(item.get("cache_id"), str)
         and isinstance(item.get("dp"), bool)
+        and isinstance(item.get("ledger_entry", ""), str)
         for item in lineage
     ):
-        raise DpsynthError(f"{where}: trained_on: expected a list of {{cache_id, dp: true/false}}")
+        raise DpsynthError(
+            f"{where}: trained_on: expected a list of {{cache_id, dp: true/false, ledger_entry}}"
+        )
     return lineage
 
 

@@ -318,21 +318,33 @@ class Ledger:
 
     def require_accounted(self, trained_on: Iterable[dict], where: str | os.PathLike) -> None:
         """Refuse a model (`where`) whose ``trained_on`` says it learned a cache WITH DP that
-        no DP-SGD entry of this ledger names: the ledger (a parent's ``ledger.json`` lost,
-        or a copy of a run without it) would under-state what the weights spent. Only a
-        training entry counts: an attribute model fitted later names the cache too. A
-        lineage that also learned private data without DP (`not_dp`) passes: its ε is ∞,
-        which nothing can under-state."""
+        no DP-SGD entry of this ledger names, or names a DP-SGD ``ledger_entry`` this ledger
+        does not hold: the ledger (a parent's ``ledger.json`` lost, or a copy of a run
+        without it, or an ancestor's ledger on the same cache copied over the run's) would
+        under-state what the weights spent. Only a training entry counts: an attribute
+        model fitted later names the cache too. A lineage that also learned private data
+        without DP (`not_dp`) passes: its ε is ∞, which nothing can under-state."""
         if self.not_dp(trained_on):
             return
-        trained = {e.cache_id for e in self if e.mechanism == "dp-sgd"}
+        sgd = [e for e in self if e.mechanism == "dp-sgd"]
+        trained, ids = {e.cache_id for e in sgd}, {e.id for e in sgd}
         for item in trained_on:
-            if item["dp"] and item["cache_id"] not in trained:
+            if not item["dp"]:
+                continue
+            if item["cache_id"] not in trained:
                 raise DpsynthError(
                     f"{where}: its weights learned cache {item['cache_id']} with DP (model.json "
                     "trained_on, its own or a parent's), but its ledger.json records no DP-SGD "
                     "on it (lost, or not copied with the run): no ε can be stated; restore "
                     "that ledger.json or retrain"
+                )
+            named = item.get("ledger_entry", "")  # absent in runs of an older dpsynth
+            if named and named not in ids:
+                raise DpsynthError(
+                    f"{where}: its weights learned cache {item['cache_id']} with DP in ledger "
+                    f"entry {named} (model.json trained_on, its own or a "
+                    "parent's), which its ledger.json does not hold (lost, or replaced by "
+                    "another run's): no ε can be stated; restore that ledger.json or retrain"
                 )
 
     def default_delta(self) -> float:

@@ -124,7 +124,8 @@ def train_autoencoder(
             scale = _latent_scale(model, cache, dp, init_scale, scale_entry)
             if not dp and init is not None:  # a public stage still carries what its parents
                 carry_lineage(run, parents)  # spent; before model.json, which marks it complete
-            _finish(run, model, cache, config, scale, private=dp, parents=parents)
+            entry = strategy.entry_id if dp else ""  # the stage's own DP-SGD ledger entry
+            _finish(run, model, cache, config, scale, private=dp, parents=parents, entry=entry)
         barrier()
     return Path(out)
 
@@ -328,8 +329,10 @@ def _finish(
     latent_scale: tuple[float, str],
     private: bool,
     parents: list[Path],
+    entry: str,
 ) -> None:
-    """Save the EMA weights, the latent scale with its source, and test PSNR/SSIM."""
+    """Save the EMA weights, the latent scale with its source, and test PSNR/SSIM; `entry`
+    is a private stage's DP-SGD ledger entry id."""
     quality = reconstruction_quality(model, cache)
     if private:  # measured on the private test split without DP
         quality = labelled(quality)
@@ -345,7 +348,7 @@ def _finish(
             "latent_scale": scale,
             "latent_scale_source": source,
             "private": private,
-            "trained_on": trained_on(cache.cache_id, private, parents),
+            "trained_on": trained_on(cache.cache_id, private, parents, ledger_entry=entry),
             "ledger": has_ledger(run),
         },
     )

@@ -157,13 +157,18 @@ def has_ledger(run: Path) -> bool:
     return (run / LEDGER_FILE).is_file()
 
 
-def trained_on(cache_id: str, dp: bool, parents: Sequence[Path]) -> list[dict]:
+def trained_on(
+    cache_id: str, dp: bool, parents: Sequence[Path], ledger_entry: str = ""
+) -> list[dict]:
     """model.json's ``trained_on``: every cache this run's weights learned from, by random id,
-    and whether with DP: its own data first, then its parents' (each once).
+    and whether with DP: its own data first, then its parents' (each once). A DP stage
+    names its `ledger_entry` (id), so that a ledger holding only an ancestor's DP-SGD on
+    the same cache (a parent's ledger copied over a lost one) cannot pass for its own.
 
     Runs from before this field contribute nothing.
     """
-    items = [{"cache_id": cache_id, "dp": bool(dp)}]
+    own = {"cache_id": cache_id, "dp": bool(dp)}
+    items = [own | {"ledger_entry": ledger_entry} if ledger_entry else own]
     for parent in parents:
         for item in run_lineage(parent):
             if item not in items:

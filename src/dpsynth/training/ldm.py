@@ -154,7 +154,8 @@ def train_ldm(
         if rank == 0:
             if not dp:  # a public stage still carries what its parents spent; before
                 carry_lineage(run, parents)  # model.json, which marks the run complete
-            _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, parents)
+            entry = strategy.entry_id if dp else ""  # the stage's own DP-SGD ledger entry
+            _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, parents, entry)
         barrier()
     return Path(out)
 
@@ -279,7 +280,7 @@ def _attribute_ranges(cache: Cache, private: bool, init_meta: dict | None) -> di
     return ranges
 
 
-def _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, parents) -> None:
+def _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, parents, entry) -> None:
     save_weights(run / "denoiser.safetensors", denoiser.state_dict())
     save_weights(run / "autoencoder.safetensors", ae.state_dict())
     plain = config.to_dict()
@@ -297,7 +298,7 @@ def _save_model(run, ae, ae_meta, denoiser, config, init_meta, dp, cache, parent
             "spacing": list(cache.spacing),
             "attribute_ranges": _attribute_ranges(cache, dp, init_meta),
             "private": bool(dp),
-            "trained_on": trained_on(cache.cache_id, dp, parents),
+            "trained_on": trained_on(cache.cache_id, dp, parents, ledger_entry=entry),
             "ledger": has_ledger(run),
         },
     )
