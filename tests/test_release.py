@@ -393,6 +393,24 @@ def test_a_parent_whose_ledger_misses_its_dp_lineage_is_refused(world, tmp_path,
     assert "records no DP-SGD on it" in page and "unreadable (ledger section)" in page
 
 
+def test_an_attribute_fit_missing_from_the_ledger_is_refused(world, tmp_path, capsys):
+    """Regression: with the attribute model's entry gone from a replaced ledger.json,
+    `budget`, the report and `release` stated the LDM's ε alone, and release shipped
+    conditions drawn from the DP attribute model under it."""
+    run = shutil.copytree(world["dp"], tmp_path / "run")
+    ledger = read_json(run / "ledger.json")
+    ledger["entries"] = [e for e in ledger["entries"] if e["stage"] != "attribute-model"]
+    (run / "ledger.json").write_text(json.dumps(ledger))
+    capsys.readouterr()
+    assert "records no attribute-model fit" in _one_line_error(capsys, ["budget", str(run)])
+    _refused(world, tmp_path / "b", "records no attribute-model fit", run=run,
+             synthetic=world["synthetic"], max_epsilon=BUDGET)  # fmt: skip
+    (run / "attribute_model.json").unlink()  # the model gone too: its conditions remain
+    assert main(["budget", str(run)]) == 0
+    _refused(world, tmp_path / "b", "ledger records no attribute-model fit", run=run,
+             synthetic=world["synthetic"], max_epsilon=BUDGET)  # fmt: skip
+
+
 def test_an_ancestors_ledger_copied_over_a_runs_own_is_refused(world, tmp_path, capsys):
     """Regression: the check was per cache, so a DP fine-tune's lost ledger replaced by its
     DP parent's (DP-SGD on the same private cache) passed, and stated the parent's ε."""
@@ -1093,9 +1111,11 @@ def test_a_selector_is_not_checked_against_a_lost_or_partial_ledger(
     lost = shutil.copytree(world["dp"], tmp_path / "lost")
     (lost / "ledger.json").unlink()
     partial = shutil.copytree(world["dp"], tmp_path / "partial")
+    (partial / "attribute_model.json").unlink()
     ledger = read_json(partial / "ledger.json")
-    ledger["entries"] = [e for e in ledger["entries"] if e["mechanism"] != "dp-sgd"]
-    (partial / "ledger.json").write_text(json.dumps(ledger))
+    private = Cache(world["private"]).cache_id  # read as the empty ledger it leaves, the
+    ledger["entries"] = [e for e in ledger["entries"] if e["cache_id"] != private]  # old check
+    (partial / "ledger.json").write_text(json.dumps(ledger))  # let the selector through
     for run, message in ((lost, "no ledger.json, and its model.json"), (partial, "no DP-SGD")):
         out = tmp_path / f"s-{run.name}"
         argv = ["sample", str(run), "--n", "1", "--steps", "2", "--out", str(out),

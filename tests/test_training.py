@@ -652,6 +652,11 @@ def test_train_then_fit_attributes_then_resume_keep_both(world, tmp_path, monkey
     cap = (at[sgd.steps] + at[sgd.planned_steps]) / 2  # passes only if the plan is ignored
     with pytest.raises(BudgetExceededError):
         fit_attributes(world["private"], run, epsilon=2.0, seed=0, max_total_epsilon=cap)
+    kept = (run / "ledger.json").read_bytes()
+    (run / "ledger.json").unlink()  # the run's copy lost: the checkpoint's still counts
+    with pytest.raises(BudgetExceededError):
+        fit_attributes(world["private"], run, epsilon=2.0, seed=0, max_total_epsilon=cap)
+    (run / "ledger.json").write_bytes(kept)
     assert not (run / "attribute_model.json").exists()
     fit_attributes(world["private"], run, epsilon=2.0, seed=0)
 

@@ -30,6 +30,7 @@ from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_bytes, read_json, sha256_file
 from dpsynth.models.blocks import convolve_channels_last
 from dpsynth.models.build import build_autoencoder, build_denoiser
+from dpsynth.privacy.attribute_model import require_attribute_fit
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.lineage import require_ledger
 
@@ -93,14 +94,16 @@ def run_lineage(run: str | os.PathLike) -> list[dict[str, Any]]:
 
 def run_ledger(run: str | os.PathLike) -> Ledger:
     """A run folder's ledger (its whole lineage's), checked against its model.json: refused
-    where it is lost (`privacy.lineage.require_ledger`) or misses DP training its
-    ``trained_on`` names (`Ledger.require_accounted`). Read as empty or partial, it would
+    where it is lost (`privacy.lineage.require_ledger`), misses DP training its
+    ``trained_on`` names (`Ledger.require_accounted`) or the fit of the attribute model
+    the folder holds (`privacy.attribute_model.require_attribute_fit`). Read as empty or partial, it would
     start a budget or a privacy check from too little. A public run reads as empty."""
     run = Path(run)
     meta = model_meta_if_any(run)
     require_ledger(run, meta)
     ledger = Ledger.load(run, missing_ok=True)
     ledger.require_accounted(read_lineage(meta or {}, run / MODEL_FILE), run)
+    require_attribute_fit(run, ledger)
     return ledger
 
 

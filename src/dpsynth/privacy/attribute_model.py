@@ -462,21 +462,41 @@ def attribute_model_entry(
 
 
 def load_attribute_model(run: str | os.PathLike) -> AttributeModel:
-    """The DP attribute model of run folder `run`, refused unless the run's ledger records a
-    fit at its noise multiplier and δ: one copied in from another run, or whose entry a
-    replaced ledger.json lost, is covered by no ε the run states."""
+    """The DP attribute model of run folder `run`, refused unless the run's ledger records
+    its fit (`require_attribute_fit`)."""
     path = Path(run) / ATTRIBUTE_MODEL_FILE
     if not path.is_file():
         raise DpsynthError(
             f"{run}: no DP attribute model ({ATTRIBUTE_MODEL_FILE}); run `dpsynth fit-attributes` "
             "first"
         )
-    model = AttributeModel.load(path)
-    if not any(
-        e.stage == STAGE and (e.noise_multiplier, e.delta) == (model.noise_multiplier, model.delta)
-        for e in Ledger.load(run, missing_ok=True)
-        if not e.non_private
-    ):
+    return _covered(AttributeModel.load(path), path, Ledger.load(run, missing_ok=True))
+
+
+def require_attribute_fit(run: str | os.PathLike, ledger: Ledger) -> None:
+    """Refuse run folder `run` if it holds an attribute model whose fit `ledger` (the run's)
+    does not record at its noise multiplier and δ: one copied in from another run, or whose
+    entry a replaced ledger.json lost, is covered by no ε the run states."""
+    path = Path(run) / ATTRIBUTE_MODEL_FILE
+    if path.is_file():
+        _covered(AttributeModel.load(path), path, ledger)
+
+
+def records_fit(ledger: Ledger, model: AttributeModel | None = None) -> bool:
+    """Whether `ledger` records an attribute-model fit (at `model`'s σ and δ, if given;
+    a Gaussian mechanism's ε depends on nothing else)."""
+    return any(
+        e.stage == STAGE
+        and not e.non_private
+        and (
+            model is None or (e.noise_multiplier, e.delta) == (model.noise_multiplier, model.delta)
+        )
+        for e in ledger
+    )
+
+
+def _covered(model: AttributeModel, path: Path, ledger: Ledger) -> AttributeModel:
+    if not records_fit(ledger, model):
         raise DpsynthError(
             f"{path}: the run's ledger.json records no {STAGE} fit at noise multiplier "
             f"{model.noise_multiplier:g} and δ = {model.delta:g} (copied from another run, or "

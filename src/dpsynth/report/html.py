@@ -314,7 +314,7 @@ def _explain_epsilon(epsilon: float, delta: float, records: int | None) -> str:
     bound = _attack_bound(epsilon, delta)
     vacuous = bound > 0.99
     return f"""
-<p><b>What ε = {format_bound(epsilon, 3)} at δ = {delta:.1g} means for one patient.</b> The unit of privacy is the
+<p><b>What ε = {format_bound(epsilon, 3)} at δ = {format_bound(delta, 2)} means for one patient.</b> The unit of privacy is the
 <b>patient</b>: one DP record holds all of a patient's volumes (ED and ES) and attributes, and
 sampling and gradient clipping act per patient{f" ({_e(records)} patients)" if records else ""}.
 Whatever an attacker already knows, every possible trained model is at most
@@ -373,7 +373,7 @@ def _section_summary(ctx: _Context) -> str:
     if run.privacy:
         unchecked = " (lineage not checked: ledger section)" if run.privacy.unchecked else ""
         cards.append(("ε per patient", format_bound(run.privacy.epsilon, 3) + unchecked))
-        cards.append(("δ", _num(run.privacy.delta, 2)))
+        cards.append(("δ", format_bound(run.privacy.delta, 2)))
     elif "privacy" in run.errors:
         cards.append(("ε", "unreadable (ledger section)"))
     else:
@@ -763,7 +763,7 @@ def _one_run_audit(run: _Run) -> str:
             ],
             [
                 [
-                    r["accounted_epsilon"],
+                    format_bound(r["accounted_epsilon"]),
                     r["epsilon_lb"],
                     r.get("ratio"),
                     r.get("epsilon_lb_steinke"),
@@ -935,7 +935,7 @@ def _section_comparison(ctx: _Context) -> str:
     columns = names + (["MIA AUC"] if any("MIA AUC" in v for _, _, v in points) else [])
     table = _table(
         ["run", "ε", *columns],
-        [[label, eps, *[v.get(c) for c in columns]] for label, eps, v in points],
+        [[label, format_bound(eps), *[v.get(c) for c in columns]] for label, eps, v in points],
     )
     curve = [
         c for c in columns if sum(isinstance(v.get(c), (int, float)) for _, _, v in points) >= 2
@@ -969,7 +969,7 @@ def _section_release(ctx: _Context) -> str:
             ["ε", "δ", "accountant", "files (SHA256SUMS)", "synthetic volumes"],
             [
                 [
-                    summary["epsilon"],
+                    format_bound(summary["epsilon"]),
                     summary["delta"],
                     summary["accountant"],
                     summary["files"],

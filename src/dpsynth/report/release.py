@@ -73,6 +73,7 @@ from dpsynth.privacy.accounting import (
     epsilon_for,
     format_bound,
 )
+from dpsynth.privacy.attribute_model import records_fit
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.report.stated_privacy import StatedPrivacy, stated_privacy
 from dpsynth.runs import (
@@ -273,6 +274,11 @@ def _check_synthetic(run: Path, model: dict, synthetic: Path, ledger: Ledger) ->
     if source not in RELEASABLE_CONDITIONING:
         meaning = CONDITIONING.get(source, repr(source))
         _refuse(f"{synthetic}: conditioned on {meaning}, not a releasable source")
+    if source == "dp" and not records_fit(ledger):
+        _refuse(
+            f"{synthetic}: conditioned on the DP attribute model, but {run}'s ledger records "
+            "no attribute-model fit, so its ε would not count the released conditions"
+        )
     files = provenance["files"]
     present = {p.name for p in synthetic.iterdir()} - {PROVENANCE_FILE}
     volumes = [name for name in files if VOLUME_NAME.fullmatch(name)]
@@ -501,7 +507,10 @@ def verify(bundle: str | os.PathLike) -> dict:
             f"{epsilon!r} ({privacy['accountant']})"
         )
     if _headline(privacy) not in (bundle / PRIVACY_MD).read_text():
-        raise DpsynthError(f"{bundle / PRIVACY_MD}: does not state ε = {format_bound(stated)}")
+        raise DpsynthError(
+            f"{bundle / PRIVACY_MD}: does not state ε = {format_bound(stated)}, rounded up "
+            "(an older dpsynth rounded to nearest, at times below the bound: release it again)"
+        )
     _verify_selection_words(bundle, privacy)
     provenance = read_json(bundle / SYNTHETIC_DIR / PROVENANCE_FILE)
     if provenance.get("model_digest") != model_digest(bundle / MODEL_DIR):

@@ -75,8 +75,11 @@ def fit_attributes(
         # A trained run's budget starts from its whole lineage, checked: a ledger lost, or
         # one that misses the run's own DP training, would make this check (and the ledger
         # written below, which a restored copy would then overwrite) start from too little.
-        trained = model_meta_if_any(out) is not None
-        ledger = run_ledger(out) if trained else Ledger.load(out, missing_ok=True)
+        # An unfinished stage's checkpoint holds a copy of its ledger, which counts too.
+        if model_meta_if_any(out) is not None:
+            ledger = run_ledger(out)
+        else:
+            ledger = Ledger.of_lineage([out, out / "checkpoint"])
         if max_total_epsilon is not None:
             ledger.check_budget(entry, max_total_epsilon)
         ledger.add(entry)

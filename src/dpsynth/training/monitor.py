@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from dpsynth.privacy.accounting import format_bound
 from dpsynth.privacy.outputs import METRICS_FILE
 
 
@@ -28,7 +29,9 @@ class Monitor:
         rate = self._volumes / max(time.perf_counter() - self._t0, 1e-9)
         self.bar.update(1)
         if log:
-            shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "epsilon")}
+            shown = {k: f"{v:.4g}" for k, v in metrics.items() if k == "loss"}
+            if "epsilon" in metrics:  # spent so far, stated rounded up as everywhere
+                shown["epsilon"] = format_bound(metrics["epsilon"])
             self.bar.set_postfix(**shown, vol_s=f"{rate:.1f}")
             self.write({"step": step, "volumes_per_s": round(rate, 3), **metrics})
 
