@@ -197,6 +197,8 @@ def test_verify_recomputes_the_ledgers_epsilon(world, capsys):
     for words in ("one patient", f"ε = {format_bound(summary['epsilon'])}", "δ = 1e-05", "Rényi-DP",
                   "What is not covered", "ldm-dp-sgd", "attribute", "DP attribute model"):  # fmt: skip
         assert words in text
+    stated = [float(x) for x in re.findall(r"\(ε = ([0-9.e+-]+),", text)]
+    assert stated and min(stated) >= summary["epsilon"]  # rounded up, never to nearest
 
 
 def test_bundle_model_samples_like_the_run(world):
@@ -413,7 +415,8 @@ def test_an_attribute_fit_missing_from_the_ledger_is_refused(world, tmp_path, ca
 
 def test_an_ancestors_ledger_copied_over_a_runs_own_is_refused(world, tmp_path, capsys):
     """Regression: the check was per cache, so a DP fine-tune's lost ledger replaced by its
-    DP parent's (DP-SGD on the same private cache) passed, and stated the parent's ε."""
+    DP parent's (DP-SGD on the same private cache) passed, and stated the parent's ε; so
+    did a copy of its own ledger taken mid-training."""
     config = tiny(**{"privacy.epsilon": 1.0, "privacy.max_total_epsilon": 20.0})
     child = train_ldm(world["private"], world["ae"], tmp_path / "child", config,
                       init=world["dp"], dp=True)  # fmt: skip
@@ -422,11 +425,19 @@ def test_an_ancestors_ledger_copied_over_a_runs_own_is_refused(world, tmp_path, 
     assert own["ledger_entry"] in {e.id for e in Ledger.load(child)} - parents
     capsys.readouterr()  # the training progress above
     assert main(["budget", str(child)]) == 0
+    mid_training = read_json(child / "ledger.json")
+    (entry,) = [e for e in mid_training["entries"] if e["id"] == own["ledger_entry"]]
+    assert entry["steps"] == entry["planned_steps"] > 1
+    entry["steps"] = 1
     shutil.copy(world["dp"] / "ledger.json", child / "ledger.json")
     capsys.readouterr()
     assert "which its ledger.json does not hold" in _one_line_error(capsys, ["budget", str(child)])
     with pytest.raises(DpsynthError, match="which its ledger.json does not hold"):
         train_ldm(world["public"], world["ae"], tmp_path / "next", tiny(), init=child)
+    (child / "ledger.json").write_text(json.dumps(mid_training))
+    assert f"records 1 of the {entry['planned_steps']} steps" in _one_line_error(
+        capsys, ["budget", str(child)]
+    )
 
 
 @pytest.mark.parametrize(

@@ -729,22 +729,50 @@ def test_fit_attributes_refuses_a_run_whose_ledger_is_lost_or_partial(world, tmp
     assert [e.stage for e in Ledger.load(public)] == ["attribute-model"]
 
 
-def test_an_attribute_model_the_runs_ledger_does_not_record_is_refused(world, tmp_path):
+def test_an_attribute_model_the_runs_ledger_does_not_record_is_refused(world, tmp_path, capsys):
     """Regression: `sample --attributes dp` and the explorer read any attribute_model.json
     in the run folder, so one copied in from another run was released under an ε that
     does not count it."""
     fitted, other = tmp_path / "fitted", tmp_path / "other"
     fit_attributes(world["private"], fitted, epsilon=2.0, seed=0)
-    fit_attributes(world["private"], other, epsilon=1.0, seed=0)
+    fit_attributes(world["private"], other, epsilon=2.0, seed=1)  # the same σ, another fit
     assert load_attribute_model(fitted).epsilon == 2.0
+    model = read_json(fitted / "attribute_model.json")
+    (fit,) = Ledger.load(fitted)
+    assert model["ledger_entry"] == fit.id
     shutil.copy(fitted / "attribute_model.json", other / "attribute_model.json")
-    with pytest.raises(DpsynthError, match="records no attribute-model fit at noise multiplier"):
-        load_attribute_model(other)  # its ledger records a fit at ε = 1, not this one at 2
+    with pytest.raises(DpsynthError, match=f"does not record its fit \\(ledger entry {fit.id}"):
+        load_attribute_model(other)
+    capsys.readouterr()
+    assert main(["budget", str(other)]) == 2  # nor is an ε stated for it
+    assert "does not record its fit" in capsys.readouterr().err
+    del model["ledger_entry"]  # a model of an older dpsynth: matched by σ and δ
+    atomic_write_json(other / "attribute_model.json", model)
+    assert load_attribute_model(other).epsilon == 2.0
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(fitted / "attribute_model.json", bare / "attribute_model.json")
     with pytest.raises(DpsynthError, match="no ε covers it"):
         load_attribute_model(bare)
+    # A DP stage trained into a folder whose ledger lost the fit refuses before a step.
+    (fitted / "ledger.json").unlink()
+    with pytest.raises(DpsynthError, match="does not record its fit"):
+        _dp(world, fitted)
+    assert not (fitted / "checkpoint").exists()
+
+
+def test_fit_attributes_refuses_an_unfinished_public_stage(world, tmp_path, monkeypatch):
+    """A public stage writes its ledger (its parents' lineage) only when it ends, so a fit
+    into it between a crash and --resume would check its budget against nothing."""
+    run = tmp_path / "public"
+    _crash_at(monkeypatch, 3)  # after the checkpoint of step 2
+    with pytest.raises(KeyboardInterrupt):
+        train_ldm(world["public"], world["ae"], run, tiny(), init=world["ldm"])
+    monkeypatch.undo()
+    assert (run / "checkpoint" / "state.json").is_file() and not (run / "ledger.json").exists()
+    with pytest.raises(DpsynthError, match="a stage is unfinished here"):
+        fit_attributes(world["private"], run, epsilon=2.0, seed=0)
+    assert not (run / "ledger.json").exists()
 
 
 # ---------------------------------------------------------------- provenance

@@ -260,8 +260,11 @@ class AttributeModel:
             raise DpsynthError(f"{source}: privacy: invalid noise_multiplier, delta or epsilon")
         return model
 
-    def save(self, path: str | Path) -> None:
-        atomic_write_json(path, self.to_json())
+    def save(self, path: str | Path, ledger_entry: str = "") -> None:
+        """Write the model; `ledger_entry` names the fit's entry in its run's ledger."""
+        atomic_write_json(
+            path, self.to_json() | ({"ledger_entry": ledger_entry} if ledger_entry else {})
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> AttributeModel:
@@ -470,39 +473,46 @@ def load_attribute_model(run: str | os.PathLike) -> AttributeModel:
             f"{run}: no DP attribute model ({ATTRIBUTE_MODEL_FILE}); run `dpsynth fit-attributes` "
             "first"
         )
-    return _covered(AttributeModel.load(path), path, Ledger.load(run, missing_ok=True))
+    _require_fit(path, Ledger.load(run, missing_ok=True))
+    return AttributeModel.load(path)
 
 
 def require_attribute_fit(run: str | os.PathLike, ledger: Ledger) -> None:
     """Refuse run folder `run` if it holds an attribute model whose fit `ledger` (the run's)
-    does not record at its noise multiplier and δ: one copied in from another run, or whose
-    entry a replaced ledger.json lost, is covered by no ε the run states."""
+    does not record: one copied in from another run, or whose entry a replaced ledger.json
+    lost, is covered by no ε the run states."""
     path = Path(run) / ATTRIBUTE_MODEL_FILE
     if path.is_file():
-        _covered(AttributeModel.load(path), path, ledger)
+        _require_fit(path, ledger)
 
 
-def records_fit(ledger: Ledger, model: AttributeModel | None = None) -> bool:
-    """Whether `ledger` records an attribute-model fit (at `model`'s σ and δ, if given;
-    a Gaussian mechanism's ε depends on nothing else)."""
-    return any(
-        e.stage == STAGE
-        and not e.non_private
-        and (
-            model is None or (e.noise_multiplier, e.delta) == (model.noise_multiplier, model.delta)
-        )
-        for e in ledger
-    )
+def records_fit(ledger: Ledger) -> bool:
+    """Whether `ledger` records an attribute-model fit."""
+    return any(e.stage == STAGE and not e.non_private for e in ledger)
 
 
-def _covered(model: AttributeModel, path: Path, ledger: Ledger) -> AttributeModel:
-    if not records_fit(ledger, model):
+def _require_fit(path: Path, ledger: Ledger) -> None:
+    """Refuse the model at `path` unless `ledger` holds its fit: by the entry id the model
+    names (since stop 45), else a fit at its noise multiplier and δ (a Gaussian mechanism's
+    ε depends on nothing else). Reads only what it needs, so older formats are checked too."""
+    try:
+        obj = read_json(path)
+        entry = obj.get("ledger_entry", "")
+        sigma, delta = (float(obj["privacy"][k]) for k in ("noise_multiplier", "delta"))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise DpsynthError(f"{path}: not a DP attribute model (no privacy block)") from None
+    fits = [e for e in ledger if e.stage == STAGE and not e.non_private]
+    if entry:
+        covered, what = any(e.id == entry for e in fits), f"its fit (ledger entry {entry})"
+    else:
+        covered = any((e.noise_multiplier, e.delta) == (sigma, delta) for e in fits)
+        what = f"a fit at noise multiplier {sigma:g} and δ = {delta:g}"
+    if not covered:
         raise DpsynthError(
-            f"{path}: the run's ledger.json records no {STAGE} fit at noise multiplier "
-            f"{model.noise_multiplier:g} and δ = {model.delta:g} (copied from another run, or "
-            "the ledger replaced): no ε covers it; fit it again with `dpsynth fit-attributes`"
+            f"{path}: the run's ledger does not record {what} (copied from another run, or "
+            f"its ledger.json lost or replaced): no ε covers it; restore the run's ledger.json, "
+            f"or remove {ATTRIBUTE_MODEL_FILE} (and what was sampled from it) and fit again"
         )
-    return model
 
 
 def fit_attribute_model(

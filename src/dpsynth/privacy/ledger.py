@@ -327,7 +327,7 @@ class Ledger:
         if self.not_dp(trained_on):
             return
         sgd = [e for e in self if e.mechanism == "dp-sgd"]
-        trained, ids = {e.cache_id for e in sgd}, {e.id for e in sgd}
+        trained, steps = {e.cache_id for e in sgd}, {e.id: (e.steps, e.planned_steps) for e in sgd}
         for item in trained_on:
             if not item["dp"]:
                 continue
@@ -339,12 +339,20 @@ class Ledger:
                     "that ledger.json or retrain"
                 )
             named = item.get("ledger_entry", "")  # absent in runs of an older dpsynth
-            if named and named not in ids:
+            if named and named not in steps:
                 raise DpsynthError(
                     f"{where}: its weights learned cache {item['cache_id']} with DP in ledger "
                     f"entry {named} (model.json trained_on, its own or a "
                     "parent's), which its ledger.json does not hold (lost, or replaced by "
                     "another run's): no ε can be stated; restore that ledger.json or retrain"
+                )
+            # model.json is written when a stage ends, so each entry it names is complete.
+            if named and steps[named][0] < steps[named][1]:
+                done, planned = steps[named]
+                raise DpsynthError(
+                    f"{where}: its ledger.json records {done} of the {planned} steps of ledger "
+                    f"entry {named}, which finished (a copy taken mid-training): no ε can be "
+                    "stated; restore the run's own ledger.json or retrain"
                 )
 
     def default_delta(self) -> float:

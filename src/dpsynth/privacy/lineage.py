@@ -36,8 +36,8 @@ def require_ledger(run: Path, meta: dict | None) -> None:
     it may not be (`may_lack_ledger`): whatever builds on it, or states its ε, would start
     from nothing."""
     if not ledger_path(run).is_file() and not may_lack_ledger(run, meta):
+        said = "its model.json does not say" if meta is not None else "no model.json says"
         raise DpsynthError(
-            f"{run}: no ledger.json, and its model.json does not say it was written without "
-            "one (lost, or a run of an older dpsynth): restore its ledger.json, or retrain "
-            "it into a new folder"
+            f"{run}: no ledger.json, and {said} it was written without one (lost, or a run "
+            "of an older dpsynth): restore its ledger.json, or retrain it into a new folder"
         )

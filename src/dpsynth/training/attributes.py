@@ -78,6 +78,11 @@ def fit_attributes(
         # An unfinished stage's checkpoint holds a copy of its ledger, which counts too.
         if model_meta_if_any(out) is not None:
             ledger = run_ledger(out)
+        elif _unfinished_public_stage(out):  # its ledger is written only when it ends
+            raise DpsynthError(
+                f"{out}: a stage is unfinished here and its checkpoint holds no ledger; "
+                "finish it (--resume) before fitting attributes into it"
+            )
         else:
             ledger = Ledger.of_lineage([out, out / "checkpoint"])
         if max_total_epsilon is not None:
@@ -90,10 +95,16 @@ def fit_attributes(
             table, rng=rng, epsilon=epsilon, delta=delta, patients=patients,
             cache_id=cache.cache_id,
         )  # fmt: skip
-        model.save(out / ATTRIBUTE_MODEL_FILE)
+        model.save(out / ATTRIBUTE_MODEL_FILE, ledger_entry=entry.id)
         synthetic = model.sample(len(rows) // 2, np.random.default_rng(0))
         atomic_write_json(out / FIDELITY_FILE, labelled(attribute_fidelity(table, synthetic)))
     return out
+
+
+def _unfinished_public_stage(run: Path) -> bool:
+    """A public stage checkpoints without a ledger; it carries its parents' at the end."""
+    checkpoint = run / "checkpoint"
+    return (checkpoint / "state.json").is_file() and not (checkpoint / "ledger.json").is_file()
 
 
 def _recorded_privacy(run: Path) -> PrivacyConfig:

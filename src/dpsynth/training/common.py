@@ -167,6 +167,8 @@ def trained_on(
 
     Runs from before this field contribute nothing.
     """
+    if dp and not ledger_entry:
+        raise DpsynthError(f"cache {cache_id}: a DP stage's trained_on must name its ledger entry")
     own = {"cache_id": cache_id, "dp": bool(dp)}
     items = [own | {"ledger_entry": ledger_entry} if ledger_entry else own]
     for parent in parents:

@@ -29,6 +29,7 @@ from dpsynth.config import PrivacyConfig, TrainingConfig
 from dpsynth.data.cache import Cache
 from dpsynth.errors import DpsynthError
 from dpsynth.privacy.accounting import warn_delta
+from dpsynth.privacy.attribute_model import require_attribute_fit
 from dpsynth.privacy.dpsgd import LossFn, PatientDPSGD
 from dpsynth.privacy.ledger import Ledger, LedgerEntry
 from dpsynth.privacy.outputs import labelled
@@ -201,6 +202,7 @@ class PrivateStrategy:
         """Start the stage: inherit the run's and its lineage's entries, check the budget,
         record the entry."""
         ledger = Ledger.of_run(self.run, self.parents)
+        require_attribute_fit(self.run, ledger)  # one fitted first: its ε must count
         p = self.privacy
         for entry in self.extra_entries:
             ledger.add(entry)
@@ -281,6 +283,7 @@ class PrivateStrategy:
         recorded = Ledger.of_run(self.run)
         self._check_latest(entry, recorded)
         self.ledger = Ledger.inherit(checkpointed, recorded)
+        require_attribute_fit(self.run, self.ledger)  # one fitted since, its entry lost
         p = self.privacy
         if p.max_total_epsilon is not None:
             self.ledger.check_budget(self.ledger[self.entry_id], p.max_total_epsilon)
