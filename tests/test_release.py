@@ -404,8 +404,8 @@ def test_an_attribute_fit_missing_from_the_ledger_is_refused(world, tmp_path, ca
     ledger["entries"] = [e for e in ledger["entries"] if e["stage"] != "attribute-model"]
     (run / "ledger.json").write_text(json.dumps(ledger))
     capsys.readouterr()
-    assert "records no attribute-model fit" in _one_line_error(capsys, ["budget", str(run)])
-    _refused(world, tmp_path / "b", "records no attribute-model fit", run=run,
+    assert "does not record its fit" in _one_line_error(capsys, ["budget", str(run)])
+    _refused(world, tmp_path / "b", "does not record its fit", run=run,
              synthetic=world["synthetic"], max_epsilon=BUDGET)  # fmt: skip
     (run / "attribute_model.json").unlink()  # the model gone too: its conditions remain
     assert main(["budget", str(run)]) == 0
