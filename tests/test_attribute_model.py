@@ -220,7 +220,7 @@ def test_save_load_round_trip(tmp_path):
     model, _ = fit_attribute_model(
         rows, noise_multiplier=1.0, patients=patients, rng=np.random.default_rng(0)
     )
-    model.save(tmp_path / "attributes.json")
+    model.save(tmp_path / "attributes.json", ledger_entry="")
     loaded = AttributeModel.load(tmp_path / "attributes.json")
     np.testing.assert_array_equal(
         model.sample(50, np.random.default_rng(7)), loaded.sample(50, np.random.default_rng(7))

@@ -764,15 +764,16 @@ def test_an_attribute_model_the_runs_ledger_does_not_record_is_refused(world, tm
 def test_fit_attributes_refuses_an_unfinished_public_stage(world, tmp_path, monkeypatch):
     """A public stage writes its ledger (its parents' lineage) only when it ends, so a fit
     into it between a crash and --resume would check its budget against nothing."""
-    run = tmp_path / "public"
-    _crash_at(monkeypatch, 3)  # after the checkpoint of step 2
-    with pytest.raises(KeyboardInterrupt):
-        train_ldm(world["public"], world["ae"], run, tiny(), init=world["ldm"])
-    monkeypatch.undo()
-    assert (run / "checkpoint" / "state.json").is_file() and not (run / "ledger.json").exists()
-    with pytest.raises(DpsynthError, match="a stage is unfinished here"):
-        fit_attributes(world["private"], run, epsilon=2.0, seed=0)
-    assert not (run / "ledger.json").exists()
+    for crash in (1, 3):  # before the first checkpoint (step 2), and after it
+        run = tmp_path / f"public{crash}"
+        _crash_at(monkeypatch, crash)
+        with pytest.raises(KeyboardInterrupt):
+            train_ldm(world["public"], world["ae"], run, tiny(), init=world["ldm"])
+        monkeypatch.undo()
+        assert (run / "checkpoint" / "state.json").is_file() == (crash == 3)
+        with pytest.raises(DpsynthError, match="a training stage started here and left no"):
+            fit_attributes(world["private"], run, epsilon=2.0, seed=0)
+        assert not (run / "ledger.json").exists()
 
 
 # ---------------------------------------------------------------- provenance

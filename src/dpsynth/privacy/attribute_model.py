@@ -260,8 +260,9 @@ class AttributeModel:
             raise DpsynthError(f"{source}: privacy: invalid noise_multiplier, delta or epsilon")
         return model
 
-    def save(self, path: str | Path, ledger_entry: str = "") -> None:
-        """Write the model; `ledger_entry` names the fit's entry in its run's ledger."""
+    def save(self, path: str | Path, *, ledger_entry: str) -> None:
+        """Write the model; `ledger_entry` names the fit's entry in its run's ledger, which
+        `require_attribute_fit` then requires ("": none, the weaker σ and δ match)."""
         atomic_write_json(
             path, self.to_json() | ({"ledger_entry": ledger_entry} if ledger_entry else {})
         )
@@ -473,8 +474,9 @@ def load_attribute_model(run: str | os.PathLike) -> AttributeModel:
             f"{run}: no DP attribute model ({ATTRIBUTE_MODEL_FILE}); run `dpsynth fit-attributes` "
             "first"
         )
-    _require_fit(path, Ledger.load(run, missing_ok=True))
-    return AttributeModel.load(path)
+    obj = read_json(path)
+    _require_fit(path, obj, Ledger.load(run, missing_ok=True))
+    return AttributeModel.from_json(obj, source=str(path))
 
 
 def require_attribute_fit(run: str | os.PathLike, ledger: Ledger) -> None:
@@ -483,25 +485,29 @@ def require_attribute_fit(run: str | os.PathLike, ledger: Ledger) -> None:
     lost, is covered by no ε the run states."""
     path = Path(run) / ATTRIBUTE_MODEL_FILE
     if path.is_file():
-        _require_fit(path, ledger)
+        _require_fit(path, read_json(path), ledger)
 
 
 def records_fit(ledger: Ledger) -> bool:
     """Whether `ledger` records an attribute-model fit."""
-    return any(e.stage == STAGE and not e.non_private for e in ledger)
+    return bool(_fits(ledger))
 
 
-def _require_fit(path: Path, ledger: Ledger) -> None:
-    """Refuse the model at `path` unless `ledger` holds its fit: by the entry id the model
-    names (since stop 45), else a fit at its noise multiplier and δ (a Gaussian mechanism's
-    ε depends on nothing else). Reads only what it needs, so older formats are checked too."""
+def _fits(ledger: Ledger) -> list[LedgerEntry]:
+    return [e for e in ledger if e.stage == STAGE and not e.non_private]
+
+
+def _require_fit(path: Path, obj: object, ledger: Ledger) -> None:
+    """Refuse the model read from `path` (`obj`) unless `ledger` holds its fit: by the entry
+    id the model names (since stop 45), else a fit at its noise multiplier and δ (a Gaussian
+    mechanism's ε depends on nothing else). Reads only those fields, so that the models of
+    older formats are checked too."""
     try:
-        obj = read_json(path)
         entry = obj.get("ledger_entry", "")
         sigma, delta = (float(obj["privacy"][k]) for k in ("noise_multiplier", "delta"))
     except (AttributeError, KeyError, TypeError, ValueError):
         raise DpsynthError(f"{path}: not a DP attribute model (no privacy block)") from None
-    fits = [e for e in ledger if e.stage == STAGE and not e.non_private]
+    fits = _fits(ledger)
     if entry:
         covered, what = any(e.id == entry for e in fits), f"its fit (ledger entry {entry})"
     else:

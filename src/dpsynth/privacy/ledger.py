@@ -327,7 +327,7 @@ class Ledger:
         if self.not_dp(trained_on):
             return
         sgd = [e for e in self if e.mechanism == "dp-sgd"]
-        trained, steps = {e.cache_id for e in sgd}, {e.id: (e.steps, e.planned_steps) for e in sgd}
+        trained, entries = {e.cache_id for e in sgd}, {e.id: e for e in sgd}
         for item in trained_on:
             if not item["dp"]:
                 continue
@@ -339,7 +339,7 @@ class Ledger:
                     "that ledger.json or retrain"
                 )
             named = item.get("ledger_entry", "")  # absent in runs of an older dpsynth
-            if named and named not in steps:
+            if named and named not in entries:
                 raise DpsynthError(
                     f"{where}: its weights learned cache {item['cache_id']} with DP in ledger "
                     f"entry {named} (model.json trained_on, its own or a "
@@ -347,12 +347,13 @@ class Ledger:
                     "another run's): no ε can be stated; restore that ledger.json or retrain"
                 )
             # model.json is written when a stage ends, so each entry it names is complete.
-            if named and steps[named][0] < steps[named][1]:
-                done, planned = steps[named]
+            if named and entries[named].steps < entries[named].planned_steps:
+                e = entries[named]
                 raise DpsynthError(
-                    f"{where}: its ledger.json records {done} of the {planned} steps of ledger "
-                    f"entry {named}, which finished (a copy taken mid-training): no ε can be "
-                    "stated; restore the run's own ledger.json or retrain"
+                    f"{where}: its ledger.json records {e.steps} of the {e.planned_steps} steps "
+                    f"of stage {e.stage!r} (entry {named}, on cache {e.cache_id}), which "
+                    "finished: a copy taken mid-training; restore the ledger.json written "
+                    "when that stage ended, or retrain"
                 )
 
     def default_delta(self) -> float:

@@ -78,10 +78,11 @@ def fit_attributes(
         # An unfinished stage's checkpoint holds a copy of its ledger, which counts too.
         if model_meta_if_any(out) is not None:
             ledger = run_ledger(out)
-        elif _unfinished_public_stage(out):  # its ledger is written only when it ends
+        elif _started_without_ledger(out):
             raise DpsynthError(
-                f"{out}: a stage is unfinished here and its checkpoint holds no ledger; "
-                "finish it (--resume) before fitting attributes into it"
+                f"{out}: a training stage started here and left no ledger (a public stage "
+                "writes its lineage's when it ends): finish it (--resume) or restore its "
+                "ledger.json before fitting attributes into it"
             )
         else:
             ledger = Ledger.of_lineage([out, out / "checkpoint"])
@@ -101,10 +102,13 @@ def fit_attributes(
     return out
 
 
-def _unfinished_public_stage(run: Path) -> bool:
-    """A public stage checkpoints without a ledger; it carries its parents' at the end."""
-    checkpoint = run / "checkpoint"
-    return (checkpoint / "state.json").is_file() and not (checkpoint / "ledger.json").is_file()
+def _started_without_ledger(run: Path) -> bool:
+    """Whether a training stage started in `run` (its config.yaml or a checkpoint) and no
+    ledger is there: a public stage carries its parents' only when it ends, and a DP
+    stage's was lost. Either way a budget check would start from nothing."""
+    started = (run / "config.yaml").is_file() or (run / "checkpoint" / "state.json").is_file()
+    ledgers = (run / "ledger.json", run / "checkpoint" / "ledger.json")
+    return started and not any(path.is_file() for path in ledgers)
 
 
 def _recorded_privacy(run: Path) -> PrivacyConfig:
