@@ -96,8 +96,9 @@ def run_ledger(run: str | os.PathLike) -> Ledger:
     """A run folder's ledger (its whole lineage's), checked against its model.json: refused
     where it is lost (`privacy.lineage.require_ledger`), misses DP training its
     ``trained_on`` names (`Ledger.require_accounted`) or the fit of the attribute model
-    the folder holds (`privacy.attribute_model.require_attribute_fit`). Read as empty or partial, it would
-    start a budget or a privacy check from too little. A public run reads as empty."""
+    the folder holds (`privacy.attribute_model.require_attribute_fit`). Read as empty or
+    partial, it would start a budget or a privacy check from too little. A public run
+    reads as empty."""
     run = Path(run)
     meta = model_meta_if_any(run)
     require_ledger(run, meta)

@@ -1,6 +1,7 @@
 """Whether a run folder may hold no ledger: the one rule shared by `report.stated_privacy`
-(what ε a run may state), `training.common.refuse_unsafe_parents` (what a stage may build
-on), `training.attributes.fit_attributes` (what budget a fit starts from) and
+(what ε a run may state) and `runs.run_ledger`, which reads a run's ledger for
+`training.common.refuse_unsafe_parents` (what a stage may build on),
+`training.attributes.fit_attributes` (what budget a fit starts from) and
 `evaluation.selection.load_selector` (which data a best-of-k selector must not have seen).
 
 Why a rule: a ledger can be the only record that a run touched private data (an ε = ∞

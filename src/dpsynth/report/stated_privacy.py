@@ -63,10 +63,10 @@ def stated_privacy(targets: Iterable[str | os.PathLike], missing_ok: bool = Fals
     """Load each target's ledger (a run folder's, or a ledger .json named), refuse one that
     misses the DP spending its lineage names (`Ledger.require_accounted`: a DP run whose
     ledger was lost) or the fit of the attribute model its folder holds
-    (`require_attribute_fit`), and merge them (a ledger named twice counts once). With `missing_ok`,
-    a run folder without a ledger is a public stage if nothing else could have spent
-    (`privacy.lineage.may_lack_ledger`); otherwise, and for a ledger file named, the ledger must
-    exist. A one-line DpsynthError for a ledger or model.json that cannot be read."""
+    (`require_attribute_fit`), and merge them (a ledger named twice counts once). With
+    `missing_ok`, a run folder without a ledger is a public stage if nothing else could have
+    spent (`privacy.lineage.may_lack_ledger`); otherwise, and for a ledger file named, the
+    ledger must exist. A one-line DpsynthError for a ledger or model.json that cannot be read."""
     runs, seen, ledgers, lineages, unchecked = [], set(), [], [], []
     for target in targets:
         path = ledger_path(target)
