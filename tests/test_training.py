@@ -763,17 +763,21 @@ def test_an_attribute_model_the_runs_ledger_does_not_record_is_refused(world, tm
 
 def test_fit_attributes_refuses_an_unfinished_public_stage(world, tmp_path, monkeypatch):
     """A public stage writes its ledger (its parents' lineage) only when it ends, so a fit
-    into it between a crash and --resume would check its budget against nothing."""
-    for crash in (1, 3):  # before the first checkpoint (step 2), and after it
-        run = tmp_path / f"public{crash}"
+    into it between a crash and --resume would check its budget against nothing, or
+    against an earlier fit alone."""
+    for crash, fitted_first in ((1, False), (3, False), (1, True)):  # checkpoint at step 2
+        run = tmp_path / f"public{crash}{fitted_first}"
+        if fitted_first:  # the folder's ledger then holds that fit, not the stage's lineage
+            fit_attributes(world["private"], run, epsilon=1.0, seed=0)
+        before = Ledger.load(run, missing_ok=True).to_json()
         _crash_at(monkeypatch, crash)
         with pytest.raises(KeyboardInterrupt):
             train_ldm(world["public"], world["ae"], run, tiny(), init=world["ldm"])
         monkeypatch.undo()
         assert (run / "checkpoint" / "state.json").is_file() == (crash == 3)
-        with pytest.raises(DpsynthError, match="a training stage started here and left no"):
+        with pytest.raises(DpsynthError, match="has not recorded its lineage in the ledger"):
             fit_attributes(world["private"], run, epsilon=2.0, seed=0)
-        assert not (run / "ledger.json").exists()
+        assert Ledger.load(run, missing_ok=True).to_json() == before
 
 
 # ---------------------------------------------------------------- provenance

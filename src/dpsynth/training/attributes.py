@@ -44,10 +44,11 @@ def fit_attributes(
 ) -> Path:
     """Fit the DP attribute model on `data`'s `split` and attach it to run `out`.
 
-    Refused where `out` is a trained run that should hold a ledger and does not, or whose
-    ledger misses the DP training its model.json names. Order: the budget is checked against everything `out` already records, then the entry
-    is recorded (merged into the run's ledger), and only then is the noise drawn and the
-    model written. A crash in between over-reports spending, never under-reports it.
+    Refused where `out` is a trained run whose ledger is lost or misses what its model.json
+    names (`runs.run_ledger`), and where a training stage started in `out` and has not
+    recorded its lineage yet. Order: the budget is checked against everything `out`
+    already records, then the entry is recorded (merged into the run's ledger), and only
+    then is the noise drawn and the model written. A crash in between over-reports spending, never under-reports it.
 
     Without `max_total_epsilon`, the run's recorded ``privacy.max_total_epsilon`` applies;
     the budget is composed by the rule `dpsynth budget` states ε with.
@@ -78,11 +79,11 @@ def fit_attributes(
         # An unfinished stage's checkpoint holds a copy of its ledger, which counts too.
         if model_meta_if_any(out) is not None:
             ledger = run_ledger(out)
-        elif _started_without_ledger(out):
+        elif _unfinished_stage_unrecorded(out):
             raise DpsynthError(
-                f"{out}: a training stage started here and left no ledger (a public stage "
-                "writes its lineage's when it ends): finish it (--resume) or restore its "
-                "ledger.json before fitting attributes into it"
+                f"{out}: a training stage started here and has not recorded its lineage in "
+                "the ledger (a public stage does so when it ends): finish it (run it again, "
+                "with --resume if it checkpointed) before fitting attributes into it"
             )
         else:
             ledger = Ledger.of_lineage([out, out / "checkpoint"])
@@ -102,13 +103,16 @@ def fit_attributes(
     return out
 
 
-def _started_without_ledger(run: Path) -> bool:
-    """Whether a training stage started in `run` (its config.yaml or a checkpoint) and no
-    ledger is there: a public stage carries its parents' only when it ends, and a DP
-    stage's was lost. Either way a budget check would start from nothing."""
+def _unfinished_stage_unrecorded(run: Path) -> bool:
+    """Whether a training stage started in `run` (its config.yaml or a checkpoint) and its
+    lineage is not in a ledger there: a public stage carries its parents' only when it
+    ends, and a DP stage records its own entry (with its parents') when it opens, then
+    with each checkpoint. A ledger holding only an earlier attribute fit is not enough:
+    a budget check would leave out the parents' spending."""
     started = (run / "config.yaml").is_file() or (run / "checkpoint" / "state.json").is_file()
-    ledgers = (run / "ledger.json", run / "checkpoint" / "ledger.json")
-    return started and not any(path.is_file() for path in ledgers)
+    if not started or (run / "checkpoint" / "ledger.json").is_file():
+        return False
+    return not any(e.mechanism == "dp-sgd" for e in Ledger.load(run, missing_ok=True))
 
 
 def _recorded_privacy(run: Path) -> PrivacyConfig:
