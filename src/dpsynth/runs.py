@@ -103,9 +103,19 @@ def run_ledger(run: str | os.PathLike) -> Ledger:
     meta = model_meta_if_any(run)
     require_ledger(run, meta)
     ledger = Ledger.load(run, missing_ok=True)
-    ledger.require_accounted(read_lineage(meta or {}, run / MODEL_FILE), run)
-    require_attribute_fit(run, ledger)
+    check_ledger(run, meta, ledger)
     return ledger
+
+
+def check_ledger(run: Path, meta: dict[str, Any] | None, ledger: Ledger) -> list[dict[str, Any]]:
+    """Refuse `ledger`, read for run folder `run` (model.json `meta`, None: none), where it
+    misses DP training the lineage names or the fit of the attribute model the folder
+    holds; return the lineage (``trained_on``). The checks every reader of a run's ledger
+    shares (`run_ledger`, `report.stated_privacy`)."""
+    lineage = read_lineage(meta or {}, run / MODEL_FILE)
+    ledger.require_accounted(lineage, run)
+    require_attribute_fit(run, ledger)
+    return lineage
 
 
 # Where a run's latent scale came from (model.json `latent_scale_source`): the only values

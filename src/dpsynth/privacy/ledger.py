@@ -480,6 +480,13 @@ def ledger_path(path: str | Path) -> Path:
     return path if path.suffix == ".json" else path / LEDGER_FILE
 
 
+def has_ledger(run: str | Path) -> bool:
+    """Whether run folder `run` holds a ledger.json. Training records it in model.json
+    (``ledger``) when it ends, so a ledger found missing later reads as lost, not as a
+    public run's (`privacy.lineage.may_lack_ledger`)."""
+    return ledger_path(run).is_file()
+
+
 def format_ledger(ledger: Ledger, not_dp: Sequence[str] = (), delta: float | None = None) -> str:
     """Human-readable ledger for ``dpsynth budget RUN``: the composed ε of `composed_epsilon`
     (at `delta`, by default its own), or none at all where the model learned a private

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dpsynth.errors import DpsynthError
 from dpsynth.privacy.attribute_model import ATTRIBUTE_MODEL_FILE
-from dpsynth.privacy.ledger import ledger_path
+from dpsynth.privacy.ledger import has_ledger
 
 
 def may_lack_ledger(run: Path, meta: dict | None) -> bool:
@@ -36,7 +36,7 @@ def require_ledger(run: Path, meta: dict | None) -> None:
     """Refuse run folder `run` (model.json `meta`) where its ledger.json is missing though
     it may not be (`may_lack_ledger`): whatever builds on it, or states its ε, would start
     from nothing."""
-    if not ledger_path(run).is_file() and not may_lack_ledger(run, meta):
+    if not has_ledger(run) and not may_lack_ledger(run, meta):
         said = "its model.json does not say" if meta is not None else "no model.json says"
         raise DpsynthError(
             f"{run}: no ledger.json, and {said} it was written without one (lost, or a run "

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpsynth.errors import DpsynthError
-from dpsynth.privacy.attribute_model import require_attribute_fit
 from dpsynth.privacy.ledger import Ledger, ledger_path
 from dpsynth.privacy.lineage import may_lack_ledger
-from dpsynth.runs import MODEL_FILE, model_meta_if_any, read_lineage
+from dpsynth.runs import MODEL_FILE, check_ledger, model_meta_if_any
 
 
 @dataclass(frozen=True)
@@ -61,9 +60,8 @@ class StatedPrivacy:
 
 def stated_privacy(targets: Iterable[str | os.PathLike], missing_ok: bool = False) -> StatedPrivacy:
     """Load each target's ledger (a run folder's, or a ledger .json named), refuse one that
-    misses the DP spending its lineage names (`Ledger.require_accounted`: a DP run whose
-    ledger was lost) or the fit of the attribute model its folder holds
-    (`require_attribute_fit`), and merge them (a ledger named twice counts once). With
+    misses the DP spending its lineage names (a DP run whose ledger was lost) or the fit of
+    the attribute model its folder holds (`runs.check_ledger`), and merge them (a ledger named twice counts once). With
     `missing_ok`, a run folder without a ledger is a public stage if nothing else could have
     spent (`privacy.lineage.may_lack_ledger`); otherwise, and for a ledger file named, the
     ledger must exist. A one-line DpsynthError for a ledger or model.json that cannot be read."""
@@ -77,9 +75,7 @@ def stated_privacy(targets: Iterable[str | os.PathLike], missing_ok: bool = Fals
         meta = model_meta_if_any(run)
         public = missing_ok and Path(target) != path and may_lack_ledger(run, meta)
         ledger = Ledger.load(path, missing_ok=public)
-        lineage = read_lineage(meta or {}, run / MODEL_FILE)
-        ledger.require_accounted(lineage, run)
-        require_attribute_fit(run, ledger)
+        lineage = check_ledger(run, meta, ledger)
         runs.append(run)
         ledgers.append(ledger)
         lineages += lineage

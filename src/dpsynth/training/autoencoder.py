@@ -31,7 +31,7 @@ from dpsynth.models.discriminator import (
     discriminator_loss,
     generator_loss,
 )
-from dpsynth.privacy.ledger import LedgerEntry
+from dpsynth.privacy.ledger import LedgerEntry, has_ledger
 from dpsynth.privacy.outputs import RECONSTRUCTION_FILE, labelled
 from dpsynth.privacy.statistics import dp_latent_scale, gaussian_noise_multiplier
 from dpsynth.runs import (
@@ -50,7 +50,6 @@ from dpsynth.training.common import (
     autocast,
     barrier,
     carry_lineage,
-    has_ledger,
     init_distributed,
     pick_device,
     prepare_run_dir,

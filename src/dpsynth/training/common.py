@@ -17,7 +17,7 @@ from dpsynth.config import RUN_CONFIG_FILE, Config, config_from_dict
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_text
 from dpsynth.launch import launched_world_size
-from dpsynth.privacy.ledger import LEDGER_FILE, Ledger
+from dpsynth.privacy.ledger import Ledger
 from dpsynth.runs import run_ledger, run_lineage
 
 
@@ -148,13 +148,6 @@ def carry_lineage(run: Path, parents: list[Path]) -> None:
     ledger = Ledger.of_lineage(parents)
     if len(ledger):
         ledger.save(run / "ledger.json")
-
-
-def has_ledger(run: Path) -> bool:
-    """model.json's ``ledger``: whether the run holds a ledger when model.json is written
-    (after a DP stage's last checkpoint and a public stage's carried lineage). A ledger
-    found missing later was lost, not never written (`report.stated_privacy`)."""
-    return (run / LEDGER_FILE).is_file()
 
 
 def trained_on(

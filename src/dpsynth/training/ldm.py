@@ -27,7 +27,7 @@ from dpsynth.diffusion.schedulers import make_scheduler
 from dpsynth.errors import DpsynthError
 from dpsynth.io import atomic_write_json, hold_run
 from dpsynth.models.build import build_denoiser
-from dpsynth.privacy.ledger import LedgerEntry
+from dpsynth.privacy.ledger import LedgerEntry, has_ledger
 from dpsynth.runs import (
     MODEL_FILE,
     load_autoencoder,
@@ -42,7 +42,6 @@ from dpsynth.training.common import (
     autocast,
     barrier,
     carry_lineage,
-    has_ledger,
     init_distributed,
     pick_device,
     prepare_run_dir,

@@ -36,10 +36,10 @@ from dpsynth.evaluation.referee import META_FILE, Referee
 from dpsynth.evaluation.selection import load_selector, sample_best_of, selectable
 from dpsynth.io import nifti_bytes
 from dpsynth.privacy.attribute_model import ATTRIBUTE_MODEL_FILE, load_attribute_model
+from dpsynth.privacy.ledger import has_ledger
 from dpsynth.privacy.outputs import evaluation_only_marker
 from dpsynth.report.stated_privacy import stated_privacy
 from dpsynth.runs import load, sampling_settings
-from dpsynth.training.common import has_ledger
 
 REFEREE_SUBDIR = "referee"  # a referee inside the run folder is picked up without --referee
 REFEREE_NOTE = (
