@@ -484,7 +484,7 @@ def has_ledger(run: str | Path) -> bool:
     """Whether run folder `run` holds a ledger.json. Training records it in model.json
     (``ledger``) when it ends, so a ledger found missing later reads as lost, not as a
     public run's (`privacy.lineage.may_lack_ledger`)."""
-    return ledger_path(run).is_file()
+    return (Path(run) / LEDGER_FILE).is_file()
 
 
 def format_ledger(ledger: Ledger, not_dp: Sequence[str] = (), delta: float | None = None) -> str:
