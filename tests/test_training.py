@@ -727,6 +727,13 @@ def test_fit_attributes_refuses_a_run_whose_ledger_is_lost_or_partial(world, tmp
     )
     fit_attributes(world["private"], public, epsilon=2.0, seed=0)
     assert [e.stage for e in Ledger.load(public)] == ["attribute-model"]
+    # It holds a ledger now: lost, with the attribute model removed too, it reads as lost,
+    # not as the public run it was (a refit would start its budget from nothing).
+    assert read_json(public / "model.json")["ledger"] is True
+    (public / "ledger.json").unlink()
+    (public / "attribute_model.json").unlink()
+    with pytest.raises(DpsynthError, match="no ledger.json, and its model.json does not say"):
+        fit_attributes(world["private"], public, epsilon=2.0, seed=0)
 
 
 def test_an_attribute_model_the_runs_ledger_does_not_record_is_refused(world, tmp_path, capsys):

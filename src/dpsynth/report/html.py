@@ -321,7 +321,7 @@ Whatever an attacker already knows, every possible trained model is at most
 e<sup>ε</sup> = {format_bound(math.exp(epsilon), 3)} times more (or less) likely with that patient in the training
 set than without, except with probability δ. Equivalently, any test of "was this patient used?"
 that wrongly accuses 1% of non-participants can correctly detect at most
-<b>{math.floor(1e4 * bound) / 100:g}%</b> of participants{" — at this ε the worst-case bound alone says almost nothing" if vacuous else ""}.
+<b>{math.ceil(1e4 * bound) / 100:g}%</b> of participants{" — at this ε the worst-case bound alone says almost nothing" if vacuous else ""}.
 The membership-inference audit below measures what a concrete attack achieves.</p>
 <p><b>Protected:</b> whether any one private patient took part, and anything specific to that
 patient's volumes and attributes, in every stage listed in the ledger.

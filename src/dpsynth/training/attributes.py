@@ -30,7 +30,7 @@ from dpsynth.privacy.attribute_model import (
 )
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.privacy.outputs import FIDELITY_FILE, labelled
-from dpsynth.runs import model_meta_if_any, run_ledger
+from dpsynth.runs import MODEL_FILE, model_meta_if_any, run_ledger
 
 
 def fit_attributes(
@@ -77,7 +77,8 @@ def fit_attributes(
         # one that misses the run's own DP training, would make this check (and the ledger
         # written below, which a restored copy would then overwrite) start from too little.
         # An unfinished stage's checkpoint holds a copy of its ledger, which counts too.
-        if model_meta_if_any(out) is not None:
+        meta = model_meta_if_any(out)
+        if meta is not None:
             ledger = run_ledger(out)
         elif _unfinished_stage_unrecorded(out):
             raise DpsynthError(
@@ -91,6 +92,10 @@ def fit_attributes(
             ledger.check_budget(entry, max_total_epsilon)
         ledger.add(entry)
         ledger.save(out)  # recorded before anything is drawn or written
+        if meta is not None and meta.get("ledger") is not True:
+            # The run holds a ledger now: lost later, it must read as lost, not as the
+            # public run model.json said it was (`privacy.lineage.may_lack_ledger`).
+            atomic_write_json(out / MODEL_FILE, meta | {"ledger": True})
 
         rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
         model, _ = fit_attribute_model(  # its entry is `entry`: both from attribute_model_entry
